@@ -1,0 +1,1 @@
+"""File formats: text lines (and file listing)."""

@@ -1,0 +1,122 @@
+"""Text files: one element per line, as bytes without the line ending (like tf.data)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import zlib
+from collections.abc import Sequence
+from typing import IO, Any
+
+from feedline.ops.base import UNKNOWN, Op
+from feedline.runtime.context import IterContext
+from feedline.runtime.iterator import NodeIterator, State
+from feedline.structure import STRING_DTYPE, TensorSpec
+
+COMPRESSIONS = ("", "GZIP", "ZLIB")
+
+
+def as_path(name: Any) -> str:
+    if isinstance(name, bytes):
+        return name.decode("utf-8")
+    if hasattr(name, "item") and not isinstance(name, str):
+        return as_path(name.item())
+    return os.fspath(name)
+
+
+class TextLineOp(Op):
+    def __init__(self, paths: Sequence[str], compression_type: str) -> None:
+        super().__init__()
+        if compression_type not in COMPRESSIONS:
+            raise ValueError(
+                f"compression_type must be one of {COMPRESSIONS}, got {compression_type!r}"
+            )
+        self.paths = list(paths)
+        self.compression = compression_type
+        self.name = "text_lines"
+
+    def cardinality(self) -> int:
+        return 0 if not self.paths else UNKNOWN
+
+    def compute_spec(self) -> Any:
+        return TensorSpec((), STRING_DTYPE)
+
+    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+        return TextLineIterator(self, state)
+
+
+class TextLineIterator(NodeIterator):
+    """State: the file index and the line index in it. Uncompressed files also record the byte
+    offset so resuming seeks instead of re-reading."""
+
+    def __init__(self, op: TextLineOp, state: State | None) -> None:
+        self.op = op
+        self.file_index = 0 if state is None else state["file"]
+        self.line = 0
+        self.offset = 0
+        self.handle: IO[bytes] | None = None
+        if state is not None and self.file_index < len(op.paths):
+            self._open()
+            if self.op.compression == "" and self.handle is not None:
+                self.handle.seek(state["offset"])
+                self.offset = state["offset"]
+                self.line = state["line"]
+            else:
+                while self.line < state["line"] and self._readline() is not None:
+                    pass
+
+    def _open(self) -> None:
+        path = self.op.paths[self.file_index]
+        if self.op.compression == "GZIP":
+            self.handle = gzip.open(path, "rb")
+        elif self.op.compression == "ZLIB":
+            with open(path, "rb") as f:
+                self.handle = io.BytesIO(zlib.decompress(f.read()))
+        else:
+            self.handle = open(path, "rb")  # noqa: SIM115 - closed when the file is done
+        self.line = 0
+        self.offset = 0
+
+    def _readline(self) -> bytes | None:
+        while True:
+            if self.handle is None:
+                if self.file_index >= len(self.op.paths):
+                    return None
+                self._open()
+            assert self.handle is not None
+            raw = self.handle.readline()
+            if raw:
+                self.line += 1
+                self.offset += len(raw)
+                if raw.endswith(b"\n"):
+                    raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+                return raw
+            self.handle.close()
+            self.handle = None
+            self.file_index += 1
+            self.line = 0
+            self.offset = 0
+
+    def __next__(self) -> Any:
+        line = self._readline()
+        if line is None:
+            raise StopIteration
+        return line
+
+    def next_chunk(self, max_n: int) -> list[Any]:
+        out = []
+        for _ in range(max_n):
+            line = self._readline()
+            if line is None:
+                break
+            out.append(line)
+        return out
+
+    def get_state(self) -> State:
+        return {"file": self.file_index, "line": self.line, "offset": self.offset}
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None

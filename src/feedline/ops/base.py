@@ -1,0 +1,91 @@
+"""The op node: one immutable step of a dataset description.
+
+Each op knows its inputs, its cardinality and element spec, and how to make a node iterator for
+one pass (fresh, or resumed from a saved state). It never runs anything at construction time,
+except argument validation, so a bad argument fails where the user wrote it.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+
+from feedline.runtime.context import IterContext
+from feedline.runtime.iterator import NodeIterator, State
+from feedline.structure import spec_of
+
+INFINITE = -1
+UNKNOWN = -2
+
+
+class Op:
+    """Base class of every op node; subclasses set ``name`` and ``inputs``."""
+
+    name: str = "op"
+    inputs: tuple[Op, ...] = ()
+
+    def __init__(self) -> None:
+        self._spec_lock = threading.Lock()
+        self._spec: Any = None
+        self._spec_known = False
+
+    def cardinality(self) -> int:
+        return UNKNOWN
+
+    def element_spec(self) -> Any:
+        with self._spec_lock:
+            if not self._spec_known:
+                self._spec = self.compute_spec()
+                self._spec_known = True
+            return self._spec
+
+    def compute_spec(self) -> Any:
+        """Static spec from the inputs' specs; by default, observed from the first element."""
+        return self.observed_spec()
+
+    def observed_spec(self) -> Any:
+        it = self.make_iterator(IterContext(), None)
+        try:
+            first = next(it)
+        except StopIteration:
+            raise ValueError(
+                f"cannot infer the element spec of {self.name}: it produced no element"
+            ) from None
+        finally:
+            it.close()
+        return spec_of(first)
+
+    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def require_positive_int(value: Any, what: str, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
+    low = 0 if allow_zero else 1
+    if value < low:
+        raise ValueError(f"{what} must be >= {low}, got {value}")
+    return int(value)
+
+
+def require_callable(fn: Any, what: str) -> Any:
+    if not callable(fn):
+        raise TypeError(f"{what} must be callable, got {type(fn).__name__} {fn!r}")
+    return fn
+
+
+def function_name(fn: Any) -> str:
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    return str(name)
+
+
+def call_with_element(fn: Any, element: Any) -> Any:
+    """tf.data's calling convention: a plain tuple's parts are separate arguments."""
+    if type(element) is tuple:
+        return fn(*element)
+    return fn(element)

@@ -1,0 +1,27 @@
+"""prefetch: run the input ahead of its consumer into a bounded buffer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from feedline.ops.base import Op
+from feedline.runtime.context import IterContext
+from feedline.runtime.iterator import NodeIterator, State
+
+
+class PrefetchOp(Op):
+    def __init__(self, input_op: Op, buffer_size: int | None) -> None:
+        super().__init__()
+        self.input = input_op
+        self.inputs = (input_op,)
+        self.buffer_size = buffer_size  # None: AUTOTUNE
+        self.name = "prefetch" if buffer_size is None else f"prefetch({buffer_size})"
+
+    def cardinality(self) -> int:
+        return self.input.cardinality()
+
+    def compute_spec(self) -> Any:
+        return self.input.element_spec()
+
+    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+        return self.input.make_iterator(ctx, state)

@@ -1,0 +1,111 @@
+"""shuffle: a bounded random buffer, seeded per pass."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import Any
+
+import numpy as np
+
+from feedline.ops.base import Op
+from feedline.runtime.context import IterContext
+from feedline.runtime.iterator import NodeIterator, State, skip_elements
+
+_UNIFORM_BLOCK = 256
+
+
+def fresh_seed() -> int:
+    """An unpredictable 64-bit seed, for ops given ``seed=None``."""
+    return int(np.random.SeedSequence().entropy) & (2**64 - 1)
+
+
+class PassCounter:
+    """Numbers the passes over one op, so each pass can get its own random stream."""
+
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+        self._lock = threading.Lock()
+
+    def next(self) -> int:
+        with self._lock:
+            return next(self._counter)
+
+
+class ShuffleOp(Op):
+    def __init__(
+        self, input_op: Op, buffer_size: int, seed: int | None, reshuffle_each_iteration: bool
+    ) -> None:
+        super().__init__()
+        self.input = input_op
+        self.inputs = (input_op,)
+        self.buffer_size = buffer_size
+        self.seed = fresh_seed() if seed is None else int(seed)
+        self.reshuffle = bool(reshuffle_each_iteration)
+        self.passes = PassCounter()
+        self.name = f"shuffle({buffer_size})"
+
+    def cardinality(self) -> int:
+        return self.input.cardinality()
+
+    def compute_spec(self) -> Any:
+        return self.input.element_spec()
+
+    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+        return ShuffleIterator(self, ctx, state)
+
+
+class ShuffleIterator(NodeIterator):
+    """Fills the buffer, then repeatedly emits a random slot and refills it from the input.
+
+    Its saved state is the input's state at the start of the pass plus a count: restoring
+    replays the pass up to that count. That keeps states small (no buffered elements in them)
+    at the price of re-reading the input up to the saved point.
+    """
+
+    def __init__(self, op: ShuffleOp, ctx: IterContext, state: State | None) -> None:
+        self.op = op
+        if state is None:
+            self.pass_index = op.passes.next() if op.reshuffle else 0
+            self.input = op.input.make_iterator(ctx, None)
+            self.input_start = self.input.get_state()
+        else:
+            self.pass_index = state["pass"]
+            self.input_start = state["input_start"]
+            self.input = op.input.make_iterator(ctx, self.input_start)
+        self.inputs = (self.input,)
+        self.rng = np.random.default_rng([op.seed, self.pass_index])
+        self.buffer: list[Any] = []
+        self.exhausted = False
+        self.produced = 0
+        self._uniforms: list[float] = []
+        if state is not None and state["produced"]:
+            skip_elements(self, state["produced"])
+
+    def _fill(self) -> None:
+        missing = self.op.buffer_size - len(self.buffer)
+        while missing > 0 and not self.exhausted:
+            chunk = self.input.next_chunk(missing)
+            if not chunk:
+                self.exhausted = True
+                break
+            self.buffer.extend(chunk)
+            missing -= len(chunk)
+
+    def __next__(self) -> Any:
+        self._fill()
+        buffer = self.buffer
+        if not buffer:
+            raise StopIteration
+        if not self._uniforms:
+            self._uniforms = self.rng.random(_UNIFORM_BLOCK).tolist()
+            self._uniforms.reverse()
+        i = int(self._uniforms.pop() * len(buffer))
+        element = buffer[i]
+        buffer[i] = buffer[-1]
+        buffer.pop()
+        self.produced += 1
+        return element
+
+    def get_state(self) -> State:
+        return {"pass": self.pass_index, "input_start": self.input_start, "produced": self.produced}

@@ -1,0 +1,263 @@
+"""Sources: range, in-memory tensors and slices, Python generators."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from feedline.errors import wrap_user_error
+from feedline.ops.base import UNKNOWN, Op
+from feedline.runtime.context import IterContext
+from feedline.runtime.iterator import NodeIterator, State, skip_elements
+from feedline.structure import (
+    TensorSpec,
+    flatten,
+    is_nest,
+    leaf_spec,
+    map_structure,
+    normalize,
+    pack_like,
+    scalar_if_0d,
+    spec_of,
+    to_array,
+)
+
+
+class RangeOp(Op):
+    def __init__(self, start: int, stop: int, step: int, dtype: Any = np.int64) -> None:
+        super().__init__()
+        if step == 0:
+            raise ValueError("range step must not be zero")
+        self.start, self.stop, self.step = int(start), int(stop), int(step)
+        self.dtype = np.dtype(dtype)
+        self.name = f"range({self.start}, {self.stop}, {self.step})"
+
+    def cardinality(self) -> int:
+        return len(range(self.start, self.stop, self.step))
+
+    def compute_spec(self) -> Any:
+        return TensorSpec((), self.dtype)
+
+    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+        return RangeIterator(self, 0 if state is None else state["index"])
+
+
+class RangeIterator(NodeIterator):
+    def __init__(self, op: RangeOp, index: int) -> None:
+        self.op = op
+        self.index = index
+        self.count = op.cardinality()
+
+    def __next__(self) -> Any:
+        if self.index >= self.count:
+            raise StopIteration
+        value = self.op.dtype.type(self.op.start + self.index * self.op.step)
+        self.index += 1
+        return value
+
+    def next_chunk(self, max_n: int) -> list[Any]:
+        n = min(max_n, self.count - self.index)
+        if n <= 0:
+            return []
+        first = self.op.start + self.index * self.op.step
+        self.index += n
+        # Iterating an array yields numpy scalars of its dtype, far faster than one call each.
+        return list(np.arange(first, first + n * self.op.step, self.op.step, dtype=self.op.dtype))
+
+    def get_state(self) -> State:
+        return {"index": self.index}
+
+
+class TensorSlicesOp(Op):
+    """Slices of arrays (or nests of arrays) along their first axis, converted once up front."""
+
+    def __init__(self, tensors: Any) -> None:
+        super().__init__()
+        if isinstance(tensors, list) and tensors and all(is_nest(t) for t in tensors):
+            raise TypeError(
+                "from_tensor_slices got a list of tuples/dicts; pass a tuple/dict of lists "
+                "(one per component) instead, as in tf.data"
+            )
+        self.structure = map_structure(to_array, tensors)
+        leaves = flatten(self.structure)
+        if not leaves:
+            raise ValueError("from_tensor_slices needs at least one component")
+        lengths = []
+        for leaf in leaves:
+            if leaf.ndim == 0:
+                raise ValueError(
+                    "from_tensor_slices needs every component to have a first dimension; "
+                    f"got a scalar {leaf!r}"
+                )
+            lengths.append(leaf.shape[0])
+        if len(set(lengths)) > 1:
+            shapes = [leaf.shape for leaf in leaves]
+            raise ValueError(
+                "from_tensor_slices needs all components to have the same first dimension; "
+                f"got shapes {shapes}"
+            )
+        self.length = lengths[0]
+        self.leaves = leaves
+        self.name = "from_tensor_slices"
+
+    def cardinality(self) -> int:
+        return self.length
+
+    def compute_spec(self) -> Any:
+        return map_structure(lambda a: leaf_spec(a).without_leading(), self.structure)
+
+    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+        return SlicesIterator(self, 0 if state is None else state["index"])
+
+
+class SlicesIterator(NodeIterator):
+    def __init__(self, op: TensorSlicesOp, index: int) -> None:
+        self.op = op
+        self.index = index
+        self.single = op.leaves[0] if len(op.leaves) == 1 and not is_nest(op.structure) else None
+
+    def __next__(self) -> Any:
+        if self.index >= self.op.length:
+            raise StopIteration
+        i = self.index
+        self.index += 1
+        if self.single is not None:
+            return self.single[i]
+        return pack_like(self.op.structure, [leaf[i] for leaf in self.op.leaves])
+
+    def next_chunk(self, max_n: int) -> list[Any]:
+        start = self.index
+        stop = min(self.op.length, start + max_n)
+        if stop <= start:
+            return []
+        self.index = stop
+        if self.single is not None:
+            return list(self.single[start:stop])
+        columns = [list(leaf[start:stop]) for leaf in self.op.leaves]
+        structure = self.op.structure
+        return [pack_like(structure, list(row)) for row in zip(*columns)]
+
+    def get_state(self) -> State:
+        return {"index": self.index}
+
+
+class TensorsOp(Op):
+    """One element: the whole value."""
+
+    def __init__(self, tensors: Any) -> None:
+        super().__init__()
+        self.value = map_structure(lambda a: scalar_if_0d(to_array(a)), normalize(tensors))
+        self.name = "from_tensors"
+
+    def cardinality(self) -> int:
+        return 1
+
+    def compute_spec(self) -> Any:
+        return spec_of(self.value)
+
+    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+        return SingleElementIterator(self.value, done=bool(state and state["done"]))
+
+
+class SingleElementIterator(NodeIterator):
+    def __init__(self, value: Any, done: bool) -> None:
+        self.value = value
+        self.done = done
+
+    def __next__(self) -> Any:
+        if self.done:
+            raise StopIteration
+        self.done = True
+        return self.value
+
+    def get_state(self) -> State:
+        return {"done": self.done}
+
+
+class GeneratorOp(Op):
+    """Elements of ``generator(*args)``, called afresh for every pass.
+
+    Resuming from a saved state calls the generator again and skips what was already produced,
+    so it is exact only when the generator yields the same sequence every time it is called.
+    """
+
+    def __init__(
+        self,
+        generator: Callable[..., Iterable[Any]],
+        args: tuple[Any, ...],
+        output_signature: Any,
+    ) -> None:
+        super().__init__()
+        self.generator = generator
+        self.args = args
+        self.signature = output_signature
+        self.name = f"from_generator({getattr(generator, '__name__', 'generator')})"
+
+    def cardinality(self) -> int:
+        return UNKNOWN
+
+    def compute_spec(self) -> Any:
+        if self.signature is not None:
+            return self.signature
+        return self.observed_spec()
+
+    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+        return GeneratorIterator(self, 0 if state is None else state["produced"])
+
+
+class GeneratorIterator(NodeIterator):
+    def __init__(self, op: GeneratorOp, skip: int) -> None:
+        self.op = op
+        self.produced = 0
+        self._source = iter(op.generator(*op.args))
+        if skip:
+            self.produced = skip_elements(self, skip)
+
+    def __next__(self) -> Any:
+        try:
+            value = next(self._source)
+        except StopIteration:
+            raise
+        except Exception as e:
+            raise wrap_user_error(self.op.name, self.produced, e) from e
+        value = normalize(value)
+        if self.op.signature is not None:
+            value = _conform(value, self.op.signature, self.op.name, self.produced)
+        self.produced += 1
+        return value
+
+    def get_state(self) -> State:
+        return {"produced": self.produced}
+
+    def close(self) -> None:
+        close = getattr(self._source, "close", None)
+        if close is not None:
+            close()
+
+
+def _conform(value: Any, signature: Any, stage: str, position: int) -> Any:
+    """Cast ``value`` to the declared dtypes and check it against the declared shapes."""
+
+    def cast(spec: TensorSpec, leaf: Any) -> Any:
+        arr = np.asarray(leaf, dtype=spec.dtype)
+        if len(arr.shape) != len(spec.shape) or any(
+            want is not None and want != got for want, got in zip(spec.shape, arr.shape)
+        ):
+            raise ValueError(
+                f"{stage}: element {position} has shape {arr.shape}, which does not match "
+                f"the declared {spec.shape}"
+            )
+        return arr[()] if arr.ndim == 0 and spec.dtype != np.dtype(object) else arr
+
+    try:
+        return map_structure(cast, signature, value)
+    except ValueError as e:
+        if "does not match" in str(e):
+            raise
+        raise ValueError(
+            f"{stage}: element {position} has structure {value!r}, "
+            f"which does not match the declared {signature}"
+        ) from e
+

@@ -1,0 +1,62 @@
+"""User-facing options, mutable like tf.data's so ported code works.
+
+``Dataset.with_options`` takes a deep copy, so changing an ``Options`` object after attaching it
+changes nothing (a dataset is immutable). Fields left at ``None`` are "not set": merging keeps
+the value set last, and the runtime fills in defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class AutotuneOptions:
+    """What the tuner may use. ``None`` means "measure it" (cores, available RAM)."""
+
+    enabled: bool | None = None
+    cpu_budget: int | None = None
+    ram_budget: int | None = None
+    max_parallelism: int | None = None
+
+
+@dataclass
+class Options:
+    """Pipeline-wide options; attach with ``Dataset.with_options``."""
+
+    deterministic: bool | None = None
+    autotune: AutotuneOptions = field(default_factory=AutotuneOptions)
+
+    def merge(self, other: Options) -> Options:
+        """Options with every field ``other`` sets overriding this one's."""
+        merged = copy.deepcopy(self)
+        _merge_into(merged, other)
+        return merged
+
+
+def _merge_into(target: Any, source: Any) -> None:
+    for f in fields(source):
+        value = getattr(source, f.name)
+        if isinstance(value, AutotuneOptions):
+            _merge_into(getattr(target, f.name), value)
+        elif value is not None:
+            setattr(target, f.name, copy.deepcopy(value))
+
+
+@dataclass(frozen=True)
+class ResolvedOptions:
+    """Options with every default filled in, as one run of a pipeline sees them."""
+
+    deterministic: bool
+    autotune_enabled: bool
+
+    @staticmethod
+    def of(options: Options) -> ResolvedOptions:
+        return ResolvedOptions(
+            deterministic=True if options.deterministic is None else options.deterministic,
+            autotune_enabled=(
+                True if options.autotune.enabled is None else options.autotune.enabled
+            ),
+        )

@@ -1,0 +1,1 @@
+"""How a dataset description runs: node iterators, cursors, the public iterator."""

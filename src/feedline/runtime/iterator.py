@@ -1,0 +1,141 @@
+"""The contract every op's iterator follows, and the cursor that makes chunked reads resumable.
+
+A node iterator is a Python iterator (``__next__`` raises ``StopIteration`` at the end) with:
+
+- ``next_chunk(n)``: up to ``n`` next elements as a list, ``[]`` only at the end. Passing lists
+  between stages amortises Python's per-call cost; it never changes which elements come out.
+- ``get_state()``: a small dict (JSON-able where the op allows) from which the op's
+  ``make_iterator(ctx, state)`` resumes exactly after the last element this iterator returned.
+- ``close()``: releases resources (threads, files) of this iterator and its inputs; idempotent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+State = dict[str, Any]
+
+
+class NodeIterator:
+    """Base class: subclasses implement ``__next__`` and ``get_state``, and override
+    ``next_chunk`` where they can produce a list faster than one call per element."""
+
+    inputs: tuple[NodeIterator, ...] = ()
+
+    def __iter__(self) -> NodeIterator:
+        return self
+
+    def __next__(self) -> Any:
+        raise NotImplementedError
+
+    def next_chunk(self, max_n: int) -> list[Any]:
+        out = []
+        try:
+            for _ in range(max_n):
+                out.append(self.__next__())
+        except StopIteration:
+            pass
+        return out
+
+    def get_state(self) -> State:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        for it in self.inputs:
+            it.close()
+
+
+class EmptyIterator(NodeIterator):
+    def __next__(self) -> Any:
+        raise StopIteration
+
+    def next_chunk(self, max_n: int) -> list[Any]:
+        return []
+
+    def get_state(self) -> State:
+        return {}
+
+
+def skip_elements(it: NodeIterator, count: int) -> int:
+    """Pull and drop ``count`` elements; returns how many were actually there."""
+    skipped = 0
+    while skipped < count:
+        chunk = it.next_chunk(count - skipped)
+        if not chunk:
+            break
+        skipped += len(chunk)
+    return skipped
+
+
+class InputCursor:
+    """Reads an input iterator in chunks while remembering where each chunk began.
+
+    Its owner consumes the current chunk front to back (``peek``/``advance``); ``get_state`` is
+    then *(input state before this chunk, elements of it consumed)*, and restoring replays just
+    that prefix, so a stage can read ahead by a chunk yet save its position to the element.
+    """
+
+    __slots__ = ("_chunk", "_chunk_start_state", "_exhausted", "_index", "input")
+
+    def __init__(self, input_iterator: NodeIterator, skip: int = 0) -> None:
+        self.input = input_iterator
+        self._chunk: list[Any] = []
+        self._index = 0
+        self._chunk_start_state: State | None = None
+        self._exhausted = False
+        if skip:
+            self._chunk_start_state = input_iterator.get_state()
+            self._chunk = input_iterator.next_chunk(skip)
+            while len(self._chunk) < skip:
+                more = input_iterator.next_chunk(skip - len(self._chunk))
+                if not more:
+                    break
+                self._chunk.extend(more)
+            self._index = len(self._chunk)
+
+    @classmethod
+    def restore(cls, make_input: Any, state: State | None) -> InputCursor:
+        """A cursor over ``make_input(input_state)``, positioned as ``state`` (or at the start)."""
+        if state is None:
+            return cls(make_input(None))
+        return cls(make_input(state["input"]), skip=state["consumed"])
+
+    def peek(self, max_n: int) -> list[Any]:
+        """Up to ``max_n`` unconsumed elements (at least one unless the input is done)."""
+        if self._index >= len(self._chunk):
+            if self._exhausted:
+                return []
+            self._chunk_start_state = self.input.get_state()
+            self._chunk = self.input.next_chunk(max_n)
+            self._index = 0
+            if not self._chunk:
+                self._exhausted = True
+                return []
+        if self._index == 0 and len(self._chunk) <= max_n:
+            return self._chunk
+        return self._chunk[self._index : self._index + max_n]
+
+    def advance(self, n: int) -> None:
+        self._index += n
+
+    def take(self, max_n: int) -> list[Any]:
+        chunk = self.peek(max_n)
+        self._index += len(chunk)
+        return chunk
+
+    def next(self) -> Any:
+        if self._index >= len(self._chunk) and not self.peek(1):
+            raise StopIteration
+        x = self._chunk[self._index]
+        self._index += 1
+        return x
+
+    def get_state(self) -> State:
+        if self._index >= len(self._chunk) or self._exhausted:
+            return {"input": self.input.get_state(), "consumed": 0}
+        if self._chunk_start_state is None:
+            raise RuntimeError("cursor lost the state of its chunk")  # pragma: no cover
+        return {"input": self._chunk_start_state, "consumed": self._index}
+
+    def close(self) -> None:
+        self.input.close()

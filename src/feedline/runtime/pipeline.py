@@ -1,0 +1,88 @@
+"""The iterator users hold: one pass over a dataset, closable and resumable."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from feedline.options import Options
+from feedline.runtime.context import IterContext
+from feedline.runtime.iterator import EmptyIterator, NodeIterator, State
+
+STATE_VERSION = 1
+
+
+class DatasetIterator:
+    """A pass over a dataset. Use it in a ``for`` loop, or ``with ds.iterator() as it:``.
+
+    ``get_state()`` returns a small dict (picklable; JSON-able unless an op holds non-JSON
+    values); ``dataset.iterator(state)`` or ``set_state(state)`` resume right after the last
+    element returned, so outputs before + after equal one uninterrupted pass.
+    """
+
+    def __init__(self, op: Any, options: Options, state: State | None = None) -> None:
+        self._op = op
+        self._options = options
+        self._root: NodeIterator = EmptyIterator()
+        self._closed = False
+        self._start(state)
+
+    def _start(self, state: State | None) -> None:
+        root_state = None
+        if state is not None:
+            root_state = self._check_state(state)
+        self._ctx = IterContext(self._options)
+        self._root = self._op.make_iterator(self._ctx, root_state)
+        self._closed = False
+
+    def _pipeline(self) -> list[str]:
+        names = []
+        stack = [self._op]
+        while stack:
+            op = stack.pop()
+            names.append(op.name)
+            stack.extend(reversed(op.inputs))
+        return names
+
+    def _check_state(self, state: State) -> State:
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError("not an iterator state from this version of feedline")
+        if state.get("pipeline") != self._pipeline():
+            raise ValueError(
+                "the state was saved from a different pipeline: "
+                f"{state.get('pipeline')} vs {self._pipeline()}"
+            )
+        root: State = state["root"]
+        return root
+
+    def __iter__(self) -> DatasetIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self._closed:
+            raise StopIteration
+        return next(self._root)
+
+    def get_state(self) -> State:
+        return {"version": STATE_VERSION, "pipeline": self._pipeline(), "root": self._root.get_state()}
+
+    def set_state(self, state: State) -> None:
+        self.close()
+        self._start(state)
+
+    def close(self) -> None:
+        """Stop the pass and release its resources; further ``next`` calls stop at once."""
+        if not self._closed:
+            self._closed = True
+            self._root.close()
+
+    def __enter__(self) -> DatasetIterator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: S110 - never raise from a finalizer during interpreter teardown
+            pass

@@ -157,9 +157,7 @@ class Dataset:
     ) -> Dataset:
         """Paths (as bytes) matching the glob pattern(s), matched now; shuffled by default."""
         patterns = [file_pattern] if isinstance(file_pattern, str | bytes) else list(file_pattern)
-        files = sorted(
-            {f for p in patterns for f in glob.glob(os.fsdecode(p), recursive=True)}
-        )
+        files = sorted({f for p in patterns for f in glob.glob(os.fsdecode(p), recursive=True)})
         if not files:
             raise FileNotFoundError(f"no files matched pattern(s): {patterns}")
         ds = Dataset.from_tensor_slices(files)
@@ -262,10 +260,10 @@ class Dataset:
         self, batch_size: int | Sequence[int], drop_remainder: bool = False, name: str | None = None
     ) -> Dataset:
         """Re-slice batches into batches of ``batch_size`` rows (a list of sizes cycles)."""
-        sizes = list(batch_size) if isinstance(batch_size, list | tuple) else [batch_size]
-        if not sizes:
+        given = list(batch_size) if isinstance(batch_size, list | tuple) else [batch_size]
+        if not given:
             raise ValueError("rebatch needs at least one batch size")
-        sizes = [require_positive_int(s, "batch_size") for s in sizes]
+        sizes = [require_positive_int(s, "batch_size") for s in given]
         return self._wrap(RebatchOp(self._op, sizes, drop_remainder))
 
     def shuffle(
@@ -312,9 +310,7 @@ class Dataset:
     def concatenate(self, dataset: Dataset, name: str | None = None) -> Dataset:
         if not isinstance(dataset, Dataset):
             raise TypeError(f"concatenate takes a Dataset, got {type(dataset).__name__}")
-        return Dataset(
-            ConcatenateOp(self._op, dataset._op), self._options.merge(dataset._options)
-        )
+        return Dataset(ConcatenateOp(self._op, dataset._op), self._options.merge(dataset._options))
 
     def cache(self, filename: str | os.PathLike[str] = "", name: str | None = None) -> Dataset:
         """Keep the first complete pass in memory (or in ``filename``) and replay it after."""
@@ -328,9 +324,7 @@ class Dataset:
     def apply(self, transformation_func: Callable[[Dataset], Dataset]) -> Dataset:
         result = transformation_func(self)
         if not isinstance(result, Dataset):
-            raise TypeError(
-                f"apply's function must return a Dataset, got {type(result).__name__}"
-            )
+            raise TypeError(f"apply's function must return a Dataset, got {type(result).__name__}")
         return result
 
     def ignore_errors(self, log_warning: bool = False, name: str | None = None) -> Dataset:
@@ -407,4 +401,3 @@ def _chain(op: Op) -> list[Op]:
     while chain[-1].inputs:
         chain.append(chain[-1].inputs[0])
     return chain[::-1]
-

@@ -152,9 +152,8 @@ def to_array(x: Any) -> np.ndarray:
     if _built_from_python(x):
         if arr.dtype == np.float64:
             return arr.astype(np.float32)
-        if (
-            arr.dtype == np.int64
-            and (arr.size == 0 or (arr.min() >= _INT32_MIN and arr.max() <= _INT32_MAX))
+        if arr.dtype == np.int64 and (
+            arr.size == 0 or (arr.min() >= _INT32_MIN and arr.max() <= _INT32_MAX)
         ):
             return arr.astype(np.int32)
     return arr

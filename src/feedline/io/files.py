@@ -9,7 +9,7 @@ from feedline.dataset import Dataset
 from feedline.io.text import TextLineOp, as_path
 
 
-def TextLineDataset(  # noqa: N802 - named like the tf.data class it stands in for
+def TextLineDataset(
     filenames: Any,
     compression_type: str | None = None,
     buffer_size: int | None = None,
@@ -30,7 +30,8 @@ def TextLineDataset(  # noqa: N802 - named like the tf.data class it stands in f
             block_length=1,
         )
     paths: Sequence[Any] = (
-        [filenames] if isinstance(filenames, str | bytes) or hasattr(filenames, "__fspath__")
+        [filenames]
+        if isinstance(filenames, str | bytes) or hasattr(filenames, "__fspath__")
         else list(filenames)
     )
     if num_parallel_reads and num_parallel_reads > 1 and len(paths) > 1:

@@ -69,7 +69,7 @@ class TextLineIterator(NodeIterator):
     def _open(self) -> None:
         path = self.op.paths[self.file_index]
         if self.op.compression == "GZIP":
-            self.handle = gzip.open(path, "rb")
+            self.handle = gzip.open(path, "rb")  # type: ignore[assignment]  # noqa: SIM115
         elif self.op.compression == "ZLIB":
             with open(path, "rb") as f:
                 self.handle = io.BytesIO(zlib.decompress(f.read()))

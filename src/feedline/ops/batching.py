@@ -101,9 +101,7 @@ class BatchOp(Op):
         self.name = f"batch({batch_size})"
 
     def cardinality(self) -> int:
-        return batched_cardinality(
-            self.input.cardinality(), self.batch_size, self.drop_remainder
-        )
+        return batched_cardinality(self.input.cardinality(), self.batch_size, self.drop_remainder)
 
     def compute_spec(self) -> Any:
         dim = self.batch_size if self.drop_remainder or self._always_full() else None
@@ -247,7 +245,7 @@ class PaddedBatchIterator(BatchIterator):
         fill = _default_padding(dtype) if value is None else value
         out = np.full((len(arrays), *target), fill, dtype=dtype)
         for i, a in enumerate(arrays):
-            out[(i, *(slice(0, n) for n in a.shape))] = a
+            out[i][tuple(slice(0, n) for n in a.shape)] = a
         return out
 
 
@@ -264,7 +262,9 @@ def _default_padding(dtype: np.dtype) -> Any:
 def _flatten_shapes(shapes: Any, template: Any) -> list[Any]:
     """Flatten ``padded_shapes`` along ``template`` (a shape is a leaf, not a nest)."""
     if isinstance(template, tuple):
-        return [s for part_s, part_t in zip(shapes, template) for s in _flatten_shapes(part_s, part_t)]
+        return [
+            s for part_s, part_t in zip(shapes, template) for s in _flatten_shapes(part_s, part_t)
+        ]
     if isinstance(template, dict):
         return [s for k in sorted(template) for s in _flatten_shapes(shapes[k], template[k])]
     return [shapes]

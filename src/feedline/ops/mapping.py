@@ -149,7 +149,7 @@ class FilterIterator(CursorStage):
             raw = self.cursor.peek(max_n)
             if not raw:
                 return []
-            out = []
+            out: list[Any] = []
             for element in raw:
                 try:
                     keep = _as_bool(call_with_element(predicate, element), name)

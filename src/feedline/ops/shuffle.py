@@ -17,7 +17,9 @@ _UNIFORM_BLOCK = 256
 
 def fresh_seed() -> int:
     """An unpredictable 64-bit seed, for ops given ``seed=None``."""
-    return int(np.random.SeedSequence().entropy) & (2**64 - 1)
+    entropy = np.random.SeedSequence().entropy
+    assert isinstance(entropy, int)
+    return entropy & (2**64 - 1)
 
 
 class PassCounter:

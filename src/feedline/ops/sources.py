@@ -260,4 +260,3 @@ def _conform(value: Any, signature: Any, stage: str, position: int) -> Any:
             f"{stage}: element {position} has structure {value!r}, "
             f"which does not match the declared {signature}"
         ) from e
-

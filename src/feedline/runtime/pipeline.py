@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from feedline.options import Options
@@ -63,7 +64,11 @@ class DatasetIterator:
         return next(self._root)
 
     def get_state(self) -> State:
-        return {"version": STATE_VERSION, "pipeline": self._pipeline(), "root": self._root.get_state()}
+        return {
+            "version": STATE_VERSION,
+            "pipeline": self._pipeline(),
+            "root": self._root.get_state(),
+        }
 
     def set_state(self, state: State) -> None:
         self.close()
@@ -82,7 +87,6 @@ class DatasetIterator:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        # A finalizer must never raise, e.g. during interpreter teardown.
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:  # noqa: S110 - never raise from a finalizer during interpreter teardown
-            pass

@@ -31,5 +31,21 @@ test: $(VENV)/.test
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
+# Peers for `make bench`. torch goes first and by exact version: that picks the local CPU wheel,
+# and anything installed after it that depends on torch is then satisfied without pulling a
+# CUDA build from the registry. pillow writes and decodes the image workload's JPEGs.
+$(VENV)/.bench: $(VENV)/.core
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[bench]' pillow
+	touch $@
+
+# Every (system, workload) pair in its own subprocess; writes benchmarks/results/latest.{json,md,png}.
+bench: $(VENV)/.bench
+	$(PY) -m benchmarks.run
+
+# The same comparison with reduced element counts and grids: under 5 minutes.
+bench-quick: $(VENV)/.bench
+	$(PY) -m benchmarks.run --quick
+
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from feedline.ops.base import (
+    AUTOTUNE,
     INFINITE,
     UNKNOWN,
     Op,
@@ -38,9 +39,6 @@ from feedline.structure import (
     map_structure,
     normalize_output,
 )
-
-AUTOTUNE = -1
-"""Pass wherever tf.data accepts ``tf.data.AUTOTUNE``: the runtime chooses the value."""
 
 INFINITE_CARDINALITY = INFINITE
 UNKNOWN_CARDINALITY = UNKNOWN
@@ -191,9 +189,31 @@ class Dataset:
     ) -> Dataset:
         """Apply ``map_func`` to every element (a tuple's parts are separate arguments)."""
         require_callable(map_func, "map_func")
-        _parallelism(num_parallel_calls, "num_parallel_calls")
+        calls = _parallelism(num_parallel_calls, "num_parallel_calls")
         op_name = f"map({name})" if name else None
-        return self._wrap(MapOp(self._op, map_func, op_name))
+        return self._wrap(MapOp(self._op, map_func, op_name, calls, deterministic))
+
+    def random_map(
+        self,
+        map_func: Callable[..., Any],
+        seed: int | None = None,
+        num_parallel_calls: int | None = None,
+        deterministic: bool | None = None,
+        name: str | None = None,
+    ) -> Dataset:
+        """Like ``map``, but ``map_func(element, rng)`` also gets a ``numpy.random.Generator``.
+
+        The generator is derived from (seed, pass number, element position), so random
+        augmentation gives the same result at any parallelism and after a restore; each new
+        pass (iterator, or epoch under ``repeat``) gets new numbers. With no seed, every pass
+        draws a fresh one.
+        """
+        require_callable(map_func, "map_func")
+        calls = _parallelism(num_parallel_calls, "num_parallel_calls")
+        op_name = f"random_map({name})" if name else None
+        return self._wrap(
+            MapOp(self._op, map_func, op_name, calls, deterministic, random=True, seed=seed)
+        )
 
     def filter(self, predicate: Callable[..., Any], name: str | None = None) -> Dataset:
         """Keep the elements for which ``predicate`` returns True."""
@@ -222,8 +242,17 @@ class Dataset:
         if cycle is None or cycle == AUTOTUNE:
             cycle = os.cpu_count() or 1
         block = 1 if block_length is None else require_positive_int(block_length, "block_length")
-        _parallelism(num_parallel_calls, "num_parallel_calls")
-        return self._wrap(InterleaveOp(self._op, map_func, cycle, block))
+        calls = _parallelism(num_parallel_calls, "num_parallel_calls")
+        return self._wrap(
+            InterleaveOp(
+                self._op,
+                map_func,
+                cycle,
+                block,
+                num_parallel_calls=calls,
+                deterministic=deterministic,
+            )
+        )
 
     def batch(
         self,

@@ -11,6 +11,10 @@ import copy
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+# Threads one tuned stage may use: enough calls in flight to hide object-store latency
+# (tens of ms each); the tuner's RAM budget usually stops it well before this.
+DEFAULT_MAX_PARALLELISM = 256
+
 
 @dataclass
 class AutotuneOptions:
@@ -51,12 +55,15 @@ class ResolvedOptions:
 
     deterministic: bool
     autotune_enabled: bool
+    max_parallelism: int
 
     @staticmethod
     def of(options: Options) -> ResolvedOptions:
+        tune = options.autotune
         return ResolvedOptions(
             deterministic=True if options.deterministic is None else options.deterministic,
-            autotune_enabled=(
-                True if options.autotune.enabled is None else options.autotune.enabled
+            autotune_enabled=True if tune.enabled is None else tune.enabled,
+            max_parallelism=(
+                DEFAULT_MAX_PARALLELISM if tune.max_parallelism is None else tune.max_parallelism
             ),
         )

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from feedline.dataset import Dataset
-from feedline.io.text import TextLineOp, as_path
+from feedline.io.text import TextLineInterleaveOp, TextLineOp, as_path
+from feedline.ops.base import AUTOTUNE
+
+
+def _parallel_reads(value: Any) -> int | None:
+    """``None`` (one file after another), ``AUTOTUNE`` (one per core), or a positive int."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"num_parallel_reads must be an int, got {type(value).__name__} {value!r}")
+    if value == AUTOTUNE:
+        return os.cpu_count() or 1
+    if value < 1:
+        raise ValueError(f"num_parallel_reads must be >= 1 or AUTOTUNE, got {value}")
+    return int(value)
 
 
 def TextLineDataset(
@@ -19,26 +36,20 @@ def TextLineDataset(
     """Lines of text files as bytes, without line endings, file after file.
 
     ``filenames`` is a path, a list of paths, or a Dataset of paths. With
-    ``num_parallel_reads`` files are read ``num_parallel_reads`` at a time, interleaving lines.
+    ``num_parallel_reads`` files are read ``num_parallel_reads`` at a time, interleaving lines
+    (one line from each in turn), in the order tf.data gives.
     """
     compression = (compression_type or "").upper()
+    cycle = _parallel_reads(num_parallel_reads)
     if isinstance(filenames, Dataset):
-        cycle = num_parallel_reads or 1
-        return filenames.interleave(
-            lambda f: Dataset(TextLineOp([as_path(f)], compression)),
-            cycle_length=cycle,
-            block_length=1,
-        )
+        op = TextLineInterleaveOp(filenames._op, compression, cycle or 1)
+        return Dataset(op, filenames.options())
     paths: Sequence[Any] = (
         [filenames]
         if isinstance(filenames, str | bytes) or hasattr(filenames, "__fspath__")
         else list(filenames)
     )
-    if num_parallel_reads and num_parallel_reads > 1 and len(paths) > 1:
-        return TextLineDataset(
-            Dataset.from_tensor_slices([as_path(p) for p in paths]),
-            compression_type,
-            buffer_size,
-            num_parallel_reads,
-        )
+    if cycle is not None and cycle > 1 and len(paths) > 1:
+        names = Dataset.from_tensor_slices([as_path(p) for p in paths])
+        return TextLineDataset(names, compression, buffer_size, cycle)
     return Dataset(TextLineOp([as_path(p) for p in paths], compression))

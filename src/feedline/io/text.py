@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import IO, Any
 
 from feedline.ops.base import UNKNOWN, Op
+from feedline.ops.combine import InterleaveOp
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import NodeIterator, State
 from feedline.structure import STRING_DTYPE, TensorSpec
@@ -90,8 +91,9 @@ class TextLineIterator(NodeIterator):
                 self.line += 1
                 self.offset += len(raw)
                 if raw.endswith(b"\n"):
-                    raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
-                return raw
+                    raw = raw[:-1]
+                # tf.data's line reader drops every '\r', not only one before the '\n'.
+                return raw.replace(b"\r", b"") if b"\r" in raw else raw
             self.handle.close()
             self.handle = None
             self.file_index += 1
@@ -120,3 +122,33 @@ class TextLineIterator(NodeIterator):
         if self.handle is not None:
             self.handle.close()
             self.handle = None
+
+
+class TextLineInterleaveOp(InterleaveOp):
+    """Lines of the files a dataset of filenames names, ``cycle_length`` files at a time.
+
+    An interleave whose element spec is known without reading a line (a plain interleave
+    observes its first element, which fails when every file is empty).
+    """
+
+    def __init__(self, filenames: Op, compression_type: str, cycle_length: int) -> None:
+        if compression_type not in COMPRESSIONS:
+            raise ValueError(
+                f"compression_type must be one of {COMPRESSIONS}, got {compression_type!r}"
+            )
+        super().__init__(
+            filenames,
+            lambda f: _dataset(TextLineOp([as_path(f)], compression_type)),
+            cycle_length,
+            1,
+            name="text_lines",
+        )
+
+    def compute_spec(self) -> Any:
+        return TensorSpec((), STRING_DTYPE)
+
+
+def _dataset(op: Op) -> Any:
+    from feedline.dataset import Dataset
+
+    return Dataset(op)

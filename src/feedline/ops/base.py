@@ -18,6 +18,7 @@ from feedline.structure import spec_of
 
 INFINITE = -1
 UNKNOWN = -2
+AUTOTUNE = -1
 
 
 class Op:

@@ -37,10 +37,8 @@ def stack_leaf(values: list[Any], stage: str, first_position: int) -> np.ndarray
         out = np.empty(len(values), dtype=object)
         out[:] = values
         return out
-    if isinstance(first, np.generic):
-        kind = type(first)
-        if all(type(v) is kind for v in values):
-            return np.fromiter(values, dtype=first.dtype, count=len(values))
+    if isinstance(first, np.generic) and len(set(map(type, values))) == 1:
+        return np.fromiter(values, dtype=first.dtype, count=len(values))
     if isinstance(first, np.ndarray):
         shape = first.shape
         for i, v in enumerate(values):

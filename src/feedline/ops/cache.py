@@ -117,7 +117,12 @@ class CacheWriter(NodeIterator):
         return chunk[0]
 
     def next_chunk(self, max_n: int) -> list[Any]:
-        chunk = self.input.next_chunk(max_n)
+        try:
+            chunk = self.input.next_chunk(max_n)
+        except BaseException:
+            # The consumer may go on past an error, but the pass is no longer complete.
+            self._abandon()
+            raise
         if not self.recording:
             return chunk
         if not chunk:
@@ -145,14 +150,17 @@ class CacheWriter(NodeIterator):
     def get_state(self) -> State:
         return {"mode": "write", "input": self.input.get_state()}
 
-    def close(self) -> None:
-        self.input.close()
+    def _abandon(self) -> None:
+        self.recording = False
+        self.elements = []
         if self.file is not None:
             self.file.close()
             self.file = None
             os.unlink(self.tmp_path)
-        self.recording = False
-        self.elements = []
+
+    def close(self) -> None:
+        self.input.close()
+        self._abandon()
 
 
 def write_record(f: BinaryIO, element: Any) -> None:
@@ -166,9 +174,13 @@ class FileCacheReader(NodeIterator):
         self.path = path
         self.index = 0
         self.file: BinaryIO | None = open(path, "rb")  # noqa: SIM115 - closed in close()
-        self.count = self._check_file()
-        while self.index < index:
-            self._read(decode=False)
+        try:
+            self.count, self.records_end = self._check_file()
+            while self.index < index:
+                self._read(decode=False)
+        except BaseException:
+            self.close()
+            raise
 
     def _corrupt(self, why: str) -> CacheFileError:
         return CacheFileError(
@@ -176,7 +188,8 @@ class FileCacheReader(NodeIterator):
             "delete it and the next complete pass will write it again"
         )
 
-    def _check_file(self) -> int:
+    def _check_file(self) -> tuple[int, int]:
+        """The record count the trailer promises, and where the records must end."""
         assert self.file is not None
         if self.file.read(len(MAGIC)) != MAGIC:
             raise self._corrupt("bad header")
@@ -189,7 +202,7 @@ class FileCacheReader(NodeIterator):
         if mark != _END_MARK or self.file.read(len(TRAILER_MAGIC)) != TRAILER_MAGIC:
             raise self._corrupt("no trailer")
         self.file.seek(len(MAGIC))
-        return int(count)
+        return int(count), size - tail
 
     def _read(self, decode: bool = True) -> Any:
         assert self.file is not None
@@ -207,6 +220,9 @@ class FileCacheReader(NodeIterator):
 
     def __next__(self) -> Any:
         if self.index >= self.count:
+            # A damaged count in the trailer would otherwise end the data early, silently.
+            if self.file is not None and self.file.tell() != self.records_end:
+                raise self._corrupt(f"records go on past the {self.count} the trailer counts")
             raise StopIteration
         return self._read()
 

@@ -6,9 +6,10 @@ from collections.abc import Callable
 from typing import Any
 
 from feedline.errors import StageError, wrap_user_error
-from feedline.ops.base import INFINITE, UNKNOWN, Op, call_with_element, function_name
+from feedline.ops.base import AUTOTUNE, INFINITE, UNKNOWN, Op, call_with_element, function_name
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import NodeIterator, State
+from feedline.runtime.parallel import AsyncStage
 from feedline.structure import flatten, map_structure, merge_specs, pack_like
 
 
@@ -120,6 +121,8 @@ class InterleaveOp(Op):
         cycle_length: int,
         block_length: int,
         name: str | None = None,
+        num_parallel_calls: int | None = None,
+        deterministic: bool | None = None,
     ) -> None:
         super().__init__()
         self.input = input_op
@@ -127,6 +130,8 @@ class InterleaveOp(Op):
         self.fn = fn
         self.cycle_length = cycle_length
         self.block_length = block_length
+        self.num_parallel_calls = num_parallel_calls
+        self.deterministic = deterministic
         self.name = name or f"interleave({function_name(fn)})"
 
     def cardinality(self) -> int:
@@ -139,11 +144,20 @@ class InterleaveOp(Op):
 class InterleaveIterator(NodeIterator):
     """State: the input's state at the start of the pass, how many input elements were read,
     and for each open slot the input position it came from and its own state. Restoring
-    re-reads the input (cheap: it is usually a list of files) and reopens those slots."""
+    re-reads the input (cheap: it is usually a list of files) and reopens those slots.
+
+    With ``num_parallel_calls`` each open slot reads ahead on a thread of its own (the usual
+    case: several files read at once). Without ``deterministic``, a slot whose next element is
+    not ready yet is passed over for one that is.
+    """
 
     def __init__(self, op: InterleaveOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
         self.ctx = ctx
+        self.parallel = op.num_parallel_calls is not None
+        self.deterministic = (
+            ctx.options.deterministic if op.deterministic is None else op.deterministic
+        )
         self.input_start = None if state is None else state["input_start"]
         self.input = op.input.make_iterator(ctx, self.input_start)
         if state is None:
@@ -186,14 +200,46 @@ class InterleaveIterator(NodeIterator):
                 position,
                 f"the function must return a Dataset, got {type(dataset).__name__}",
             )
-        return dataset._op.make_iterator(self.ctx, state)
+        inner = dataset._op
+        if not self.parallel:
+            return inner.make_iterator(self.ctx, state)
+        return AsyncStage(
+            name=f"{self.op.name}[{position}]",
+            ctx=self.ctx,
+            make_input=lambda s: inner.make_iterator(self.ctx, s),
+            transform=None,
+            state=state,
+            parallelism=1,
+            parallelism_tunable=False,
+            max_parallelism=1,
+            buffer_size=2 * self.op.block_length,
+            buffer_tunable=self.op.num_parallel_calls == AUTOTUNE,
+            deterministic=True,
+        )
 
     def _advance_cycle(self) -> None:
         self.block_index = 0
         self.cycle_index = (self.cycle_index + 1) % self.op.cycle_length
 
+    def _ready_slot(self) -> None:
+        """Out-of-order mode: move to an open slot that has an element ready, if the current
+        one has none (the block count restarts there)."""
+        current = self.slots[self.cycle_index]
+        if not isinstance(current, AsyncStage) or current.has_ready():
+            return
+        n = self.op.cycle_length
+        for step in range(1, n):
+            index = (self.cycle_index + step) % n
+            slot = self.slots[index]
+            if isinstance(slot, AsyncStage) and slot.has_ready():
+                self.cycle_index = index
+                self.block_index = 0
+                return
+
     def __next__(self) -> Any:
         while True:
+            if not self.deterministic:
+                self._ready_slot()
             slot = self.slots[self.cycle_index]
             if slot is not None:
                 if self.block_index < self.op.block_length:

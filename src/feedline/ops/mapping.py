@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from feedline.errors import StageError, wrap_user_error
-from feedline.ops.base import INFINITE, UNKNOWN, Op, call_with_element, function_name
+from feedline.ops.base import (
+    AUTOTUNE,
+    INFINITE,
+    UNKNOWN,
+    Op,
+    call_with_element,
+    function_name,
+)
+from feedline.ops.shuffle import PassCounter, fresh_seed
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import InputCursor, NodeIterator, State
+from feedline.runtime.parallel import AsyncStage, Failed, Transform, default_parallelism
 from feedline.structure import normalize_output
 
 logger = logging.getLogger("feedline")
@@ -29,18 +38,160 @@ def apply_fn(fn: Callable[..., Any], element: Any) -> Any:
 
 
 class MapOp(Op):
-    def __init__(self, input_op: Op, fn: Callable[..., Any], name: str | None = None) -> None:
+    """map and random_map. Runs on an ``AsyncStage``: inline in the consumer's thread when
+    ``num_parallel_calls`` is None, on worker threads otherwise (AUTOTUNE: tuned)."""
+
+    def __init__(
+        self,
+        input_op: Op,
+        fn: Callable[..., Any],
+        name: str | None = None,
+        num_parallel_calls: int | None = None,
+        deterministic: bool | None = None,
+        random: bool = False,
+        seed: int | None = None,
+    ) -> None:
         super().__init__()
         self.input = input_op
         self.inputs = (input_op,)
         self.fn = fn
-        self.name = name or f"map({function_name(fn)})"
+        self.num_parallel_calls = num_parallel_calls
+        self.deterministic = deterministic
+        self.random = random
+        self.seed = seed
+        self.passes = PassCounter()
+        kind = "random_map" if random else "map"
+        self.name = name or f"{kind}({function_name(fn)})"
 
     def cardinality(self) -> int:
         return self.input.cardinality()
 
     def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
-        return MapIterator(self, ctx, state)
+        if not self.random:
+            return self._stage(ctx, state, {})
+        pass_info = self._new_pass() if state is None else state["pass"]
+        stage = self._stage(ctx, None if state is None else state["stage"], pass_info)
+        return PassStateIterator(stage, pass_info)
+
+    def _stage(
+        self, ctx: IterContext, state: State | None, pass_info: dict[str, int]
+    ) -> AsyncStage:
+        return make_async_stage(
+            name=self.name,
+            ctx=ctx,
+            make_input=lambda s: self.input.make_iterator(ctx, s),
+            transform=self._transform(pass_info),
+            state=state,
+            num_parallel_calls=self.num_parallel_calls,
+            deterministic=self.deterministic,
+        )
+
+    def _new_pass(self) -> dict[str, int]:
+        seed = fresh_seed() if self.seed is None else self.seed
+        return {"seed": seed, "pass": self.passes.next()}
+
+    def _transform(self, pass_info: dict[str, int]) -> Transform:
+        fn, name = self.fn, self.name
+        if not self.random:
+            return lambda raw, positions: map_chunk(fn, raw, positions, name)
+        seed, pass_index = pass_info["seed"], pass_info["pass"]
+
+        def with_rng(element: Any, position: int) -> Any:
+            # The generator depends only on (seed, pass, position): the same at any
+            # parallelism, on any worker, and after a restore.
+            rng = np.random.default_rng([seed, pass_index, position])
+            return fn(*element, rng) if type(element) is tuple else fn(element, rng)
+
+        return lambda raw, positions: map_chunk_with_positions(with_rng, raw, positions, name)
+
+
+def map_chunk(
+    fn: Callable[..., Any], raw: list[Any], positions: Sequence[int], name: str
+) -> list[Any]:
+    """``fn`` over a chunk; a failing element becomes ``Failed`` in its place and the chunk
+    goes on, so errors surface at their own position. The hot loop of every map."""
+    if type(raw[0]) is Failed:  # an upstream error always arrives as a chunk of its own
+        return raw
+    out: list[Any] = []
+    append = out.append
+    no_conversion = _NO_CONVERSION
+    elements = iter(raw)
+    while True:
+        try:
+            for x in elements:
+                y = fn(*x) if type(x) is tuple else fn(x)
+                append(y if type(y) in no_conversion else normalize_output(y))
+            return out
+        except Exception as e:
+            append(Failed(wrap_user_error(name, positions[len(out)], e)))
+
+
+def map_chunk_with_positions(
+    fn: Callable[[Any, int], Any], raw: list[Any], positions: Sequence[int], name: str
+) -> list[Any]:
+    """Like ``map_chunk`` for functions that also take the element's position."""
+    if type(raw[0]) is Failed:
+        return raw
+    out: list[Any] = []
+    append = out.append
+    pairs = zip(raw, positions)
+    while True:
+        try:
+            for x, position in pairs:
+                y = fn(x, position)
+                append(y if type(y) in _NO_CONVERSION else normalize_output(y))
+            return out
+        except Exception as e:
+            append(Failed(wrap_user_error(name, positions[len(out)], e)))
+
+
+class PassStateIterator(NodeIterator):
+    """Adds what identifies a pass (its random seed and number) to a stage's saved state."""
+
+    def __init__(self, stage: NodeIterator, pass_info: dict[str, int]) -> None:
+        self.stage = stage
+        self.pass_info = pass_info
+        self.inputs = (stage,)
+        self.next_chunk = stage.next_chunk  # type: ignore[method-assign]
+
+    def __next__(self) -> Any:
+        return self.stage.__next__()
+
+    def get_state(self) -> State:
+        return {"stage": self.stage.get_state(), "pass": self.pass_info}
+
+
+def make_async_stage(
+    *,
+    name: str,
+    ctx: IterContext,
+    make_input: Callable[[State | None], NodeIterator],
+    transform: Transform | None,
+    state: State | None,
+    num_parallel_calls: int | None,
+    deterministic: bool | None,
+) -> AsyncStage:
+    """An async stage for a map-like op: inline (None), fixed parallelism (N) or tuned."""
+    autotune = num_parallel_calls == AUTOTUNE
+    if num_parallel_calls is None:
+        parallelism = 0
+    elif autotune:
+        parallelism = default_parallelism()
+    else:
+        parallelism = num_parallel_calls
+    return AsyncStage(
+        name=name,
+        ctx=ctx,
+        make_input=make_input,
+        transform=transform,
+        state=state,
+        parallelism=parallelism,
+        parallelism_tunable=autotune,
+        max_parallelism=ctx.options.max_parallelism if autotune else max(parallelism, 0),
+        buffer_size=None,
+        buffer_tunable=autotune,
+        deterministic=ctx.options.deterministic if deterministic is None else deterministic,
+    )
 
 
 class CursorStage(NodeIterator):
@@ -77,34 +228,6 @@ class CursorStage(NodeIterator):
 
     def get_state(self) -> State:
         return {"cursor": self.cursor.get_state(), "position": self.position}
-
-
-class MapIterator(CursorStage):
-    """Runs the function inline, a chunk at a time."""
-
-    def __init__(self, op: MapOp, ctx: IterContext, state: State | None) -> None:
-        super().__init__(op.input, ctx, state)
-        self.op = op
-
-    def next_chunk(self, max_n: int) -> list[Any]:
-        self.raise_pending()
-        raw = self.cursor.peek(max_n)
-        if not raw:
-            return []
-        fn = self.op.fn
-        out: list[Any] = []
-        append = out.append
-        try:
-            for element in raw:
-                append(apply_fn(fn, element))
-        except Exception as e:
-            done = len(out)
-            self.cursor.advance(done)
-            self.position += done
-            return self.fail_at_cursor(wrap_user_error(self.op.name, self.position, e), out)
-        self.cursor.advance(len(raw))
-        self.position += len(raw)
-        return out
 
 
 class FilterOp(Op):

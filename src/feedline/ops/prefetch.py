@@ -7,6 +7,10 @@ from typing import Any
 from feedline.ops.base import Op
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import NodeIterator, State
+from feedline.runtime.parallel import AsyncStage
+
+# Where an AUTOTUNE prefetch buffer starts, in elements; the tuner grows or shrinks it.
+DEFAULT_AUTOTUNE_BUFFER = 2
 
 
 class PrefetchOp(Op):
@@ -24,4 +28,17 @@ class PrefetchOp(Op):
         return self.input.element_spec()
 
     def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
-        return self.input.make_iterator(ctx, state)
+        # One worker pulls the input ahead (more could not pull faster: pulls are serial).
+        return AsyncStage(
+            name=self.name,
+            ctx=ctx,
+            make_input=lambda s: self.input.make_iterator(ctx, s),
+            transform=None,
+            state=state,
+            parallelism=1,
+            parallelism_tunable=False,
+            max_parallelism=1,
+            buffer_size=self.buffer_size or DEFAULT_AUTOTUNE_BUFFER,
+            buffer_tunable=self.buffer_size is None,
+            deterministic=True,
+        )

@@ -70,6 +70,28 @@ class RangeIterator(NodeIterator):
         return {"index": self.index}
 
 
+def owned_array(x: Any) -> np.ndarray:
+    """``to_array(x)`` as an array nobody else can change: a copy of the user's array unless it
+    is read-only all the way down (e.g. ``np.load(..., mmap_mode="r")``, which stays mapped
+    instead of being read into memory), marked read-only like the arrays tf.data hands out, so
+    neither the user's later writes nor a consumer's in-place edits of an element (a view of
+    it) can change what the dataset yields."""
+    arr = to_array(x)
+    if arr is x and _writable_somewhere(arr):
+        arr = arr.copy()
+    if arr.flags.writeable:
+        arr.flags.writeable = False
+    return arr
+
+
+def _writable_somewhere(arr: Any) -> bool:
+    while isinstance(arr, np.ndarray):
+        if arr.flags.writeable:
+            return True
+        arr = arr.base
+    return False
+
+
 class TensorSlicesOp(Op):
     """Slices of arrays (or nests of arrays) along their first axis, converted once up front."""
 
@@ -80,7 +102,7 @@ class TensorSlicesOp(Op):
                 "from_tensor_slices got a list of tuples/dicts; pass a tuple/dict of lists "
                 "(one per component) instead, as in tf.data"
             )
-        self.structure = map_structure(to_array, tensors)
+        self.structure = map_structure(owned_array, tensors)
         leaves = flatten(self.structure)
         if not leaves:
             raise ValueError("from_tensor_slices needs at least one component")
@@ -148,7 +170,7 @@ class TensorsOp(Op):
 
     def __init__(self, tensors: Any) -> None:
         super().__init__()
-        self.value = map_structure(lambda a: scalar_if_0d(to_array(a)), normalize(tensors))
+        self.value = map_structure(lambda a: scalar_if_0d(owned_array(a)), normalize(tensors))
         self.name = "from_tensors"
 
     def cardinality(self) -> int:

@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
+import threading
+from typing import TYPE_CHECKING
+
 from feedline.options import Options, ResolvedOptions
+
+if TYPE_CHECKING:
+    from feedline.runtime.tunable import Tunable
 
 
 class IterContext:
-    """Per-run settings, created once per top-level iterator and passed down to every node."""
+    """Per-run settings and the registry of the run's tunable stages.
+
+    Created once per top-level iterator and passed down to every node; the tuner and
+    ``stats()`` find the stages here.
+    """
 
     def __init__(self, options: Options | None = None) -> None:
         self.options = ResolvedOptions.of(options or Options())
+        self._stages: list[Tunable] = []
+        self._lock = threading.Lock()
+
+    def register(self, stage: Tunable) -> None:
+        with self._lock:
+            self._stages.append(stage)
+
+    def unregister(self, stage: Tunable) -> None:
+        with self._lock:
+            if stage in self._stages:
+                self._stages.remove(stage)
+
+    def stages(self) -> list[Tunable]:
+        with self._lock:
+            return list(self._stages)

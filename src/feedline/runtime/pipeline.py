@@ -61,7 +61,17 @@ class DatasetIterator:
     def __next__(self) -> Any:
         if self._closed:
             raise StopIteration
-        return next(self._root)
+        try:
+            return next(self._root)
+        except KeyboardInterrupt:
+            # Ctrl-C while waiting for data: stop every worker now rather than whenever the
+            # traceback (which keeps this iterator alive) is dropped.
+            self.close()
+            raise
+
+    def buffered_bytes(self) -> int:
+        """Bytes held by this pass's buffers right now (finished, undelivered elements)."""
+        return sum(stage.metrics.buffered_bytes for stage in self._ctx.stages())
 
     def get_state(self) -> State:
         return {

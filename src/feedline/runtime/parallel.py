@@ -1,0 +1,550 @@
+"""The asynchronous stage: worker threads run a chunk transform ahead of the consumer.
+
+One class serves parallel ``map``, ``random_map`` and ``prefetch`` (a transform that does
+nothing, one worker): workers take turns pulling a chunk from the input (under the input
+lock, noting the input's state and position first), transform it outside the lock, and file
+the result under a sequence number. The consumer delivers results in sequence order — so the
+output order is the sequential order whatever the parallelism — or, with
+``deterministic=False``, in the order they finish.
+
+Knobs (``runtime/tunable.py``) change while the stage runs: ``parallelism`` is the number of
+worker threads (0 runs the transform inline in the consumer's thread, with no hand-off at
+all); ``buffer_size`` bounds the elements taken from the input and not yet delivered. A
+separate byte limit bounds what finished results may hold.
+
+State: the consumer's position is the oldest chunk not fully delivered — its input state and
+start position — plus the positions already delivered after that point. Restoring reopens
+the input there and drops those positions before transforming, so a resumed pass yields
+exactly what the original would have, in either order mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from feedline.errors import StageError
+from feedline.runtime.context import IterContext
+from feedline.runtime.iterator import NodeIterator, State
+from feedline.runtime.tunable import Knob, StageMetrics, Tunable
+
+logger = logging.getLogger("feedline")
+
+# A chunk is sized to take about this long to transform: long enough that a hand-off between
+# threads (tens of microseconds) is a small part of it, short enough to balance workers.
+TARGET_CHUNK_SECONDS = 0.002
+MAX_CHUNK = 256
+DEFAULT_MAX_BUFFER_BYTES = 256 * 2**20
+# How long close() waits for a worker stuck in a user function before leaving it behind.
+JOIN_TIMEOUT_SECONDS = 5.0
+
+
+class Failed:
+    """Stands in an output list for an element whose production raised."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+Transform = Callable[[list[Any], Sequence[int]], list[Any]]
+
+
+def element_nbytes(element: Any) -> int:
+    """Bytes an element holds: array buffers and byte strings (Python objects count 64)."""
+    if isinstance(element, np.ndarray):
+        return int(element.nbytes)
+    if isinstance(element, bytes):
+        return len(element)
+    if isinstance(element, tuple):
+        return sum(element_nbytes(e) for e in element)
+    if isinstance(element, dict):
+        return sum(element_nbytes(e) for e in element.values())
+    if isinstance(element, np.generic):
+        return int(element.nbytes)
+    return 64
+
+
+class _Chunk:
+    """Elements pulled together: input positions [start, end), of which ``positions`` were
+    kept (a restored state may have dropped some), and their outputs once transformed."""
+
+    __slots__ = (
+        "delivered",
+        "end",
+        "failures",
+        "nbytes",
+        "outputs",
+        "positions",
+        "ready",
+        "seq",
+        "start",
+        "start_state",
+    )
+
+    def __init__(
+        self, seq: int, start_state: State, start: int, end: int, positions: Sequence[int]
+    ) -> None:
+        self.seq = seq
+        self.start_state = start_state
+        self.start = start
+        self.end = end
+        self.positions = positions
+        self.outputs: list[Any] = []
+        self.failures: list[int] = []  # indexes of Failed outputs, ascending
+        self.ready = False
+        self.delivered = 0
+        self.nbytes = 0
+
+
+class AsyncStage(NodeIterator, Tunable):
+    def __init__(
+        self,
+        *,
+        name: str,
+        ctx: IterContext,
+        make_input: Callable[[State | None], NodeIterator],
+        transform: Transform | None,
+        state: State | None,
+        parallelism: int,
+        parallelism_tunable: bool,
+        max_parallelism: int,
+        buffer_size: int | None,
+        buffer_tunable: bool,
+        deterministic: bool,
+    ) -> None:
+        self.name = name
+        self.ctx = ctx
+        self.transform = transform
+        self.deterministic = deterministic
+        self._lock = threading.Lock()
+        self._results_ready = threading.Condition(self._lock)
+        self._space_free = threading.Condition(self._lock)
+        self._input_lock = threading.Lock()
+
+        if state is None:
+            self._input = make_input(None)
+            self._next_position = 0
+            self._skip: list[list[int]] = []
+        else:
+            self._input = make_input(state["input"])
+            self._next_position = state["start"]
+            self._skip = [list(r) for r in state["skip"]]
+        self.inputs = (self._input,)
+
+        self.knobs = {
+            "parallelism": Knob(
+                "parallelism",
+                parallelism,
+                0,
+                max_parallelism,
+                parallelism_tunable,
+                self._knobs_changed,
+            ),
+            "buffer_size": Knob(
+                "buffer_size", buffer_size or 1, 1, 1 << 20, buffer_tunable, self._knobs_changed
+            ),
+        }
+        self._auto_buffer = buffer_size is None
+        self.max_buffer_bytes = DEFAULT_MAX_BUFFER_BYTES
+        self.metrics = StageMetrics()
+
+        self._open: dict[int, _Chunk] = {}  # issued, not fully delivered, by sequence number
+        self._finished_order: list[int] = []  # ready chunks in finishing order (non-det mode)
+        # Input ranges fully delivered while an older chunk is still open (non-det mode).
+        self._retired_ranges: list[list[int]] = []
+        self._issued = 0
+        self._deliver_seq = 0
+        self._end_seq: int | None = None
+        self._reserved = 0  # elements taken (or about to be taken) from input, not delivered
+        self._ready_bytes = 0
+        self._seconds_per_element = 0.0
+        self._chunk_size = 1
+        self._current: _Chunk | None = None
+        self._workers: list[threading.Thread] = []
+        self._closing = False
+        self._closed = False
+        ctx.register(self)
+
+    # -- sizing ------------------------------------------------------------------------------
+
+    @property
+    def parallelism(self) -> int:
+        return self.knobs["parallelism"].value
+
+    def buffer_limit(self) -> int:
+        """Elements that may be taken from the input and not yet delivered."""
+        if self._auto_buffer:
+            return max(2, 2 * max(1, self.parallelism) * self._chunk_size)
+        return self.knobs["buffer_size"].value
+
+    def _next_chunk_size(self) -> int:
+        size = self._chunk_size
+        if not self._auto_buffer:
+            # Two chunks per worker fit in the user's buffer, so a worker refills while the
+            # consumer drains (with one, they would take turns).
+            room = self.knobs["buffer_size"].value // (2 * max(1, self.parallelism))
+            size = min(size, max(1, room))
+        return size
+
+    def _learn_cost(self, elements: int, seconds: float) -> None:
+        if elements <= 0:
+            return
+        per = seconds / elements
+        self._seconds_per_element = (
+            per if self._seconds_per_element == 0 else 0.8 * self._seconds_per_element + 0.2 * per
+        )
+        ideal = TARGET_CHUNK_SECONDS / max(self._seconds_per_element, 1e-9)
+        # Grow at most x2 per chunk, so one cheap outlier cannot make a huge chunk.
+        self._chunk_size = int(max(1, min(MAX_CHUNK, ideal, self._chunk_size * 2)))
+
+    def _knobs_changed(self) -> None:
+        with self._lock:
+            self._space_free.notify_all()
+            self._results_ready.notify_all()
+        self._ensure_workers()
+
+    # -- workers -----------------------------------------------------------------------------
+
+    def _ensure_workers(self) -> None:
+        with self._lock:
+            if self._closing or self._end_seq is not None:
+                return
+            self._workers = [t for t in self._workers if t.is_alive()]
+            alive = {int(t.name.rsplit("-", 1)[1]) for t in self._workers}
+            for index in range(self.parallelism):
+                if index not in alive:
+                    thread = threading.Thread(
+                        target=self._work,
+                        args=(index,),
+                        name=f"feedline-{self.name}-{index}",
+                        daemon=True,
+                    )
+                    self._workers.append(thread)
+                    thread.start()
+
+    def _has_room(self, size: int) -> bool:
+        if self._reserved == 0:
+            return True  # always let one chunk through, whatever the limits
+        return (
+            self._reserved + size <= self.buffer_limit()
+            and self._ready_bytes <= self.max_buffer_bytes
+        )
+
+    def _work(self, index: int) -> None:
+        try:
+            while True:
+                with self._lock:
+                    size = self._next_chunk_size()
+                    idle_since = time.perf_counter()
+                    while (
+                        not self._closing
+                        and self._end_seq is None
+                        and (index >= self.parallelism or not self._has_room(size))
+                    ):
+                        self._space_free.wait()
+                        size = self._next_chunk_size()
+                    idle = time.perf_counter() - idle_since
+                    if self._closing or self._end_seq is not None or index >= self.parallelism:
+                        return
+                    self._reserved += size
+                with self.metrics.lock:
+                    self.metrics.worker_idle += idle
+                chunk = self._issue(size)
+                if chunk is None:
+                    return
+                self._run(chunk)
+        except BaseException as e:  # a worker must never die silently
+            logger.exception("feedline worker %s crashed", self.name)
+            with self._lock:
+                self._end_seq = self._end_seq if self._end_seq is not None else self._issued
+                self._crash = e
+                self._results_ready.notify_all()
+
+    _crash: BaseException | None = None
+
+    def _issue(self, size: int) -> _Chunk | None:
+        """Pull the next chunk from the input; None (and the end recorded) when it is done.
+
+        ``size`` elements were reserved by the caller; the reservation is corrected to what
+        was actually pulled.
+        """
+        with self._input_lock:
+            while True:
+                if self._end_seq is not None or self._closing:
+                    with self._lock:
+                        self._reserved -= size
+                    return None
+                start_state = self._input.get_state()
+                start = self._next_position
+                started = time.perf_counter()
+                cpu_started = time.thread_time()
+                try:
+                    raw: list[Any] = self._input.next_chunk(size)
+                except Exception as e:
+                    raw = [Failed(e)]
+                if self.transform is None:
+                    with self.metrics.lock:
+                        self.metrics.work_wall += time.perf_counter() - started
+                        self.metrics.work_cpu += time.thread_time() - cpu_started
+                    self._learn_cost(len(raw), time.perf_counter() - started)
+                self._next_position += len(raw)
+                positions: Sequence[int] = range(start, self._next_position)
+                if self._skip and raw:
+                    raw, positions = self._drop_skipped(raw, positions)
+                    if not raw:
+                        continue  # all already delivered before the restore: pull again
+                with self._lock:
+                    seq = self._issued
+                    self._issued += 1
+                    self._reserved += len(raw) - size
+                    if not raw:
+                        self._end_seq = seq
+                        self._results_ready.notify_all()
+                        self._space_free.notify_all()
+                        return None
+                    chunk = _Chunk(seq, start_state, start, self._next_position, positions)
+                    chunk.outputs = raw
+                    self._open[seq] = chunk
+                return chunk
+
+    def _drop_skipped(
+        self, raw: list[Any], positions: Sequence[int]
+    ) -> tuple[list[Any], list[int]]:
+        """Drop elements a restored state says were already delivered."""
+        kept, kept_positions = [], []
+        for element, position in zip(raw, positions):
+            if not any(a <= position < b for a, b in self._skip):
+                kept.append(element)
+                kept_positions.append(position)
+        last = positions[-1]
+        self._skip = [r for r in self._skip if r[1] > last + 1]
+        return kept, kept_positions
+
+    def _run(self, chunk: _Chunk) -> None:
+        """Transform a chunk (if this stage has a transform) and hand it to the consumer."""
+        if self.transform is not None and chunk.outputs:
+            started = time.perf_counter()
+            cpu_started = time.thread_time()
+            chunk.outputs = self.transform(chunk.outputs, chunk.positions)
+            wall = time.perf_counter() - started
+            with self.metrics.lock:
+                self.metrics.work_wall += wall
+                self.metrics.work_cpu += time.thread_time() - cpu_started
+            self._learn_cost(len(chunk.outputs), wall)
+        outputs = chunk.outputs
+        if Failed in map(type, outputs):  # scans at C speed; failures are rare
+            chunk.failures = [i for i, x in enumerate(outputs) if type(x) is Failed]
+        nbytes = element_nbytes(outputs[0]) * len(outputs) if outputs else 0
+        with self._lock:
+            chunk.nbytes = nbytes
+            chunk.ready = True
+            self._ready_bytes += nbytes
+            if not self.deterministic:
+                self._finished_order.append(chunk.seq)
+            with self.metrics.lock:
+                self.metrics.chunks += 1
+                self.metrics.buffered_bytes = self._ready_bytes
+                self.metrics.buffered_elements = self._reserved
+            self._results_ready.notify_all()
+
+    # -- consumer ----------------------------------------------------------------------------
+
+    def _next_ready(self) -> _Chunk | None:
+        """Block until the next chunk to deliver is ready; None at the end."""
+        if self.parallelism == 0 and not self._open and self._end_seq is None:
+            return self._run_inline()
+        if not self._workers:
+            self._ensure_workers()  # later changes of parallelism start workers themselves
+        waited_since = time.perf_counter()
+        with self._lock:
+            while True:
+                chunk = self._pick_ready()
+                if chunk is not None or self._closing:
+                    break
+                if self._crash is not None:
+                    raise StageError(self.name, None, "a worker thread crashed") from self._crash
+                if self._end_seq is not None and not self._open:
+                    break
+                if self.parallelism == 0 and not self._open:
+                    break  # switched to inline while waiting: run it below
+                self._results_ready.wait()
+        wait = time.perf_counter() - waited_since
+        with self.metrics.lock:
+            self.metrics.consumer_wait += wait
+        if chunk is None and self.parallelism == 0 and self._end_seq is None and not self._closing:
+            return self._run_inline()
+        return chunk
+
+    def has_ready(self) -> bool:
+        """True when the next ``next()`` would not block (an element, an error or the end)."""
+        chunk = self._current
+        if chunk is not None and chunk.delivered < len(chunk.outputs):
+            return True
+        with self._lock:
+            return self._pick_ready(peek=True) is not None or (
+                self._end_seq is not None and not self._open
+            )
+
+    def _pick_ready(self, peek: bool = False) -> _Chunk | None:
+        if self.deterministic:
+            chunk = self._open.get(self._deliver_seq)
+            if chunk is None or not chunk.ready:
+                return None
+            return chunk
+        while self._finished_order:
+            seq = self._finished_order[0]
+            if seq in self._open:
+                if not peek:
+                    self._finished_order.pop(0)
+                return self._open[seq]
+            self._finished_order.pop(0)
+        return None
+
+    def _run_inline(self) -> _Chunk | None:
+        with self._lock:
+            size = self._next_chunk_size()
+            self._reserved += size
+        chunk = self._issue(size)
+        if chunk is not None:
+            self._run(chunk)
+        return chunk
+
+    def _retire(self, chunk: _Chunk) -> None:
+        with self._lock:
+            del self._open[chunk.seq]
+            self._reserved -= len(chunk.outputs)
+            with self.metrics.lock:
+                self.metrics.elements += len(chunk.outputs)
+            self._ready_bytes -= chunk.nbytes
+            if self.deterministic:
+                self._deliver_seq = chunk.seq + 1
+            elif self._open:
+                oldest = self._open[min(self._open)].start
+                self._retired_ranges = [r for r in self._retired_ranges if r[1] > oldest]
+                self._retired_ranges.append([chunk.start, chunk.end])
+            else:
+                self._retired_ranges = []
+            with self.metrics.lock:
+                self.metrics.buffered_bytes = self._ready_bytes
+                self.metrics.buffered_elements = self._reserved
+            self._space_free.notify_all()
+
+    def __next__(self) -> Any:
+        # Fast path for element-by-element consumers: no lock, no list.
+        chunk = self._current
+        if chunk is not None:
+            i = chunk.delivered
+            outputs = chunk.outputs
+            if i + 1 < len(outputs) and not (chunk.failures and chunk.failures[0] == i):
+                chunk.delivered = i + 1
+                return outputs[i]
+        taken = self.next_chunk(1)
+        if not taken:
+            raise StopIteration
+        return taken[0]
+
+    def next_chunk(self, max_n: int) -> list[Any]:
+        if self._closed:
+            return []
+        chunk = self._current
+        if chunk is None or chunk.delivered >= len(chunk.outputs):
+            chunk = self._next_ready()
+            if chunk is None:
+                return []
+            self._current = chunk
+        start = chunk.delivered
+        outputs = chunk.outputs
+        stop = min(len(outputs), start + max_n)
+        if chunk.failures:
+            failure = chunk.failures[0]
+            if failure == start:
+                chunk.failures.pop(0)
+                chunk.delivered += 1
+                with self.metrics.lock:
+                    self.metrics.errors += 1
+                self._retire_if_done(chunk)
+                raise outputs[start].error
+            stop = min(stop, failure)
+        taken = outputs if start == 0 and stop == len(outputs) else outputs[start:stop]
+        chunk.delivered = stop
+        self._retire_if_done(chunk)
+        return taken
+
+    def _retire_if_done(self, chunk: _Chunk) -> None:
+        if chunk.delivered >= len(chunk.outputs):
+            self._current = None
+            self._retire(chunk)
+
+    # -- state -------------------------------------------------------------------------------
+
+    def get_state(self) -> State:
+        with self._input_lock, self._lock:
+            if not self._open:
+                return {
+                    "input": self._input.get_state(),
+                    "start": self._next_position,
+                    "skip": [list(r) for r in self._skip],
+                }
+            oldest = self._open[min(self._open)]
+            done: list[list[int]] = [list(r) for r in self._skip]
+            done += [r for r in self._retired_ranges if r[0] >= oldest.start]
+            for chunk in self._open.values():
+                if isinstance(chunk.positions, range):  # the usual case: nothing dropped
+                    if chunk.delivered:
+                        done.append([chunk.start, chunk.start + chunk.delivered])
+                    continue
+                kept = set(chunk.positions[chunk.delivered :])
+                done += [[p, p + 1] for p in range(chunk.start, chunk.end) if p not in kept]
+            return {"input": oldest.start_state, "start": oldest.start, "skip": _merge_ranges(done)}
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            self._closing = True
+            self._space_free.notify_all()
+            self._results_ready.notify_all()
+        current = threading.current_thread()
+        deadline = time.monotonic() + JOIN_TIMEOUT_SECONDS
+        for thread in self._workers:
+            if thread is not current:
+                thread.join(max(0.0, deadline - time.monotonic()))
+                if thread.is_alive():
+                    logger.warning(
+                        "%s: worker %s is still inside a user function; leaving it behind",
+                        self.name,
+                        thread.name,
+                    )
+        with self._input_lock:
+            self._input.close()
+        self._open.clear()
+        self.ctx.unregister(self)
+
+
+def _merge_ranges(ranges: list[list[int]]) -> list[list[int]]:
+    merged: list[list[int]] = []
+    for a, b in sorted(ranges):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return merged
+
+
+def default_parallelism() -> int:
+    """Usable cores for this process (its CPU affinity), never fewer than one."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - platforms without sched_getaffinity
+        return max(1, os.cpu_count() or 1)

@@ -1,0 +1,93 @@
+"""The narrow interface between the runtime and the tuner.
+
+Every asynchronous stage exposes the same things: its knobs (``parallelism``, ``buffer_size``),
+each with bounds and a thread-safe setter that takes effect while the stage runs, and a
+``StageMetrics`` record the stage updates as it works. The tuner reads metrics and writes knobs;
+it never touches a stage otherwise, and stages never import the tuner.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+class Knob:
+    """One tunable integer with bounds; ``on_change`` lets the stage react at once."""
+
+    def __init__(
+        self,
+        name: str,
+        value: int,
+        minimum: int,
+        maximum: int,
+        tunable: bool,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.minimum = minimum
+        self.maximum = maximum
+        self.tunable = tunable
+        self._value = max(minimum, min(maximum, value))
+        self._on_change = on_change
+
+    @property
+    def value(self) -> int:
+        return self._value
+
+    def set(self, value: int) -> int:
+        """Clamp ``value`` to the bounds, apply it, and return what was applied."""
+        value = max(self.minimum, min(self.maximum, int(value)))
+        if value != self._value:
+            self._value = value
+            if self._on_change is not None:
+                self._on_change()
+        return value
+
+    def __repr__(self) -> str:
+        return f"Knob({self.name}={self._value} in [{self.minimum}, {self.maximum}])"
+
+
+@dataclass
+class StageMetrics:
+    """Counters a stage accumulates; readers take differences between two snapshots.
+
+    Times are seconds. ``work_wall``/``work_cpu`` cover the stage's own work (the user
+    function, or pulling the input for a prefetch); ``consumer_wait`` is time the consumer spent
+    blocked waiting for this stage; ``worker_idle`` is time workers spent waiting for buffer
+    space (the consumer is slower than the stage).
+    """
+
+    elements: int = 0
+    chunks: int = 0
+    work_wall: float = 0.0
+    work_cpu: float = 0.0
+    consumer_wait: float = 0.0
+    worker_idle: float = 0.0
+    buffered_elements: int = 0
+    buffered_bytes: int = 0
+    errors: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def snapshot(self) -> dict[str, float]:
+        with self.lock:
+            return {
+                "elements": self.elements,
+                "chunks": self.chunks,
+                "work_wall": self.work_wall,
+                "work_cpu": self.work_cpu,
+                "consumer_wait": self.consumer_wait,
+                "worker_idle": self.worker_idle,
+                "buffered_elements": self.buffered_elements,
+                "buffered_bytes": self.buffered_bytes,
+                "errors": self.errors,
+            }
+
+
+class Tunable:
+    """What a tunable stage offers the tuner (and stats): a name, knobs and metrics."""
+
+    name: str
+    knobs: dict[str, Knob]
+    metrics: StageMetrics

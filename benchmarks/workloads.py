@@ -278,7 +278,8 @@ class Workload:
     consumer_sleep_s: float = 0.0
     # CPU-bound work has a limit: cores / single-threaded time per element.
     cpu_bound: bool = False
-    # Parallelism and prefetch-buffer (in batches) settings the hand-tuned grids try.
+    # Parallelism and prefetch-buffer (in batches) settings the hand-tuned grids try; a
+    # parallelism of 0 means none (a sequential map, num_workers=0, num_threads=0).
     parallelism_grid: tuple[int, ...] = (1, 2, 4)
     quick_parallelism_grid: tuple[int, ...] = (2,)
     buffer_grid: tuple[int, ...] = (2, 8)
@@ -289,6 +290,10 @@ class Workload:
 
     def element_fn(self, data_dir: str) -> ElementFn | None:
         return None if self.make_fn is None else self.make_fn(data_dir)
+
+    def source(self, elements: int) -> tuple[int, bool]:
+        """(stop, repeat): the source is ``range(stop)``, repeated forever if ``repeat``."""
+        return (self.cycle, True) if self.cycle else (elements, False)
 
     def source_index(self, i: int) -> int:
         """The source element at position ``i`` (for systems indexing instead of repeating)."""
@@ -315,8 +320,8 @@ WORKLOADS: dict[str, Workload] = {
             make_fn=lambda _: add_one,
             out_dtype=np.dtype(np.int64),
             out_shape=(),
-            parallelism_grid=(1, 2),
-            quick_parallelism_grid=(1,),
+            parallelism_grid=(0, 1, 2),
+            quick_parallelism_grid=(0,),
             buffer_grid=(1, 16),
             quick_buffer_grid=(8,),
         ),
@@ -363,7 +368,7 @@ WORKLOADS: dict[str, Workload] = {
             out_shape=(),
             cycle=1000,
             consumer_sleep_s=0.010,
-            parallelism_grid=(1,),
+            parallelism_grid=(0, 1),
             quick_parallelism_grid=(1,),
             buffer_grid=(1, 2, 8),
             quick_buffer_grid=(2,),
@@ -395,4 +400,3 @@ def prepare_data(workload: Workload, data_dir: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     workload.prepare(directory)
     stamp.write_text(DATA_VERSION)
-

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 
 import pytest
@@ -30,4 +32,17 @@ def no_leaked_threads() -> Iterator[None]:
         gc.collect()
         time.sleep(0.02)
     leaked = feedline_threads()
-    assert not leaked, f"threads left running: {[t.name for t in leaked]}"
+    assert not leaked, f"threads left running:\n{describe(leaked)}"
+
+
+def describe(threads: list[threading.Thread]) -> str:
+    """Each thread's name and where it is stuck, to make a leak diagnosable from CI logs."""
+    frames = sys._current_frames()
+    parts = []
+    for t in threads[:4]:
+        frame = frames.get(t.ident or -1)
+        stack = "".join(traceback.format_stack(frame)[-4:]) if frame else "(no frame)\n"
+        parts.append(f"{t.name}:\n{stack}")
+    if len(threads) > 4:
+        parts.append(f"... and {len(threads) - 4} more: {[t.name for t in threads[4:]]}")
+    return "".join(parts)

@@ -77,12 +77,12 @@ def missing(name: str) -> str | None:
 
 
 def tuned_specs(
-    workload: Workload, mode: str, system: str, module: str, forms: list[str]
+    workload: Workload, mode: str, system: str, module: str, forms: list[str | None]
 ) -> list[RunSpec]:
     """AUTOTUNE runs plus a hand-set (parallelism x prefetch buffer) grid recorded as
     ``<system>-oracle``, for the tf.data-like systems; ``forms`` are alternative ways to
     write the per-element work (each run at AUTOTUNE; the grid uses the last form in quick
-    and smoke modes, every form in full mode).
+    and smoke modes, every form in full mode), ``[None]`` for a system with one way.
 
     A parallelism of 0 means the map runs sequentially (``num_parallel_calls=None``); a
     workload without per-element work has no map and so no parallelism to set.
@@ -101,8 +101,8 @@ def tuned_specs(
     return specs
 
 
-def _knobs(form: str, parallelism: int | str | None, prefetch: int | str) -> dict[str, Any]:
-    config: dict[str, Any] = {"form": form}
+def _knobs(form: str | None, parallelism: int | str | None, prefetch: int | str) -> dict[str, Any]:
+    config: dict[str, Any] = {} if form is None else {"form": form}
     if parallelism is not None:
         config["num_parallel_calls"] = parallelism
     config["prefetch"] = prefetch

@@ -135,9 +135,11 @@ CASES: list[tuple[str, Builder, list[pytest.MarkDecorator]]] = [
     ),
     (
         "padded_batch_nested_drop",
-        lambda m: m.Dataset.zip((_ragged(m), m.Dataset.from_tensor_slices(["a", "b", "c"]))).map(
-            lambda v, s: {"v": v, "s": s}
-        ).padded_batch(2, padded_shapes={"v": [None], "s": []}, drop_remainder=True),
+        lambda m: (
+            m.Dataset.zip((_ragged(m), m.Dataset.from_tensor_slices(["a", "b", "c"])))
+            .map(lambda v, s: {"v": v, "s": s})
+            .padded_batch(2, padded_shapes={"v": [None], "s": []}, drop_remainder=True)
+        ),
         [],
     ),
     (
@@ -148,9 +150,11 @@ CASES: list[tuple[str, Builder, list[pytest.MarkDecorator]]] = [
     ("unbatch", lambda m: _ragged(m).unbatch(), []),
     (
         "unbatch_dict",
-        lambda m: m.Dataset.from_tensor_slices({"a": [1, 2, 3, 4], "b": ["w", "x", "y", "z"]})
-        .batch(3)
-        .unbatch(),
+        lambda m: (
+            m.Dataset.from_tensor_slices({"a": [1, 2, 3, 4], "b": ["w", "x", "y", "z"]})
+            .batch(3)
+            .unbatch()
+        ),
         [],
     ),
     ("rebatch", lambda m: m.Dataset.range(10).batch(4).rebatch(3), []),
@@ -204,9 +208,11 @@ CASES: list[tuple[str, Builder, list[pytest.MarkDecorator]]] = [
     ),
     (
         "concatenate_merges_batch_dims",
-        lambda m: m.Dataset.range(5)
-        .batch(2)
-        .concatenate(m.Dataset.range(4).batch(4, drop_remainder=True)),
+        lambda m: (
+            m.Dataset.range(5)
+            .batch(2)
+            .concatenate(m.Dataset.range(4).batch(4, drop_remainder=True))
+        ),
         [],
     ),
     # -- cardinality through longer chains ----------------------------------------------------

@@ -166,6 +166,7 @@ class AsyncStage(NodeIterator, Tunable):
         self._reserved = 0  # elements taken (or about to be taken) from input, not delivered
         self._ready_bytes = 0
         self._seconds_per_element = 0.0
+        self._bytes_per_element = 0.0
         self._chunk_size = 1
         self._current: _Chunk | None = None
         self._workers: list[threading.Thread] = []
@@ -192,6 +193,11 @@ class AsyncStage(NodeIterator, Tunable):
             # consumer drains (with one, they would take turns).
             room = self.knobs["buffer_size"].value // (2 * max(1, self.parallelism))
             size = min(size, max(1, room))
+        if self._bytes_per_element:
+            # A chunk in flight is outside the byte check at admission: keep all workers'
+            # chunks together within half the limit, so a stage holds at most 1.5x of it.
+            room = self.max_buffer_bytes / (2 * max(1, self.parallelism) * self._bytes_per_element)
+            size = min(size, max(1, int(room)))
         return size
 
     def _learn_cost(self, elements: int, seconds: float) -> None:
@@ -342,7 +348,9 @@ class AsyncStage(NodeIterator, Tunable):
         outputs = chunk.outputs
         if Failed in map(type, outputs):  # scans at C speed; failures are rare
             chunk.failures = [i for i, x in enumerate(outputs) if type(x) is Failed]
-        nbytes = element_nbytes(outputs[0]) * len(outputs) if outputs else 0
+        per_element = element_nbytes(outputs[0]) if outputs else 0
+        nbytes = per_element * len(outputs)
+        self._bytes_per_element = max(self._bytes_per_element * 0.9, float(per_element))
         with self._lock:
             chunk.nbytes = nbytes
             chunk.ready = True
@@ -468,10 +476,15 @@ class AsyncStage(NodeIterator, Tunable):
             if failure == start:
                 chunk.failures.pop(0)
                 chunk.delivered += 1
+                error = outputs[start].error
+                # Once raised, the error's traceback reaches the consumer's frames: if this
+                # stage (which its worker threads keep alive) held on to it, a dropped iterator
+                # could never be collected and its workers would wait forever.
+                outputs[start] = None
                 with self.metrics.lock:
                     self.metrics.errors += 1
                 self._retire_if_done(chunk)
-                raise outputs[start].error
+                raise error
             stop = min(stop, failure)
         taken = outputs if start == 0 and stop == len(outputs) else outputs[start:stop]
         chunk.delivered = stop

@@ -1,0 +1,413 @@
+"""The asynchronous stage: order, errors, knobs, bounds, lifecycle and resumable state."""
+
+from __future__ import annotations
+
+import _thread
+import gc
+import random
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+import feedline as fl
+from tests.conftest import feedline_threads
+from tests.helpers import assert_elements_equal, assert_state_roundtrip, take
+
+D = fl.Dataset
+PARALLELISMS = [1, 2, 3, 8, fl.AUTOTUNE]
+
+
+def jittery(seed: int, max_delay: float = 0.002) -> Any:
+    """A map function with a random (but per-element fixed) delay."""
+
+    def fn(x: Any) -> Any:
+        time.sleep(random.Random(seed * 100_003 + int(x)).random() * max_delay)
+        return x * 10
+
+    return fn
+
+
+def stages(it: fl.DatasetIterator) -> dict[str, Any]:
+    return {s.name: s for s in it._ctx.stages()}
+
+
+def drain_with_errors(it: Any) -> list[Any]:
+    """Everything an iterator yields, with each error recorded as ``("error", position)``."""
+    out: list[Any] = []
+    while True:
+        try:
+            out.append(next(it))
+        except StopIteration:
+            return out
+        except fl.StageError as e:
+            out.append(("error", e.position))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("parallelism", PARALLELISMS)
+def test_parallel_map_keeps_sequential_order(parallelism: int) -> None:
+    ds = D.range(300).map(jittery(parallelism), num_parallel_calls=parallelism)
+    assert [int(x) for x in ds] == [10 * i for i in range(300)]
+
+
+@pytest.mark.timeout(60)
+def test_out_of_order_mode_lets_fast_elements_overtake() -> None:
+    def slow_first(x: Any) -> Any:
+        time.sleep(0.3 if x == 0 else 0.0)
+        return x
+
+    ds = D.range(50).map(slow_first, num_parallel_calls=4, deterministic=False)
+    out = [int(x) for x in ds]
+    assert sorted(out) == list(range(50))
+    assert out[0] != 0  # element 0 took 0.3 s; others finished long before
+
+
+@pytest.mark.timeout(60)
+def test_options_deterministic_false_applies_when_op_does_not_say() -> None:
+    def slow_first(x: Any) -> Any:
+        time.sleep(0.3 if x == 0 else 0.0)
+        return x
+
+    options = fl.Options()
+    options.deterministic = False
+    ds = D.range(30).map(slow_first, num_parallel_calls=4).with_options(options)
+    out = [int(x) for x in ds]
+    assert sorted(out) == list(range(30)) and out[0] != 0
+    # ... and the op's own deterministic=True wins over the option.
+    ds = D.range(30).map(slow_first, num_parallel_calls=4, deterministic=True)
+    assert [int(x) for x in ds.with_options(options)] == list(range(30))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("parallelism", [None, 1, 4, fl.AUTOTUNE])
+def test_errors_surface_at_their_position_and_the_pass_goes_on(parallelism: Any) -> None:
+    bad = {3, 17, 18, 90}
+
+    def fn(x: Any) -> Any:
+        if int(x) in bad:
+            raise ValueError(f"bad element {int(x)}")
+        return x
+
+    ds = D.range(100).map(fn, num_parallel_calls=parallelism, name="check")
+    out = drain_with_errors(iter(ds))
+    expected = [("error", i) if i in bad else i for i in range(100)]
+    assert [o if isinstance(o, tuple) else int(o) for o in out] == expected
+    assert [int(x) for x in ds.ignore_errors()] == [i for i in range(100) if i not in bad]
+
+
+@pytest.mark.timeout(30)
+def test_error_names_stage_and_keeps_original_traceback() -> None:
+    def parse(x: Any) -> Any:
+        raise KeyError("missing field")
+
+    with pytest.raises(fl.StageError) as info:
+        next(iter(D.range(5).map(parse, num_parallel_calls=2)))
+    assert "map(parse)" in str(info.value) and "element 0" in str(info.value)
+    cause = info.value.__cause__
+    assert isinstance(cause, KeyError)
+    frames = []
+    tb = cause.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    assert "parse" in frames
+
+
+@pytest.mark.timeout(30)
+def test_upstream_error_passes_through_a_prefetch_at_its_position() -> None:
+    def fn(x: Any) -> Any:
+        if int(x) == 5:
+            raise RuntimeError("boom")
+        return x
+
+    out = drain_with_errors(iter(D.range(10).map(fn).prefetch(3)))
+    assert [o if isinstance(o, tuple) else int(o) for o in out] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+        ("error", 5),
+        6,
+        7,
+        8,
+        9,
+    ]
+
+
+class Fatal(BaseException):
+    """Not an Exception: escapes user-error handling and kills the worker."""
+
+
+@pytest.mark.timeout(30)
+def test_a_crashing_worker_is_reported_not_hung() -> None:
+    def fn(x: Any) -> Any:
+        if int(x) == 7:
+            raise Fatal()
+        return x
+
+    with pytest.raises(fl.StageError, match="crashed"):
+        list(D.range(100).map(fn, num_parallel_calls=2))
+
+
+@pytest.mark.timeout(60)
+def test_knobs_change_while_running_without_losing_or_repeating() -> None:
+    ds = D.range(3000).map(jittery(5, 0.0002), num_parallel_calls=fl.AUTOTUNE).prefetch(4)
+    out = []
+    with ds.iterator() as it:
+        by_name = stages(it)
+        mapper = next(s for n, s in by_name.items() if n.startswith("map"))
+        prefetcher = next(s for n, s in by_name.items() if n.startswith("prefetch"))
+        settings = [(1, 1), (8, 16), (0, 2), (3, 1), (16, 64), (2, 3)]
+        for parallelism, buffer in settings:
+            mapper.knobs["parallelism"].set(parallelism)
+            prefetcher.knobs["buffer_size"].set(buffer)
+            out.extend(take(it, 400))
+            assert mapper.parallelism == parallelism
+        out.extend(it)
+    assert [int(x) for x in out] == [10 * i for i in range(3000)]
+
+
+@pytest.mark.timeout(60)
+def test_parallelism_zero_runs_inline_without_threads() -> None:
+    ds = D.range(500).map(lambda x: x + 1, num_parallel_calls=fl.AUTOTUNE)
+    with ds.iterator() as it:
+        (stage,) = stages(it).values()
+        stage.knobs["parallelism"].set(0)
+        seen_threads = set()
+        out = []
+        for x in it:
+            out.append(int(x))
+            seen_threads.update(t.name for t in feedline_threads())
+    assert out == list(range(1, 501))
+    assert not seen_threads
+
+
+@pytest.mark.timeout(60)
+def test_buffers_stay_bounded_in_elements_behind_a_slow_consumer() -> None:
+    ds = D.range(10_000).map(lambda x: x, num_parallel_calls=4).prefetch(3)
+    with ds.iterator() as it:
+        by_name = stages(it)
+        prefetcher = by_name["prefetch(3)"]
+        mapper = next(s for n, s in by_name.items() if n.startswith("map"))
+        for _ in range(20):
+            next(it)
+            time.sleep(0.005)
+            assert prefetcher._reserved <= 3
+            assert mapper._reserved <= mapper.buffer_limit() + 256
+
+
+@pytest.mark.timeout(60)
+def test_buffers_stay_bounded_in_bytes_and_report_them() -> None:
+    megabyte = 2**20
+    ds = D.range(200).map(lambda x: np.zeros(megabyte, np.uint8), num_parallel_calls=2)
+    with ds.iterator() as it:
+        (stage,) = stages(it).values()
+        limit = 8 * megabyte
+        stage.max_buffer_bytes = limit
+        for _ in range(5):
+            next(it)
+            time.sleep(0.1)  # let the workers fill what they may
+            held = it.buffered_bytes()
+            # Chunks in flight are capped at half the limit in all: 1.5x the limit at most,
+            # plus the first chunk, sized before the stage had seen an element's size.
+            assert 0 < held <= 1.5 * limit + megabyte
+            assert stage.metrics.snapshot()["buffered_bytes"] == held
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["break", "close", "drop", "context"])
+def test_stopping_early_leaves_no_thread(how: str) -> None:
+    ds = D.range(100_000).map(jittery(1, 0.0005), num_parallel_calls=4).prefetch(8)
+    if how == "break":
+        for i, _ in enumerate(ds):
+            if i == 50:
+                break
+    elif how == "close":
+        it = iter(ds)
+        take(it, 50)
+        it.close()
+        assert list(it) == []
+    elif how == "drop":
+        it = iter(ds)
+        take(it, 50)
+        del it
+        gc.collect()
+    else:
+        with ds.iterator() as it:
+            take(it, 50)
+    deadline = time.monotonic() + 1.0
+    while feedline_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not feedline_threads()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("parallelism", [None, 2])
+def test_dropping_an_iterator_after_an_error_leaves_no_thread(parallelism: Any) -> None:
+    """A raised error's traceback leads back to the consumer's frames; the stage must not keep
+    it, or its worker threads would keep the dropped iterator (and themselves) alive."""
+
+    def fn(x: Any) -> Any:
+        if int(x) == 3:
+            raise ValueError("bad")
+        return x
+
+    ds = D.range(1000).map(fn, num_parallel_calls=parallelism).ignore_errors().prefetch(2)
+    for i, _ in enumerate(ds):
+        if i == 10:
+            break
+    deadline = time.monotonic() + 1.0
+    while feedline_threads() and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.01)
+    assert not feedline_threads()
+
+
+@pytest.mark.timeout(30)
+def test_keyboard_interrupt_while_waiting_stops_workers_within_a_second() -> None:
+    def slow(x: Any) -> Any:
+        time.sleep(0.05)
+        return x
+
+    ds = D.range(10_000).map(slow, num_parallel_calls=4).prefetch(2)
+    it = iter(ds)
+    next(it)
+    threading.Timer(0.2, _thread.interrupt_main).start()
+    with pytest.raises(KeyboardInterrupt):
+        for _ in it:
+            pass
+    interrupted = time.monotonic()
+    while feedline_threads() and time.monotonic() - interrupted < 1.0:
+        time.sleep(0.01)
+    assert not feedline_threads()
+
+
+@pytest.mark.timeout(60)
+def test_random_map_is_the_same_at_any_parallelism_and_new_each_pass() -> None:
+    def augment(x: Any, rng: np.random.Generator) -> Any:
+        return x * 1000 + rng.integers(1000)
+
+    def run(parallelism: Any) -> list[int]:
+        ds = D.range(200).random_map(augment, seed=7, num_parallel_calls=parallelism)
+        return [int(v) for v in ds]
+
+    reference = run(None)
+    for parallelism in [1, 4, fl.AUTOTUNE]:
+        assert run(parallelism) == reference
+    ds = D.range(200).random_map(augment, seed=7)
+    with ds.iterator() as first, ds.iterator() as second:
+        assert [int(v) for v in first] != [int(v) for v in second]
+    unseeded = D.range(50).random_map(augment)
+    assert [int(v) for v in unseeded] != [int(v) for v in unseeded]
+    two_epochs = [int(v) for v in D.range(50).random_map(augment, seed=3).repeat(2)]
+    assert two_epochs[:50] != two_epochs[50:]
+
+
+ROUNDTRIP_CASES = {
+    "parallel map": lambda: D.range(40).map(lambda x: x * 2, num_parallel_calls=3),
+    "map with errors ignored": lambda: (
+        D.range(40).map(lambda x: 10 // (int(x) % 7), num_parallel_calls=2).ignore_errors()
+    ),
+    "random_map": lambda: D.range(40).random_map(
+        lambda x, rng: x + rng.integers(100), num_parallel_calls=4
+    ),
+    "unseeded random_map": lambda: D.range(30).random_map(lambda x, rng: x + rng.random()),
+    "prefetch": lambda: D.range(40).prefetch(3),
+    "batched parallel map with prefetch": lambda: (
+        D.range(101)
+        .map(lambda x: x + 1, num_parallel_calls=fl.AUTOTUNE)
+        .batch(8)
+        .prefetch(fl.AUTOTUNE)
+    ),
+    "parallel interleave": lambda: D.range(6).interleave(
+        lambda x: D.range(int(x) * 3), cycle_length=3, block_length=2, num_parallel_calls=3
+    ),
+    "repeat over prefetched shuffle": lambda: D.range(15).shuffle(5, seed=1).prefetch(2).repeat(3),
+    "nested async stages": lambda: (
+        D.range(60)
+        .map(lambda x: x * 3, num_parallel_calls=2)
+        .prefetch(2)
+        .map(lambda x: x + 1, num_parallel_calls=3)
+        .prefetch(1)
+    ),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", sorted(ROUNDTRIP_CASES))
+def test_state_round_trip(case: str) -> None:
+    assert_state_roundtrip(ROUNDTRIP_CASES[case](), cut_points=(0, 1, 2, 5, 9, 17))
+
+
+@pytest.mark.timeout(60)
+def test_out_of_order_state_loses_and_repeats_nothing() -> None:
+    def uneven(x: Any) -> Any:
+        time.sleep(0.02 if int(x) % 5 == 0 else 0.0)
+        return x
+
+    ds = D.range(120).map(uneven, num_parallel_calls=4, deterministic=False)
+    for cut in (1, 7, 30, 77):
+        with ds.iterator() as it:
+            before = [int(x) for x in take(it, cut)]
+            state = it.get_state()
+        with ds.iterator(state) as resumed:
+            after = [int(x) for x in resumed]
+        assert sorted(before + after) == list(range(120)), f"cut at {cut}"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("seed", range(12))
+def test_stress_random_pipelines_delays_failures_breaks_and_restores(seed: int) -> None:
+    """Random parallelism, random per-element delays and failures, restores at random
+    points: whatever comes out equals the sequential run, with nothing lost or repeated."""
+    rng = random.Random(seed)
+    n = rng.randrange(50, 400)
+    failing = set(rng.sample(range(n), rng.randrange(0, 5)))
+    calls = [None, 1, 2, 5, 16, fl.AUTOTUNE]
+
+    def fn(x: Any) -> Any:
+        i = int(x)
+        time.sleep(random.Random(seed * 7919 + i).random() * 0.0005)
+        if i in failing:
+            raise ValueError(i)
+        return x * 2
+
+    def build(parallel: Any, buffer: Any) -> fl.Dataset:
+        ds = D.range(n).map(fn, num_parallel_calls=parallel).ignore_errors()
+        if rng.random() < 0.5:
+            ds = ds.prefetch(buffer)
+        return ds.batch(rng.choice([1, 3, 16])) if rng.random() < 0.3 else ds
+
+    def flat(items: list[Any]) -> list[int]:
+        return [int(v) for item in items for v in np.atleast_1d(item)]
+
+    expected = [2 * i for i in range(n) if i not in failing]
+    for _ in range(3):
+        ds = build(rng.choice(calls), rng.choice([1, 2, 7, fl.AUTOTUNE]))
+        assert flat(list(ds)) == expected
+        cut = rng.randrange(0, 30)
+        with ds.iterator() as it:
+            before = take(it, cut)
+            state = it.get_state()
+            if rng.random() < 0.5:
+                take(it, rng.randrange(0, 20))  # wander on before restoring
+        with ds.iterator(state) as resumed:
+            assert flat(before + list(resumed)) == expected
+        for i, _ in enumerate(ds):  # an early break must not hang or leak
+            if i == cut:
+                break
+
+
+@pytest.mark.timeout(60)
+def test_output_identical_across_parallelism_for_nested_elements() -> None:
+    def to_pair(x: Any) -> Any:
+        return {"id": x, "feat": np.full((3,), float(x), np.float32)}
+
+    reference = list(D.range(64).map(to_pair).batch(8))
+    for parallelism in [1, 2, 8, fl.AUTOTUNE]:
+        got = list(D.range(64).map(to_pair, num_parallel_calls=parallelism).batch(8).prefetch(2))
+        assert_elements_equal(got, reference)

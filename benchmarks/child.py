@@ -41,7 +41,12 @@ def wait_for_driver() -> None:
 
 
 def run_config(
-    workload: Workload, module: Any, config: dict[str, Any], elements: int, data_dir: str
+    workload: Workload,
+    module: Any,
+    config: dict[str, Any],
+    elements: int,
+    data_dir: str,
+    max_seconds: float,
 ) -> None:
     try:
         open_iterator = module.build(workload, config, elements, data_dir)
@@ -52,7 +57,7 @@ def run_config(
     wait_for_driver()
     batches = math.ceil(elements / workload.batch_size)
     try:
-        timing, it = measure.consume(open_iterator, batches, workload.consumer_sleep_s)
+        timing, it = measure.consume(open_iterator, batches, workload.consumer_sleep_s, max_seconds)
     except Exception:
         emit("error", {"phase": "run", "error": traceback.format_exc(limit=8)})
         return
@@ -79,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--system", choices=sorted(systems.MODULES))
     parser.add_argument("--configs", default="[]", help="JSON list of config dicts")
     parser.add_argument("--limit", action="store_true", help="time the work single-threaded")
+    parser.add_argument("--max-seconds", type=float, default=math.inf, help="time cap per run")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's banner goes to the log anyway
     workload = WORKLOADS[args.workload]
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     module = systems.load(args.system)
     for config in json.loads(args.configs):
-        run_config(workload, module, config, args.elements, args.data_dir)
+        run_config(workload, module, config, args.elements, args.data_dir, args.max_seconds)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import importlib.metadata
+import math
 import os
 import platform
 import threading
@@ -17,6 +18,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 WARMUP_FRACTION = 0.10
+# A time-capped run still gets this many batches, so it has a steady window to measure.
+MIN_BATCHES = 12
 SAMPLE_INTERVAL_S = 0.050
 MIB = 1024 * 1024
 
@@ -32,10 +35,15 @@ def batch_len(batch: Any) -> int:
 class Timing:
     """What the consumer saw. Rates are elements per second.
 
-    ``elements_per_s`` is the steady-state rate: the batches after the first 10% (warm-up),
-    over the time from the last warm-up batch's arrival to the last batch's arrival.
+    ``elements_per_s`` is the steady-state rate: the least-squares slope of elements received
+    against time, over the batches after the first 10% (warm-up). A slope rather than
+    (elements / time between two batches) because batches from parallel workers arrive in
+    bursts: a difference between two arrival times lands on a burst edge and can be off by a
+    whole burst, while the slope through the staircase is not biased.
     ``end_to_end_elements_per_s`` counts every element from iterator creation.
-    ``stall_fraction`` is the time blocked in ``next()`` over the same steady window.
+    ``stall_fraction`` is the time blocked in ``next()`` over the steady window's wall time.
+    ``time_capped``: the run stopped at its time budget before the last element (which also
+    keeps a buffer draining at the end of the data out of the window).
     """
 
     elements: int
@@ -46,15 +54,33 @@ class Timing:
     time_to_first_batch_s: float
     wall_s: float
     stall_fraction: float
+    time_capped: bool
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ys against xs (NaN when xs do not vary)."""
+    n = len(xs)
+    if n < 2:
+        return float("nan")
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    if var <= 0:
+        return float("nan")
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var
+
+
 def consume(
-    open_iterator: Callable[[], Iterator[Any]], batches: int, consumer_sleep_s: float
+    open_iterator: Callable[[], Iterator[Any]],
+    batches: int,
+    consumer_sleep_s: float,
+    max_seconds: float = math.inf,
+    min_batches: int = MIN_BATCHES,
 ) -> tuple[Timing, Iterator[Any]]:
-    """Pull ``batches`` batches, sleeping ``consumer_sleep_s`` after each (the training step).
+    """Pull up to ``batches`` batches, sleeping ``consumer_sleep_s`` after each (the training
+    step); stop early once ``max_seconds`` have passed and ``min_batches`` have arrived.
 
     Returns the timing and the still-open iterator: the caller records the figures before
     tearing it down, so a teardown that hangs cannot lose them.
@@ -64,7 +90,8 @@ def consume(
     arrivals: list[float] = []
     blocked: list[float] = []
     sizes: list[int] = []
-    for _ in range(batches):
+    capped = False
+    for n in range(batches):
         before = time.perf_counter()
         try:
             batch = next(it)
@@ -77,21 +104,30 @@ def consume(
         del batch  # so the consumer holds no batch while it "trains"
         if consumer_sleep_s:
             time.sleep(consumer_sleep_s)
+        if n + 1 >= min_batches and n + 1 < batches and after - start > max_seconds:
+            capped = True
+            break
     if not arrivals:
         raise RuntimeError("the pipeline produced no batch")
-    warmup = max(1, int(len(arrivals) * WARMUP_FRACTION)) if len(arrivals) > 1 else 0
-    window = arrivals[-1] - arrivals[warmup - 1] if warmup else arrivals[-1] - start
-    steady_elements = sum(sizes[warmup:])
+    warmup = max(1, int(len(arrivals) * WARMUP_FRACTION)) if len(arrivals) > 2 else 0
+    # The steady window starts at the last warm-up batch (or at creation, with no warm-up).
+    origin = arrivals[warmup - 1] if warmup else start
+    times = [origin, *arrivals[warmup:]]
+    received = [0]
+    for size in sizes[warmup:]:
+        received.append(received[-1] + size)
+    window = arrivals[-1] - origin
     total = sum(sizes)
     timing = Timing(
         elements=total,
         batches=len(arrivals),
         warmup_batches=warmup,
-        elements_per_s=steady_elements / window if window > 0 else float("nan"),
+        elements_per_s=slope(times, [float(r) for r in received]),
         end_to_end_elements_per_s=total / (arrivals[-1] - start),
         time_to_first_batch_s=arrivals[0] - start,
         wall_s=arrivals[-1] - start,
         stall_fraction=sum(blocked[warmup:]) / window if window > 0 else float("nan"),
+        time_capped=capped,
     )
     return timing, it
 

@@ -113,11 +113,14 @@ def run_configs(
     elements: int,
     data_dir: Path,
     timeout_s: float,
+    max_seconds: float,
     log_path: Path,
 ) -> list[dict[str, Any]]:
     """Run ``specs`` (all of one system module) in one subprocess; one result dict per spec,
-    with the child's timing merged with the tree's memory and CPU over the measured window."""
+    with the child's timing merged with the tree's memory and CPU over the measured window.
+    ``max_seconds`` caps each run's consumption, ``timeout_s`` each configuration's life."""
     args = [
+        f"--max-seconds={max_seconds}",
         f"--system={system}",
         f"--workload={workload}",
         f"--elements={elements}",
@@ -138,7 +141,7 @@ def run_configs(
                 if "elements_per_s" in result:
                     result["note"] = "teardown hung: killed"
                 else:
-                    result.update(status="timeout", error=f"no result within {timeout_s:.0f} s")
+                    result.update(status="timeout", error=f"no result within {timeout_s:g} s")
                 break
             if result["status"] == "crashed":
                 result.update(status="error", error=f"process exited:\n{child.log_tail()}")

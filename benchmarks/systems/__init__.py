@@ -81,8 +81,9 @@ def tuned_specs(
 ) -> list[RunSpec]:
     """AUTOTUNE runs plus a hand-set (parallelism x prefetch buffer) grid recorded as
     ``<system>-oracle``, for the tf.data-like systems; ``forms`` are alternative ways to
-    write the per-element work (each run at AUTOTUNE; the grid uses the last form in quick
-    and smoke modes, every form in full mode), ``[None]`` for a system with one way.
+    write the per-element work, each run at AUTOTUNE, ``[None]`` for a system with one way.
+    The grid runs only the last form (the system's fastest way, e.g. TF ops), to keep the
+    full run's length in bounds.
 
     A parallelism of 0 means the map runs sequentially (``num_parallel_calls=None``); a
     workload without per-element work has no map and so no parallelism to set.
@@ -93,11 +94,9 @@ def tuned_specs(
         for form in forms
     ]
     parallelism, buffers = workload.grid(mode)
-    grid_forms = forms if mode == "full" else forms[-1:]
-    for form in grid_forms:
-        for p in parallelism if has_map else (None,):
-            for b in buffers:
-                specs.append(RunSpec(f"{system}-oracle", module, _knobs(form, p, b)))
+    for p in parallelism if has_map else (None,):
+        for b in buffers:
+            specs.append(RunSpec(f"{system}-oracle", module, _knobs(forms[-1], p, b)))
     return specs
 
 

@@ -6,13 +6,13 @@ Every method validates its arguments, wraps the current op node in a new one and
 
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
+from feedline.io.paths import match_files
 from feedline.ops.base import (
     AUTOTUNE,
     INFINITE,
@@ -21,6 +21,7 @@ from feedline.ops.base import (
     function_name,
     require_callable,
     require_positive_int,
+    snapshot,
 )
 from feedline.ops.batching import BatchOp, PaddedBatchOp, RebatchOp, UnbatchOp
 from feedline.ops.cache import CacheOp
@@ -52,12 +53,10 @@ def _parallelism(value: Any, what: str) -> int | None:
 
 
 def _count(value: Any, what: str) -> int:
-    """A count where -1 means "all"."""
+    """A count where any negative value means "all" (-1 by convention), as in tf.data."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
-    if value < -1:
-        raise ValueError(f"{what} must be >= -1 (-1 means all), got {value}")
-    return int(value)
+    return max(int(value), -1)
 
 
 def _as_dtype(dtype: Any) -> np.dtype:
@@ -155,7 +154,7 @@ class Dataset:
     ) -> Dataset:
         """Paths (as bytes) matching the glob pattern(s), matched now; shuffled by default."""
         patterns = [file_pattern] if isinstance(file_pattern, str | bytes) else list(file_pattern)
-        files = sorted({f for p in patterns for f in glob.glob(os.fsdecode(p), recursive=True)})
+        files = match_files([os.fsdecode(p) for p in patterns])
         if not files:
             raise FileNotFoundError(f"no files matched pattern(s): {patterns}")
         ds = Dataset.from_tensor_slices(files)
@@ -188,7 +187,7 @@ class Dataset:
         name: str | None = None,
     ) -> Dataset:
         """Apply ``map_func`` to every element (a tuple's parts are separate arguments)."""
-        require_callable(map_func, "map_func")
+        map_func = snapshot(require_callable(map_func, "map_func"))
         calls = _parallelism(num_parallel_calls, "num_parallel_calls")
         op_name = f"map({name})" if name else None
         return self._wrap(MapOp(self._op, map_func, op_name, calls, deterministic))
@@ -208,7 +207,7 @@ class Dataset:
         pass (iterator, or epoch under ``repeat``) gets new numbers. With no seed, every pass
         draws a fresh one.
         """
-        require_callable(map_func, "map_func")
+        map_func = snapshot(require_callable(map_func, "map_func"))
         calls = _parallelism(num_parallel_calls, "num_parallel_calls")
         op_name = f"random_map({name})" if name else None
         return self._wrap(
@@ -217,12 +216,12 @@ class Dataset:
 
     def filter(self, predicate: Callable[..., Any], name: str | None = None) -> Dataset:
         """Keep the elements for which ``predicate`` returns True."""
-        require_callable(predicate, "predicate")
+        predicate = snapshot(require_callable(predicate, "predicate"))
         return self._wrap(FilterOp(self._op, predicate))
 
     def flat_map(self, map_func: Callable[..., Any], name: str | None = None) -> Dataset:
         """``map_func`` returns a Dataset per element; their elements are chained in order."""
-        require_callable(map_func, "map_func")
+        map_func = snapshot(require_callable(map_func, "map_func"))
         return self._wrap(
             InterleaveOp(self._op, map_func, 1, 1, name=f"flat_map({function_name(map_func)})")
         )
@@ -237,7 +236,7 @@ class Dataset:
         name: str | None = None,
     ) -> Dataset:
         """Round-robin ``block_length`` elements from ``cycle_length`` datasets at a time."""
-        require_callable(map_func, "map_func")
+        map_func = snapshot(require_callable(map_func, "map_func"))
         cycle = _parallelism(cycle_length, "cycle_length")
         if cycle is None or cycle == AUTOTUNE:
             cycle = os.cpu_count() or 1
@@ -319,7 +318,7 @@ class Dataset:
         return self._wrap(SkipOp(self._op, _count(count, "count")))
 
     def take_while(self, predicate: Callable[..., Any], name: str | None = None) -> Dataset:
-        require_callable(predicate, "predicate")
+        predicate = snapshot(require_callable(predicate, "predicate"))
         return self._wrap(TakeWhileOp(self._op, predicate))
 
     def shard(self, num_shards: int, index: int, name: str | None = None) -> Dataset:
@@ -347,6 +346,8 @@ class Dataset:
 
     def prefetch(self, buffer_size: int, name: str | None = None) -> Dataset:
         """Produce up to ``buffer_size`` elements ahead of the consumer (``AUTOTUNE``: tuned)."""
+        if buffer_size == 0:
+            return self  # tf.data accepts prefetch(0): no read-ahead at all
         size = _parallelism(buffer_size, "buffer_size")
         return self._wrap(PrefetchOp(self._op, None if size == AUTOTUNE else size))
 

@@ -48,8 +48,17 @@ def flatten(x: Any) -> list[Any]:
 def pack_like(template: Any, leaves: list[Any]) -> Any:
     """Inverse of :func:`flatten`: rebuild ``template``'s nesting from ``leaves``."""
     it = iter(leaves)
-    result = _pack(template, it)
+    try:
+        result = _pack(template, it)
+    except StopIteration:
+        # Never let StopIteration escape: inside an iterator it would end the pass silently.
+        raise ValueError(f"too few leaves ({len(leaves)}) to pack {template!r}") from None
+    if next(it, _NO_LEAF) is not _NO_LEAF:
+        raise ValueError(f"too many leaves ({len(leaves)}) to pack {template!r}")
     return result
+
+
+_NO_LEAF = object()
 
 
 def _pack(template: Any, it: Any) -> Any:
@@ -92,6 +101,24 @@ def same_nesting(a: Any, b: Any) -> bool:
     except ValueError:
         return False
     return True
+
+
+def same_structure(a: Any, b: Any) -> bool:
+    """Same nesting with the same node types (a namedtuple is not a plain tuple) and dict keys;
+    leaves are not compared. Stricter than :func:`same_nesting`, as batching needs."""
+    if isinstance(a, tuple):
+        return (
+            type(a) is type(b)
+            and len(a) == len(b)
+            and all(same_structure(x, y) for x, y in zip(a, b))
+        )
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict)
+            and a.keys() == b.keys()
+            and all(same_structure(a[k], b[k]) for k in a)
+        )
+    return not is_nest(b)
 
 
 # -- leaves ---------------------------------------------------------------------------------------
@@ -149,6 +176,9 @@ def to_array(x: Any) -> np.ndarray:
         return out.reshape(arr.shape)
     if arr.dtype == object:
         return arr
+    if arr.size == 0 and arr.dtype == np.float64 and isinstance(x, list | tuple):
+        # An empty Python list has no values to infer from; tf.constant([]) is float32.
+        return arr.astype(np.float32)
     if _built_from_python(x):
         if arr.dtype == np.float64:
             return arr.astype(np.float32)

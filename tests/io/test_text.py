@@ -58,21 +58,11 @@ def under(root: Path, *names: str) -> list[bytes]:
             ["*.txt", "a*"],
             ["a.txt", "a.txt", "b.txt", "c.txt"],
             id="duplicates",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG (dataset.py list_files): a file matched by two patterns is listed "
-                "once; tf.data lists it once per pattern",
-            ),
         ),
         pytest.param(
             ["**/*.txt"],
             ["sub/e.txt"],
             id="double-star",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG (dataset.py list_files): glob(recursive=True) makes '**' match any "
-                "depth; in tf.data '**' is '*', one directory level",
-            ),
         ),
     ],
 )
@@ -82,10 +72,6 @@ def test_list_files_unshuffled_is_sorted(tree: Path, patterns: list[str], want: 
     assert strings(ds) == under(tree, *want)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (dataset.py list_files): Python's glob skips dot files; tf.data's '*' matches them",
-)
 def test_list_files_star_matches_dot_files(tree: Path) -> None:
     write(tree, ".h.txt", b"")
     got = strings(D.list_files(str(tree / "*.txt"), shuffle=False))

@@ -90,21 +90,11 @@ def test_zip_stops_at_the_shortest() -> None:
             ["3", "inf"],
             3,
             id="finite-and-infinite",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG (ops/combine.py ZipOp.cardinality): finite with infinite gives "
-                "UNKNOWN; tf.data gives the finite count",
-            ),
         ),
         pytest.param(
             ["0", "unk"],
             UNK,
             id="empty-and-unknown",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG (ops/combine.py ZipOp.cardinality): any UNKNOWN input makes "
-                "tf.data's zip UNKNOWN, even next to an empty one",
-            ),
         ),
     ],
 )
@@ -163,11 +153,6 @@ def test_concatenate_rejects_a_non_dataset() -> None:
         D.range(3).concatenate([1, 2])  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (ops/base.py observed_spec via ConcatenateOp): an empty mapped dataset has no "
-    "element to observe its spec from, so building the concatenation raises; tf.data allows it",
-)
 def test_concatenate_an_empty_mapped_dataset() -> None:
     assert ints(D.range(0).map(lambda x: x * 2).concatenate(D.range(3))) == [0, 1, 2]
 

@@ -156,11 +156,6 @@ def test_state_resumes_an_unseeded_shuffle_in_a_rebuilt_pipeline() -> None:
         assert values(resumed) == rest
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (ops/base.py observed_spec): inferring a spec runs a pass, which takes a "
-    "shuffle run number, so the first iterator's order depends on whether a spec was computed",
-)
 def test_first_order_does_not_depend_on_spec_inference() -> None:
     def build() -> fl.Dataset:
         return fl.Dataset.range(N).shuffle(N, seed=4).map(lambda x: x + 1)

@@ -8,6 +8,7 @@ except argument validation, so a bad argument fails where the user wrote it.
 from __future__ import annotations
 
 import threading
+import types
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,14 @@ from feedline.structure import spec_of
 INFINITE = -1
 UNKNOWN = -2
 AUTOTUNE = -1
+
+
+class UnobservableSpec(ValueError):
+    """The spec depends on a Python function's output, and there was no element to run it on.
+
+    tf.data knows such specs by tracing its graph functions; feedline runs the function on the
+    first element instead, so an empty dataset has no spec to report.
+    """
 
 
 class Op:
@@ -47,11 +56,12 @@ class Op:
         return self.observed_spec()
 
     def observed_spec(self) -> Any:
-        it = self.make_iterator(IterContext(), None)
+        """The spec of the first element of a probe pass."""
+        it = self.make_iterator(IterContext(probe=True), None)
         try:
             first = next(it)
         except StopIteration:
-            raise ValueError(
+            raise UnobservableSpec(
                 f"cannot infer the element spec of {self.name}: it produced no element"
             ) from None
         finally:
@@ -78,6 +88,38 @@ def require_callable(fn: Any, what: str) -> Any:
     if not callable(fn):
         raise TypeError(f"{what} must be callable, got {type(fn).__name__} {fn!r}")
     return fn
+
+
+def snapshot(fn: Any) -> Any:
+    """``fn`` as it is now: rebinding, later, a variable it reads (a closure variable or a
+    module global) does not change it, as tf.data's tracing at build time would not.
+
+    Only plain Python functions are copied (bound methods, partials and callable objects are
+    used as they are). The values themselves are shared, not copied: mutating an object in
+    place (``array[0] = 1``, ``table["k"] = v``) is still seen, as it would be by any Python
+    code holding that object.
+    """
+    if not isinstance(fn, types.FunctionType):
+        return fn
+    closure = None
+    if fn.__closure__ is not None:
+        closure = tuple(_frozen_cell(cell) for cell in fn.__closure__)
+    copy = types.FunctionType(
+        fn.__code__, dict(fn.__globals__), fn.__name__, fn.__defaults__, closure
+    )
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__dict__.update(fn.__dict__)
+    copy.__qualname__ = fn.__qualname__
+    copy.__module__ = fn.__module__
+    copy.__doc__ = fn.__doc__
+    return copy
+
+
+def _frozen_cell(cell: types.CellType) -> types.CellType:
+    try:
+        return types.CellType(cell.cell_contents)
+    except ValueError:  # not assigned yet (e.g. a function defined further down): stay live
+        return cell
 
 
 def function_name(fn: Any) -> str:

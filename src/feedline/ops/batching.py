@@ -243,7 +243,8 @@ class PaddedBatchIterator(BatchIterator):
         fill = _default_padding(dtype) if value is None else value
         out = np.full((len(arrays), *target), fill, dtype=dtype)
         for i, a in enumerate(arrays):
-            out[i][tuple(slice(0, n) for n in a.shape)] = a
+            region: tuple[int | slice, ...] = (i, *(slice(0, n) for n in a.shape))
+            out[region] = a
         return out
 
 

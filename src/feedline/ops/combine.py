@@ -6,7 +6,15 @@ from collections.abc import Callable
 from typing import Any
 
 from feedline.errors import StageError, wrap_user_error
-from feedline.ops.base import AUTOTUNE, INFINITE, UNKNOWN, Op, call_with_element, function_name
+from feedline.ops.base import (
+    AUTOTUNE,
+    INFINITE,
+    UNKNOWN,
+    Op,
+    UnobservableSpec,
+    call_with_element,
+    function_name,
+)
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import NodeIterator, State
 from feedline.runtime.parallel import AsyncStage
@@ -23,11 +31,12 @@ class ZipOp(Op):
         self.name = "zip"
 
     def cardinality(self) -> int:
+        # tf.data's rule: any unknown input makes it unknown; else the shortest finite one.
         counts = [op.cardinality() for op in self.inputs]
-        known = [c for c in counts if c >= 0]
-        if known:
-            return min(known) if len(known) == len(counts) or min(known) == 0 else UNKNOWN
-        return UNKNOWN if UNKNOWN in counts else INFINITE
+        if UNKNOWN in counts:
+            return UNKNOWN
+        finite = [c for c in counts if c >= 0]
+        return min(finite) if finite else INFINITE
 
     def compute_spec(self) -> Any:
         return pack_like(self.structure, [op.element_spec() for op in self.inputs])
@@ -53,8 +62,8 @@ class ConcatenateOp(Op):
     def __init__(self, first: Op, second: Op) -> None:
         super().__init__()
         self.inputs = (first, second)
-        merge_specs(first.element_spec(), second.element_spec())
         self.name = "concatenate"
+        self.compute_spec()  # incompatible datasets fail here, where the user wrote it
 
     def cardinality(self) -> int:
         a, b = (op.cardinality() for op in self.inputs)
@@ -65,7 +74,20 @@ class ConcatenateOp(Op):
         return a + b
 
     def compute_spec(self) -> Any:
-        return merge_specs(self.inputs[0].element_spec(), self.inputs[1].element_spec())
+        # A side whose spec could only be observed from an element it does not have (an empty
+        # mapped dataset) constrains nothing: tf.data would know it from tracing.
+        known = []
+        for op in self.inputs:
+            try:
+                known.append(op.element_spec())
+            except UnobservableSpec:
+                continue
+        if not known:
+            raise UnobservableSpec(
+                f"cannot infer the element spec of {self.name}: both sides "
+                "are empty datasets whose spec depends on a function"
+            )
+        return merge_specs(known[0], known[1]) if len(known) == 2 else known[0]
 
     def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
         return ConcatenateIterator(self, ctx, state)
@@ -135,7 +157,7 @@ class InterleaveOp(Op):
         self.name = name or f"interleave({function_name(fn)})"
 
     def cardinality(self) -> int:
-        return INFINITE if self.input.cardinality() == INFINITE else UNKNOWN
+        return UNKNOWN  # tf.data's answer even over an infinite input
 
     def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
         return InterleaveIterator(self, ctx, state)

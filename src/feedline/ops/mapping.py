@@ -17,7 +17,7 @@ from feedline.ops.base import (
     call_with_element,
     function_name,
 )
-from feedline.ops.shuffle import PassCounter, fresh_seed
+from feedline.ops.randomness import PassKey, PassKeys
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import InputCursor, NodeIterator, State
 from feedline.runtime.parallel import AsyncStage, Failed, Transform, default_parallelism
@@ -58,8 +58,7 @@ class MapOp(Op):
         self.num_parallel_calls = num_parallel_calls
         self.deterministic = deterministic
         self.random = random
-        self.seed = seed
-        self.passes = PassCounter()
+        self.passes = PassKeys(seed, vary_per_pass=True)
         kind = "random_map" if random else "map"
         self.name = name or f"{kind}({function_name(fn)})"
 
@@ -68,38 +67,31 @@ class MapOp(Op):
 
     def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
         if not self.random:
-            return self._stage(ctx, state, {})
-        pass_info = self._new_pass() if state is None else state["pass"]
-        stage = self._stage(ctx, None if state is None else state["stage"], pass_info)
-        return PassStateIterator(stage, pass_info)
+            return self._stage(ctx, state, None)
+        key = self.passes.key(ctx, None if state is None else state["pass"])
+        stage = self._stage(ctx, None if state is None else state["stage"], key)
+        return PassStateIterator(stage, key)
 
-    def _stage(
-        self, ctx: IterContext, state: State | None, pass_info: dict[str, int]
-    ) -> AsyncStage:
+    def _stage(self, ctx: IterContext, state: State | None, key: PassKey | None) -> AsyncStage:
         return make_async_stage(
             name=self.name,
             ctx=ctx,
             make_input=lambda s: self.input.make_iterator(ctx, s),
-            transform=self._transform(pass_info),
+            transform=self._transform(key),
             state=state,
             num_parallel_calls=self.num_parallel_calls,
             deterministic=self.deterministic,
         )
 
-    def _new_pass(self) -> dict[str, int]:
-        seed = fresh_seed() if self.seed is None else self.seed
-        return {"seed": seed, "pass": self.passes.next()}
-
-    def _transform(self, pass_info: dict[str, int]) -> Transform:
+    def _transform(self, key: PassKey | None) -> Transform:
         fn, name = self.fn, self.name
-        if not self.random:
+        if key is None:
             return lambda raw, positions: map_chunk(fn, raw, positions, name)
-        seed, pass_index = pass_info["seed"], pass_info["pass"]
 
         def with_rng(element: Any, position: int) -> Any:
-            # The generator depends only on (seed, pass, position): the same at any
+            # The generator depends only on (pass key, position): the same at any
             # parallelism, on any worker, and after a restore.
-            rng = np.random.default_rng([seed, pass_index, position])
+            rng = PassKeys.generator(key, position)
             return fn(*element, rng) if type(element) is tuple else fn(element, rng)
 
         return lambda raw, positions: map_chunk_with_positions(with_rng, raw, positions, name)
@@ -107,12 +99,13 @@ class MapOp(Op):
 
 def map_chunk(
     fn: Callable[..., Any], raw: list[Any], positions: Sequence[int], name: str
-) -> list[Any]:
+) -> tuple[list[Any], list[int]]:
     """``fn`` over a chunk; a failing element becomes ``Failed`` in its place and the chunk
     goes on, so errors surface at their own position. The hot loop of every map."""
     if type(raw[0]) is Failed:  # an upstream error always arrives as a chunk of its own
-        return raw
+        return raw, [0]
     out: list[Any] = []
+    failures: list[int] = []
     append = out.append
     no_conversion = _NO_CONVERSION
     elements = iter(raw)
@@ -121,18 +114,20 @@ def map_chunk(
             for x in elements:
                 y = fn(*x) if type(x) is tuple else fn(x)
                 append(y if type(y) in no_conversion else normalize_output(y))
-            return out
+            return out, failures
         except Exception as e:
+            failures.append(len(out))
             append(Failed(wrap_user_error(name, positions[len(out)], e)))
 
 
 def map_chunk_with_positions(
     fn: Callable[[Any, int], Any], raw: list[Any], positions: Sequence[int], name: str
-) -> list[Any]:
+) -> tuple[list[Any], list[int]]:
     """Like ``map_chunk`` for functions that also take the element's position."""
     if type(raw[0]) is Failed:
-        return raw
+        return raw, [0]
     out: list[Any] = []
+    failures: list[int] = []
     append = out.append
     pairs = zip(raw, positions)
     while True:
@@ -140,17 +135,18 @@ def map_chunk_with_positions(
             for x, position in pairs:
                 y = fn(x, position)
                 append(y if type(y) in _NO_CONVERSION else normalize_output(y))
-            return out
+            return out, failures
         except Exception as e:
+            failures.append(len(out))
             append(Failed(wrap_user_error(name, positions[len(out)], e)))
 
 
 class PassStateIterator(NodeIterator):
-    """Adds what identifies a pass (its random seed and number) to a stage's saved state."""
+    """Adds what identifies a pass (its random key) to a stage's saved state."""
 
-    def __init__(self, stage: NodeIterator, pass_info: dict[str, int]) -> None:
+    def __init__(self, stage: NodeIterator, key: PassKey) -> None:
         self.stage = stage
-        self.pass_info = pass_info
+        self.key = key
         self.inputs = (stage,)
         self.next_chunk = stage.next_chunk  # type: ignore[method-assign]
 
@@ -158,7 +154,7 @@ class PassStateIterator(NodeIterator):
         return self.stage.__next__()
 
     def get_state(self) -> State:
-        return {"stage": self.stage.get_state(), "pass": self.pass_info}
+        return {"stage": self.stage.get_state(), "pass": PassKeys.as_state(self.key)}
 
 
 def make_async_stage(

@@ -2,53 +2,19 @@
 
 from __future__ import annotations
 
-import itertools
-import threading
-import weakref
 from typing import Any
 
-import numpy as np
-
 from feedline.ops.base import Op
+from feedline.ops.randomness import PassKeys
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import NodeIterator, State, skip_elements
 
 _UNIFORM_BLOCK = 256
-_SEED_MASK = 2**64 - 1
-
-
-def fresh_seed() -> int:
-    """An unpredictable 64-bit seed, for ops given ``seed=None``."""
-    entropy = np.random.SeedSequence().entropy
-    assert isinstance(entropy, int)
-    return entropy & _SEED_MASK
-
-
-def as_seed(seed: Any) -> int:
-    """A user's seed as a non-negative 64-bit int; tf.data takes any int64, negatives included."""
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
-    return int(seed) & _SEED_MASK
-
-
-class PassCounter:
-    """Numbers the passes over one op, so each pass can get its own random stream."""
-
-    def __init__(self) -> None:
-        self._counter = itertools.count()
-        self._lock = threading.Lock()
-
-    def next(self) -> int:
-        with self._lock:
-            return next(self._counter)
 
 
 class ShuffleOp(Op):
-    """Each pass draws from ``rng(seed, run, epoch)``: ``run`` numbers the top-level iterators
-    made over this op (so a new iterator reshuffles), ``epoch`` numbers the passes one run makes
-    over it (``repeat``). Both are in the saved state, and a restored pass tells its run which
-    epoch comes next, so resuming inside ``shuffle().repeat()`` continues with the same orders,
-    in any process. With ``reshuffle_each_iteration=False`` every pass is ``(seed, 0, 0)``."""
+    """A random buffer; each pass is seeded by its ``PassKeys`` key (see ops/randomness.py).
+    With ``reshuffle_each_iteration=False`` every pass has the same order."""
 
     def __init__(
         self, input_op: Op, buffer_size: int, seed: int | None, reshuffle_each_iteration: bool
@@ -57,14 +23,7 @@ class ShuffleOp(Op):
         self.input = input_op
         self.inputs = (input_op,)
         self.buffer_size = buffer_size
-        self.seed = fresh_seed() if seed is None else as_seed(seed)
-        self.reshuffle = bool(reshuffle_each_iteration)
-        self.runs = PassCounter()
-        # Per top-level run: (seed, run, next epoch). Weak keys: a finished run leaves nothing.
-        self._next_epoch: weakref.WeakKeyDictionary[IterContext, tuple[int, int, int]] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._epoch_lock = threading.Lock()
+        self.passes = PassKeys(seed, vary_per_pass=bool(reshuffle_each_iteration))
         self.name = f"shuffle({buffer_size})"
 
     def cardinality(self) -> int:
@@ -72,20 +31,6 @@ class ShuffleOp(Op):
 
     def compute_spec(self) -> Any:
         return self.input.element_spec()
-
-    def pass_key(self, ctx: IterContext, state: State | None) -> tuple[int, int, int]:
-        """(seed, run, epoch) of a new pass in ``ctx``, or of the pass ``state`` resumes."""
-        if not self.reshuffle:
-            return (self.seed, 0, 0) if state is None else (state["seed"], 0, 0)
-        with self._epoch_lock:
-            known = self._next_epoch.get(ctx)
-            if state is None:
-                seed, run, epoch = known if known else (self.seed, self.runs.next(), 0)
-            else:
-                seed, run, epoch = state["seed"], state["run"], state["epoch"]
-            if known is None or known[:2] != (seed, run) or known[2] <= epoch:
-                self._next_epoch[ctx] = (seed, run, epoch + 1)
-        return seed, run, epoch
 
     def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
         return ShuffleIterator(self, ctx, state)
@@ -101,7 +46,7 @@ class ShuffleIterator(NodeIterator):
 
     def __init__(self, op: ShuffleOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
-        self.seed, self.run, self.epoch = op.pass_key(ctx, state)
+        self.pass_key = op.passes.key(ctx, state)
         if state is None:
             self.input = op.input.make_iterator(ctx, None)
             self.input_start = self.input.get_state()
@@ -109,7 +54,7 @@ class ShuffleIterator(NodeIterator):
             self.input_start = state["input_start"]
             self.input = op.input.make_iterator(ctx, self.input_start)
         self.inputs = (self.input,)
-        self.rng = np.random.default_rng([self.seed, self.run, self.epoch])
+        self.rng = PassKeys.generator(self.pass_key)
         self.buffer: list[Any] = []
         self.exhausted = False
         self.produced = 0
@@ -144,9 +89,7 @@ class ShuffleIterator(NodeIterator):
 
     def get_state(self) -> State:
         return {
-            "seed": self.seed,
-            "run": self.run,
-            "epoch": self.epoch,
+            **PassKeys.as_state(self.pass_key),
             "input_start": self.input_start,
             "produced": self.produced,
         }

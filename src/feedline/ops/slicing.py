@@ -29,14 +29,13 @@ class TakeOp(_OneInputOp):
         self.count = count
 
     def cardinality(self) -> int:
+        # tf.data's rule, including take(0) of an unknown input being unknown.
         n = self.input.cardinality()
-        if self.count < 0:
-            return n
+        if n == UNKNOWN:
+            return UNKNOWN
         if n == INFINITE:
             return self.count
-        if n == UNKNOWN:
-            return UNKNOWN if self.count else 0
-        return min(n, self.count)
+        return n if self.count < 0 else min(n, self.count)
 
     def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
         return TakeIterator(self, ctx, state)
@@ -75,9 +74,10 @@ class SkipOp(_OneInputOp):
         self.count = count
 
     def cardinality(self) -> int:
+        # tf.data's rule: unknown and infinite inputs stay so, whatever the count.
         n = self.input.cardinality()
         if n < 0:
-            return n if self.count >= 0 or n == UNKNOWN else 0
+            return n
         return 0 if self.count < 0 else max(0, n - self.count)
 
     def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:

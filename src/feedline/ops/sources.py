@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
-from feedline.errors import wrap_user_error
+from feedline.errors import StageError, wrap_user_error
 from feedline.ops.base import UNKNOWN, Op
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import NodeIterator, State, skip_elements
@@ -213,7 +213,8 @@ class GeneratorOp(Op):
     ) -> None:
         super().__init__()
         self.generator = generator
-        self.args = args
+        # tf.data hands args to the generator as numpy values: 3 -> int32, "a" -> b"a".
+        self.args = tuple(normalize(a) for a in args)
         self.signature = output_signature
         self.name = f"from_generator({getattr(generator, '__name__', 'generator')})"
 
@@ -233,25 +234,45 @@ class GeneratorIterator(NodeIterator):
     def __init__(self, op: GeneratorOp, skip: int) -> None:
         self.op = op
         self.produced = 0
-        self._source = iter(op.generator(*op.args))
-        if skip:
-            self.produced = skip_elements(self, skip)
+        # Created on the first request, as tf.data does, so a failing call to the generator
+        # function is reported like any other error of the pass.
+        self._source: Iterator[Any] | None = None
+        self._skip = skip
+
+    def _start(self) -> Iterator[Any]:
+        try:
+            source = iter(self.op.generator(*self.op.args))
+        except Exception as e:
+            raise wrap_user_error(self.op.name, 0, e) from e
+        self._source = source
+        # Resuming replays the raw values only: they were delivered (or failed) already.
+        while self.produced < self._skip:
+            try:
+                next(source)
+            except StopIteration:
+                break
+            except Exception as e:
+                raise wrap_user_error(self.op.name, self.produced, e) from e
+            self.produced += 1
+        return source
 
     def __next__(self) -> Any:
+        source = self._source if self._source is not None else self._start()
         try:
-            value = next(self._source)
+            value = next(source)
         except StopIteration:
             raise
         except Exception as e:
             raise wrap_user_error(self.op.name, self.produced, e) from e
-        value = normalize(value)
-        if self.op.signature is not None:
-            value = _conform(value, self.op.signature, self.op.name, self.produced)
+        position = self.produced
+        # Counted before checking it, so a value that fails the check is not replayed on resume.
         self.produced += 1
-        return value
+        if self.op.signature is None:
+            return normalize(value)
+        return _conform(value, self.op.signature, self.op.name, position)
 
     def get_state(self) -> State:
-        return {"produced": self.produced}
+        return {"produced": max(self.produced, self._skip)}
 
     def close(self) -> None:
         close = getattr(self._source, "close", None)
@@ -260,25 +281,47 @@ class GeneratorIterator(NodeIterator):
 
 
 def _conform(value: Any, signature: Any, stage: str, position: int) -> Any:
-    """Cast ``value`` to the declared dtypes and check it against the declared shapes."""
+    """``value`` as the declared structure, dtypes and shapes, like tf.data's from_generator:
+    values are cast (from the raw Python value, so a float declared float64 keeps its
+    precision) and a mismatch is an error of this element."""
+    if isinstance(value, list) and isinstance(signature, tuple):
+        value = tuple(value)
+    if not same_nesting(signature, value):
+        raise StageError(
+            stage,
+            position,
+            f"the generator yielded {value!r}, which does not match the declared structure "
+            f"{signature}",
+        )
 
     def cast(spec: TensorSpec, leaf: Any) -> Any:
-        arr = np.asarray(leaf, dtype=spec.dtype)
+        try:
+            arr = _as_declared_dtype(leaf, spec.dtype)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise StageError(
+                stage, position, f"the generator yielded {leaf!r}, which is not {spec!r}: {e}"
+            ) from e
         if len(arr.shape) != len(spec.shape) or any(
             want is not None and want != got for want, got in zip(spec.shape, arr.shape)
         ):
-            raise ValueError(
-                f"{stage}: element {position} has shape {arr.shape}, which does not match "
-                f"the declared {spec.shape}"
+            raise StageError(
+                stage,
+                position,
+                f"the generator yielded an element of shape {arr.shape} where {spec!r} was "
+                "declared",
             )
-        return arr[()] if arr.ndim == 0 and spec.dtype != np.dtype(object) else arr
+        return arr[()] if arr.ndim == 0 else arr
 
-    try:
-        return map_structure(cast, signature, value)
-    except ValueError as e:
-        if "does not match" in str(e):
-            raise
-        raise ValueError(
-            f"{stage}: element {position} has structure {value!r}, "
-            f"which does not match the declared {signature}"
-        ) from e
+    return map_structure(cast, signature, value)
+
+
+def _as_declared_dtype(leaf: Any, dtype: np.dtype) -> np.ndarray:
+    if dtype != STRING_DTYPE:
+        arr = np.asarray(leaf)
+        if arr.dtype == object or arr.dtype.kind in "SU":
+            raise TypeError(f"cannot convert {arr.dtype.name} values to {dtype.name}")
+        return np.asarray(arr, dtype=dtype)
+    arr = to_array(normalize_leaf(leaf))
+    if arr.dtype != STRING_DTYPE or not all(isinstance(v, bytes) for v in arr.flat):
+        raise TypeError("expected strings (str or bytes)")
+    return arr

@@ -18,8 +18,11 @@ class IterContext:
     ``stats()`` find the stages here.
     """
 
-    def __init__(self, options: Options | None = None) -> None:
+    def __init__(self, options: Options | None = None, probe: bool = False) -> None:
         self.options = ResolvedOptions.of(options or Options())
+        # A probe pass only looks (e.g. at the first element, for a spec): it must not use up
+        # anything a real pass would see, such as a shuffle's run number.
+        self.probe = probe
         self._stages: list[Tunable] = []
         self._lock = threading.Lock()
 

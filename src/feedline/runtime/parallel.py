@@ -54,7 +54,8 @@ class Failed:
         self.error = error
 
 
-Transform = Callable[[list[Any], Sequence[int]], list[Any]]
+# (elements, their input positions) -> (outputs, indexes of the Failed ones, ascending)
+Transform = Callable[[list[Any], Sequence[int]], tuple[list[Any], list[int]]]
 
 
 def element_nbytes(element: Any) -> int:
@@ -196,8 +197,10 @@ class AsyncStage(NodeIterator, Tunable):
         if self._bytes_per_element:
             # A chunk in flight is outside the byte check at admission: keep all workers'
             # chunks together within half the limit, so a stage holds at most 1.5x of it.
-            room = self.max_buffer_bytes / (2 * max(1, self.parallelism) * self._bytes_per_element)
-            size = min(size, max(1, int(room)))
+            workers = 2 * max(1, self.parallelism)
+            size = min(
+                size, max(1, int(self.max_buffer_bytes / (workers * self._bytes_per_element)))
+            )
         return size
 
     def _learn_cost(self, elements: int, seconds: float) -> None:
@@ -292,10 +295,11 @@ class AsyncStage(NodeIterator, Tunable):
                 start = self._next_position
                 started = time.perf_counter()
                 cpu_started = time.thread_time()
+                failed = False
                 try:
                     raw: list[Any] = self._input.next_chunk(size)
                 except Exception as e:
-                    raw = [Failed(e)]
+                    raw, failed = [Failed(e)], True
                 if self.transform is None:
                     with self.metrics.lock:
                         self.metrics.work_wall += time.perf_counter() - started
@@ -318,6 +322,7 @@ class AsyncStage(NodeIterator, Tunable):
                         return None
                     chunk = _Chunk(seq, start_state, start, self._next_position, positions)
                     chunk.outputs = raw
+                    chunk.failures = [0] if failed else []
                     self._open[seq] = chunk
                 return chunk
 
@@ -339,15 +344,13 @@ class AsyncStage(NodeIterator, Tunable):
         if self.transform is not None and chunk.outputs:
             started = time.perf_counter()
             cpu_started = time.thread_time()
-            chunk.outputs = self.transform(chunk.outputs, chunk.positions)
+            chunk.outputs, chunk.failures = self.transform(chunk.outputs, chunk.positions)
             wall = time.perf_counter() - started
             with self.metrics.lock:
                 self.metrics.work_wall += wall
                 self.metrics.work_cpu += time.thread_time() - cpu_started
             self._learn_cost(len(chunk.outputs), wall)
         outputs = chunk.outputs
-        if Failed in map(type, outputs):  # scans at C speed; failures are rare
-            chunk.failures = [i for i, x in enumerate(outputs) if type(x) is Failed]
         per_element = element_nbytes(outputs[0]) if outputs else 0
         nbytes = per_element * len(outputs)
         self._bytes_per_element = max(self._bytes_per_element * 0.9, float(per_element))

@@ -212,6 +212,7 @@ def plot(records: Sequence[Record], path: Path) -> bool:
         top.bar(xs, rates, width, label=system)
         bottom.bar(xs, rss, width, label=system)
     top.set_ylabel("throughput / fastest in workload")
+    top.set_yscale("log")  # systems differ by orders of magnitude (io_latency, overhead)
     top.set_title("Steady-state throughput (best configuration per system)")
     bottom.set_ylabel("peak RSS of process tree (MiB)")
     bottom.set_yscale("log")
@@ -219,7 +220,7 @@ def plot(records: Sequence[Record], path: Path) -> bool:
     for ax in (top, bottom):
         ax.set_xticks(range(len(names)), names)
         ax.grid(axis="y", alpha=0.3)
-    top.legend(ncol=min(4, len(systems)), fontsize="small")
+    top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

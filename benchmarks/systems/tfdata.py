@@ -28,7 +28,9 @@ Form = Callable[[Any, Workload, int, str], tuple[Any, Any]]
 def specs(workload: Workload, mode: str) -> list[RunSpec]:
     forms: list[str | None] = ["native"]
     if workload.make_fn is not None:
-        forms = ["numpy_function"] + (["tf_ops"] if workload.name in TF_OPS else [])
+        forms = ["numpy_function"]
+        if workload.name in TF_OPS:
+            forms.append("tf_ops")
     return tuned_specs(workload, mode, "tf.data", NAME, forms)
 
 

@@ -45,8 +45,8 @@ def build(workload: Workload, config: dict[str, Any], elements: int, data_dir: s
     from torch.utils.data import DataLoader
 
     dataset = IndexedWork(workload, elements, workload.element_fn(data_dir))
-    loader = DataLoader(
-        dataset,  # type: ignore[arg-type]
+    loader: DataLoader[Any] = DataLoader(
+        dataset,  # type: ignore[arg-type]  # duck-typed map-style dataset (see IndexedWork)
         batch_size=workload.batch_size,
         num_workers=config["num_workers"],
     )

@@ -56,6 +56,7 @@ class ResolvedOptions:
     deterministic: bool
     autotune_enabled: bool
     max_parallelism: int
+    autotune: AutotuneOptions
 
     @staticmethod
     def of(options: Options) -> ResolvedOptions:
@@ -66,4 +67,5 @@ class ResolvedOptions:
             max_parallelism=(
                 DEFAULT_MAX_PARALLELISM if tune.max_parallelism is None else tune.max_parallelism
             ),
+            autotune=copy.deepcopy(tune),
         )

@@ -66,7 +66,10 @@ def _pack(template: Any, it: Any) -> Any:
         parts = [_pack(p, it) for p in template]
         return type(template)(*parts) if is_namedtuple(template) else tuple(parts)
     if isinstance(template, dict):
-        return {k: _pack(template[k], it) for k in sorted(template)}
+        # Leaves come in sorted-key order (as tf.nest flattens); the dict keeps the
+        # template's own key order, as tf.data's elements do.
+        packed = {k: _pack(template[k], it) for k in sorted(template)}
+        return {k: packed[k] for k in template}
     return next(it)
 
 
@@ -82,7 +85,8 @@ def map_structure(fn: Callable[..., Any], *structures: Any) -> Any:
         for s in structures[1:]:
             if not isinstance(s, dict) or sorted(s) != keys:
                 raise ValueError(f"structures differ: dict keys {keys} vs {s!r}")
-        return {k: map_structure(fn, *(s[k] for s in structures)) for k in keys}
+        mapped = {k: map_structure(fn, *(s[k] for s in structures)) for k in keys}
+        return {k: mapped[k] for k in first}
     for s in structures[1:]:
         if is_nest(s):
             raise ValueError(f"structures differ: leaf {first!r} vs nest {s!r}")
@@ -129,7 +133,7 @@ _PASS_THROUGH = (np.ndarray, np.generic, bytes)
 def normalize_leaf(x: Any) -> Any:
     """Convert one Python value the way tf.data would convert it to a tensor."""
     if isinstance(x, _PASS_THROUGH):
-        return x
+        return _strings_as_bytes(x)
     if isinstance(x, bool):
         return np.bool_(x)
     if isinstance(x, int):
@@ -146,7 +150,7 @@ def normalize_leaf(x: Any) -> Any:
 def normalize(x: Any) -> Any:
     """Normalise every leaf of ``x``; a list returned at the top of a nest counts as a tuple."""
     if isinstance(x, _PASS_THROUGH):
-        return x
+        return _strings_as_bytes(x)
     if isinstance(x, tuple):
         parts = [normalize(p) for p in x]
         return type(x)(*parts) if is_namedtuple(x) else tuple(parts)
@@ -162,13 +166,26 @@ def normalize_output(x: Any) -> Any:
     return normalize(x)
 
 
+def _strings_as_bytes(x: Any) -> Any:
+    """numpy text (``str_``/``bytes_`` scalars, ``U``/``S`` arrays) as tf.data's strings:
+    ``bytes``, or object arrays of ``bytes``. Anything else unchanged."""
+    if isinstance(x, np.ndarray):
+        return to_array(x) if x.dtype.kind in "US" else x
+    if isinstance(x, np.str_):
+        return str(x).encode("utf-8")
+    if isinstance(x, np.bytes_):
+        return bytes(x)
+    return x
+
+
 def to_array(x: Any) -> np.ndarray:
     """A whole leaf (array, list, scalar) as an ndarray with tf.data's dtype rules."""
-    if isinstance(x, np.ndarray):
-        return x
-    if isinstance(x, np.generic):
-        return np.asarray(x)
-    arr = np.asarray(x)
+    if isinstance(x, np.ndarray | np.generic):
+        arr = np.asarray(x)
+        if arr.dtype.kind not in "US":
+            return arr
+    else:
+        arr = np.asarray(x)
     if arr.dtype.kind in "US":
         flat = [s.encode("utf-8") if isinstance(s, str) else bytes(s) for s in arr.reshape(-1)]
         out = np.empty(len(flat), dtype=object)

@@ -2,14 +2,16 @@
 
 Each case is a function of the module (``tf.data`` or ``feedline``) so the very same code builds
 both pipelines. Map functions use only arithmetic and indexing, which work on tf tensors and on
-numpy values alike. Cases that expose a known discrepancy are ``xfail(strict=True)``: when it is
-fixed, the strict xfail turns into a failure so the mark gets removed.
+numpy values alike. Every case is checked three ways: elements (values, dtypes, leaf types,
+nesting and dict key order), ``cardinality()`` and ``element_spec``. A known discrepancy is an
+``xfail(strict=True)`` on just the aspect it breaks, so fixing it turns the mark into a failure
+that asks for the mark to be removed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from types import ModuleType
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,9 +24,25 @@ from tests.helpers import assert_element_equal  # noqa: E402
 
 Builder = Callable[[Any], Any]
 
+# uint8 arithmetic wraps around in both libraries; only numpy warns about it.
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+ELEMENTS, CARDINALITY, SPEC = "elements", "cardinality", "spec"
 
-def _xfail(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=reason)
+# Reasons shared by several cases: one underlying discrepancy each.
+BATCH_DIM = "batch(drop_remainder=False) spec: tf.data always has a None batch dim"
+OBSERVED_SPEC = "map/interleave spec is observed from the first element, not traced"
+DICT_ORDER = "tf.data keeps a dict's insertion order; feedline sorts the keys"
+NUMPY_STRINGS = "numpy str_/bytes_ arrays are passed through, not converted to object bytes"
+SCALAR_PADDING = "padded_batch of scalar strings: an object array of 0-d arrays, not of bytes"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    build: Builder
+    xfail: dict[str, str] = field(default_factory=dict)
+    # Cases whose iteration would never end are checked only statically.
+    aspects: tuple[str, ...] = (ELEMENTS, CARDINALITY, SPEC)
 
 
 def _ragged(m: Any) -> Any:
@@ -37,207 +55,413 @@ def _inner(m: Any) -> Callable[[Any], Any]:
     return lambda x: m.Dataset.range(x).map(lambda y: y + 10 * x)
 
 
-# (id, builder, marks). A builder receives ``tf.data`` or ``feedline``.
-CASES: list[tuple[str, Builder, list[pytest.MarkDecorator]]] = [
-    # -- sources and dtype conversion of Python values -------------------------------------
-    ("range_stop", lambda m: m.Dataset.range(5), []),
-    ("range_start_stop_step", lambda m: m.Dataset.range(2, 20, 3), []),
-    ("range_negative_step", lambda m: m.Dataset.range(10, 0, -3), []),
-    ("range_empty", lambda m: m.Dataset.range(5, 2), []),
-    ("slices_py_ints", lambda m: m.Dataset.from_tensor_slices([1, -2, 3]), []),
-    ("slices_py_big_ints", lambda m: m.Dataset.from_tensor_slices([1, 2**40]), []),
-    ("slices_py_floats", lambda m: m.Dataset.from_tensor_slices([1.5, -2.25]), []),
-    ("slices_py_mixed_numbers", lambda m: m.Dataset.from_tensor_slices([1, 2.5]), []),
-    ("slices_py_bools", lambda m: m.Dataset.from_tensor_slices([True, False, True]), []),
-    ("slices_py_strings", lambda m: m.Dataset.from_tensor_slices(["a", "bc", "é"]), []),
-    ("slices_py_2d", lambda m: m.Dataset.from_tensor_slices([[1, 2], [3, 4], [5, 6]]), []),
-    (
+def _unknown(m: Any, n: int) -> Any:
+    """``range(n)`` with UNKNOWN cardinality."""
+    return m.Dataset.range(n).filter(lambda x: x >= 0)
+
+
+CASES: list[Case] = [
+    # -- sources and tf.data's conversion of Python values ------------------------------------
+    Case("range_stop", lambda m: m.Dataset.range(5)),
+    Case("range_start_stop_step", lambda m: m.Dataset.range(2, 20, 3)),
+    Case("range_negative_step", lambda m: m.Dataset.range(10, 0, -3)),
+    Case("range_empty", lambda m: m.Dataset.range(5, 2)),
+    Case("range_output_type", lambda m: m.Dataset.range(3, output_type=np.int32)),
+    Case("slices_py_ints", lambda m: m.Dataset.from_tensor_slices([1, -2, 3])),
+    Case("slices_py_big_ints", lambda m: m.Dataset.from_tensor_slices([1, 2**40])),
+    Case("slices_py_floats", lambda m: m.Dataset.from_tensor_slices([1.5, -2.25])),
+    Case("slices_py_mixed_numbers", lambda m: m.Dataset.from_tensor_slices([[1, 2.5], [3, 4]])),
+    Case("slices_py_bools", lambda m: m.Dataset.from_tensor_slices([True, False, True])),
+    Case("slices_py_strings", lambda m: m.Dataset.from_tensor_slices(["a", "bc", "é"])),
+    Case("slices_py_bytes", lambda m: m.Dataset.from_tensor_slices([b"ab", b"c"])),
+    Case("slices_py_2d", lambda m: m.Dataset.from_tensor_slices([[1, 2], [3, 4], [5, 6]])),
+    Case(
         "slices_numpy_dtypes_kept",
         lambda m: m.Dataset.from_tensor_slices(
-            (np.arange(3, dtype=np.float64), np.arange(3, dtype=np.uint8))
+            (np.arange(3, dtype=np.float64), np.arange(3, dtype=np.uint8), np.ones((3, 2), "f2"))
         ),
-        [],
     ),
-    (
+    Case(
         "slices_nested_dict_tuple",
         lambda m: m.Dataset.from_tensor_slices(
-            {"x": ([1, 2], [0.5, 1.5]), "label": ["p", "q"], "ok": [True, False]}
+            {"label": ["p", "q"], "ok": [True, False], "x": ([1, 2], [0.5, 1.5])}
         ),
-        [],
     ),
-    ("from_tensors_scalar_int", lambda m: m.Dataset.from_tensors(7), []),
-    ("from_tensors_nested", lambda m: m.Dataset.from_tensors({"s": "hi", "v": [1.0, 2.0]}), []),
-    (
-        "from_tensors_tuple_of_lists",
-        lambda m: m.Dataset.from_tensors(([1, 2, 3], ["a", "b"])),
-        [],
+    Case("from_tensors_scalar_int", lambda m: m.Dataset.from_tensors(7)),
+    Case("from_tensors_nested", lambda m: m.Dataset.from_tensors({"s": "hi", "v": [1.0, 2.0]})),
+    Case("from_tensors_tuple_of_lists", lambda m: m.Dataset.from_tensors(([1, 2, 3], ["a", "b"]))),
+    Case("from_tensors_numpy_scalar", lambda m: m.Dataset.from_tensors(np.float64(1.5))),
+    Case(
+        "from_tensors_empty_list",
+        lambda m: m.Dataset.from_tensors([]),
     ),
-    # -- map ---------------------------------------------------------------------------------
-    ("map_tuple_out", lambda m: m.Dataset.range(4).map(lambda x: (x, x * 2, x > 1)), []),
-    (
+    Case(
+        "slices_numpy_and_python_floats",
+        lambda m: m.Dataset.from_tensor_slices([np.float32(1), 2.0]),
+        xfail={
+            ELEMENTS: "[np.float32, float] is float32 in tf.data, float64 in feedline",
+            SPEC: "same",
+        },
+    ),
+    Case(
+        "slices_numpy_unicode_array",
+        lambda m: m.Dataset.from_tensor_slices(np.array(["ab", "c"])).batch(2),
+        xfail={ELEMENTS: NUMPY_STRINGS, SPEC: BATCH_DIM},
+    ),
+    Case(
+        "slices_numpy_bytes_array",
+        lambda m: m.Dataset.from_tensor_slices(np.array([b"ab", b"c"])),
+        xfail={ELEMENTS: NUMPY_STRINGS},
+    ),
+    Case(
+        "from_tensors_numpy_unicode",
+        lambda m: m.Dataset.from_tensors((np.array(["ab", "c"]), np.str_("d"))),
+        xfail={ELEMENTS: NUMPY_STRINGS},
+    ),
+    Case(
+        "slices_dict_key_order",
+        lambda m: m.Dataset.from_tensor_slices({"z": [1, 2], "a": ["x", "y"]}),
+        xfail={ELEMENTS: DICT_ORDER, SPEC: DICT_ORDER},
+    ),
+    # -- map -----------------------------------------------------------------------------------
+    Case("map_tuple_out", lambda m: m.Dataset.range(4).map(lambda x: (x, x * 2, x > 1))),
+    Case(
         "map_dict_out_python_constants",
-        lambda m: m.Dataset.range(3).map(lambda x: {"x": x + 1, "i": 3, "f": 0.5, "s": "z"}),
-        [],
+        lambda m: m.Dataset.range(3).map(lambda x: {"f": 0.5, "i": 3, "s": "z", "x": x + 1}),
     ),
-    ("map_python_int", lambda m: m.Dataset.range(3).map(lambda x: 5), []),
-    ("map_python_float", lambda m: m.Dataset.range(3).map(lambda x: 2.5), []),
-    ("map_python_string", lambda m: m.Dataset.range(2).map(lambda x: "s"), []),
-    ("map_list_becomes_tuple", lambda m: m.Dataset.range(3).map(lambda x: [x, x * 3]), []),
-    (
+    Case("map_python_int", lambda m: m.Dataset.range(3).map(lambda x: 5)),
+    Case("map_python_big_int", lambda m: m.Dataset.range(3).map(lambda x: 2**40)),
+    Case("map_python_float", lambda m: m.Dataset.range(3).map(lambda x: 2.5)),
+    Case("map_python_bool", lambda m: m.Dataset.range(3).map(lambda x: True)),
+    Case("map_python_string", lambda m: m.Dataset.range(2).map(lambda x: "s")),
+    Case("map_list_becomes_tuple", lambda m: m.Dataset.range(3).map(lambda x: [x, x * 3])),
+    Case(
+        "map_inner_list_becomes_tensor",
+        lambda m: m.Dataset.range(3).map(lambda x: ([x, x + 1], (x, {"k": x * 2}))),
+    ),
+    Case(
+        "map_inner_list_python_int_first",
+        lambda m: m.Dataset.range(3).map(lambda x: ([1, x], x)),
+        xfail={ELEMENTS: "[1, int64] is int64 in tf.data, int32 in feedline", SPEC: "same"},
+    ),
+    Case(
+        "map_returns_numpy_unicode",
+        lambda m: m.Dataset.range(2).map(lambda x: (x, np.array(["a", "b"]))),
+        xfail={ELEMENTS: NUMPY_STRINGS},
+    ),
+    Case(
+        "map_dict_key_order",
+        lambda m: m.Dataset.range(2).map(lambda x: {"b": x, "a": x + 1}),
+        xfail={SPEC: DICT_ORDER},
+    ),
+    Case(
+        "map_string_plus_str",
+        lambda m: m.Dataset.from_tensor_slices(["a", "b"]).map(lambda s: s + "x"),
+        xfail={
+            ELEMENTS: "bytes + str raises TypeError; tf.string + str concatenates",
+            SPEC: "same",
+        },
+    ),
+    Case(
         "map_tuple_args_arithmetic",
-        lambda m: m.Dataset.from_tensor_slices(([1, 2, 3], [0.5, 1.0, 1.5])).map(
-            lambda a, b: (a * 2 + 1, b * 2.0, a // 2, a % 2, -a, a / 2)
+        lambda m: m.Dataset.from_tensor_slices(([1, -7, 3], [0.5, 1.0, -1.5])).map(
+            lambda a, b: (a * 2 + 1, b * 2, a // 2, a % 3, -a, a / 2, b**2, 1 / b, 10 - a)
         ),
-        [],
     ),
-    (
+    Case(
+        "map_narrow_numpy_dtypes",
+        lambda m: m.Dataset.from_tensor_slices(
+            (np.array([250, 255], np.uint8), np.array([1.5, 2.5], np.float16))
+        ).map(lambda u, h: (u + 10, h * 2.5, u > 251)),
+    ),
+    Case(
         "map_dict_arg",
         lambda m: m.Dataset.from_tensor_slices({"a": [1, 2], "b": [3, 4]}).map(
             lambda d: d["a"] * d["b"]
         ),
-        [],
     ),
-    # -- filter, take_while, take/skip, shard ------------------------------------------------
-    ("filter", lambda m: m.Dataset.range(12).filter(lambda x: x % 3 == 0), []),
-    (
+    Case(
+        "map_ragged_spec",
+        lambda m: _ragged(m).map(lambda v: v * 2),
+        xfail={SPEC: OBSERVED_SPEC},
+    ),
+    Case(
+        "map_over_empty",
+        lambda m: m.Dataset.range(0).map(lambda x: (x, 1.5)),
+        xfail={SPEC: OBSERVED_SPEC + "; on an empty input it raises ValueError"},
+    ),
+    # -- filter, take_while, take/skip, shard --------------------------------------------------
+    Case("filter", lambda m: m.Dataset.range(12).filter(lambda x: x % 3 == 0)),
+    Case(
         "filter_tuple_args",
         lambda m: m.Dataset.range(6).map(lambda x: (x, x * x)).filter(lambda a, b: b > 4),
-        [],
     ),
-    ("take_while", lambda m: m.Dataset.range(10).take_while(lambda x: x < 4), []),
-    ("skip_take", lambda m: m.Dataset.range(10).skip(3).take(4), []),
-    ("take_all", lambda m: m.Dataset.range(4).take(-1), []),
-    ("skip_all", lambda m: m.Dataset.range(4).skip(-1), []),
-    ("skip_past_end", lambda m: m.Dataset.range(4).skip(9), []),
-    ("take_zero", lambda m: m.Dataset.range(4).take(0), []),
-    ("shard_uneven", lambda m: m.Dataset.range(10).shard(3, 1), []),
-    ("shard_last", lambda m: m.Dataset.range(10).shard(4, 3), []),
-    # -- batching ----------------------------------------------------------------------------
-    ("batch_remainder", lambda m: m.Dataset.range(10).batch(3), []),
-    ("batch_drop_remainder", lambda m: m.Dataset.range(10).batch(3, drop_remainder=True), []),
-    (
-        "batch_divisible_spec",
-        lambda m: m.Dataset.range(9).batch(3),
-        [],
+    Case(
+        "filter_infinite",
+        lambda m: m.Dataset.range(3).repeat().filter(lambda x: x > 0).take(5),
+        xfail={CARDINALITY: "filter of an infinite input: tf.data UNKNOWN, feedline INFINITE"},
     ),
-    (
+    Case("take_while", lambda m: m.Dataset.range(10).take_while(lambda x: x < 4)),
+    Case("take_while_none", lambda m: m.Dataset.range(4).take_while(lambda x: x > 5)),
+    Case("skip_take", lambda m: m.Dataset.range(10).skip(3).take(4)),
+    Case("take_all", lambda m: m.Dataset.range(4).take(-1)),
+    Case("skip_all", lambda m: m.Dataset.range(4).skip(-1)),
+    Case("skip_past_end", lambda m: m.Dataset.range(4).skip(9)),
+    Case("take_zero", lambda m: m.Dataset.range(4).take(0)),
+    Case(
+        "take_zero_of_unknown",
+        lambda m: _unknown(m, 4).take(0),
+    ),
+    Case(
+        "skip_all_of_infinite",
+        lambda m: m.Dataset.range(3).repeat().skip(-1),
+        aspects=(CARDINALITY, SPEC),
+    ),
+    Case("shard_uneven", lambda m: m.Dataset.range(10).shard(3, 1)),
+    Case("shard_last", lambda m: m.Dataset.range(10).shard(4, 3)),
+    Case("shard_infinite", lambda m: m.Dataset.range(5).repeat().shard(2, 1).take(6)),
+    # -- batching ------------------------------------------------------------------------------
+    Case("batch_remainder", lambda m: m.Dataset.range(10).batch(3)),
+    Case("batch_drop_remainder", lambda m: m.Dataset.range(10).batch(3, drop_remainder=True)),
+    Case("batch_divisible", lambda m: m.Dataset.range(9).batch(3), xfail={SPEC: BATCH_DIM}),
+    Case(
+        "batch_after_take",
+        lambda m: m.Dataset.range(10).take(6).batch(3),
+        xfail={SPEC: BATCH_DIM},
+    ),
+    Case(
         "batch_nested_strings",
-        lambda m: m.Dataset.from_tensor_slices({"s": ["a", "b", "c"], "n": [[1], [2], [3]]}).batch(
+        lambda m: m.Dataset.from_tensor_slices({"n": [[1], [2], [3]], "s": ["a", "b", "c"]}).batch(
             2
         ),
-        [],
     ),
-    ("padded_batch_default", lambda m: _ragged(m).padded_batch(2), []),
-    (
+    Case(
+        "batch_of_batches_strings",
+        lambda m: m.Dataset.from_tensor_slices(["a", "b", "c", "d"]).batch(2).batch(2),
+        xfail={SPEC: BATCH_DIM},
+    ),
+    Case("padded_batch_default", lambda m: _ragged(m).padded_batch(2)),
+    Case(
         "padded_batch_shapes_values",
         lambda m: _ragged(m).padded_batch(2, padded_shapes=[5], padding_values=np.int64(-1)),
-        [],
     ),
-    (
+    Case("padded_batch_minus_one_dim", lambda m: _ragged(m).padded_batch(2, padded_shapes=[-1])),
+    Case(
         "padded_batch_nested_drop",
         lambda m: (
-            m.Dataset.zip((_ragged(m), m.Dataset.from_tensor_slices(["a", "b", "c"])))
-            .map(lambda v, s: {"v": v, "s": s})
-            .padded_batch(2, padded_shapes={"v": [None], "s": []}, drop_remainder=True)
+            m.Dataset.zip((_ragged(m), _ragged(m)))
+            .map(lambda a, b: {"a": a, "b": (b, b * 2)})
+            .padded_batch(
+                2,
+                padded_shapes={"a": [None], "b": ([4], [None])},
+                padding_values={"a": np.int64(-1), "b": (np.int64(7), np.int64(8))},
+                drop_remainder=True,
+            )
         ),
-        [],
     ),
-    (
+    Case(
         "padded_batch_strings",
         lambda m: m.Dataset.from_tensor_slices(["a", "b", "c"]).batch(2).padded_batch(2),
-        [],
+        xfail={SPEC: BATCH_DIM},
     ),
-    ("unbatch", lambda m: _ragged(m).unbatch(), []),
-    (
+    Case(
+        "padded_batch_string_padding_value",
+        lambda m: (
+            m.Dataset.from_tensor_slices(["a", "b", "c"])
+            .batch(2)
+            .padded_batch(2, padding_values="PAD")
+        ),
+        xfail={
+            ELEMENTS: "a str padding value is stored as str, not encoded to bytes",
+            SPEC: BATCH_DIM,
+        },
+    ),
+    Case(
+        "padded_batch_scalar_strings",
+        lambda m: m.Dataset.from_tensor_slices(["a", "bb", "c"]).padded_batch(2),
+        xfail={ELEMENTS: SCALAR_PADDING},
+    ),
+    Case(
+        "padded_batch_scalar_ints",
+        lambda m: m.Dataset.range(3).padded_batch(2, padded_shapes=[]),
+    ),
+    Case(
+        "padded_batch_known_dims_kept",
+        lambda m: m.Dataset.from_tensor_slices([[1, 2], [3, 4], [5, 6]]).padded_batch(2),
+    ),
+    Case(
+        "padded_batch_pad_known_dims",
+        lambda m: (
+            m.Dataset.from_tensor_slices([[True], [False]])
+            .batch(1)
+            .padded_batch(2, padded_shapes=[2, 3])
+        ),
+        xfail={SPEC: BATCH_DIM},
+    ),
+    Case("unbatch", lambda m: _ragged(m).unbatch()),
+    Case(
+        "unbatch_static_batch_dim",
+        lambda m: m.Dataset.range(9).batch(3, drop_remainder=True).unbatch(),
+        xfail={CARDINALITY: "unbatch with a static batch dim: tf.data n*dim, feedline UNKNOWN"},
+    ),
+    Case(
+        "unbatch_strings_2d",
+        lambda m: m.Dataset.from_tensors([["a", "b"], ["c", "d"]]).unbatch(),
+        xfail={CARDINALITY: "unbatch with a static batch dim: tf.data n*dim, feedline UNKNOWN"},
+    ),
+    Case(
         "unbatch_dict",
         lambda m: (
             m.Dataset.from_tensor_slices({"a": [1, 2, 3, 4], "b": ["w", "x", "y", "z"]})
             .batch(3)
             .unbatch()
         ),
-        [],
     ),
-    ("rebatch", lambda m: m.Dataset.range(10).batch(4).rebatch(3), []),
-    ("rebatch_sizes_list", lambda m: m.Dataset.range(11).batch(4).rebatch([2, 3]), []),
-    ("rebatch_drop", lambda m: m.Dataset.range(10).batch(4).rebatch(3, drop_remainder=True), []),
-    # -- interleave / flat_map ---------------------------------------------------------------
-    ("flat_map_uneven", lambda m: m.Dataset.range(5).flat_map(_inner(m)), []),
-    (
-        "interleave_c2_b1",
-        lambda m: m.Dataset.range(1, 6).interleave(_inner(m), cycle_length=2),
-        [],
+    Case("rebatch", lambda m: m.Dataset.range(10).batch(4).rebatch(3)),
+    Case("rebatch_sizes_list", lambda m: m.Dataset.range(11).batch(4).rebatch([2, 3])),
+    Case("rebatch_drop", lambda m: m.Dataset.range(10).batch(4).rebatch(3, drop_remainder=True)),
+    Case(
+        "rebatch_dict",
+        lambda m: (
+            m.Dataset.from_tensor_slices({"a": [1, 2, 3, 4, 5], "s": list("abcde")})
+            .batch(2)
+            .rebatch(3)
+        ),
     ),
-    (
+    Case(
+        "rebatch_infinite",
+        lambda m: m.Dataset.range(4).repeat().batch(2).rebatch(3).take(4),
+        xfail={CARDINALITY: "rebatch of INFINITE: tf.data UNKNOWN, feedline INFINITE"},
+    ),
+    # -- interleave / flat_map -----------------------------------------------------------------
+    Case("flat_map_uneven", lambda m: m.Dataset.range(5).flat_map(_inner(m))),
+    Case(
+        "flat_map_over_empty",
+        lambda m: m.Dataset.range(0).flat_map(lambda x: m.Dataset.range(x)),
+        xfail={SPEC: OBSERVED_SPEC + "; on an empty input it raises ValueError"},
+    ),
+    Case("interleave_c2_b1", lambda m: m.Dataset.range(1, 6).interleave(_inner(m), cycle_length=2)),
+    Case(
         "interleave_c3_b2",
         lambda m: m.Dataset.range(0, 7).interleave(_inner(m), cycle_length=3, block_length=2),
-        [],
     ),
-    (
+    Case(
         "interleave_cycle_longer_than_input",
         lambda m: m.Dataset.range(1, 4).interleave(_inner(m), cycle_length=5, block_length=3),
-        [],
     ),
-    (
+    Case(
         "interleave_from_tensors_repeat",
-        lambda m: m.Dataset.from_tensor_slices([3, 1, 2]).interleave(
-            lambda x: m.Dataset.from_tensors(x).repeat(x), cycle_length=2, block_length=1
+        lambda m: m.Dataset.from_tensor_slices(np.array([3, 0, 1, 2])).interleave(
+            lambda x: m.Dataset.from_tensors(x).repeat(x), cycle_length=2, block_length=2
         ),
-        [],
     ),
-    # -- repeat, enumerate, zip, concatenate --------------------------------------------------
-    ("repeat_batch_spanning_epochs", lambda m: m.Dataset.range(5).repeat(3).batch(4), []),
-    ("repeat_forever_take", lambda m: m.Dataset.range(3).repeat().take(7).batch(5), []),
-    ("repeat_zero", lambda m: m.Dataset.range(3).repeat(0), []),
-    ("enumerate_start", lambda m: m.Dataset.from_tensor_slices(["a", "b"]).enumerate(5), []),
-    (
+    Case(
+        "interleave_batched_spec",
+        lambda m: m.Dataset.range(3).interleave(
+            lambda x: m.Dataset.range(x).batch(2), cycle_length=2
+        ),
+        xfail={SPEC: OBSERVED_SPEC},
+    ),
+    Case(
+        "interleave_strings",
+        lambda m: m.Dataset.from_tensor_slices(["a", "b"]).interleave(
+            lambda s: m.Dataset.from_tensors(s).repeat(2), cycle_length=2
+        ),
+    ),
+    Case(
+        "interleave_infinite",
+        lambda m: (
+            m.Dataset.range(3)
+            .repeat()
+            .interleave(lambda x: m.Dataset.range(2), cycle_length=2)
+            .take(7)
+        ),
+    ),
+    # -- repeat, enumerate, zip, concatenate -----------------------------------------------------
+    Case("repeat_batch_spanning_epochs", lambda m: m.Dataset.range(5).repeat(3).batch(4)),
+    Case("repeat_forever_take", lambda m: m.Dataset.range(3).repeat().take(7).batch(5)),
+    Case("repeat_zero", lambda m: m.Dataset.range(3).repeat(0)),
+    Case("repeat_empty_forever", lambda m: m.Dataset.range(0).repeat()),
+    Case("repeat_unknown", lambda m: _unknown(m, 3).repeat(2)),
+    Case("enumerate_start", lambda m: m.Dataset.from_tensor_slices(["a", "b"]).enumerate(5)),
+    Case(
+        "enumerate_tuple_args",
+        lambda m: (
+            m.Dataset.range(3).map(lambda x: (x, x * 3)).enumerate().map(lambda i, e: i + e[1])
+        ),
+    ),
+    Case("enumerate_infinite", lambda m: m.Dataset.range(3).repeat().enumerate().take(4)),
+    Case(
         "zip_uneven_tuple",
         lambda m: m.Dataset.zip((m.Dataset.range(5), m.Dataset.from_tensor_slices([1.0, 2.0]))),
-        [],
     ),
-    (
-        "zip_nested_dict",
+    Case("zip_single_dataset", lambda m: m.Dataset.zip(m.Dataset.range(2))),
+    Case("zip_one_tuple", lambda m: m.Dataset.zip((m.Dataset.range(2),))),
+    Case(
+        "zip_finite_and_infinite",
         lambda m: m.Dataset.zip(
             {"a": m.Dataset.range(3), "b": (m.Dataset.range(4), m.Dataset.range(2).repeat())}
         ),
-        [],
     ),
-    (
-        "concatenate",
-        lambda m: m.Dataset.range(3).concatenate(m.Dataset.range(10, 12)),
-        [],
+    Case(
+        "zip_empty_and_unknown",
+        lambda m: m.Dataset.zip((m.Dataset.range(0), _unknown(m, 5))),
     ),
-    (
+    Case("concatenate", lambda m: m.Dataset.range(3).concatenate(m.Dataset.range(10, 12))),
+    Case(
         "concatenate_merges_batch_dims",
         lambda m: (
             m.Dataset.range(5)
             .batch(2)
             .concatenate(m.Dataset.range(4).batch(4, drop_remainder=True))
         ),
-        [],
     ),
-    # -- cardinality through longer chains ----------------------------------------------------
-    ("filter_then_batch", lambda m: m.Dataset.range(9).filter(lambda x: x > 2).batch(2), []),
-    (
+    Case(
+        "concatenate_merges_shapes",
+        lambda m: m.Dataset.from_tensors([1, 2]).concatenate(m.Dataset.from_tensors([3])),
+    ),
+    # -- longer chains -------------------------------------------------------------------------
+    Case("filter_then_batch", lambda m: m.Dataset.range(9).filter(lambda x: x > 2).batch(2)),
+    Case(
         "infinite_through_chain",
         lambda m: m.Dataset.range(4).repeat().map(lambda x: x * 2).batch(3).skip(2).take(3),
-        [],
+        xfail={SPEC: BATCH_DIM},
     ),
-    (
+    Case(
         "map_batch_enumerate_shard",
-        lambda m: m.Dataset.range(20).map(lambda x: (x, x * 0.5)).batch(3).enumerate().shard(2, 0),
-        [],
+        lambda m: m.Dataset.range(20).map(lambda x: (x, x * 2)).batch(3).enumerate().shard(2, 0),
+    ),
+    Case(
+        "cache_prefetch_shuffle_sorted_out",
+        lambda m: m.Dataset.range(6).map(lambda x: x * 2).cache().prefetch(2).batch(4),
+    ),
+    Case(
+        "ignore_errors_infinite",
+        lambda m: m.Dataset.range(3).repeat().ignore_errors().take(4),
+        xfail={CARDINALITY: "ignore_errors of INFINITE: tf.data UNKNOWN, feedline INFINITE"},
     ),
 ]
 
 
-def _cases() -> list[Any]:
-    return [pytest.param(build, id=name, marks=marks) for name, build, marks in CASES]
+def _params(aspect: str) -> list[Any]:
+    return [
+        pytest.param(
+            case.build,
+            id=case.name,
+            marks=[pytest.mark.xfail(strict=True, reason=case.xfail[aspect])]
+            if aspect in case.xfail
+            else [],
+        )
+        for case in CASES
+        if aspect in case.aspects
+    ]
 
 
 def _spec_summary(spec: Any) -> Any:
-    """An element spec as plain nests of ``(shape tuple, dtype name)``, for either library."""
+    """An element spec as ``(shape tuple, dtype name)`` leaves, for either library; dicts become
+    lists of pairs so that key order counts."""
     if isinstance(spec, dict):
-        return {k: _spec_summary(v) for k, v in spec.items()}
+        return [(k, _spec_summary(v)) for k, v in spec.items()]
     if isinstance(spec, tuple):
         return tuple(_spec_summary(s) for s in spec)
     shape = spec.shape
@@ -250,38 +474,39 @@ def _spec_summary(spec: Any) -> Any:
     return (dims, name)
 
 
-def _assert_same_leaf_types(got: Any, want: Any, where: str = "element") -> None:
-    """``assert_element_equal`` compares dtypes; this also tells a 0-d array from a scalar."""
+def _assert_same_kinds(got: Any, want: Any, where: str) -> None:
+    """What ``assert_element_equal`` leaves out: dict key order, and leaf types (a 0-d array
+    or ``np.bytes_`` is not the numpy scalar or ``bytes`` tf.data gives)."""
     if isinstance(want, dict):
+        assert list(got) == list(want), f"{where}: key order {list(got)} vs {list(want)}"
         for k in want:
-            _assert_same_leaf_types(got[k], want[k], f"{where}[{k!r}]")
+            _assert_same_kinds(got[k], want[k], f"{where}[{k!r}]")
     elif isinstance(want, tuple):
         for i, (g, w) in enumerate(zip(got, want)):
-            _assert_same_leaf_types(g, w, f"{where}[{i}]")
+            _assert_same_kinds(g, w, f"{where}[{i}]")
     else:
         assert type(got) is type(want), f"{where}: {type(got).__name__} vs {type(want).__name__}"
+        if isinstance(want, np.ndarray) and want.dtype == object:
+            kinds = {type(x) for x in got.reshape(-1)}
+            assert kinds <= {bytes}, f"{where}: string array holds {kinds}"
 
 
-def _elements(module: ModuleType, build: Builder) -> list[Any]:
-    return list(build(module).as_numpy_iterator())
-
-
-@pytest.mark.parametrize("build", _cases())
+@pytest.mark.parametrize("build", _params(ELEMENTS))
 def test_elements_match(build: Builder) -> None:
-    want = _elements(tf.data, build)
-    got = _elements(feedline, build)
+    want = list(build(tf.data).as_numpy_iterator())
+    got = list(build(feedline).as_numpy_iterator())
     assert len(got) == len(want), f"{len(got)} elements, tf.data gives {len(want)}"
     for i, (g, w) in enumerate(zip(got, want)):
         assert_element_equal(g, w, f"element {i}")
-        _assert_same_leaf_types(g, w, f"element {i}")
+        _assert_same_kinds(g, w, f"element {i}")
 
 
-@pytest.mark.parametrize("build", _cases())
+@pytest.mark.parametrize("build", _params(CARDINALITY))
 def test_cardinality_matches(build: Builder) -> None:
     assert build(feedline).cardinality() == int(build(tf.data).cardinality())
 
 
-@pytest.mark.parametrize("build", _cases())
+@pytest.mark.parametrize("build", _params(SPEC))
 def test_element_spec_matches(build: Builder) -> None:
     want = _spec_summary(build(tf.data).element_spec)
     got = _spec_summary(build(feedline).element_spec)

@@ -30,6 +30,13 @@ def jittery(seed: int, max_delay: float = 0.002) -> Any:
     return fn
 
 
+def untuned(ds: fl.Dataset) -> fl.Dataset:
+    """The dataset with AUTOTUNE off, for tests that move knobs themselves."""
+    options = fl.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
+
+
 def stages(it: fl.DatasetIterator) -> dict[str, Any]:
     return {s.name: s for s in it._ctx.stages()}
 
@@ -155,7 +162,7 @@ def test_a_crashing_worker_is_reported_not_hung() -> None:
 
 @pytest.mark.timeout(60)
 def test_knobs_change_while_running_without_losing_or_repeating() -> None:
-    ds = D.range(3000).map(jittery(5, 0.0002), num_parallel_calls=fl.AUTOTUNE).prefetch(4)
+    ds = untuned(D.range(3000).map(jittery(5, 0.0002), num_parallel_calls=fl.AUTOTUNE).prefetch(4))
     out = []
     with ds.iterator() as it:
         by_name = stages(it)
@@ -173,7 +180,7 @@ def test_knobs_change_while_running_without_losing_or_repeating() -> None:
 
 @pytest.mark.timeout(60)
 def test_parallelism_zero_runs_inline_without_threads() -> None:
-    ds = D.range(500).map(lambda x: x + 1, num_parallel_calls=fl.AUTOTUNE)
+    ds = untuned(D.range(500).map(lambda x: x + 1, num_parallel_calls=fl.AUTOTUNE))
     with ds.iterator() as it:
         (stage,) = stages(it).values()
         stage.knobs["parallelism"].set(0)
@@ -411,3 +418,45 @@ def test_output_identical_across_parallelism_for_nested_elements() -> None:
     for parallelism in [1, 2, 8, fl.AUTOTUNE]:
         got = list(D.range(64).map(to_pair, num_parallel_calls=parallelism).batch(8).prefetch(2))
         assert_elements_equal(got, reference)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_chaos_knob_changes_never_lose_reorder_or_hang(seed: int, deterministic: bool) -> None:
+    """A thread flips every knob at random (including to inline and back) while the pipeline
+    runs; the output is still exactly the sequential one (as a multiset when out of order)."""
+    n = 3000
+    ds = (
+        D.range(n)
+        .map(jittery(seed, 0.0002), num_parallel_calls=fl.AUTOTUNE, deterministic=deterministic)
+        .batch(7)
+        .prefetch(fl.AUTOTUNE)
+        .unbatch()
+        .map(lambda x: x + 1, num_parallel_calls=fl.AUTOTUNE, deterministic=deterministic)
+        .prefetch(fl.AUTOTUNE)
+    )
+    ds = untuned(ds)  # only the chaos thread moves knobs
+    stop = threading.Event()
+    rng = random.Random(seed)
+
+    with ds.iterator() as it:
+
+        def chaos() -> None:
+            while not stop.is_set():
+                for stage in it._ctx.stages():
+                    knob = stage.knobs[rng.choice(["parallelism", "buffer_size"])]
+                    knob.set(
+                        rng.randrange(0, 9) if knob.name == "parallelism" else rng.randrange(1, 17)
+                    )
+                time.sleep(rng.random() * 0.003)
+
+        flipper = threading.Thread(target=chaos, name="chaos")
+        flipper.start()
+        try:
+            out = [int(x) for x in it]
+        finally:
+            stop.set()
+            flipper.join()
+    expected = [10 * i + 1 for i in range(n)]
+    assert (out if deterministic else sorted(out)) == expected

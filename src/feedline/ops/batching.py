@@ -17,7 +17,9 @@ from feedline.structure import (
     format_structure,
     is_nest,
     map_structure,
+    normalize_leaf,
     pack_like,
+    same_structure,
     to_array,
 )
 
@@ -33,30 +35,23 @@ def batched_cardinality(n: int, batch_size: int, drop_remainder: bool) -> int:
 def stack_leaf(values: list[Any], stage: str, first_position: int) -> np.ndarray:
     """Stack one component of a batch; a shape mismatch names the positions and the shapes."""
     first = values[0]
-    if isinstance(first, bytes | str):
+    # Fast paths for the common homogeneous columns; anything else is checked value by value.
+    if type(first) is bytes and all(type(v) is bytes for v in values):
         out = np.empty(len(values), dtype=object)
         out[:] = values
         return out
     if isinstance(first, np.generic) and len(set(map(type, values))) == 1:
         return np.fromiter(values, dtype=first.dtype, count=len(values))
-    if isinstance(first, np.ndarray):
-        shape = first.shape
+    shape = np.shape(first)
+    for i, v in enumerate(values):
+        if not (type(v) is np.ndarray and v.shape == shape) and np.shape(v) != shape:
+            raise _shape_mismatch(stage, first_position, 0, shape, i, np.shape(v))
+    if isinstance(first, bytes | str) or (isinstance(first, np.ndarray) and first.dtype == object):
+        out = np.empty((len(values), *shape), dtype=object)
         for i, v in enumerate(values):
-            if not isinstance(v, np.ndarray) or v.shape != shape:
-                raise _shape_mismatch(stage, first_position, 0, shape, i, np.shape(v))
-        if first.dtype == object:
-            out = np.empty((len(values), *shape), dtype=object)
-            for i, v in enumerate(values):
-                out[i] = v
-            return out
-        return np.stack(values)
-    arr = np.asarray(values)
-    if arr.dtype == object and not all(isinstance(v, bytes) for v in values):
-        shapes = [np.shape(v) for v in values]
-        for i, shp in enumerate(shapes):
-            if shp != shapes[0]:
-                raise _shape_mismatch(stage, first_position, 0, shapes[0], i, shp)
-    return arr
+            out[i] = v
+        return out
+    return np.stack(values)
 
 
 def _shape_mismatch(
@@ -71,21 +66,28 @@ def _shape_mismatch(
     )
 
 
+def check_same_structure(elements: list[Any], stage: str, first_position: int) -> None:
+    """Every element nested like the first (same node types, tuple lengths, dict keys)."""
+    first = elements[0]
+    nested = is_nest(first)
+    for i, element in enumerate(elements):
+        if same_structure(first, element) if nested else not is_nest(element):
+            continue
+        raise StageError(
+            stage,
+            first_position + i,
+            f"cannot batch elements of different structures: element {first_position} is "
+            f"{format_structure(first)} but element {first_position + i} is "
+            f"{format_structure(element)}",
+        )
+
+
 def stack_elements(elements: list[Any], stage: str, first_position: int) -> Any:
+    check_same_structure(elements, stage, first_position)
     first = elements[0]
     if not is_nest(first):
         return stack_leaf(elements, stage, first_position)
-    flat = [flatten(e) for e in elements]
-    for i, (element, leaves) in enumerate(zip(elements, flat)):
-        if len(leaves) != len(flat[0]) or type(element) is not type(first):
-            raise StageError(
-                stage,
-                first_position + i,
-                f"cannot batch elements of different structures: element {first_position} is "
-                f"{format_structure(first)} but element {first_position + i} is "
-                f"{format_structure(element)}",
-            )
-    columns = zip(*flat)
+    columns = zip(*(flatten(e) for e in elements))
     return pack_like(first, [stack_leaf(list(c), stage, first_position) for c in columns])
 
 
@@ -102,12 +104,14 @@ class BatchOp(Op):
         return batched_cardinality(self.input.cardinality(), self.batch_size, self.drop_remainder)
 
     def compute_spec(self) -> Any:
-        dim = self.batch_size if self.drop_remainder or self._always_full() else None
-        return map_structure(lambda s: s.with_leading(dim), self.input.element_spec())
+        specs = self.input.element_spec()
+        return map_structure(lambda s: s.with_leading(self.batch_dim), specs)
 
-    def _always_full(self) -> bool:
-        n = self.input.cardinality()
-        return n == INFINITE or (n >= 0 and n % self.batch_size == 0)
+    @property
+    def batch_dim(self) -> int | None:
+        # tf.data's rule: static only with drop_remainder, even when the input's cardinality
+        # says every batch would be full.
+        return self.batch_size if self.drop_remainder else None
 
     def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
         return BatchIterator(self, ctx, state)
@@ -161,21 +165,22 @@ class PaddedBatchOp(BatchOp):
         self.name = f"padded_batch({batch_size})"
 
     def compute_spec(self) -> Any:
-        dim = self.batch_size if self.drop_remainder or self._always_full() else None
         specs = self.input.element_spec()
-        shapes = self._shapes_for(specs)
+        dim = self.batch_dim
 
         def padded(spec: TensorSpec, shape: Any) -> TensorSpec:
             if shape is None:
                 return TensorSpec((dim, *spec.shape), spec.dtype)
             return TensorSpec((dim, *_as_shape(shape)), spec.dtype)
 
-        return map_structure(padded, specs, shapes)
+        leaves = flatten(specs)
+        return pack_like(specs, list(map(padded, leaves, self.flat_shapes(specs))))
 
-    def _shapes_for(self, template: Any) -> Any:
+    def flat_shapes(self, template: Any) -> list[Any]:
+        """One padded shape (or None: pad to the batch's longest) per leaf of ``template``."""
         if self.padded_shapes is None:
-            return map_structure(lambda _: None, template)
-        return self.padded_shapes
+            return [None] * len(flatten(template))
+        return _flatten_up_to(template, self.padded_shapes, "padded_shapes")
 
     def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
         return PaddedBatchIterator(self, ctx, state)
@@ -191,17 +196,14 @@ class PaddedBatchIterator(BatchIterator):
     op: PaddedBatchOp
 
     def combine(self, elements: list[Any], first_position: int) -> Any:
+        check_same_structure(elements, self.op.name, first_position)
         first = elements[0]
-        shapes = self.op._shapes_for(first)
-        values = self.op.padding_values
-        if values is None:
-            values = map_structure(lambda _: None, first)
+        shapes = self.op.flat_shapes(first)
+        values = flatten_padding(self.op.padding_values, first)
         columns = [list(c) for c in zip(*(flatten(e) for e in elements))]
         leaves = [
             self._pad_leaf(column, shape, value, first_position)
-            for column, shape, value in zip(
-                columns, _flatten_shapes(shapes, first), flatten_padding(values, first)
-            )
+            for column, shape, value in zip(columns, shapes, values)
         ]
         return pack_like(first, leaves)
 
@@ -240,7 +242,7 @@ class PaddedBatchIterator(BatchIterator):
                     )
                 target[d] = w
         dtype = arrays[0].dtype
-        fill = _default_padding(dtype) if value is None else value
+        fill = _default_padding(dtype) if value is None else normalize_leaf(value)
         out = np.full((len(arrays), *target), fill, dtype=dtype)
         for i, a in enumerate(arrays):
             region: tuple[int | slice, ...] = (i, *(slice(0, n) for n in a.shape))
@@ -258,23 +260,25 @@ def _default_padding(dtype: np.dtype) -> Any:
     return b"" if dtype == STRING_DTYPE else dtype.type(0)
 
 
-def _flatten_shapes(shapes: Any, template: Any) -> list[Any]:
-    """Flatten ``padded_shapes`` along ``template`` (a shape is a leaf, not a nest)."""
+def _flatten_up_to(template: Any, given: Any, what: str) -> list[Any]:
+    """Flatten ``given`` along ``template``'s nesting only: where the template has a leaf, the
+    value there is one item even if it is a tuple (a shape such as ``(None, 3)``)."""
     if isinstance(template, tuple):
-        return [
-            s for part_s, part_t in zip(shapes, template) for s in _flatten_shapes(part_s, part_t)
-        ]
+        if not isinstance(given, tuple | list) or len(given) != len(template):
+            raise ValueError(f"{what} {given!r} does not match the element structure {template}")
+        return [x for t, g in zip(template, given) for x in _flatten_up_to(t, g, what)]
     if isinstance(template, dict):
-        return [s for k in sorted(template) for s in _flatten_shapes(shapes[k], template[k])]
-    return [shapes]
+        if not isinstance(given, dict) or given.keys() != template.keys():
+            raise ValueError(f"{what} {given!r} does not match the element structure {template}")
+        return [x for k in sorted(template) for x in _flatten_up_to(template[k], given[k], what)]
+    return [given]
 
 
 def flatten_padding(values: Any, template: Any) -> list[Any]:
-    if not is_nest(template):
-        return [values]
-    if not is_nest(values):
+    """One padding value (or None: the default) per leaf; a single value applies to all."""
+    if values is None or not is_nest(values):
         return [values] * len(flatten(template))
-    return _flatten_shapes(values, template)
+    return _flatten_up_to(template, values, "padding_values")
 
 
 class UnbatchOp(Op):
@@ -288,7 +292,8 @@ class UnbatchOp(Op):
         return INFINITE if self.input.cardinality() == INFINITE else UNKNOWN
 
     def compute_spec(self) -> Any:
-        return map_structure(lambda s: s.without_leading(), self.input.element_spec())
+        specs = self.input.element_spec()
+        return map_structure(lambda s: s.without_leading(), specs)
 
     def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
         return UnbatchIterator(self, ctx, state)
@@ -332,9 +337,11 @@ class UnbatchIterator(NodeIterator):
             batch = next(self.input)
         except StopIteration:
             return False
-        self.rows = split_rows(batch, self.op.name, position)
-        self.row_index = 0
+        # Counted before splitting, so a batch that fails to split is not reported twice.
         self.batches_read = position + 1
+        self.rows = []
+        self.row_index = 0
+        self.rows = split_rows(batch, self.op.name, position)
         return True
 
     def __next__(self) -> Any:
@@ -376,14 +383,14 @@ class RebatchOp(Op):
         self.name = f"rebatch({batch_sizes[0] if len(batch_sizes) == 1 else batch_sizes})"
 
     def cardinality(self) -> int:
-        return INFINITE if self.input.cardinality() == INFINITE else UNKNOWN
+        # tf.data's rule: rebatch never knows its cardinality, even over an infinite input.
+        return UNKNOWN
 
     def compute_spec(self) -> Any:
+        specs = self.input.element_spec()
         fixed = self.drop_remainder and len(set(self.batch_sizes)) == 1
         dim = self.batch_sizes[0] if fixed else None
-        return map_structure(
-            lambda s: s.without_leading().with_leading(dim), self.input.element_spec()
-        )
+        return map_structure(lambda s: s.without_leading().with_leading(dim), specs)
 
     def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
         return RebatchIterator(self, ctx, state)

@@ -75,6 +75,7 @@ class MapOp(Op):
     def _stage(self, ctx: IterContext, state: State | None, key: PassKey | None) -> AsyncStage:
         return make_async_stage(
             name=self.name,
+            key=self,
             ctx=ctx,
             make_input=lambda s: self.input.make_iterator(ctx, s),
             transform=self._transform(key),
@@ -160,6 +161,7 @@ class PassStateIterator(NodeIterator):
 def make_async_stage(
     *,
     name: str,
+    key: object,
     ctx: IterContext,
     make_input: Callable[[State | None], NodeIterator],
     transform: Transform | None,
@@ -177,6 +179,7 @@ def make_async_stage(
         parallelism = num_parallel_calls
     return AsyncStage(
         name=name,
+        key=key,
         ctx=ctx,
         make_input=make_input,
         transform=transform,
@@ -184,8 +187,8 @@ def make_async_stage(
         parallelism=parallelism,
         parallelism_tunable=autotune,
         max_parallelism=ctx.options.max_parallelism if autotune else max(parallelism, 0),
-        buffer_size=None,
-        buffer_tunable=autotune,
+        buffer_size=None,  # sized by the stage from parallelism and chunk size
+        buffer_tunable=False,
         deterministic=ctx.options.deterministic if deterministic is None else deterministic,
     )
 

@@ -28,15 +28,19 @@ class PrefetchOp(Op):
         return self.input.element_spec()
 
     def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
-        # One worker pulls the input ahead (more could not pull faster: pulls are serial).
+        # One worker pulls the input ahead (more could not pull faster: pulls are serial). Tuned,
+        # it may also stop (0): reading ahead costs a hand-off per element, which only pays
+        # when the consumer has work of its own to overlap with.
+        tuned = self.buffer_size is None
         return AsyncStage(
             name=self.name,
+            key=self,
             ctx=ctx,
             make_input=lambda s: self.input.make_iterator(ctx, s),
             transform=None,
             state=state,
             parallelism=1,
-            parallelism_tunable=False,
+            parallelism_tunable=tuned,
             max_parallelism=1,
             buffer_size=self.buffer_size or DEFAULT_AUTOTUNE_BUFFER,
             buffer_tunable=self.buffer_size is None,

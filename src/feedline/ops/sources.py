@@ -10,14 +10,17 @@ import numpy as np
 from feedline.errors import StageError, wrap_user_error
 from feedline.ops.base import UNKNOWN, Op
 from feedline.runtime.context import IterContext
-from feedline.runtime.iterator import NodeIterator, State, skip_elements
+from feedline.runtime.iterator import NodeIterator, State
 from feedline.structure import (
+    STRING_DTYPE,
     TensorSpec,
     flatten,
+    is_namedtuple,
     is_nest,
     leaf_spec,
     map_structure,
     normalize,
+    normalize_leaf,
     pack_like,
     scalar_if_0d,
     spec_of,
@@ -97,10 +100,12 @@ class TensorSlicesOp(Op):
 
     def __init__(self, tensors: Any) -> None:
         super().__init__()
-        if isinstance(tensors, list) and tensors and all(is_nest(t) for t in tensors):
+        if isinstance(tensors, list) and any(_is_record(t) for t in tensors):
+            # A list of tuples of numbers is one tensor to tf.data (rows of a matrix), but rows
+            # holding dicts or strings are records, which tf.data cannot convert either.
             raise TypeError(
-                "from_tensor_slices got a list of tuples/dicts; pass a tuple/dict of lists "
-                "(one per component) instead, as in tf.data"
+                "from_tensor_slices got a list of records (dicts, or tuples holding strings); "
+                "pass a tuple/dict of lists (one per component) instead, as in tf.data"
             )
         self.structure = map_structure(owned_array, tensors)
         leaves = flatten(self.structure)
@@ -163,6 +168,14 @@ class SlicesIterator(NodeIterator):
 
     def get_state(self) -> State:
         return {"index": self.index}
+
+
+def _is_record(row: Any) -> bool:
+    if isinstance(row, dict):
+        return True
+    return isinstance(row, tuple) and any(
+        isinstance(leaf, str | bytes | dict) or _is_record(leaf) for leaf in row
+    )
 
 
 class TensorsOp(Op):
@@ -284,10 +297,23 @@ def _conform(value: Any, signature: Any, stage: str, position: int) -> Any:
     """``value`` as the declared structure, dtypes and shapes, like tf.data's from_generator:
     values are cast (from the raw Python value, so a float declared float64 keeps its
     precision) and a mismatch is an error of this element."""
-    if isinstance(value, list) and isinstance(signature, tuple):
-        value = tuple(value)
-    if not same_nesting(signature, value):
-        raise StageError(
+
+    def conform(spec: Any, part: Any) -> Any:
+        # Walks the signature, not the value: where the signature has a leaf, the value there
+        # is one tensor whatever it is (tf.data converts a yielded tuple to an array there).
+        if isinstance(spec, tuple):
+            if not isinstance(part, tuple) or len(part) != len(spec):
+                raise mismatch()
+            parts = [conform(s, p) for s, p in zip(spec, part)]
+            return type(spec)(*parts) if is_namedtuple(spec) else tuple(parts)
+        if isinstance(spec, dict):
+            if not isinstance(part, dict) or part.keys() != spec.keys():
+                raise mismatch()
+            return {k: conform(spec[k], part[k]) for k in spec}
+        return cast(spec, part)
+
+    def mismatch() -> StageError:
+        return StageError(
             stage,
             position,
             f"the generator yielded {value!r}, which does not match the declared structure "
@@ -312,7 +338,7 @@ def _conform(value: Any, signature: Any, stage: str, position: int) -> Any:
             )
         return arr[()] if arr.ndim == 0 else arr
 
-    return map_structure(cast, signature, value)
+    return conform(signature, value)
 
 
 def _as_declared_dtype(leaf: Any, dtype: np.dtype) -> np.ndarray:
@@ -322,6 +348,8 @@ def _as_declared_dtype(leaf: Any, dtype: np.dtype) -> np.ndarray:
             raise TypeError(f"cannot convert {arr.dtype.name} values to {dtype.name}")
         return np.asarray(arr, dtype=dtype)
     arr = to_array(normalize_leaf(leaf))
+    if arr.size == 0:
+        return np.empty(arr.shape, dtype=STRING_DTYPE)
     if arr.dtype != STRING_DTYPE or not all(isinstance(v, bytes) for v in arr.flat):
         raise TypeError("expected strings (str or bytes)")
     return arr

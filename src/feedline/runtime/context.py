@@ -24,6 +24,8 @@ class IterContext:
         # anything a real pass would see, such as a shuffle's run number.
         self.probe = probe
         self._stages: list[Tunable] = []
+        self._tuned: dict[object, dict[str, int]] = {}
+        self._retired: list[Tunable] = []
         self._lock = threading.Lock()
 
     def register(self, stage: Tunable) -> None:
@@ -31,10 +33,26 @@ class IterContext:
             self._stages.append(stage)
 
     def unregister(self, stage: Tunable) -> None:
+        """A closed stage leaves the tuner's view; what it measured stays in ``retired``."""
         with self._lock:
             if stage in self._stages:
                 self._stages.remove(stage)
+                self._retired.append(stage)
 
     def stages(self) -> list[Tunable]:
         with self._lock:
             return list(self._stages)
+
+    def all_stages(self) -> list[Tunable]:
+        """Every stage this run made, closed ones included (for stats)."""
+        with self._lock:
+            return self._retired + self._stages
+
+    def remember(self, key: object, knobs: dict[str, int]) -> None:
+        """Knob values tuned for the op ``key``, for stages made for it later in this run."""
+        with self._lock:
+            self._tuned[key] = dict(knobs)
+
+    def remembered(self, key: object) -> dict[str, int]:
+        with self._lock:
+            return dict(self._tuned.get(key, {}))

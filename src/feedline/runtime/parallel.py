@@ -120,8 +120,10 @@ class AsyncStage(NodeIterator, Tunable):
         buffer_size: int | None,
         buffer_tunable: bool,
         deterministic: bool,
+        key: object = None,
     ) -> None:
         self.name = name
+        self.key = key if key is not None else object()
         self.ctx = ctx
         self.transform = transform
         self.deterministic = deterministic
@@ -153,6 +155,10 @@ class AsyncStage(NodeIterator, Tunable):
                 "buffer_size", buffer_size or 1, 1, 1 << 20, buffer_tunable, self._knobs_changed
             ),
         }
+        # What the tuner chose for this op in an earlier stage of the same run (an earlier epoch
+        # under repeat) is where this one starts.
+        for knob_name, value in ctx.remembered(self.key).items():
+            self.knobs[knob_name]._value = value
         self._auto_buffer = buffer_size is None
         self.max_buffer_bytes = DEFAULT_MAX_BUFFER_BYTES
         self.metrics = StageMetrics()
@@ -214,7 +220,16 @@ class AsyncStage(NodeIterator, Tunable):
         # Grow at most x2 per chunk, so one cheap outlier cannot make a huge chunk.
         self._chunk_size = int(max(1, min(MAX_CHUNK, ideal, self._chunk_size * 2)))
 
+    @property
+    def chunk_size(self) -> int:
+        return self._chunk_size
+
+    @property
+    def has_own_work(self) -> bool:
+        return self.transform is not None
+
     def _knobs_changed(self) -> None:
+        self.ctx.remember(self.key, {name: knob.value for name, knob in self.knobs.items()})
         with self._lock:
             self._space_free.notify_all()
             self._results_ready.notify_all()
@@ -301,10 +316,9 @@ class AsyncStage(NodeIterator, Tunable):
                 except Exception as e:
                     raw, failed = [Failed(e)], True
                 if self.transform is None:
-                    with self.metrics.lock:
-                        self.metrics.work_wall += time.perf_counter() - started
-                        self.metrics.work_cpu += time.thread_time() - cpu_started
-                    self._learn_cost(len(raw), time.perf_counter() - started)
+                    wall = time.perf_counter() - started
+                    self.metrics.add_work(len(raw), wall, time.thread_time() - cpu_started)
+                    self._learn_cost(len(raw), wall)
                 self._next_position += len(raw)
                 positions: Sequence[int] = range(start, self._next_position)
                 if self._skip and raw:
@@ -346,9 +360,7 @@ class AsyncStage(NodeIterator, Tunable):
             cpu_started = time.thread_time()
             chunk.outputs, chunk.failures = self.transform(chunk.outputs, chunk.positions)
             wall = time.perf_counter() - started
-            with self.metrics.lock:
-                self.metrics.work_wall += wall
-                self.metrics.work_cpu += time.thread_time() - cpu_started
+            self.metrics.add_work(len(chunk.outputs), wall, time.thread_time() - cpu_started)
             self._learn_cost(len(chunk.outputs), wall)
         outputs = chunk.outputs
         per_element = element_nbytes(outputs[0]) if outputs else 0
@@ -364,35 +376,41 @@ class AsyncStage(NodeIterator, Tunable):
                 self.metrics.chunks += 1
                 self.metrics.buffered_bytes = self._ready_bytes
                 self.metrics.buffered_elements = self._reserved
+                self.metrics.bytes_per_element = self._bytes_per_element
             self._results_ready.notify_all()
 
     # -- consumer ----------------------------------------------------------------------------
 
     def _next_ready(self) -> _Chunk | None:
-        """Block until the next chunk to deliver is ready; None at the end."""
-        if self.parallelism == 0 and not self._open and self._end_seq is None:
-            return self._run_inline()
-        if not self._workers:
+        """Block until the next chunk to deliver is ready; None at the end.
+
+        Chunks are always delivered through the same ordered pick, whoever made them: with
+        parallelism 0 the consumer makes the next chunk itself, but only once no worker chunk
+        is still in flight (a worker may still be finishing one after a switch to inline).
+        """
+        if not self._workers and self.parallelism > 0:
             self._ensure_workers()  # later changes of parallelism start workers themselves
         waited_since = time.perf_counter()
-        with self._lock:
+        try:
             while True:
-                chunk = self._pick_ready()
-                if chunk is not None or self._closing:
-                    break
-                if self._crash is not None:
-                    raise StageError(self.name, None, "a worker thread crashed") from self._crash
-                if self._end_seq is not None and not self._open:
-                    break
-                if self.parallelism == 0 and not self._open:
-                    break  # switched to inline while waiting: run it below
-                self._results_ready.wait()
-        wait = time.perf_counter() - waited_since
-        with self.metrics.lock:
-            self.metrics.consumer_wait += wait
-        if chunk is None and self.parallelism == 0 and self._end_seq is None and not self._closing:
-            return self._run_inline()
-        return chunk
+                with self._lock:
+                    chunk = self._pick_ready()
+                    if chunk is not None or self._closing:
+                        return chunk
+                    if self._crash is not None:
+                        raise StageError(
+                            self.name, None, "a worker thread crashed"
+                        ) from self._crash
+                    if self._end_seq is not None and not self._open:
+                        return None
+                    inline = self.parallelism == 0 and all(c.ready for c in self._open.values())
+                    if not inline:
+                        self._results_ready.wait()
+                        continue
+                self._run_inline()
+        finally:
+            with self.metrics.lock:
+                self.metrics.consumer_wait += time.perf_counter() - waited_since
 
     def has_ready(self) -> bool:
         """True when the next ``next()`` would not block (an element, an error or the end)."""
@@ -419,14 +437,14 @@ class AsyncStage(NodeIterator, Tunable):
             self._finished_order.pop(0)
         return None
 
-    def _run_inline(self) -> _Chunk | None:
+    def _run_inline(self) -> None:
+        """Make the next chunk in the consumer's thread (it is then picked like any other)."""
         with self._lock:
             size = self._next_chunk_size()
             self._reserved += size
         chunk = self._issue(size)
         if chunk is not None:
             self._run(chunk)
-        return chunk
 
     def _retire(self, chunk: _Chunk) -> None:
         with self._lock:

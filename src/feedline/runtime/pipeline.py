@@ -1,10 +1,13 @@
-"""The iterator users hold: one pass over a dataset, closable and resumable."""
+"""The iterator users hold: one pass over a dataset, closable, resumable and observable."""
 
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
+from feedline.autotune.budget import budget_for
+from feedline.autotune.tuner import RootCounters, Tuner
 from feedline.options import Options
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import EmptyIterator, NodeIterator, State
@@ -18,6 +21,7 @@ class DatasetIterator:
     ``get_state()`` returns a small dict (picklable; JSON-able unless an op holds non-JSON
     values); ``dataset.iterator(state)`` or ``set_state(state)`` resume right after the last
     element returned, so outputs before + after equal one uninterrupted pass.
+    ``stats()`` and ``report()`` show what each stage does and what AUTOTUNE decided.
     """
 
     def __init__(self, op: Any, options: Options, state: State | None = None) -> None:
@@ -25,6 +29,7 @@ class DatasetIterator:
         self._options = options
         self._root: NodeIterator = EmptyIterator()
         self._closed = False
+        self._tuner: Tuner | None = None
         self._start(state)
 
     def _start(self, state: State | None) -> None:
@@ -32,8 +37,23 @@ class DatasetIterator:
         if state is not None:
             root_state = self._check_state(state)
         self._ctx = IterContext(self._options)
+        self._counters = RootCounters()
+        self._started = time.perf_counter()
+        self._tuner_checked = False
+        self._tuner = None
         self._root = self._op.make_iterator(self._ctx, root_state)
         self._closed = False
+
+    def _start_tuner(self) -> None:
+        """Tune only what the user left to AUTOTUNE, and only when tuning is enabled."""
+        self._tuner_checked = True
+        options = self._ctx.options
+        tunable = any(knob.tunable for stage in self._ctx.stages() for knob in stage.knobs.values())
+        if options.autotune_enabled and tunable:
+            self._tuner = Tuner(
+                self._ctx.stages, self._counters, budget_for(options.autotune), self._started
+            )
+            self._tuner.start()
 
     def _pipeline(self) -> list[str]:
         names = []
@@ -61,17 +81,40 @@ class DatasetIterator:
     def __next__(self) -> Any:
         if self._closed:
             raise StopIteration
+        if not self._tuner_checked:
+            self._start_tuner()
+        counters = self._counters
+        started = time.perf_counter()
         try:
-            return next(self._root)
+            element = next(self._root)
         except KeyboardInterrupt:
             # Ctrl-C while waiting for data: stop every worker now rather than whenever the
             # traceback (which keeps this iterator alive) is dropped.
             self.close()
             raise
+        finally:
+            counters.wait += time.perf_counter() - started
+        counters.delivered += 1
+        return element
 
     def buffered_bytes(self) -> int:
         """Bytes held by this pass's buffers right now (finished, undelivered elements)."""
         return sum(stage.metrics.buffered_bytes for stage in self._ctx.stages())
+
+    def stats(self) -> dict[str, Any]:
+        """Per stage: knobs, elements, time per element, CPU share, consumer wait, buffers;
+        the consumer's side; and AUTOTUNE's decisions so far."""
+        from feedline.observe.stats import collect_stats
+
+        return collect_stats(self)
+
+    def report(self, file: Any = None) -> str:
+        """A table of ``stats()``, the bottleneck and what would help; printed and returned."""
+        from feedline.observe.stats import format_report
+
+        text = format_report(self.stats())
+        print(text, file=file)
+        return text
 
     def get_state(self) -> State:
         return {
@@ -88,6 +131,8 @@ class DatasetIterator:
         """Stop the pass and release its resources; further ``next`` calls stop at once."""
         if not self._closed:
             self._closed = True
+            if self._tuner is not None:
+                self._tuner.stop()  # kept: stats() still shows its decisions
             self._root.close()
 
     def __enter__(self) -> DatasetIterator:

@@ -9,6 +9,7 @@ it never touches a stage otherwise, and stages never import the tuner.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -67,7 +68,10 @@ class StageMetrics:
     worker_idle: float = 0.0
     buffered_elements: int = 0
     buffered_bytes: int = 0
+    bytes_per_element: float = 0.0
     errors: int = 0
+    # Recent per-element work times (one sample per chunk), for percentiles in stats().
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=512), repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def snapshot(self) -> dict[str, float]:
@@ -81,13 +85,36 @@ class StageMetrics:
                 "worker_idle": self.worker_idle,
                 "buffered_elements": self.buffered_elements,
                 "buffered_bytes": self.buffered_bytes,
+                "bytes_per_element": self.bytes_per_element,
                 "errors": self.errors,
             }
 
+    def add_work(self, elements: int, wall: float, cpu: float) -> None:
+        with self.lock:
+            self.work_wall += wall
+            self.work_cpu += cpu
+            if elements:
+                self.recent.append(wall / elements)
+
 
 class Tunable:
-    """What a tunable stage offers the tuner (and stats): a name, knobs and metrics."""
+    """What a tunable stage offers the tuner (and stats): a name, knobs and metrics.
+
+    ``key`` identifies the op the stage runs, and stays the same when a stage is made again
+    (each epoch under ``repeat``), so what was tuned carries over; ``chunk_size`` is how many
+    elements a worker takes at once.
+    """
 
     name: str
+    key: object
     knobs: dict[str, Knob]
     metrics: StageMetrics
+
+    @property
+    def chunk_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def has_own_work(self) -> bool:
+        """False when the stage's work time is only waiting on its input (a prefetch)."""
+        raise NotImplementedError

@@ -1,0 +1,76 @@
+"""What the tuner may use: CPU and RAM budgets, measured on this machine for this process."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from feedline.options import AutotuneOptions
+
+# Share of the memory available when the pipeline starts that its buffers may hold by default
+# (tf.data's autotuner uses half of RAM too).
+DEFAULT_RAM_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class Budget:
+    cpu: float  # cores this process may use
+    ram: int  # bytes the pipeline's buffers may hold
+
+
+def usable_cores() -> float:
+    """Cores this process may run on: its CPU affinity, lowered by a cgroup CPU quota."""
+    try:
+        cores = float(len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - platforms without sched_getaffinity
+        cores = float(os.cpu_count() or 1)
+    quota = cgroup_cpu_quota()
+    return max(1.0, min(cores, quota)) if quota else cores
+
+
+def cgroup_cpu_quota() -> float | None:
+    """The cgroup (v2, else v1) CPU limit in cores, or None when there is none."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            return int(quota) / int(period)
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f:
+            quota_us = int(f.read())
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+            period_us = int(f.read())
+        return quota_us / period_us if quota_us > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (psutil, else /proc/meminfo)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30  # unknown platform: assume a small machine
+
+
+def budget_for(options: AutotuneOptions) -> Budget:
+    cpu = float(options.cpu_budget) if options.cpu_budget else usable_cores()
+    ram = (
+        int(options.ram_budget)
+        if options.ram_budget
+        else int(available_memory() * DEFAULT_RAM_FRACTION)
+    )
+    return Budget(cpu=cpu, ram=ram)

@@ -1,0 +1,393 @@
+"""The tuner: watches a running pipeline and moves its knobs, one experiment at a time.
+
+It reads only ``StageMetrics`` (per stage) and the root's delivery counters, and writes only
+``Knob``s, through ``runtime/tunable.py``; it knows nothing of ops.
+
+How it decides (every tick; ticks are frequent at first and slow down once nothing changes):
+
+- The objective is the rate at which the consumer receives elements. When the consumer waits
+  for the pipeline (it *stalls*), the pipeline is the bottleneck: the tuner scales the stage
+  its consumer waits on most, among those whose workers are busy doing their own work.
+  A stage that mostly *waits* (wall time far above CPU time, e.g. I/O latency) doubles its
+  parallelism, past the core count, within the RAM budget; a stage that computes adds one
+  worker at a time, within the CPU budget.
+- Each change is an experiment: after a settling window the tuner compares the rate with the
+  rate before. A gain is kept (and, for a scale-up, followed by another step). No gain from a
+  scale-up is reverted, and the stage is marked saturated there — e.g. a pure-Python function
+  holding the GIL — after which the tuner tries *fewer* workers, down to zero (the function
+  then runs inline in the consumer's thread, with no hand-off cost at all), keeping every
+  decrease that does not cost rate.
+- When the consumer never stalls, the pipeline is faster than needed: the tuner shrinks
+  what sits idle (workers blocked on a full buffer, buffers that stay full), reverting any
+  shrink that makes the consumer stall.
+- A shift in the consumer's rate or stall (a training step that slows down or speeds up)
+  clears the saturation marks and makes ticks frequent again.
+
+Every decision is recorded with its reason and logged at DEBUG on ``feedline.autotune``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from feedline.autotune.budget import Budget
+from feedline.runtime.tunable import Knob, Tunable
+
+logger = logging.getLogger("feedline.autotune")
+
+FIRST_INTERVAL = 0.05
+MAX_INTERVAL = 1.0
+MIN_WINDOW = 0.1  # a measuring window lasts at least this long ...
+LATENCIES_PER_WINDOW = 3  # ... and this many per-element times of the stage under test ...
+SETTLE_ELEMENTS = 8  # ... and sees this many elements move (at the root or one stage) ...
+MAX_WINDOW = 2.0  # ... unless it has lasted this long: then it is judged on what it saw
+STALL = 0.01  # the consumer stalls when it waits more than this fraction of the time
+NO_STALL = 0.002  # ... and is served comfortably below this
+GAIN = 0.05  # a change must raise the rate by this much to be worth its cost
+LOSS = 0.03  # a decrease may cost at most this much rate
+WAITING_WORK = 0.5  # CPU time / wall time below this: the work mostly waits (I/O)
+PURE_WAITING = 0.1  # ... below this it is almost all waiting: scale in bigger steps
+BUSY = 0.5  # workers spending this fraction of their time on their own work are "busy"
+
+
+@dataclass
+class Decision:
+    """One knob change (or revert) with the reason for it."""
+
+    time: float  # seconds since the pipeline started
+    stage: str
+    knob: str
+    old: int
+    new: int
+    reason: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.time:7.2f}s  {self.stage}.{self.knob}: {self.old} -> {self.new}  "
+            f"({self.reason})"
+        )
+
+
+@dataclass
+class StageWindow:
+    """What a stage did between two ticks."""
+
+    stage: Tunable
+    rate: float  # elements delivered per second
+    consumer_wait: float  # fraction of the window its consumer spent waiting for it
+    busy: float  # fraction of worker time spent on the stage's own work
+    cpu_share: float  # CPU time / wall time of that work (1: computing; ~0: waiting)
+    idle: float  # fraction of worker time spent blocked on a full buffer
+    bytes_per_element: float
+
+
+@dataclass
+class Experiment:
+    stage: Tunable
+    knob: Knob
+    old: int
+    new: int
+    direction: int  # +1 scale up, -1 scale down
+    baseline_rate: float
+    baseline_stall: float
+    started: float
+
+
+@dataclass
+class RootCounters:
+    """The consumer's side of the pipeline, counted by the public iterator."""
+
+    delivered: int = 0
+    wait: float = 0.0
+
+
+@dataclass
+class TunerState:
+    history: list[Decision] = field(default_factory=list)
+    saturated: dict[object, int] = field(default_factory=dict)  # stage key -> parallelism
+    floor_reached: set[object] = field(default_factory=set)  # stages that cannot shrink further
+
+
+class Tuner:
+    """Runs beside one pipeline on a daemon thread; ``stop()`` ends it."""
+
+    def __init__(
+        self,
+        stages: Callable[[], list[Tunable]],
+        root: RootCounters,
+        budget: Budget,
+        started: float,
+    ) -> None:
+        self._stages = stages
+        self._root = root
+        self.budget = budget
+        self._started = started
+        self.state = TunerState()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._experiment: Experiment | None = None
+        self._previous: dict[object, dict[str, float]] = {}
+        self._previous_root = (0, 0.0, time.perf_counter())
+        self._last_rate = 0.0
+        self._last_stall = 0.0
+        self.interval = FIRST_INTERVAL
+        self.cpu_seconds = 0.0  # the tuner's own cost
+        self._thread = threading.Thread(target=self._run, name="feedline-autotune", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2.0)
+
+    @property
+    def history(self) -> list[Decision]:
+        with self._lock:
+            return list(self.state.history)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            cpu_started = time.thread_time()
+            try:
+                self.step()
+            except Exception:  # the tuner must never take the pipeline down
+                logger.exception("autotune step failed; knobs left as they are")
+            self.cpu_seconds += time.thread_time() - cpu_started
+
+    # -- one tick ----------------------------------------------------------------------------
+
+    def step(self, now: float | None = None) -> None:
+        """Measure the last window and make at most one decision."""
+        now = time.perf_counter() if now is None else now
+        delivered, wait, since = self._root.delivered, self._root.wait, self._previous_root[2]
+        dt = now - since
+        snapshots = {stage.key: (stage, stage.metrics.snapshot()) for stage in self._stages()}
+        if not self._window_complete(dt, delivered - self._previous_root[0], snapshots):
+            return  # windows (before and after a change) must be long enough to compare
+        windows = self._windows(dt, snapshots)  # the same window as the root's
+        experiment = self._experiment
+        rate = (delivered - self._previous_root[0]) / dt
+        stall = (wait - self._previous_root[1]) / dt
+        self._previous_root = (delivered, wait, now)
+        if delivered == 0:
+            return
+        if experiment is not None:
+            tested = next((w for w in windows if w.stage.key == experiment.stage.key), None)
+            self._judge(experiment, rate if tested is None else tested.rate, stall)
+            self._experiment = None
+        else:
+            self._notice_shift(rate, stall)
+            self._decide(windows, rate, stall, now)
+        self._last_rate, self._last_stall = rate, stall
+        changed = self._experiment is not None
+        self.interval = FIRST_INTERVAL if changed else min(MAX_INTERVAL, self.interval * 1.5)
+
+    def _window_complete(
+        self, dt: float, root_moved: int, snapshots: dict[object, tuple[Tunable, dict[str, float]]]
+    ) -> bool:
+        if dt >= MAX_WINDOW:
+            return True
+        shortest = MIN_WINDOW
+        experiment = self._experiment
+        if experiment is not None and experiment.stage.key in snapshots:
+            stage, now = snapshots[experiment.stage.key]
+            before: dict[str, float] = self._previous.get(stage.key, {})
+            work = now["work_wall"] - before.get("work_wall", 0.0)
+            done = now["elements"] - before.get("elements", 0.0)
+            if done > 0:
+                shortest = max(shortest, LATENCIES_PER_WINDOW * work / done)
+        if dt < shortest:
+            return False
+        moved = max(
+            [root_moved]
+            + [
+                now["elements"] - self._previous.get(key, {}).get("elements", 0.0)
+                for key, (_, now) in snapshots.items()
+            ]
+        )
+        return moved >= SETTLE_ELEMENTS
+
+    def _windows(
+        self, dt: float, snapshots: dict[object, tuple[Tunable, dict[str, float]]]
+    ) -> list[StageWindow]:
+        out = []
+        for key, (stage, now) in snapshots.items():
+            before = self._previous.get(key, {k: 0.0 for k in now})
+            self._previous[key] = now
+            workers = max(1, stage.knobs["parallelism"].value)
+            work = now["work_wall"] - before["work_wall"]
+            out.append(
+                StageWindow(
+                    stage=stage,
+                    rate=(now["elements"] - before["elements"]) / dt,
+                    consumer_wait=(now["consumer_wait"] - before["consumer_wait"]) / dt,
+                    busy=work / (dt * workers),
+                    cpu_share=(now["work_cpu"] - before["work_cpu"]) / work if work > 0 else 1.0,
+                    idle=(now["worker_idle"] - before["worker_idle"]) / (dt * workers),
+                    bytes_per_element=now["bytes_per_element"],
+                )
+            )
+        return out
+
+    def _notice_shift(self, rate: float, stall: float) -> None:
+        """The consumer changed speed: what was saturated may not be any more."""
+        if self._last_rate <= 0:
+            return
+        shifted = abs(rate - self._last_rate) > 0.3 * self._last_rate or (
+            (stall > STALL) != (self._last_stall > STALL)
+        )
+        if shifted:
+            self.state.saturated.clear()
+            self.state.floor_reached.clear()
+            self.interval = FIRST_INTERVAL
+
+    # -- experiments -------------------------------------------------------------------------
+
+    def _judge(self, e: Experiment, rate: float, stall: float) -> None:
+        base = max(e.baseline_rate, 1e-9)
+        gain = rate / base - 1
+        key = e.stage.key
+        if e.direction > 0:
+            if gain >= GAIN or (stall < e.baseline_stall - STALL and gain > -LOSS):
+                return  # kept; the next decision may scale further
+            self._set(e.stage, e.knob, e.old, f"no gain from {e.new} ({gain:+.0%}): back")
+            self.state.saturated[key] = e.old
+            return
+        stalls_now = stall > max(STALL, e.baseline_stall + STALL / 2)
+        if gain < -LOSS or stalls_now:
+            self._set(e.stage, e.knob, e.old, f"{e.new} cost rate ({gain:+.0%}): back")
+            self.state.floor_reached.add(key)
+
+    def _decide(self, windows: list[StageWindow], rate: float, stall: float, now: float) -> None:
+        if not windows:
+            return
+        if stall > STALL:
+            if self._scale_up(windows, rate, stall, now):
+                return
+            self._scale_down(windows, rate, stall, now, reason="more workers do not help")
+        elif stall < NO_STALL:
+            self._scale_down(windows, rate, stall, now, reason="consumer never waits")
+
+    def _scale_up(self, windows: list[StageWindow], rate: float, stall: float, now: float) -> bool:
+        candidates = sorted(
+            (w for w in windows if w.consumer_wait > STALL / 2),
+            key=lambda w: w.consumer_wait,
+            reverse=True,
+        )
+        for w in candidates:
+            key = w.stage.key
+            parallelism = w.stage.knobs["parallelism"]
+            saturated_at = self.state.saturated.get(key)
+            if (
+                parallelism.tunable
+                and (w.busy > BUSY or parallelism.value == 0)
+                and (saturated_at is None or parallelism.value < saturated_at)
+            ):
+                target = self._scaled_parallelism(w, windows)
+                if target > parallelism.value:
+                    reason = (
+                        f"consumer waits {w.consumer_wait:.0%} of the time; workers "
+                        f"{'wait' if w.cpu_share < WAITING_WORK else 'compute'} "
+                        f"(cpu {w.cpu_share:.0%} of wall)"
+                    )
+                    self._try(w.stage, parallelism, target, +1, rate, stall, now, reason)
+                    return True
+            buffer = w.stage.knobs["buffer_size"]
+            if buffer.tunable and w.idle > 0.05 and self._ram_allows(windows, w, buffer.value):
+                reason = f"consumer found it empty {w.consumer_wait:.0%} of the time"
+                self._try(w.stage, buffer, buffer.value * 2, +1, rate, stall, now, reason)
+                return True
+        return False
+
+    def _scaled_parallelism(self, w: StageWindow, windows: list[StageWindow]) -> int:
+        knob = w.stage.knobs["parallelism"]
+        current = knob.value
+        if current == 0:
+            return 1
+        if w.cpu_share < WAITING_WORK:
+            # Latency-bound: calls in flight are cheap; when the work is almost all waiting,
+            # take big steps, since a run may not last long enough for many small ones.
+            target = current * (4 if w.cpu_share < PURE_WAITING else 2)
+        else:
+            cpu_in_use = sum(
+                x.stage.knobs["parallelism"].value * min(1.0, x.cpu_share) for x in windows
+            )
+            if cpu_in_use + w.cpu_share > self.budget.cpu + 0.5:
+                return current
+            target = current + 1
+        while target > current and not self._ram_allows_parallelism(w, windows, target):
+            target = current + (target - current) // 2
+        return min(target, knob.maximum)
+
+    def _scale_down(
+        self, windows: list[StageWindow], rate: float, stall: float, now: float, reason: str
+    ) -> None:
+        for w in sorted(windows, key=lambda w: w.idle, reverse=True):
+            key = w.stage.key
+            if key in self.state.floor_reached:
+                continue
+            parallelism = w.stage.knobs["parallelism"]
+            consumer_bound = stall < NO_STALL
+            # With the consumer comfortably served, shed idle workers but keep at least one
+            # (inline work would add to the consumer's own step); otherwise, after scale-ups
+            # failed, fewer (even none) may be faster.
+            floor = 1 if consumer_bound else 0
+            if (
+                parallelism.tunable
+                and parallelism.value > floor
+                and (not consumer_bound or w.idle > 0.3)
+            ):
+                step = max(1, parallelism.value // 2) if w.idle > 0.6 else 1
+                target = max(floor, parallelism.value - step)
+                self._try(w.stage, parallelism, target, -1, rate, stall, now, reason)
+                return
+            buffer = w.stage.knobs["buffer_size"]
+            if buffer.tunable and buffer.value > 1 and consumer_bound and w.idle > 0.3:
+                self._try(w.stage, buffer, buffer.value // 2, -1, rate, stall, now, reason)
+                return
+            self.state.floor_reached.add(key)
+
+    def _ram_allows(self, windows: list[StageWindow], w: StageWindow, extra_elements: int) -> bool:
+        held = sum(x.stage.metrics.buffered_bytes for x in windows)
+        return held + extra_elements * max(w.bytes_per_element, 1.0) <= self.budget.ram
+
+    def _ram_allows_parallelism(
+        self, w: StageWindow, windows: list[StageWindow], target: int
+    ) -> bool:
+        # Each worker may hold about two chunks of outputs.
+        extra = 2 * max(1, target - w.stage.knobs["parallelism"].value) * w.stage.chunk_size
+        return self._ram_allows(windows, w, extra)
+
+    def _try(
+        self,
+        stage: Tunable,
+        knob: Knob,
+        target: int,
+        direction: int,
+        rate: float,
+        stall: float,
+        now: float,
+        reason: str,
+    ) -> None:
+        old = knob.value
+        applied = self._set(stage, knob, target, reason)
+        if applied != old:
+            self._experiment = Experiment(stage, knob, old, applied, direction, rate, stall, now)
+
+    def _set(self, stage: Tunable, knob: Knob, value: int, reason: str) -> int:
+        old = knob.value
+        applied = knob.set(value)
+        if applied != old:
+            decision = Decision(
+                time.perf_counter() - self._started, stage.name, knob.name, old, applied, reason
+            )
+            with self._lock:
+                self.state.history.append(decision)
+            logger.debug("%s", decision)
+        return applied

@@ -1,0 +1,1 @@
+"""Seeing what a pipeline does: stats, the bottleneck, AUTOTUNE's decisions."""

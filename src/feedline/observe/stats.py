@@ -1,0 +1,201 @@
+"""``it.stats()`` and ``it.report()``: per-stage numbers, the bottleneck and what would help."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from feedline.runtime.pipeline import DatasetIterator
+
+# Below this stall fraction the consumer is served: the training step is the bottleneck.
+SERVED = 0.01
+# CPU time over wall time of a stage's work below which it mostly waits (I/O, latency).
+WAITING = 0.5
+
+
+def collect_stats(it: DatasetIterator) -> dict[str, Any]:
+    ctx = it._ctx
+    elapsed = max(time.perf_counter() - it._started, 1e-9)
+    by_key: dict[object, dict[str, Any]] = {}
+    for stage in ctx.all_stages():
+        m = stage.metrics.snapshot()
+        with stage.metrics.lock:
+            recent = list(stage.metrics.recent)
+        entry = by_key.setdefault(
+            stage.key,
+            {
+                "name": stage.name,
+                "elements": 0,
+                "work_wall_s": 0.0,
+                "work_cpu_s": 0.0,
+                "consumer_wait_s": 0.0,
+                "errors": 0,
+                "samples": [],
+                "own_work": stage.has_own_work,
+            },
+        )
+        # The latest stage made for an op (under repeat) has its current knobs and buffers.
+        entry["knobs"] = {name: knob.value for name, knob in stage.knobs.items()}
+        entry["tuned"] = sorted(name for name, knob in stage.knobs.items() if knob.tunable)
+        entry["buffered_elements"] = int(m["buffered_elements"])
+        entry["buffered_bytes"] = int(m["buffered_bytes"])
+        entry["bytes_per_element"] = m["bytes_per_element"]
+        entry["elements"] += int(m["elements"])
+        entry["work_wall_s"] += m["work_wall"]
+        entry["work_cpu_s"] += m["work_cpu"]
+        entry["consumer_wait_s"] += m["consumer_wait"]
+        entry["errors"] += int(m["errors"])
+        entry["samples"] += recent
+    stages = []
+    for entry in by_key.values():
+        samples = entry.pop("samples")
+        work = entry["work_wall_s"]
+        processed = max(entry["elements"], 1)
+        entry["mean_ms"] = 1000 * work / processed
+        entry["p90_ms"] = 1000 * float(np.percentile(samples, 90)) if samples else 0.0
+        entry["cpu_share"] = entry["work_cpu_s"] / work if work > 0 else None
+        entry["consumer_wait_fraction"] = entry["consumer_wait_s"] / elapsed
+        stages.append(entry)
+    counters = it._counters
+    consumer = {
+        "elements": counters.delivered,
+        "elapsed_s": elapsed,
+        "wait_s": counters.wait,
+        "stall_fraction": counters.wait / elapsed,
+        "elements_per_s": counters.delivered / elapsed,
+    }
+    tuner = it._tuner
+    history = [asdict(d) for d in tuner.history] if tuner is not None else []
+    stats = {
+        "stages": stages,
+        "consumer": consumer,
+        "autotune": {
+            "enabled": tuner is not None,
+            "cpu_budget": tuner.budget.cpu if tuner else None,
+            "ram_budget_bytes": tuner.budget.ram if tuner else None,
+            "tuner_cpu_s": tuner.cpu_seconds if tuner else 0.0,
+            "history": history,
+        },
+        "buffered_bytes": it.buffered_bytes(),
+    }
+    stats["bottleneck"] = find_bottleneck(stats)
+    return stats
+
+
+def find_bottleneck(stats: dict[str, Any]) -> dict[str, str]:
+    """Name the limiting stage, say why, and suggest what would help."""
+    consumer = stats["consumer"]
+    stages = stats["stages"]
+    if consumer["elements"] == 0:
+        return {"stage": "-", "why": "nothing consumed yet", "advice": ""}
+    if consumer["stall_fraction"] < SERVED:
+        step = (consumer["elapsed_s"] - consumer["wait_s"]) / consumer["elements"]
+        capacity = _pipeline_seconds_per_element(stages, consumer)
+        faster = f"{step / capacity:.1f}x" if capacity > 0 else "much"
+        return {
+            "stage": "consumer",
+            "why": f"the consumer waits only {consumer['stall_fraction']:.1%} of the time",
+            "advice": f"consumer-bound: the pipeline is {faster} faster than your training "
+            "step; buffers and workers are kept small",
+        }
+    if not stages:
+        return {
+            "stage": "pipeline",
+            "why": f"the consumer waits {consumer['stall_fraction']:.0%} of the time on "
+            "stages that run inline",
+            "advice": "use num_parallel_calls=AUTOTUNE on map and end with prefetch(AUTOTUNE)",
+        }
+    # A stage with no work of its own (prefetch) only passes on its input's slowness: blame
+    # the stage doing work that is waited on, when there is one.
+    waited = [s for s in stages if s["consumer_wait_fraction"] > SERVED]
+    working = [s for s in waited if s["own_work"]]
+    worst = max(working or waited or stages, key=lambda s: s["consumer_wait_fraction"])
+    cpu = worst["cpu_share"]
+    parallelism = worst["knobs"].get("parallelism", 0)
+    why = (
+        f"its consumer waits on it {worst['consumer_wait_fraction']:.0%} of the time; "
+        f"{worst['mean_ms']:.3g} ms per element"
+    )
+    if cpu is not None and cpu < WAITING:
+        advice = (
+            f"{worst['name']} waits (CPU {cpu:.0%} of its time): {parallelism} calls in "
+            "flight; raise Options.autotune.max_parallelism or ram_budget to allow more"
+        )
+    elif cpu is not None and parallelism <= 1 and worst["mean_ms"] > 0.05:
+        advice = (
+            f"{worst['name']} computes in Python (CPU {cpu:.0%}) and more threads did not "
+            "help: it holds the GIL; vectorise it with numpy or run it in processes"
+        )
+    else:
+        advice = (
+            f"{worst['name']} is CPU-bound at {parallelism} workers: add cores or make it cheaper"
+        )
+    return {"stage": worst["name"], "why": why, "advice": advice}
+
+
+def _pipeline_seconds_per_element(stages: list[dict[str, Any]], consumer: dict[str, Any]) -> float:
+    """Time the slowest stage needs per delivered element, given its workers."""
+    worst = 0.0
+    for s in stages:
+        workers = max(1, s["knobs"].get("parallelism", 1))
+        per_element = s["work_wall_s"] / max(s["elements"], 1) / workers
+        worst = max(worst, per_element)
+    if worst == 0.0:
+        return consumer["wait_s"] / max(consumer["elements"], 1)
+    return worst
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def format_report(stats: dict[str, Any]) -> str:
+    consumer = stats["consumer"]
+    lines = [
+        "feedline pipeline report",
+        f"consumer: {consumer['elements']} elements in {consumer['elapsed_s']:.2f} s "
+        f"({consumer['elements_per_s']:.1f}/s); waited {consumer['stall_fraction']:.1%} "
+        "of the time for data",
+        "",
+        f"{'stage':32} {'knobs':26} {'elements':>9} {'ms/el':>7} {'p90':>7} {'cpu':>5} "
+        f"{'waited':>7} {'buffered':>10}",
+    ]
+    for s in stats["stages"]:
+        knobs = ", ".join(f"{k}={v}{'*' if k in s['tuned'] else ''}" for k, v in s["knobs"].items())
+        cpu = "-" if s["cpu_share"] is None else f"{s['cpu_share']:.0%}"
+        lines.append(
+            f"{s['name'][:32]:32} {knobs[:26]:26} {s['elements']:>9} {s['mean_ms']:>7.3f} "
+            f"{s['p90_ms']:>7.3f} {cpu:>5} {s['consumer_wait_fraction']:>7.1%} "
+            f"{_size(s['buffered_bytes']):>10}"
+        )
+    if not stats["stages"]:
+        lines.append("(no asynchronous stage: everything runs inline in the consumer's thread)")
+    lines.append("* tuned by AUTOTUNE")
+    bottleneck = stats["bottleneck"]
+    lines += ["", f"bottleneck: {bottleneck['stage']} — {bottleneck['why']}"]
+    if bottleneck["advice"]:
+        lines.append(f"advice: {bottleneck['advice']}")
+    tune = stats["autotune"]
+    if tune["enabled"]:
+        lines += [
+            "",
+            f"AUTOTUNE: cpu budget {tune['cpu_budget']:.1f} cores, ram budget "
+            f"{_size(tune['ram_budget_bytes'])}, its own cost {tune['tuner_cpu_s']:.3f} CPU s; "
+            f"{len(tune['history'])} decisions",
+        ]
+        for d in tune["history"][-20:]:
+            lines.append(
+                f"  {d['time']:7.2f}s  {d['stage']}.{d['knob']}: {d['old']} -> {d['new']}  "
+                f"({d['reason']})"
+            )
+        if len(tune["history"]) > 20:
+            lines.append(f"  ... {len(tune['history']) - 20} earlier decisions in stats()")
+    return "\n".join(lines)

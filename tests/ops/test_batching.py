@@ -1,0 +1,455 @@
+"""Batching: batch, padded_batch, unbatch, rebatch.
+
+Expected values follow tf.data (checked against TensorFlow 2.21 where the docs are silent).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+import feedline as fl
+from tests.helpers import assert_elements_equal, assert_state_roundtrip
+
+D = fl.Dataset
+Spec = fl.TensorSpec
+I32, I64, F32, STR = (np.dtype(t) for t in (np.int32, np.int64, np.float32, object))
+UNKNOWN, INFINITE = fl.UNKNOWN_CARDINALITY, fl.INFINITE_CARDINALITY
+Point = collections.namedtuple("Point", "x y")
+
+
+def rows(ds: fl.Dataset) -> list[Any]:
+    return [np.asarray(x).tolist() for x in ds]
+
+
+def strings(*values: Any) -> np.ndarray:
+    """An object array of bytes (nested lists give more dimensions), as tf.data returns."""
+    encoded = np.vectorize(lambda s: s.encode(), otypes=[object])(np.array(values, dtype=object))
+    return encoded.astype(object)
+
+
+def vectors(lengths: list[int]) -> fl.Dataset:
+    """Element i is ``[i] * lengths[i]`` (int64), declared as of any length.
+
+    A generator with a signature, not a map: a map's spec is observed from its first element
+    (feedline cannot trace the function), so it would claim a fixed length.
+    """
+    return D.from_generator(
+        lambda: (np.full(n, i) for i, n in enumerate(lengths)),
+        output_signature=Spec((None,), I64),
+    )
+
+
+# -- batch ------------------------------------------------------------------------------------
+
+BATCHES: list[tuple[int, int, bool, list[list[int]]]] = [
+    (10, 3, False, [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]),
+    (10, 3, True, [[0, 1, 2], [3, 4, 5], [6, 7, 8]]),
+    (4, 4, False, [[0, 1, 2, 3]]),
+    (3, 5, False, [[0, 1, 2]]),
+    (3, 5, True, []),
+    (0, 2, False, []),
+]
+
+
+@pytest.mark.parametrize(
+    "n, size, drop, want", BATCHES, ids=[f"{n}-by-{s}{'-drop' * d}" for n, s, d, _ in BATCHES]
+)
+def test_batch_sizes(n: int, size: int, drop: bool, want: list[list[int]]) -> None:
+    ds = D.range(n).batch(size, drop_remainder=drop)
+    got = list(ds)
+    assert rows(ds) == want
+    assert all(b.dtype == I64 for b in got)
+    assert ds.cardinality() == len(want)
+    assert_state_roundtrip(ds)
+
+
+def test_batch_of_nested_structures_is_batched_leaf_by_leaf() -> None:
+    ds = D.from_tensor_slices(
+        {"a": [1, 2, 3], "b": (["x", "y", "z"], [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])}
+    ).batch(2)
+    assert_elements_equal(
+        list(ds),
+        [
+            {
+                "a": np.array([1, 2], I32),
+                "b": (strings("x", "y"), np.array([[1, 2], [3, 4]], F32)),
+            },
+            {"a": np.array([3], I32), "b": (strings("z"), np.array([[5, 6]], F32))},
+        ],
+    )
+    assert ds.element_spec == {
+        "a": Spec((None,), I32),
+        "b": (Spec((None,), STR), Spec((None, 2), F32)),
+    }
+    assert_state_roundtrip(ds)
+
+
+def test_batch_keeps_namedtuples_and_string_arrays() -> None:
+    ds = D.range(3).map(lambda x: Point(x, [str(int(x)), "s"])).batch(2)
+    assert_elements_equal(
+        list(ds),
+        [
+            Point(np.array([0, 1]), strings(["0", "s"], ["1", "s"])),
+            Point(np.array([2]), strings(["2", "s"])),
+        ],
+    )
+
+
+def test_bytes_batches_are_object_arrays() -> None:
+    (batch,) = list(D.from_tensor_slices(["a", "bb", ""]).batch(3))
+    assert batch.dtype == object
+    assert batch.tolist() == [b"a", b"bb", b""]
+
+
+def test_batches_span_epochs_when_repeat_comes_first() -> None:
+    ds = D.range(5).repeat(2).batch(4)
+    assert rows(ds) == [[0, 1, 2, 3], [4, 0, 1, 2], [3, 4]]
+    assert ds.cardinality() == 3
+    assert_state_roundtrip(ds, cut_points=(0, 1, 2, 3))
+
+
+def test_batch_of_an_infinite_input_state_roundtrip() -> None:
+    ds = D.range(5).repeat().batch(3)
+    assert ds.cardinality() == INFINITE
+    assert rows(ds.take(3)) == [[0, 1, 2], [3, 4, 0], [1, 2, 3]]
+    # cut point 0 is left out: tests.helpers.take(it, 0) never stops on an infinite pass.
+    assert_state_roundtrip(ds, cut_points=(1, 2, 5), limit=40)
+
+
+@pytest.mark.parametrize(
+    "ds, spec",
+    [
+        (D.range(10).batch(5), Spec((None,), I64)),
+        (D.range(10).batch(5, drop_remainder=True), Spec((5,), I64)),
+        (D.range(3).repeat().batch(5), Spec((None,), I64)),
+        (D.from_tensors(np.zeros((2, 3), F32)).batch(4).batch(2), Spec((None, None, 2, 3), F32)),
+        (
+            D.from_tensors(np.zeros(3, F32)).batch(4, drop_remainder=True).batch(2),
+            Spec((None, 4, 3), F32),
+        ),
+    ],
+    ids=["divisible", "drop", "infinite", "batch-of-batches", "drop-then-batch"],
+)
+def test_batch_element_spec_has_a_static_batch_dim_only_with_drop_remainder(
+    ds: fl.Dataset, spec: Any
+) -> None:
+    # tf.data's rule, even where the cardinality shows every batch would be full.
+    assert ds.element_spec == spec
+
+
+@pytest.mark.parametrize(
+    "ds, cardinality",
+    [
+        (D.range(10).batch(3), 4),
+        (D.range(10).batch(3, drop_remainder=True), 3),
+        (D.range(3).repeat().batch(3), INFINITE),
+        (D.range(10).filter(bool).batch(3), UNKNOWN),
+    ],
+    ids=["partial", "drop", "infinite", "unknown"],
+)
+def test_batch_cardinality(ds: fl.Dataset, cardinality: int) -> None:
+    assert ds.cardinality() == cardinality
+
+
+def test_batch_shape_mismatch_names_stage_positions_and_shapes() -> None:
+    ds = D.range(10).map(lambda x: np.zeros(3 if x == 5 else 2)).batch(4)
+    with ds.iterator() as it:
+        assert next(it).shape == (4, 2)
+        with pytest.raises(fl.StageError) as info:
+            next(it)
+    error = info.value
+    assert error.stage == "batch(4)"
+    assert error.position == 5
+    message = str(error)
+    assert "element 4 has shape (2,)" in message
+    assert "element 5 has shape (3,)" in message
+    assert "padded_batch" in message
+
+
+def test_batch_scalar_and_vector_mix_is_a_shape_error() -> None:
+    ds = D.range(4).map(lambda x: np.zeros(2) if x == 2 else x).batch(4)
+    with pytest.raises(fl.StageError, match=r"element 0 has shape \(\) but element 2 has shape"):
+        list(ds)
+
+
+STRUCTURE_CHANGES: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
+    "dict-keys": (lambda x: {"a": x}, lambda x: {"b": x}),
+    "tuple-length": (lambda x: (x, x), lambda x: (x, x, x)),
+    "nesting": (lambda x: (x, (x, x)), lambda x: ((x, x), x)),
+    "leaf-for-tuple": (lambda x: (x, x), lambda x: x),
+    "tuple-for-leaf": (lambda x: x, lambda x: (x, x)),
+    "namedtuple-for-tuple": (lambda x: (x, x), lambda x: Point(x, x)),
+}
+
+
+@pytest.mark.parametrize("usual, changed", STRUCTURE_CHANGES.values(), ids=STRUCTURE_CHANGES.keys())
+@pytest.mark.parametrize("op", ["batch", "padded_batch"])
+def test_batch_structure_mismatch_is_an_error(
+    usual: Callable[[Any], Any], changed: Callable[[Any], Any], op: str
+) -> None:
+    ds = D.range(4).map(lambda x: changed(x) if x == 2 else usual(x))
+    with pytest.raises(fl.StageError, match="different structures") as info:
+        list(getattr(ds, op)(4))
+    assert info.value.position == 2
+    assert info.value.stage == f"{op}(4)"
+
+
+# -- padded_batch -----------------------------------------------------------------------------
+
+
+def test_padded_batch_pads_each_batch_to_its_longest_element() -> None:
+    ds = vectors([1, 3, 0, 2]).padded_batch(2)
+    assert rows(ds) == [[[0, 0, 0], [1, 1, 1]], [[0, 0], [3, 3]]]
+    assert ds.element_spec == Spec((None, None), I64)
+    assert_state_roundtrip(ds)
+
+
+def test_padded_batch_pads_every_none_dimension() -> None:
+    ds = D.range(3).map(lambda x: np.full((x, 3 - x), x)).padded_batch(3)
+    (batch,) = list(ds)
+    assert batch.shape == (3, 2, 3)
+    assert batch.tolist() == [
+        [[0, 0, 0], [0, 0, 0]],
+        [[1, 1, 0], [0, 0, 0]],
+        [[2, 0, 0], [2, 0, 0]],
+    ]
+
+
+@pytest.mark.parametrize(
+    "padded_shapes, want_rows, spec",
+    [
+        ([5], [[0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], Spec((None, 5), I64)),
+        ([-1], [[0], [1]], Spec((None, None), I64)),
+        ([None], [[0], [1]], Spec((None, None), I64)),
+        ((4,), [[0, 0, 0, 0], [1, 0, 0, 0]], Spec((None, 4), I64)),
+    ],
+    ids=["fixed", "minus-one", "none", "tuple-shape"],
+)
+def test_padded_batch_padded_shapes(padded_shapes: Any, want_rows: Any, spec: Any) -> None:
+    ds = vectors([0, 1, 2]).padded_batch(2, padded_shapes=padded_shapes)
+    assert rows(ds)[0] == want_rows
+    assert ds.element_spec == spec
+
+
+def test_padded_batch_partial_padded_shape() -> None:
+    ds = D.range(3).map(lambda x: np.full((x, 2), x)).padded_batch(2, padded_shapes=[None, 3])
+    assert rows(ds) == [[[[0, 0, 0]], [[1, 1, 0]]], [[[2, 2, 0], [2, 2, 0]]]]
+
+
+def test_padded_batch_nested_shapes_given_as_tuples_and_scalar_components() -> None:
+    ds = (
+        vectors([0, 1, 2])
+        .map(lambda v: (v, np.int64(len(v))))
+        .padded_batch(2, padded_shapes=((None,), ()))
+    )
+    assert_elements_equal(
+        list(ds),
+        [
+            (np.array([[0], [1]]), np.array([0, 1])),
+            (np.array([[2, 2]]), np.array([2])),
+        ],
+    )
+    assert ds.element_spec == (Spec((None, None), I64), Spec((None,), I64))
+    assert_state_roundtrip(ds)
+
+
+def test_padded_batch_padding_too_small_is_an_error_naming_the_element() -> None:
+    ds = vectors([1, 2, 1, 3]).padded_batch(2, padded_shapes=[2])
+    with ds.iterator() as it:
+        assert next(it).shape == (2, 2)
+        with pytest.raises(fl.StageError, match=r"element 3 has shape \(3,\), larger") as info:
+            next(it)
+    assert info.value.position == 3
+
+
+@pytest.mark.parametrize(
+    "pair, padded_shapes, error, message",
+    [
+        (False, [None, None], fl.StageError, "rank"),
+        (True, [None], ValueError, "does not match the element structure"),
+        (True, {"v": [None]}, ValueError, "does not match the element structure"),
+    ],
+    ids=["rank", "one-shape-for-a-tuple", "dict-for-a-tuple"],
+)
+def test_padded_batch_padded_shapes_not_matching_the_elements(
+    pair: bool, padded_shapes: Any, error: type, message: str
+) -> None:
+    ds = vectors([1, 2])
+    if pair:
+        ds = ds.map(lambda v: (v, v))
+    with pytest.raises(error, match=message):
+        list(ds.padded_batch(2, padded_shapes=padded_shapes))
+
+
+@pytest.mark.parametrize(
+    "padding_values, want_v, want_s",
+    [
+        (None, [[0], [1]], [[b""], [b"q"]]),
+        ({"v": np.int64(-1), "s": "pad"}, [[-1], [1]], [[b"pad"], [b"q"]]),
+        ({"v": -1, "s": b"pad"}, [[-1], [1]], [[b"pad"], [b"q"]]),
+    ],
+    ids=["defaults", "per-component", "python-values"],
+)
+def test_padded_batch_padding_values(padding_values: Any, want_v: Any, want_s: Any) -> None:
+    ds = vectors([0, 1, 2]).map(lambda v: {"v": v, "s": np.full(len(v), b"q", dtype=object)})
+    first = next(iter(ds.padded_batch(2, padding_values=padding_values)))
+    assert first["v"].tolist() == want_v
+    assert first["s"].dtype == object
+    assert first["s"].tolist() == want_s
+
+
+def test_padded_batch_one_padding_value_applies_to_every_component() -> None:
+    ds = vectors([0, 1]).map(lambda v: (v, v)).padded_batch(2, padding_values=np.int64(-1))
+    (batch,) = list(ds)
+    assert [c.tolist() for c in batch] == [[[-1], [1]], [[-1], [1]]]
+
+
+def test_padded_batch_of_strings() -> None:
+    ds = (
+        D.from_tensor_slices(["a", "bb", "c"])
+        .map(lambda s: np.array([s] * len(s), dtype=object))
+        .padded_batch(2)
+    )
+    assert_elements_equal(
+        list(ds),
+        [strings(["a", ""], ["bb", "bb"]), strings(["c"])],
+    )
+
+
+def test_padded_batch_drop_remainder_spec_and_cardinality() -> None:
+    ds = vectors([1, 2, 3]).padded_batch(2, drop_remainder=True)
+    assert rows(ds) == [[[0, 0], [1, 1]]]
+    assert ds.element_spec == Spec((2, None), I64)
+    assert D.range(5).padded_batch(2, drop_remainder=True).cardinality() == 2
+    assert D.range(5).padded_batch(2).cardinality() == 3
+
+
+def test_padded_batch_state_roundtrip_over_repeat() -> None:
+    ds = vectors([2, 0, 1, 3, 1]).repeat(2).padded_batch(3, padding_values=np.int64(9))
+    assert_state_roundtrip(ds, cut_points=(0, 1, 2, 3, 4))
+
+
+# -- unbatch ----------------------------------------------------------------------------------
+
+
+def test_unbatch_splits_along_the_first_axis() -> None:
+    ds = D.range(7).batch(3).unbatch()
+    assert [int(x) for x in ds] == list(range(7))
+    assert ds.element_spec == Spec((), I64)
+    assert ds.cardinality() == UNKNOWN
+    # Cut inside batches as well as at their edges.
+    assert_state_roundtrip(ds, cut_points=range(8))
+
+
+def test_unbatch_nested_elements_and_strings() -> None:
+    ds = D.from_tensors({"a": [1, 2], "b": (["x", "y"], [[1.0, 2.0], [3.0, 4.0]])}).unbatch()
+    assert_elements_equal(
+        list(ds),
+        [
+            {"a": np.int32(1), "b": (b"x", np.array([1, 2], F32))},
+            {"a": np.int32(2), "b": (b"y", np.array([3, 4], F32))},
+        ],
+    )
+    assert ds.element_spec == {"a": Spec((), I32), "b": (Spec((), STR), Spec((2,), F32))}
+    assert_state_roundtrip(ds, cut_points=(0, 1, 2))
+
+
+def test_unbatch_skips_empty_batches() -> None:
+    ds = vectors([2, 0, 0, 1, 0]).unbatch()
+    assert [int(x) for x in ds] == [0, 0, 3]
+    assert_state_roundtrip(ds)
+
+
+def test_unbatch_mismatched_first_dims_name_the_batch_and_the_pass_goes_on() -> None:
+    def pair(x: Any) -> Any:
+        return (np.zeros(2), np.zeros(3 if x in (1, 2) else 2))
+
+    with D.range(4).map(pair).unbatch().iterator() as it:
+        got = [next(it)[0].shape for _ in range(2)]
+        errors = []
+        for _ in range(2):
+            with pytest.raises(fl.StageError, match=r"different first dimensions.*\(3,\)") as info:
+                next(it)
+            errors.append(info.value.position)
+        got += [x[0].shape for x in it]
+    assert errors == [1, 2]
+    assert got == [()] * 4
+
+
+def test_unbatch_of_scalars_is_an_error() -> None:
+    with pytest.raises(fl.StageError, match="cannot unbatch a scalar"):
+        list(D.range(3).unbatch())
+
+
+def test_unbatch_of_an_infinite_input_is_infinite() -> None:
+    ds = D.range(4).batch(2).repeat().unbatch()
+    assert ds.cardinality() == INFINITE
+    assert_state_roundtrip(ds, cut_points=(1, 3, 5), limit=30)
+
+
+# -- rebatch ----------------------------------------------------------------------------------
+
+REBATCHES: list[tuple[int, int, Any, bool, list[list[int]]]] = [
+    (6, 4, 3, False, [[0, 1, 2], [3, 4, 5]]),
+    (8, 4, [2, 1, 1], False, [[0, 1], [2], [3], [4, 5], [6], [7]]),
+    (10, 3, [2, 3], False, [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9]]),
+    (7, 4, 3, False, [[0, 1, 2], [3, 4, 5], [6]]),
+    (7, 4, 3, True, [[0, 1, 2], [3, 4, 5]]),
+    (7, 4, [2, 3], True, [[0, 1], [2, 3, 4], [5, 6]]),
+    (8, 4, [2, 3], True, [[0, 1], [2, 3, 4], [5, 6]]),
+]
+
+
+@pytest.mark.parametrize(
+    "n, batch, sizes, drop, want",
+    REBATCHES,
+    ids=[f"{n}-{b}-to-{s}{'-drop' * d}" for n, b, s, d, _ in REBATCHES],
+)
+def test_rebatch(n: int, batch: int, sizes: Any, drop: bool, want: list[list[int]]) -> None:
+    ds = D.range(n).batch(batch).rebatch(sizes, drop_remainder=drop)
+    assert rows(ds) == want
+    assert ds.cardinality() == UNKNOWN
+    assert_state_roundtrip(ds, cut_points=range(len(want) + 1))
+
+
+def test_rebatch_nested() -> None:
+    ds = D.from_tensor_slices({"a": [1, 2, 3, 4, 5], "b": ["x", "y", "z", "w", "v"]})
+    ds = ds.batch(2).rebatch(3)
+    assert_elements_equal(
+        list(ds),
+        [
+            {"a": np.array([1, 2, 3], I32), "b": strings("x", "y", "z")},
+            {"a": np.array([4, 5], I32), "b": strings("w", "v")},
+        ],
+    )
+    assert_state_roundtrip(ds)
+
+
+@pytest.mark.parametrize(
+    "ds, spec",
+    [
+        (D.range(8).batch(4).rebatch(3), Spec((None,), I64)),
+        (D.range(8).batch(4).rebatch(3, drop_remainder=True), Spec((3,), I64)),
+        (D.range(8).batch(4).rebatch([2, 2], drop_remainder=True), Spec((2,), I64)),
+        (D.range(8).batch(4).rebatch([2, 3], drop_remainder=True), Spec((None,), I64)),
+    ],
+    ids=["partial", "drop", "drop-same-sizes", "drop-mixed-sizes"],
+)
+def test_rebatch_element_spec(ds: fl.Dataset, spec: Any) -> None:
+    assert ds.element_spec == spec
+
+
+def test_rebatch_cardinality_is_unknown_even_over_an_infinite_input() -> None:
+    ds = D.range(5).batch(2).repeat().rebatch(3)
+    assert ds.cardinality() == UNKNOWN
+    assert rows(ds.take(3)) == [[0, 1, 2], [3, 4, 0], [1, 2, 3]]
+
+
+def test_rebatch_of_scalars_is_an_error() -> None:
+    with pytest.raises(fl.StageError, match="cannot unbatch a scalar"):
+        list(D.range(3).rebatch(2))

@@ -41,17 +41,18 @@ logger = logging.getLogger("feedline.autotune")
 
 FIRST_INTERVAL = 0.05
 MAX_INTERVAL = 1.0
-MIN_WINDOW = 0.1  # a measuring window lasts at least this long ...
+MIN_WINDOW = 0.15  # a measuring window lasts at least this long ...
 LATENCIES_PER_WINDOW = 3  # ... and this many per-element times of the stage under test ...
 SETTLE_ELEMENTS = 8  # ... and sees this many elements move (at the root or one stage) ...
 MAX_WINDOW = 2.0  # ... unless it has lasted this long: then it is judged on what it saw
 STALL = 0.01  # the consumer stalls when it waits more than this fraction of the time
 NO_STALL = 0.002  # ... and is served comfortably below this
-GAIN = 0.05  # a change must raise the rate by this much to be worth its cost
+GAIN = 0.08  # a change must raise the rate by this much to be worth its cost
 LOSS = 0.03  # a decrease may cost at most this much rate
 WAITING_WORK = 0.5  # CPU time / wall time below this: the work mostly waits (I/O)
 PURE_WAITING = 0.1  # ... below this it is almost all waiting: scale in bigger steps
 BUSY = 0.5  # workers spending this fraction of their time on their own work are "busy"
+CPU_FULL = 0.85  # the process uses this share of its CPU budget: the cores are taken
 
 
 @dataclass
@@ -95,6 +96,8 @@ class Experiment:
     baseline_rate: float
     baseline_stall: float
     started: float
+    # Right after a change, buffers fill or drain: that window is discarded, not judged.
+    settling: bool = True
 
 
 @dataclass
@@ -108,7 +111,8 @@ class RootCounters:
 @dataclass
 class TunerState:
     history: list[Decision] = field(default_factory=list)
-    saturated: dict[object, int] = field(default_factory=dict)  # stage key -> parallelism
+    # (stage key, knob name) -> the value above which more did not help
+    saturated: dict[tuple[object, str], int] = field(default_factory=dict)
     floor_reached: set[object] = field(default_factory=set)  # stages that cannot shrink further
 
 
@@ -132,6 +136,8 @@ class Tuner:
         self._experiment: Experiment | None = None
         self._previous: dict[object, dict[str, float]] = {}
         self._previous_root = (0, 0.0, time.perf_counter())
+        self._previous_process_cpu = time.process_time()
+        self.cores_in_use = 0.0  # the whole process's CPU use over the last window
         self._last_rate = 0.0
         self._last_stall = 0.0
         self.interval = FIRST_INTERVAL
@@ -171,10 +177,16 @@ class Tuner:
         if not self._window_complete(dt, delivered - self._previous_root[0], snapshots):
             return  # windows (before and after a change) must be long enough to compare
         windows = self._windows(dt, snapshots)  # the same window as the root's
+        process_cpu = time.process_time()
+        self.cores_in_use = (process_cpu - self._previous_process_cpu) / dt
+        self._previous_process_cpu = process_cpu
         experiment = self._experiment
         rate = (delivered - self._previous_root[0]) / dt
         stall = (wait - self._previous_root[1]) / dt
         self._previous_root = (delivered, wait, now)
+        if experiment is not None and experiment.settling:
+            experiment.settling = False  # the next window is the one that counts
+            return
         if delivered == 0:
             return
         if experiment is not None:
@@ -226,7 +238,8 @@ class Tuner:
                 StageWindow(
                     stage=stage,
                     rate=(now["elements"] - before["elements"]) / dt,
-                    consumer_wait=(now["consumer_wait"] - before["consumer_wait"]) / dt,
+                    # A wait is booked when it ends, so it can exceed this window: clamp.
+                    consumer_wait=min(1.0, (now["consumer_wait"] - before["consumer_wait"]) / dt),
                     busy=work / (dt * workers),
                     cpu_share=(now["work_cpu"] - before["work_cpu"]) / work if work > 0 else 1.0,
                     idle=(now["worker_idle"] - before["worker_idle"]) / (dt * workers),
@@ -257,11 +270,18 @@ class Tuner:
             if gain >= GAIN or (stall < e.baseline_stall - STALL and gain > -LOSS):
                 return  # kept; the next decision may scale further
             self._set(e.stage, e.knob, e.old, f"no gain from {e.new} ({gain:+.0%}): back")
-            self.state.saturated[key] = e.old
+            self.state.saturated[(key, e.knob.name)] = e.old
             return
         stalls_now = stall > max(STALL, e.baseline_stall + STALL / 2)
-        if gain < -LOSS or stalls_now:
+        if gain >= -LOSS and not stalls_now:
+            # Kept: more than this did not help either.
+            self.state.saturated[(key, e.knob.name)] = e.new
+            return
+        if gain < -LOSS:
             self._set(e.stage, e.knob, e.old, f"{e.new} cost rate ({gain:+.0%}): back")
+            self.state.floor_reached.add(key)
+        elif stalls_now:
+            self._set(e.stage, e.knob, e.old, f"with {e.new} the consumer stalls ({stall:.0%})")
             self.state.floor_reached.add(key)
 
     def _decide(self, windows: list[StageWindow], rate: float, stall: float, now: float) -> None:
@@ -270,7 +290,14 @@ class Tuner:
         if stall > STALL:
             if self._scale_up(windows, rate, stall, now):
                 return
-            self._scale_down(windows, rate, stall, now, reason="more workers do not help")
+            # Only where more did not help: fewer may then be faster (no hand-offs, less
+            # contention for the GIL).
+            # Where more did not help, or where workers are mostly idle although their consumer
+            # waits (the hand-offs cost more than the work): fewer may then be faster, down to
+            # none, with the work inline in the consumer's thread.
+            saturated_keys = {key for key, _ in self.state.saturated}
+            worth_fewer = [w for w in windows if w.stage.key in saturated_keys or w.busy < BUSY]
+            self._scale_down(worth_fewer, rate, stall, now, reason="more workers did not help")
         elif stall < NO_STALL:
             self._scale_down(windows, rate, stall, now, reason="consumer never waits")
 
@@ -283,14 +310,17 @@ class Tuner:
         for w in candidates:
             key = w.stage.key
             parallelism = w.stage.knobs["parallelism"]
-            saturated_at = self.state.saturated.get(key)
+            saturated_at = self.state.saturated.get((key, "parallelism"))
             if (
                 parallelism.tunable
                 and (w.busy > BUSY or parallelism.value == 0)
                 and (saturated_at is None or parallelism.value < saturated_at)
             ):
                 target = self._scaled_parallelism(w, windows)
-                if target > parallelism.value:
+                if target <= parallelism.value:
+                    # At a bound: no more.
+                    self.state.saturated[(key, "parallelism")] = parallelism.value
+                else:
                     reason = (
                         f"consumer waits {w.consumer_wait:.0%} of the time; workers "
                         f"{'wait' if w.cpu_share < WAITING_WORK else 'compute'} "
@@ -299,7 +329,13 @@ class Tuner:
                     self._try(w.stage, parallelism, target, +1, rate, stall, now, reason)
                     return True
             buffer = w.stage.knobs["buffer_size"]
-            if buffer.tunable and w.idle > 0.05 and self._ram_allows(windows, w, buffer.value):
+            buffer_saturated_at = self.state.saturated.get((key, "buffer_size"))
+            if (
+                buffer.tunable
+                and w.idle > 0.05
+                and (buffer_saturated_at is None or buffer.value < buffer_saturated_at)
+                and self._ram_allows(windows, w, buffer.value)
+            ):
                 reason = f"consumer found it empty {w.consumer_wait:.0%} of the time"
                 self._try(w.stage, buffer, buffer.value * 2, +1, rate, stall, now, reason)
                 return True
@@ -310,15 +346,15 @@ class Tuner:
         current = knob.value
         if current == 0:
             return 1
-        if w.cpu_share < WAITING_WORK:
+        cores_taken = self.cores_in_use >= CPU_FULL * self.budget.cpu
+        # With every core busy, threads that get little CPU are starved, not waiting: more of
+        # them would only add contention.
+        if w.cpu_share < WAITING_WORK and not cores_taken:
             # Latency-bound: calls in flight are cheap; when the work is almost all waiting,
             # take big steps, since a run may not last long enough for many small ones.
             target = current * (4 if w.cpu_share < PURE_WAITING else 2)
         else:
-            cpu_in_use = sum(
-                x.stage.knobs["parallelism"].value * min(1.0, x.cpu_share) for x in windows
-            )
-            if cpu_in_use + w.cpu_share > self.budget.cpu + 0.5:
+            if cores_taken:
                 return current
             target = current + 1
         while target > current and not self._ram_allows_parallelism(w, windows, target):

@@ -58,14 +58,15 @@ def collect_stats(it: DatasetIterator) -> dict[str, Any]:
         entry["mean_ms"] = 1000 * work / processed
         entry["p90_ms"] = 1000 * float(np.percentile(samples, 90)) if samples else 0.0
         entry["cpu_share"] = entry["work_cpu_s"] / work if work > 0 else None
-        entry["consumer_wait_fraction"] = entry["consumer_wait_s"] / elapsed
+        # A wait is booked when it ends, so a window can see more than its own length.
+        entry["consumer_wait_fraction"] = min(1.0, entry["consumer_wait_s"] / elapsed)
         stages.append(entry)
     counters = it._counters
     consumer = {
         "elements": counters.delivered,
         "elapsed_s": elapsed,
         "wait_s": counters.wait,
-        "stall_fraction": counters.wait / elapsed,
+        "stall_fraction": min(1.0, counters.wait / elapsed),
         "elements_per_s": counters.delivered / elapsed,
     }
     tuner = it._tuner

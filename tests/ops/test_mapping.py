@@ -299,8 +299,10 @@ def test_ignore_errors_counts_each_dropped_element_in_its_warnings(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     ds = D.range(12).map(failing_at(0, 4, 5, 11), name="parse").ignore_errors(log_warning=True)
-    with caplog.at_level(logging.WARNING, logger="feedline"):
-        assert ints(ds) == [1, 2, 3, 6, 7, 8, 9, 10]
+    with caplog.at_level(logging.WARNING, logger="feedline"), ds.iterator() as it:
+        assert [int(x) for x in it] == [1, 2, 3, 6, 7, 8, 9, 10]
+        (stage,) = [s for s in it.stats()["stages"] if s["name"] == "map(parse)"]
+    assert stage["errors"] == 4
     warnings = [r.getMessage() for r in caplog.records if "ignore_errors" in r.getMessage()]
     assert len(warnings) == 4
     for position, message in zip((0, 4, 5, 11), warnings):

@@ -32,15 +32,20 @@ def batched_cardinality(n: int, batch_size: int, drop_remainder: bool) -> int:
     return n // batch_size if drop_remainder else -(-n // batch_size)
 
 
-def stack_leaf(values: list[Any], stage: str, first_position: int) -> np.ndarray:
-    """Stack one component of a batch; a shape mismatch names the positions and the shapes."""
+def stack_leaf(
+    values: list[Any], stage: str, first_position: int, uniform: bool = False
+) -> np.ndarray:
+    """Stack one component of a batch; a shape mismatch names the positions and the shapes.
+
+    ``uniform``: the caller already knows every value has the same type.
+    """
     first = values[0]
     # Fast paths for the common homogeneous columns; anything else is checked value by value.
     if type(first) is bytes and all(type(v) is bytes for v in values):
         out = np.empty(len(values), dtype=object)
         out[:] = values
         return out
-    if isinstance(first, np.generic) and len(set(map(type, values))) == 1:
+    if isinstance(first, np.generic) and (uniform or len(set(map(type, values))) == 1):
         return np.fromiter(values, dtype=first.dtype, count=len(values))
     shape = np.shape(first)
     for i, v in enumerate(values):
@@ -66,10 +71,16 @@ def _shape_mismatch(
     )
 
 
-def check_same_structure(elements: list[Any], stage: str, first_position: int) -> None:
-    """Every element nested like the first (same node types, tuple lengths, dict keys)."""
+def check_same_structure(elements: list[Any], stage: str, first_position: int) -> bool:
+    """Every element nested like the first (same node types, tuple lengths, dict keys).
+
+    Returns True when the elements are leaves all of one type (the common case, checked at C
+    speed), which lets the caller skip checking that again.
+    """
     first = elements[0]
     nested = is_nest(first)
+    if not nested and len(set(map(type, elements))) == 1:
+        return True
     for i, element in enumerate(elements):
         if same_structure(first, element) if nested else not is_nest(element):
             continue
@@ -80,13 +91,14 @@ def check_same_structure(elements: list[Any], stage: str, first_position: int) -
             f"{format_structure(first)} but element {first_position + i} is "
             f"{format_structure(element)}",
         )
+    return False
 
 
 def stack_elements(elements: list[Any], stage: str, first_position: int) -> Any:
-    check_same_structure(elements, stage, first_position)
+    uniform = check_same_structure(elements, stage, first_position)
     first = elements[0]
     if not is_nest(first):
-        return stack_leaf(elements, stage, first_position)
+        return stack_leaf(elements, stage, first_position, uniform)
     columns = zip(*(flatten(e) for e in elements))
     return pack_like(first, [stack_leaf(list(c), stage, first_position) for c in columns])
 

@@ -108,17 +108,32 @@ def map_chunk(
     out: list[Any] = []
     failures: list[int] = []
     append = out.append
-    no_conversion = _NO_CONVERSION
+    # Per-chunk decisions, made at C speed, keep the per-element loop to a bare call.
+    unpack = tuple in set(map(type, raw))
     elements = iter(raw)
     while True:
         try:
-            for x in elements:
-                y = fn(*x) if type(x) is tuple else fn(x)
-                append(y if type(y) in no_conversion else normalize_output(y))
-            return out, failures
+            if unpack:
+                for x in elements:
+                    append(fn(*x) if type(x) is tuple else fn(x))
+            else:
+                for x in elements:
+                    append(fn(x))
+            break
         except Exception as e:
             failures.append(len(out))
             append(Failed(wrap_user_error(name, positions[len(out)], e)))
+    return _normalized(out), failures
+
+
+def _normalized(outputs: list[Any]) -> list[Any]:
+    """Outputs converted the way tf.data converts a function's results (rarely needed)."""
+    if set(map(type, outputs)) <= _NO_CONVERSION:
+        return outputs
+    return [
+        y if type(y) in _NO_CONVERSION or type(y) is Failed else normalize_output(y)
+        for y in outputs
+    ]
 
 
 def map_chunk_with_positions(
@@ -134,12 +149,12 @@ def map_chunk_with_positions(
     while True:
         try:
             for x, position in pairs:
-                y = fn(x, position)
-                append(y if type(y) in _NO_CONVERSION else normalize_output(y))
-            return out, failures
+                append(fn(x, position))
+            break
         except Exception as e:
             failures.append(len(out))
             append(Failed(wrap_user_error(name, positions[len(out)], e)))
+    return _normalized(out), failures
 
 
 class PassStateIterator(NodeIterator):

@@ -39,7 +39,7 @@ logger = logging.getLogger("feedline")
 # A chunk is sized to take about this long to transform: long enough that a hand-off between
 # threads (tens of microseconds) is a small part of it, short enough to balance workers.
 TARGET_CHUNK_SECONDS = 0.002
-MAX_CHUNK = 256
+MAX_CHUNK = 4096
 DEFAULT_MAX_BUFFER_BYTES = 256 * 2**20
 # How long close() waits for a worker stuck in a user function before leaving it behind.
 JOIN_TIMEOUT_SECONDS = 5.0

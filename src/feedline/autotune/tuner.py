@@ -46,7 +46,9 @@ LATENCIES_PER_WINDOW = 3  # ... and this many per-element times of the stage und
 SETTLE_ELEMENTS = 8  # ... and sees this many elements move (at the root or one stage) ...
 MAX_WINDOW = 2.0  # ... unless it has lasted this long: then it is judged on what it saw
 STALL = 0.01  # the consumer stalls when it waits more than this fraction of the time
-NO_STALL = 0.002  # ... and is served comfortably below this
+NO_STALL = 0.006  # ... and is served comfortably below this (a consumer that sleeps pays
+# some waiting for the GIL on every wake-up, whatever the pipeline does)
+STALL_RISE = 0.005  # a decrease that raises the stall by more than this is taken back
 GAIN = 0.08  # a change must raise the rate by this much to be worth its cost
 LOSS = 0.03  # a decrease may cost at most this much rate
 WAITING_WORK = 0.5  # CPU time / wall time below this: the work mostly waits (I/O)
@@ -141,10 +143,14 @@ class Tuner:
         self._last_rate = 0.0
         self._last_stall = 0.0
         self.interval = FIRST_INTERVAL
+        self._warmed_up = False
         self.cpu_seconds = 0.0  # the tuner's own cost
         self._thread = threading.Thread(target=self._run, name="feedline-autotune", daemon=True)
 
     def start(self) -> None:
+        # The budget is also a hard cap per stage, whatever the tuner later decides.
+        for stage in self._stages():
+            stage.max_buffer_bytes = min(stage.max_buffer_bytes, self.budget.ram)
         self._thread.start()
 
     def stop(self) -> None:
@@ -184,6 +190,9 @@ class Tuner:
         rate = (delivered - self._previous_root[0]) / dt
         stall = (wait - self._previous_root[1]) / dt
         self._previous_root = (delivered, wait, now)
+        if not self._warmed_up:
+            self._warmed_up = True  # the first window is start-up (buffers filling): no verdict
+            return
         if experiment is not None and experiment.settling:
             experiment.settling = False  # the next window is the one that counts
             return
@@ -272,7 +281,7 @@ class Tuner:
             self._set(e.stage, e.knob, e.old, f"no gain from {e.new} ({gain:+.0%}): back")
             self.state.saturated[(key, e.knob.name)] = e.old
             return
-        stalls_now = stall > max(STALL, e.baseline_stall + STALL / 2)
+        stalls_now = stall > STALL or stall > e.baseline_stall + STALL_RISE
         if gain >= -LOSS and not stalls_now:
             # Kept: more than this did not help either.
             self.state.saturated[(key, e.knob.name)] = e.new
@@ -334,7 +343,7 @@ class Tuner:
                 buffer.tunable
                 and w.idle > 0.05
                 and (buffer_saturated_at is None or buffer.value < buffer_saturated_at)
-                and self._ram_allows(windows, w, buffer.value)
+                and self._ram_allows(windows, w, buffer_size=2 * buffer.value)
             ):
                 reason = f"consumer found it empty {w.consumer_wait:.0%} of the time"
                 self._try(w.stage, buffer, buffer.value * 2, +1, rate, stall, now, reason)
@@ -357,7 +366,7 @@ class Tuner:
             if cores_taken:
                 return current
             target = current + 1
-        while target > current and not self._ram_allows_parallelism(w, windows, target):
+        while target > current and not self._ram_allows(windows, w, parallelism=target):
             target = current + (target - current) // 2
         return min(target, knob.maximum)
 
@@ -387,18 +396,17 @@ class Tuner:
             if buffer.tunable and buffer.value > 1 and consumer_bound and w.idle > 0.3:
                 self._try(w.stage, buffer, buffer.value // 2, -1, rate, stall, now, reason)
                 return
-            self.state.floor_reached.add(key)
 
-    def _ram_allows(self, windows: list[StageWindow], w: StageWindow, extra_elements: int) -> bool:
-        held = sum(x.stage.metrics.buffered_bytes for x in windows)
-        return held + extra_elements * max(w.bytes_per_element, 1.0) <= self.budget.ram
-
-    def _ram_allows_parallelism(
-        self, w: StageWindow, windows: list[StageWindow], target: int
+    def _ram_allows(
+        self,
+        windows: list[StageWindow],
+        w: StageWindow,
+        parallelism: int | None = None,
+        buffer_size: int | None = None,
     ) -> bool:
-        # Each worker may hold about two chunks of outputs.
-        extra = 2 * max(1, target - w.stage.knobs["parallelism"].value) * w.stage.chunk_size
-        return self._ram_allows(windows, w, extra)
+        """Would every stage's buffers, at most, fit in the RAM budget with ``w`` changed?"""
+        others = sum(x.stage.projected_bytes() for x in windows if x.stage is not w.stage)
+        return others + w.stage.projected_bytes(parallelism, buffer_size) <= self.budget.ram
 
     def _try(
         self,

@@ -187,11 +187,19 @@ class AsyncStage(NodeIterator, Tunable):
     def parallelism(self) -> int:
         return self.knobs["parallelism"].value
 
-    def buffer_limit(self) -> int:
-        """Elements that may be taken from the input and not yet delivered."""
+    def buffer_limit(self, parallelism: int | None = None, buffer_size: int | None = None) -> int:
+        """Elements that may be taken from the input and not yet delivered (with the knobs
+        set as given, or as they are)."""
         if self._auto_buffer:
-            return max(2, 2 * max(1, self.parallelism) * self._chunk_size)
-        return self.knobs["buffer_size"].value
+            workers = self.parallelism if parallelism is None else parallelism
+            return max(2, 2 * max(1, workers) * self._chunk_size)
+        return self.knobs["buffer_size"].value if buffer_size is None else buffer_size
+
+    def projected_bytes(
+        self, parallelism: int | None = None, buffer_size: int | None = None
+    ) -> float:
+        elements = self.buffer_limit(parallelism, buffer_size)
+        return min(elements * self._bytes_per_element, 1.5 * self.max_buffer_bytes)
 
     def _next_chunk_size(self) -> int:
         size = self._chunk_size

@@ -109,9 +109,16 @@ class Tunable:
     key: object
     knobs: dict[str, Knob]
     metrics: StageMetrics
+    max_buffer_bytes: int  # finished results a stage may hold before its workers pause
 
     @property
     def chunk_size(self) -> int:
+        raise NotImplementedError
+
+    def projected_bytes(
+        self, parallelism: int | None = None, buffer_size: int | None = None
+    ) -> float:
+        """Bytes the stage may hold with these knob values (its current ones by default)."""
         raise NotImplementedError
 
     @property

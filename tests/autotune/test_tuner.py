@@ -1,0 +1,203 @@
+"""The direction of AUTOTUNE's decisions on synthetic stages, and what users see of them.
+
+These tests drive real pipelines for a second or two and check where the knobs went, never
+how fast anything ran.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+import feedline as fl
+from feedline.autotune.budget import usable_cores
+from tests.helpers import assert_elements_equal
+
+D = fl.Dataset
+
+
+def stage(it: fl.DatasetIterator, prefix: str) -> Any:
+    return next(s for s in it._ctx.stages() if s.name.startswith(prefix))
+
+
+def consume_for(it: fl.DatasetIterator, seconds: float, step: float = 0.0) -> int:
+    """Pull from ``it`` for about ``seconds``, sleeping ``step`` after each element."""
+    deadline = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < deadline:
+        next(it)
+        n += 1
+        if step:
+            time.sleep(step)
+    return n
+
+
+def latency(seconds: float, size: int = 1024) -> Any:
+    def fetch(x: Any) -> Any:
+        time.sleep(seconds)
+        return np.full(size, x % 256, np.uint8)
+
+    return fetch
+
+
+def with_autotune(ds: fl.Dataset, **settings: Any) -> fl.Dataset:
+    options = fl.Options()
+    for name, value in settings.items():
+        setattr(options.autotune, name, value)
+    return ds.with_options(options)
+
+
+@pytest.mark.timeout(60)
+def test_latency_bound_map_gets_parallelism_above_the_core_count() -> None:
+    ds = D.range(10**6).map(latency(0.01), num_parallel_calls=fl.AUTOTUNE).batch(8)
+    with ds.prefetch(fl.AUTOTUNE).iterator() as it:
+        consume_for(it, 3.0)
+        parallelism = stage(it, "map").knobs["parallelism"].value
+        history = it.stats()["autotune"]["history"]
+    assert parallelism > usable_cores()
+    assert any(d["knob"] == "parallelism" and d["new"] > d["old"] for d in history)
+
+
+@pytest.mark.timeout(60)
+def test_a_full_ram_budget_stops_growth() -> None:
+    megabyte = 2**20
+    ds = D.range(10**6).map(latency(0.01, megabyte), num_parallel_calls=fl.AUTOTUNE).batch(2)
+    ds = with_autotune(ds, ram_budget=4 * megabyte)
+    with ds.iterator() as it:
+        consume_for(it, 2.5)
+        parallelism = stage(it, "map").knobs["parallelism"].value
+    # Unconstrained, the same pipeline goes past the core count (test above); here each
+    # extra worker's chunks would not fit in 4 MiB.
+    assert parallelism <= 4
+
+
+@pytest.mark.timeout(60)
+def test_a_slow_consumer_leads_to_small_buffers_and_few_workers() -> None:
+    ds = D.range(1000).repeat().map(lambda x: x * 2, num_parallel_calls=fl.AUTOTUNE)
+    ds = ds.batch(64).prefetch(fl.AUTOTUNE)
+    with ds.iterator() as it:
+        consume_for(it, 2.5, step=0.01)
+        prefetch = stage(it, "prefetch")
+        buffer = prefetch.knobs["buffer_size"].value
+        mapper = stage(it, "map")
+        stall = it.stats()["consumer"]["stall_fraction"]
+    assert buffer <= 2
+    assert mapper.knobs["parallelism"].value <= usable_cores()
+    assert stall < 0.05
+
+
+@pytest.mark.timeout(90)
+def test_a_consumer_that_speeds_up_gets_more_parallelism() -> None:
+    ds = D.range(10**6).map(latency(0.005), num_parallel_calls=fl.AUTOTUNE).batch(4)
+    with ds.iterator() as it:
+        consume_for(it, 2.5, step=0.05)  # slow training step: few workers suffice
+        slow_phase = stage(it, "map").knobs["parallelism"].value
+        consume_for(it, 3.0)  # the step got fast: the pipeline is now the bottleneck
+        fast_phase = stage(it, "map").knobs["parallelism"].value
+    assert fast_phase > slow_phase
+
+
+@pytest.mark.timeout(90)
+def test_cpu_budget_caps_computing_stages() -> None:
+    def compute(x: Any) -> Any:
+        a = np.arange(20_000, dtype=np.float64)
+        for _ in range(20):
+            a = np.sqrt(a + 1.0)
+        return a[:4]
+
+    ds = D.range(10**6).map(compute, num_parallel_calls=fl.AUTOTUNE).batch(16)
+    with with_autotune(ds, cpu_budget=1).iterator() as it:
+        consume_for(it, 2.5)
+        parallelism = stage(it, "map").knobs["parallelism"].value
+    assert parallelism <= usable_cores()
+
+
+@pytest.mark.timeout(60)
+def test_tuning_never_changes_what_comes_out() -> None:
+    def build() -> fl.Dataset:
+        return (
+            D.range(3000)
+            .shuffle(100, seed=5)
+            .map(latency(0.0002, 4), num_parallel_calls=fl.AUTOTUNE)
+            .random_map(lambda x, rng: x + rng.integers(3), seed=9, num_parallel_calls=fl.AUTOTUNE)
+            .batch(7)
+            .prefetch(fl.AUTOTUNE)
+        )
+
+    tuned = list(build())
+    untuned = list(with_autotune(build(), enabled=False))
+    assert_elements_equal(tuned, untuned)
+    assert all(len(b) == 7 for b in tuned[:-1])
+
+
+@pytest.mark.timeout(30)
+def test_disabled_autotune_keeps_defaults_and_starts_no_tuner() -> None:
+    ds = D.range(5000).map(latency(0.001), num_parallel_calls=fl.AUTOTUNE).prefetch(fl.AUTOTUNE)
+    with with_autotune(ds, enabled=False).iterator() as it:
+        consume_for(it, 1.0)
+        assert it.stats()["autotune"]["enabled"] is False
+        assert it.stats()["autotune"]["history"] == []
+        assert stage(it, "map").knobs["parallelism"].value == usable_cores()
+        import threading
+
+        assert not any(t.name == "feedline-autotune" for t in threading.enumerate())
+
+
+@pytest.mark.timeout(60)
+def test_decisions_are_logged_recorded_and_reported(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="feedline.autotune")
+    ds = D.range(10**6).map(latency(0.01), num_parallel_calls=fl.AUTOTUNE, name="fetch").batch(8)
+    with ds.prefetch(fl.AUTOTUNE).iterator() as it:
+        consume_for(it, 2.0)
+        stats = it.stats()
+        text = it.report(file=open("/dev/null", "w"))  # noqa: SIM115 - closed at exit
+    history = stats["autotune"]["history"]
+    assert history, "a latency-bound map must be tuned"
+    first = history[0]
+    assert {"time", "stage", "knob", "old", "new", "reason"} <= set(first)
+    assert any("map(fetch).parallelism" in r.getMessage() for r in caplog.records)
+    names = [s["name"] for s in stats["stages"]]
+    assert "map(fetch)" in names and any(n.startswith("prefetch") for n in names)
+    mapper = next(s for s in stats["stages"] if s["name"] == "map(fetch)")
+    assert mapper["elements"] > 0 and mapper["mean_ms"] >= 10 * 0.9
+    assert mapper["cpu_share"] < 0.5  # it sleeps: waiting, not computing
+    assert stats["bottleneck"]["stage"] == "map(fetch)"
+    assert "waits" in stats["bottleneck"]["advice"]
+    assert "map(fetch)" in text and "bottleneck: map(fetch)" in text
+    assert "AUTOTUNE:" in text
+
+
+@pytest.mark.timeout(30)
+def test_consumer_bound_report_says_so() -> None:
+    ds = D.range(100).repeat().batch(10).prefetch(fl.AUTOTUNE)
+    with ds.iterator() as it:
+        consume_for(it, 0.6, step=0.01)
+        bottleneck = it.stats()["bottleneck"]
+    assert bottleneck["stage"] == "consumer"
+    assert "faster than your training step" in bottleneck["advice"]
+
+
+@pytest.mark.timeout(60)
+def test_tuned_values_carry_over_to_the_next_epoch() -> None:
+    ds = D.range(3000).map(latency(0.01), num_parallel_calls=fl.AUTOTUNE).repeat(3).batch(8)
+    with ds.iterator() as it:
+        consume_for(it, 1.5)
+        tuned = stage(it, "map").knobs["parallelism"].value
+        while it._counters.delivered * 8 < 3000 + 400:  # into a later epoch: its stage is new
+            next(it)
+        assert stage(it, "map").knobs["parallelism"].value >= min(tuned, 8)
+
+
+@pytest.mark.timeout(30)
+def test_tuner_costs_little_on_a_stable_pipeline() -> None:
+    ds = D.range(100).repeat().map(lambda x: x, num_parallel_calls=fl.AUTOTUNE).batch(10)
+    with ds.prefetch(fl.AUTOTUNE).iterator() as it:
+        started = time.perf_counter()
+        consume_for(it, 2.0, step=0.005)
+        elapsed = time.perf_counter() - started
+        cost = it.stats()["autotune"]["tuner_cpu_s"]
+    assert cost < 0.02 * elapsed  # under 2% of one core

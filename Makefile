@@ -33,10 +33,10 @@ test: $(VENV)/.test
 
 # Peers for `make bench`. torch goes first and by exact version: that picks the local CPU wheel,
 # and anything installed after it that depends on torch is then satisfied without pulling a
-# CUDA build from the registry. pillow writes and decodes the image workload's JPEGs.
+# CUDA build from the registry.
 $(VENV)/.bench: $(VENV)/.core
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[bench]' pillow
+	$(PIP) install --quiet -e '.[bench]'
 	touch $@
 
 # Every (system, workload) pair in its own subprocess; writes benchmarks/results/latest.{json,md,png}.

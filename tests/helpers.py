@@ -44,6 +44,8 @@ def assert_elements_equal(got: Sequence[Any], want: Sequence[Any]) -> None:
 
 
 def take(it: Iterable[Any], n: int) -> list[Any]:
+    if n <= 0:
+        return []
     out = []
     for x in it:
         out.append(x)

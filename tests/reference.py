@@ -121,7 +121,8 @@ def padded_batch(
         shape = padded_shape or [max(a.shape[d] for a in arrays) for d in range(rank)]
         padded = np.full((len(arrays), *shape), padding_value, dtype=arrays[0].dtype)
         for i, a in enumerate(arrays):
-            padded[(i, *(slice(0, n) for n in a.shape))] = a
+            corner: tuple[Any, ...] = (i, *(slice(0, n) for n in a.shape))
+            padded[corner] = a
         out.append(padded)
     return out
 

@@ -82,22 +82,27 @@ def _signature(output_types: Any, output_shapes: Any, output_signature: Any) -> 
         if output_shapes is not None:
             raise TypeError("output_shapes needs output_types")
         return None
-    if output_shapes is None:
-        output_shapes = map_structure(lambda _: None, output_types)
-
-    def spec(dtype: Any, shape: Any) -> TensorSpec:
-        dims: tuple[int | None, ...] = () if shape is None else tuple(shape)
-        return TensorSpec(dims, _as_dtype(dtype))
-
-    if shape_is_leaf(output_shapes):
-        return spec(output_types, output_shapes)
-    return map_structure(spec, output_types, output_shapes)
+    return _specs_along(output_types, output_shapes)
 
 
-def shape_is_leaf(shape: Any) -> bool:
-    return shape is None or (
-        isinstance(shape, list | tuple) and all(d is None or isinstance(d, int) for d in shape)
-    )
+def _specs_along(types: Any, shapes: Any) -> Any:
+    """Specs nested like ``types``; ``shapes`` follows that nesting down to each leaf, where a
+    shape is one item (a tuple or list of dims) and a missing shape means any shape."""
+    if isinstance(types, tuple):
+        parts = shapes if shapes is not None else [None] * len(types)
+        if not isinstance(parts, list | tuple) or len(parts) != len(types):
+            raise ValueError(f"output_shapes {shapes!r} does not match output_types {types!r}")
+        specs = [_specs_along(t, s) for t, s in zip(types, parts)]
+        return type(types)(*specs) if hasattr(type(types), "_fields") else tuple(specs)
+    if isinstance(types, dict):
+        parts = shapes if shapes is not None else dict.fromkeys(types)
+        if not isinstance(parts, dict) or parts.keys() != types.keys():
+            raise ValueError(f"output_shapes {shapes!r} does not match output_types {types!r}")
+        return {k: _specs_along(types[k], parts[k]) for k in types}
+    if shapes is not None and not isinstance(shapes, list | tuple):
+        raise ValueError(f"a shape must be a list or tuple of dimensions, got {shapes!r}")
+    dims = None if shapes is None else tuple(None if d in (None, -1) else int(d) for d in shapes)
+    return TensorSpec(dims, _as_dtype(types))
 
 
 class Dataset:

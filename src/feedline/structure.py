@@ -223,31 +223,41 @@ def _built_from_python(x: Any) -> bool:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Shape and dtype of one leaf. ``None`` in ``shape`` is a dimension that may vary."""
+    """Shape and dtype of one leaf. ``None`` in ``shape`` is a dimension that may vary;
+    ``shape=None`` means even the rank is unknown (tf.data's ``TensorShape(None)``)."""
 
-    shape: tuple[int | None, ...]
+    shape: tuple[int | None, ...] | None
     dtype: np.dtype
 
     def __repr__(self) -> str:
         dtype = "string" if self.dtype == STRING_DTYPE else str(self.dtype)
-        return f"TensorSpec(shape={self.shape}, dtype={dtype})"
+        shape = "<unknown>" if self.shape is None else self.shape
+        return f"TensorSpec(shape={shape}, dtype={dtype})"
 
     def is_compatible_with(self, other: TensorSpec) -> bool:
-        if self.dtype != other.dtype or len(self.shape) != len(other.shape):
+        if self.dtype != other.dtype:
+            return False
+        if self.shape is None or other.shape is None:
+            return True
+        if len(self.shape) != len(other.shape):
             return False
         return all(a is None or b is None or a == b for a, b in zip(self.shape, other.shape))
 
     def most_specific_common(self, other: TensorSpec) -> TensorSpec:
         """The spec both satisfy, with ``None`` wherever the two disagree on a dimension."""
-        if self.dtype != other.dtype or len(self.shape) != len(other.shape):
+        if self.dtype != other.dtype:
             raise TypeError(f"incompatible specs {self} and {other}")
+        if self.shape is None or other.shape is None or len(self.shape) != len(other.shape):
+            return TensorSpec(None, self.dtype)
         shape = tuple(a if a == b else None for a, b in zip(self.shape, other.shape))
         return TensorSpec(shape, self.dtype)
 
     def with_leading(self, dim: int | None) -> TensorSpec:
-        return TensorSpec((dim, *self.shape), self.dtype)
+        return TensorSpec(None if self.shape is None else (dim, *self.shape), self.dtype)
 
     def without_leading(self) -> TensorSpec:
+        if self.shape is None:
+            return self
         if not self.shape:
             raise ValueError("a scalar has no leading dimension to remove")
         return TensorSpec(self.shape[1:], self.dtype)

@@ -9,7 +9,7 @@ nesting and dict key order), ``cardinality()`` and ``element_spec``. A known dis
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,29 @@ def _ragged(m: Any) -> Any:
 def _inner(m: Any) -> Callable[[Any], Any]:
     """``x`` -> a dataset of ``x`` elements tagged with ``x`` (uneven inner lengths)."""
     return lambda x: m.Dataset.range(x).map(lambda y: y + 10 * x)
+
+
+def _count_up(n: Any) -> Iterator[int]:
+    yield from range(int(n))
+
+
+def _ragged_lists() -> Iterator[list[int]]:
+    for i in range(4):
+        yield list(range(i))
+
+
+def _pairs() -> Iterator[tuple[int, str]]:
+    for i in range(3):
+        yield i, "s" * i
+
+
+def _dicts() -> Iterator[dict[str, Any]]:
+    for i in range(2):
+        yield {"a": i, "b": [i, -i]}
+
+
+def _halves() -> Iterator[float]:
+    yield from (0.5, 1.5)
 
 
 def _unknown(m: Any, n: int) -> Any:
@@ -390,8 +413,77 @@ CASES: list[Case] = [
         lambda m: m.Dataset.range(20).map(lambda x: (x, x * 2)).batch(3).enumerate().shard(2, 0),
     ),
     Case(
-        "cache_prefetch_shuffle_sorted_out",
-        lambda m: m.Dataset.range(6).map(lambda x: x * 2).cache().prefetch(2).batch(4),
+        "cache_prefetch",
+        lambda m: m.Dataset.range(6).map(lambda x: x * 2).cache().prefetch(2).batch(4).repeat(2),
+    ),
+    # -- parallel variants must keep the deterministic order -------------------------------
+    Case(
+        "map_autotune_batch_parallel",
+        lambda m: (
+            m.Dataset.range(50)
+            .map(lambda x: x * 2, num_parallel_calls=m.AUTOTUNE)
+            .batch(7, num_parallel_calls=m.AUTOTUNE)
+            .prefetch(m.AUTOTUNE)
+        ),
+    ),
+    Case(
+        "interleave_parallel",
+        lambda m: m.Dataset.range(1, 8).interleave(
+            _inner(m), cycle_length=3, block_length=2, num_parallel_calls=2, deterministic=True
+        ),
+    ),
+    Case("zip_varargs", lambda m: m.Dataset.zip(m.Dataset.range(3), m.Dataset.range(4))),
+    Case("enumerate_dict", lambda m: m.Dataset.from_tensor_slices({"a": [1, 2]}).enumerate()),
+    Case(
+        "map_indexes_batch",
+        lambda m: m.Dataset.range(6).batch(2).map(lambda b: (b[0], b[1:])),
+    ),
+    Case(
+        "padded_batch_python_float_value",
+        lambda m: (
+            m.Dataset.from_tensor_slices([1.0, 2.0, 3.0])
+            .batch(2)
+            .padded_batch(2, padding_values=-1.0)
+        ),
+    ),
+    # -- from_generator with TF1-style output_types / output_shapes ----------------------------
+    Case(
+        "from_generator_args",
+        lambda m: m.Dataset.from_generator(
+            _count_up, output_types=np.int64, output_shapes=(), args=(3,)
+        ),
+    ),
+    Case(
+        "from_generator_ragged_padded",
+        lambda m: m.Dataset.from_generator(
+            _ragged_lists, output_types=np.int32, output_shapes=(None,)
+        ).padded_batch(3),
+    ),
+    Case(
+        "from_generator_tuple_scalar_shapes",
+        lambda m: m.Dataset.from_generator(
+            _pairs, output_types=(np.int64, np.object_), output_shapes=((), ())
+        ),
+    ),
+    Case(
+        "from_generator_tuple_types_only",
+        lambda m: m.Dataset.from_generator(_pairs, output_types=(np.int64, np.object_)),
+    ),
+    Case(
+        "from_generator_numpy_str_type",
+        lambda m: m.Dataset.from_generator(
+            _pairs, output_types=(np.int64, np.str_), output_shapes=([], [])
+        ),
+    ),
+    Case(
+        "from_generator_dict",
+        lambda m: m.Dataset.from_generator(
+            _dicts, output_types={"a": np.int32, "b": np.int64}, output_shapes={"a": (), "b": (2,)}
+        ),
+    ),
+    Case(
+        "from_generator_python_float_type",
+        lambda m: m.Dataset.from_generator(_halves, output_types=float, output_shapes=()),
     ),
     Case(
         "ignore_errors_infinite",
@@ -411,13 +503,18 @@ KNOWN_DISCREPANCIES: dict[tuple[str, str], str] = {
     ("map_inner_list_python_int_first", SPEC): "[1, int64]: tf.data int64, feedline int32",
     ("map_string_plus_str", ELEMENTS): "bytes + str raises TypeError; tf.data concatenates",
     ("map_string_plus_str", SPEC): "bytes + str raises TypeError; tf.data concatenates",
+    ("map_indexes_batch", SPEC): OBSERVED_SPEC + ": tf.data (None,), feedline (1,)",
     ("map_ragged_spec", SPEC): OBSERVED_SPEC + ": tf.data (None,), feedline (3,)",
     ("map_over_empty", SPEC): OBSERVED_SPEC + ": feedline raises ValueError on empty input",
     ("flat_map_over_empty", SPEC): OBSERVED_SPEC + ": feedline raises ValueError on empty input",
     ("interleave_batched_spec", SPEC): OBSERVED_SPEC + ": tf.data (None,), feedline (1,)",
     ("padded_batch_scalar_strings", ELEMENTS): "feedline: object array of 0-d arrays, not bytes",
-    ("filter_infinite", CARDINALITY): "filter of INFINITE: tf.data UNKNOWN, feedline INFINITE",
-    ("ignore_errors_infinite", CARDINALITY): "tf.data UNKNOWN, feedline INFINITE",
+    ("from_generator_numpy_str_type", ELEMENTS): "output_types np.str_ read as numpy '<U0'",
+    ("from_generator_numpy_str_type", SPEC): "output_types np.str_: spec dtype str, not string",
+    ("from_generator_python_float_type", ELEMENTS): "output_types float: tf.data float32, "
+    "feedline float64",
+    ("from_generator_python_float_type", SPEC): "output_types float: tf.data float32, "
+    "feedline float64",
     ("unbatch_static_batch_dim", CARDINALITY): "static batch dim: tf.data 9, feedline UNKNOWN",
     ("unbatch_strings_2d", CARDINALITY): "static batch dim: tf.data 2, feedline UNKNOWN",
 }
@@ -447,7 +544,10 @@ def _spec_summary(spec: Any) -> Any:
     if isinstance(spec, tuple):
         return tuple(_spec_summary(s) for s in spec)
     shape = spec.shape
-    dims = tuple(shape.as_list()) if hasattr(shape, "as_list") else tuple(shape)
+    if shape is None or getattr(shape, "rank", 0) is None:
+        dims: tuple[int | None, ...] | None = None  # unknown rank
+    else:
+        dims = tuple(shape.as_list()) if hasattr(shape, "as_list") else tuple(shape)
     dtype = spec.dtype
     if isinstance(dtype, np.dtype):
         name = "string" if dtype == np.dtype(object) else dtype.name

@@ -218,11 +218,6 @@ def test_filter_over_repeat_of_sparse_matches_state_roundtrip() -> None:
     assert_state_roundtrip(ds, cut_points=(0, 1, 2, 3, 4, 5))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (ops/mapping.py FilterOp.cardinality): filter of an infinite input is "
-    "INFINITE in feedline, UNKNOWN in tf.data",
-)
 def test_filter_of_an_infinite_input_has_unknown_cardinality() -> None:
     assert D.range(3).repeat().filter(bool).cardinality() == fl.UNKNOWN_CARDINALITY
 
@@ -337,10 +332,5 @@ def test_ignore_errors_cardinality_of_a_finite_input_is_unknown() -> None:
     assert D.range(3).ignore_errors().cardinality() == fl.UNKNOWN_CARDINALITY
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (ops/mapping.py IgnoreErrorsOp.cardinality): ignore_errors of an infinite "
-    "input is INFINITE in feedline, UNKNOWN in tf.data",
-)
 def test_ignore_errors_of_an_infinite_input_has_unknown_cardinality() -> None:
     assert D.range(3).repeat().ignore_errors().cardinality() == fl.UNKNOWN_CARDINALITY

@@ -339,11 +339,6 @@ def test_from_generator_output_types_and_shapes() -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (dataset.py _signature): output_shapes written as tuples, e.g. ((), (None,)), "
-    "is read as a nest and fails with 'structures differ'; tf.data accepts tuples as shapes",
-)
 def test_from_generator_output_shapes_as_tuples() -> None:
     ds = D.from_generator(
         lambda: iter([(1, [1, 2])]),
@@ -353,11 +348,6 @@ def test_from_generator_output_shapes_as_tuples() -> None:
     assert ds.element_spec == (Spec((), I32), Spec((None,), I64))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (dataset.py _signature): output_types without output_shapes declares shape () "
-    "instead of an unknown shape, so vectors are rejected; tf.data accepts any shape",
-)
 def test_from_generator_output_types_alone_accept_any_shape() -> None:
     ds = D.from_generator(lambda: iter([[1, 2], [3]]), output_types=np.int32)
     assert_elements_equal(list(ds), [np.array([1, 2], I32), np.array([3], I32)])

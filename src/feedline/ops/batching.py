@@ -182,7 +182,7 @@ class PaddedBatchOp(BatchOp):
 
         def padded(spec: TensorSpec, shape: Any) -> TensorSpec:
             if shape is None:
-                return TensorSpec((dim, *spec.shape), spec.dtype)
+                return spec.with_leading(dim)
             return TensorSpec((dim, *_as_shape(shape)), spec.dtype)
 
         leaves = flatten(specs)

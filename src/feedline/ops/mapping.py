@@ -11,7 +11,6 @@ import numpy as np
 from feedline.errors import StageError, wrap_user_error
 from feedline.ops.base import (
     AUTOTUNE,
-    INFINITE,
     UNKNOWN,
     Op,
     call_with_element,
@@ -253,7 +252,7 @@ class FilterOp(Op):
         self.name = f"filter({function_name(predicate)})"
 
     def cardinality(self) -> int:
-        return INFINITE if self.input.cardinality() == INFINITE else UNKNOWN
+        return UNKNOWN  # tf.data's answer, even over an infinite input
 
     def compute_spec(self) -> Any:
         return self.input.element_spec()
@@ -356,7 +355,7 @@ class IgnoreErrorsOp(Op):
         self.name = "ignore_errors"
 
     def cardinality(self) -> int:
-        return INFINITE if self.input.cardinality() == INFINITE else UNKNOWN
+        return UNKNOWN  # tf.data's answer, even over an infinite input
 
     def compute_spec(self) -> Any:
         return self.input.element_spec()

@@ -327,8 +327,9 @@ def _conform(value: Any, signature: Any, stage: str, position: int) -> Any:
             raise StageError(
                 stage, position, f"the generator yielded {leaf!r}, which is not {spec!r}: {e}"
             ) from e
-        if len(arr.shape) != len(spec.shape) or any(
-            want is not None and want != got for want, got in zip(spec.shape, arr.shape)
+        if spec.shape is not None and (
+            len(arr.shape) != len(spec.shape)
+            or any(want is not None and want != got for want, got in zip(spec.shape, arr.shape))
         ):
             raise StageError(
                 stage,

@@ -298,11 +298,6 @@ def _compatible(spec: Any, leaf: Any) -> bool:
     return same_shape and arr.dtype == spec.dtype
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="map's element_spec is observed from its first element, so a ragged input gives "
-    "e.g. (2,) while a later element is (1,); tf.data traces the function and says (None,)",
-)
 @settings(max_examples=300, deadline=None, derandomize=True)
 @given(pipelines())
 def test_element_spec_describes_every_element(p: Generated) -> None:

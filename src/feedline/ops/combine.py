@@ -15,6 +15,7 @@ from feedline.ops.base import (
     call_with_element,
     function_name,
 )
+from feedline.ops.tracing import traced_spec
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import NodeIterator, State
 from feedline.runtime.parallel import AsyncStage
@@ -158,6 +159,17 @@ class InterleaveOp(Op):
 
     def cardinality(self) -> int:
         return UNKNOWN  # tf.data's answer even over an infinite input
+
+    def compute_spec(self) -> Any:
+        from feedline.dataset import Dataset
+
+        def inner_spec(element: Any) -> Any:
+            dataset = call_with_element(self.fn, element)
+            if not isinstance(dataset, Dataset):
+                raise TypeError(f"{self.name}: the function must return a Dataset")
+            return dataset.element_spec
+
+        return traced_spec(self.input, inner_spec, self.name)
 
     def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
         return InterleaveIterator(self, ctx, state)

@@ -17,6 +17,7 @@ from feedline.ops.base import (
     function_name,
 )
 from feedline.ops.randomness import PassKey, PassKeys
+from feedline.ops.tracing import outputs_spec, traced_spec
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import InputCursor, NodeIterator, State
 from feedline.runtime.parallel import AsyncStage, Failed, Transform, default_parallelism
@@ -63,6 +64,21 @@ class MapOp(Op):
 
     def cardinality(self) -> int:
         return self.input.cardinality()
+
+    def compute_spec(self) -> Any:
+        fn = self.fn
+        if self.random:
+            rng = np.random.default_rng(0)
+
+            def apply(element: Any) -> Any:
+                out = fn(*element, rng) if type(element) is tuple else fn(element, rng)
+                return normalize_output(out)
+        else:
+
+            def apply(element: Any) -> Any:
+                return normalize_output(call_with_element(fn, element))
+
+        return traced_spec(self.input, outputs_spec(apply), self.name)
 
     def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
         if not self.random:

@@ -116,6 +116,15 @@ class DatasetIterator:
         print(text, file=file)
         return text
 
+    def plot(self, path: Any) -> Any:
+        """Write a PNG of buffers, parallelism, throughput and consumer wait over time; returns
+        its ``Path``. Needs matplotlib (``feedline[viz]``). The time series comes from
+        ``feedline.observe.timeline.record(self)``: call that before iterating to cover the
+        whole pass (it is started here otherwise)."""
+        from feedline.observe.plot import plot_iterator
+
+        return plot_iterator(self, path)
+
     def get_state(self) -> State:
         return {
             "version": STATE_VERSION,

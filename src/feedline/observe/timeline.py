@@ -1,0 +1,296 @@
+"""A time series of a running pipeline, for the live view and ``it.plot()``.
+
+``record(it)`` starts a daemon thread (``feedline-timeline``) that samples the iterator's stages
+every ``interval`` seconds: their knobs, cumulative counters (elements, work time, consumer
+wait) and buffers, plus the consumer's counters. Rates come from the difference of two samples
+(a ``Window``), so a sample is cheap: a few locked reads per stage, no percentiles.
+
+The thread holds only a weak reference to the iterator, so recording never keeps a dropped
+iterator (and its worker threads) alive; it stops when the iterator is closed or collected,
+or on ``Timeline.stop()``. The samples stay readable afterwards.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from feedline.observe.stats import find_bottleneck
+
+if TYPE_CHECKING:
+    from feedline.runtime.pipeline import DatasetIterator
+
+DEFAULT_INTERVAL = 0.1
+# Past this many samples every other one is dropped and the interval doubles, so a recording
+# of a long run stays small and still covers the run from its start.
+MAX_SAMPLES = 2000
+THREAD_NAME = "feedline-timeline"
+
+
+@dataclass(frozen=True)
+class StageSample:
+    """One stage (all the stages made for one op, under ``repeat``) at one instant."""
+
+    name: str
+    knobs: Mapping[str, int]
+    own_work: bool  # False for a prefetch: its work time is only waiting on its input
+    # Cumulative since the pass started:
+    elements: int
+    work_wall: float
+    work_cpu: float
+    consumer_wait: float
+    # Now:
+    buffered_elements: int
+    buffered_bytes: int
+    buffer_limit: int  # elements the stage may hold with its current knobs
+
+
+@dataclass(frozen=True)
+class Sample:
+    time: float  # seconds since the pass started
+    delivered: int  # elements the consumer has received
+    wait: float  # seconds the consumer has spent waiting in next()
+    stages: tuple[StageSample, ...]
+
+
+def take_sample(it: DatasetIterator) -> Sample:
+    # Stages made again for the same op (each epoch under repeat) share its key: counters add
+    # up over all of them, knobs and buffers are the latest one's.
+    latest: dict[object, Any] = {}
+    totals: dict[object, list[float]] = {}
+    for stage in it._ctx.all_stages():
+        m = stage.metrics.snapshot()
+        latest[stage.key] = (stage, m)
+        total = totals.setdefault(stage.key, [0, 0.0, 0.0, 0.0])
+        total[0] += m["elements"]
+        total[1] += m["work_wall"]
+        total[2] += m["work_cpu"]
+        total[3] += m["consumer_wait"]
+    names: dict[str, int] = {}
+    stages = []
+    for key, (stage, m) in latest.items():
+        # Two ops can have the same name (two plain maps): number the later ones.
+        names[stage.name] = names.get(stage.name, 0) + 1
+        name = stage.name if names[stage.name] == 1 else f"{stage.name}#{names[stage.name]}"
+        limit = getattr(stage, "buffer_limit", None)
+        elements, wall, cpu, wait = totals[key]
+        stages.append(
+            StageSample(
+                name=name,
+                knobs={k: knob.value for k, knob in stage.knobs.items()},
+                own_work=stage.has_own_work,
+                elements=int(elements),
+                work_wall=wall,
+                work_cpu=cpu,
+                consumer_wait=wait,
+                buffered_elements=int(m["buffered_elements"]),
+                buffered_bytes=int(m["buffered_bytes"]),
+                buffer_limit=int(limit()) if callable(limit) else 0,
+            )
+        )
+    counters = it._counters
+    return Sample(
+        time=time.perf_counter() - it._started,
+        delivered=counters.delivered,
+        wait=counters.wait,
+        stages=tuple(stages),
+    )
+
+
+@dataclass(frozen=True)
+class StageWindow:
+    """What one stage did between two samples; knobs and buffers as at the later one."""
+
+    name: str
+    knobs: Mapping[str, int]
+    own_work: bool
+    elements: int
+    rate: float  # elements per second
+    mean_ms: float  # work time per element
+    cpu_share: float | None  # CPU time / wall time of that work; None without work
+    consumer_wait_fraction: float  # of the window, its consumer waited for this stage
+    buffered_elements: int
+    buffer_limit: int
+
+
+@dataclass(frozen=True)
+class Window:
+    """The pipeline between two samples."""
+
+    start: float
+    end: float
+    delivered: int
+    rate: float  # elements per second the consumer received
+    wait_fraction: float  # of the window, the consumer spent waiting for data
+    stages: tuple[StageWindow, ...]
+
+    def bottleneck(self) -> dict[str, str]:
+        """``find_bottleneck`` on this window alone, so it follows a pipeline that changes."""
+        seconds = self.end - self.start
+        stages = [
+            {
+                "name": s.name,
+                "knobs": dict(s.knobs),
+                "own_work": s.own_work,
+                "elements": s.elements,
+                "work_wall_s": s.mean_ms * s.elements / 1000,
+                "mean_ms": s.mean_ms,
+                "cpu_share": s.cpu_share,
+                "consumer_wait_fraction": s.consumer_wait_fraction,
+            }
+            for s in self.stages
+        ]
+        consumer = {
+            "elements": self.delivered,
+            "elapsed_s": seconds,
+            "wait_s": self.wait_fraction * seconds,
+            "stall_fraction": self.wait_fraction,
+        }
+        return find_bottleneck({"stages": stages, "consumer": consumer})
+
+
+def between(older: Sample, newer: Sample) -> Window:
+    seconds = max(newer.time - older.time, 1e-9)
+    before = {s.name: s for s in older.stages}
+    stages = []
+    for s in newer.stages:
+        b = before.get(s.name)
+        elements = s.elements - (b.elements if b else 0)
+        wall = s.work_wall - (b.work_wall if b else 0.0)
+        cpu = s.work_cpu - (b.work_cpu if b else 0.0)
+        wait = s.consumer_wait - (b.consumer_wait if b else 0.0)
+        stages.append(
+            StageWindow(
+                name=s.name,
+                knobs=s.knobs,
+                own_work=s.own_work,
+                elements=elements,
+                rate=elements / seconds,
+                mean_ms=1000 * wall / elements if elements else 0.0,
+                cpu_share=cpu / wall if wall > 0 else None,
+                # A wait is booked when it ends, so a window can see more than its length.
+                consumer_wait_fraction=min(1.0, wait / seconds),
+                buffered_elements=s.buffered_elements,
+                buffer_limit=s.buffer_limit,
+            )
+        )
+    delivered = newer.delivered - older.delivered
+    return Window(
+        start=older.time,
+        end=newer.time,
+        delivered=delivered,
+        rate=delivered / seconds,
+        wait_fraction=min(1.0, (newer.wait - older.wait) / seconds),
+        stages=tuple(stages),
+    )
+
+
+class Timeline:
+    """Samples of one iterator, appended by the recording thread; safe to read meanwhile."""
+
+    def __init__(self, interval: float = DEFAULT_INTERVAL) -> None:
+        if interval <= 0:
+            raise ValueError(f"interval must be positive, got {interval}")
+        self.interval = interval
+        self._samples: list[Sample] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def samples(self) -> list[Sample]:
+        with self._lock:
+            return list(self._samples)
+
+    def add(self, sample: Sample) -> None:
+        with self._lock:
+            self._samples.append(sample)
+            if len(self._samples) > MAX_SAMPLES:
+                # Keep the last one: it is what the live view shows.
+                self._samples = [*self._samples[:-1:2], self._samples[-1]]
+                self.interval *= 2
+
+    def windows(self, span: float = 0.5) -> list[Window]:
+        """One window ending at each sample, each at least ``span`` seconds long (where the
+        recording allows), so rates are smoothed over ``span``."""
+        samples = self.samples()
+        out = []
+        first = 0
+        for newer in samples[1:]:
+            while first + 1 < len(samples) and newer.time - samples[first + 1].time >= span:
+                first += 1
+            out.append(between(samples[first], newer))
+        return out
+
+    def recent(self, span: float = 1.0) -> Window | None:
+        """The last ``span`` seconds (or as much as was recorded); None before two samples."""
+        with self._lock:
+            if len(self._samples) < 2:
+                return None
+            newer = self._samples[-1]
+            older = next(
+                (s for s in reversed(self._samples[:-1]) if newer.time - s.time >= span),
+                self._samples[0],
+            )
+        return between(older, newer)
+
+    def start(self, it: DatasetIterator) -> None:
+        """Sample ``it`` now and then every ``interval`` seconds until it closes or is
+        collected, or ``stop()`` is called."""
+        if self._thread is not None:
+            raise RuntimeError("a Timeline records one pass once")
+        self.add(take_sample(it))
+        ref = weakref.ref(it)
+        # A collected iterator stops the thread at once rather than at its next tick.
+        weakref.finalize(it, self._stopping.set)
+        self._thread = threading.Thread(
+            target=self._record, args=(ref,), name=THREAD_NAME, daemon=True
+        )
+        self._thread.start()
+
+    def _record(self, ref: weakref.ref[DatasetIterator]) -> None:
+        while not self._stopping.wait(self.interval):
+            it = ref()
+            if it is None:
+                return
+            closed = it._closed
+            # After close, the sample still has the final counters (closed stages keep theirs).
+            self.add(take_sample(it))
+            del it  # hold no reference between ticks
+            if closed:
+                return
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop recording (the samples stay); waits for the thread to end."""
+        self._stopping.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+
+_timelines: weakref.WeakKeyDictionary[DatasetIterator, Timeline] = weakref.WeakKeyDictionary()
+_timelines_lock = threading.Lock()
+
+
+def record(it: DatasetIterator, interval: float = DEFAULT_INTERVAL) -> Timeline:
+    """The timeline of ``it``: the one recording it, else (once ``it`` is closed) the last
+    one, which has the whole run; otherwise a new one, started now."""
+    with _timelines_lock:
+        timeline = _timelines.get(it)
+        if timeline is not None and (timeline.running or it._closed):
+            return timeline
+        timeline = Timeline(interval)
+        if it._closed:
+            # Nothing will happen any more: one sample has it all, and no thread is needed.
+            timeline.add(take_sample(it))
+        else:
+            timeline.start(it)
+        _timelines[it] = timeline
+        return timeline

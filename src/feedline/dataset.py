@@ -59,16 +59,24 @@ def _count(value: Any, what: str) -> int:
     return max(int(value), -1)
 
 
+# Python types as tf.data reads them in a signature (tf.as_dtype): 32-bit numbers.
+_PYTHON_DTYPES = {int: np.dtype(np.int32), float: np.dtype(np.float32), bool: np.dtype(np.bool_)}
+
+
 def _as_dtype(dtype: Any) -> np.dtype:
     if dtype in (str, bytes, "string", "str", "bytes", object):
         return STRING_DTYPE
+    if dtype in _PYTHON_DTYPES:
+        return _PYTHON_DTYPES[dtype]
     name = getattr(dtype, "name", None)
     if name == "string":
         return STRING_DTYPE
     if isinstance(name, str) and not isinstance(dtype, np.dtype):
         # tf.DType and similar objects: go by their name ("float32", "int64", ...).
         return np.dtype(name)
-    return np.dtype(dtype)
+    resolved = np.dtype(dtype)
+    # numpy's string types (np.str_, np.bytes_, "U5") are tf.data's one string type.
+    return STRING_DTYPE if resolved.kind in "US" else resolved
 
 
 def _signature(output_types: Any, output_shapes: Any, output_signature: Any) -> Any:

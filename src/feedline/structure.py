@@ -196,6 +196,10 @@ def to_array(x: Any) -> np.ndarray:
     if arr.size == 0 and arr.dtype == np.float64 and isinstance(x, list | tuple):
         # An empty Python list has no values to infer from; tf.constant([]) is float32.
         return arr.astype(np.float32)
+    first = _first_leaf(x)
+    if isinstance(first, np.generic) and arr.dtype != first.dtype and arr.dtype.kind in "biuf":
+        # tf.data converts a list by its first value's type: [np.float32(1), 2.0] is float32.
+        return arr.astype(first.dtype)
     if _built_from_python(x):
         if arr.dtype == np.float64:
             return arr.astype(np.float32)
@@ -211,11 +215,16 @@ def scalar_if_0d(a: np.ndarray) -> Any:
     return a[()] if a.ndim == 0 else a
 
 
-def _built_from_python(x: Any) -> bool:
-    """True when ``x`` holds Python numbers (not numpy ones), so tf.data's 32-bit defaults apply."""
+def _first_leaf(x: Any) -> Any:
     while isinstance(x, list | tuple) and x:
         x = x[0]
-    return isinstance(x, int | float) and not isinstance(x, np.generic)
+    return x
+
+
+def _built_from_python(x: Any) -> bool:
+    """True when ``x`` holds Python numbers (not numpy ones), so tf.data's 32-bit defaults apply."""
+    first = _first_leaf(x)
+    return isinstance(first, int | float) and not isinstance(first, np.generic)
 
 
 # -- specs ----------------------------------------------------------------------------------------

@@ -497,26 +497,10 @@ OBSERVED_SPEC = "spec observed from the first element (tf.data traces the functi
 # Open discrepancies, (case, aspect) -> what tf.data gives vs what feedline gives. Each is a
 # strict xfail, so a fix fails the run until its line here is deleted.
 KNOWN_DISCREPANCIES: dict[tuple[str, str], str] = {
-    ("slices_numpy_and_python_floats", ELEMENTS): "tf.data float32, feedline float64",
-    ("slices_numpy_and_python_floats", SPEC): "tf.data float32, feedline float64",
     ("map_inner_list_python_int_first", ELEMENTS): "[1, int64]: tf.data int64, feedline int32",
     ("map_inner_list_python_int_first", SPEC): "[1, int64]: tf.data int64, feedline int32",
     ("map_string_plus_str", ELEMENTS): "bytes + str raises TypeError; tf.data concatenates",
     ("map_string_plus_str", SPEC): "bytes + str raises TypeError; tf.data concatenates",
-    ("map_indexes_batch", SPEC): OBSERVED_SPEC + ": tf.data (None,), feedline (1,)",
-    ("map_ragged_spec", SPEC): OBSERVED_SPEC + ": tf.data (None,), feedline (3,)",
-    ("map_over_empty", SPEC): OBSERVED_SPEC + ": feedline raises ValueError on empty input",
-    ("flat_map_over_empty", SPEC): OBSERVED_SPEC + ": feedline raises ValueError on empty input",
-    ("interleave_batched_spec", SPEC): OBSERVED_SPEC + ": tf.data (None,), feedline (1,)",
-    ("padded_batch_scalar_strings", ELEMENTS): "feedline: object array of 0-d arrays, not bytes",
-    ("from_generator_numpy_str_type", ELEMENTS): "output_types np.str_ read as numpy '<U0'",
-    ("from_generator_numpy_str_type", SPEC): "output_types np.str_: spec dtype str, not string",
-    ("from_generator_python_float_type", ELEMENTS): "output_types float: tf.data float32, "
-    "feedline float64",
-    ("from_generator_python_float_type", SPEC): "output_types float: tf.data float32, "
-    "feedline float64",
-    ("unbatch_static_batch_dim", CARDINALITY): "static batch dim: tf.data 9, feedline UNKNOWN",
-    ("unbatch_strings_2d", CARDINALITY): "static batch dim: tf.data 2, feedline UNKNOWN",
 }
 
 

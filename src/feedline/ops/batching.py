@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from feedline.errors import StageError
-from feedline.ops.base import INFINITE, UNKNOWN, Op
+from feedline.ops.base import UNKNOWN, Op, UnobservableSpec
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import NodeIterator, State
 from feedline.structure import (
@@ -258,7 +258,9 @@ class PaddedBatchIterator(BatchIterator):
         out = np.full((len(arrays), *target), fill, dtype=dtype)
         for i, a in enumerate(arrays):
             region: tuple[int | slice, ...] = (i, *(slice(0, n) for n in a.shape))
-            out[region] = a
+            # A 0-d object array (one string) would be stored as an array inside the object
+            # array; its item is what belongs there.
+            out[region] = a[()] if a.ndim == 0 else a
         return out
 
 
@@ -301,7 +303,17 @@ class UnbatchOp(Op):
         self.name = name
 
     def cardinality(self) -> int:
-        return INFINITE if self.input.cardinality() == INFINITE else UNKNOWN
+        # tf.data's rule: n batches of a static size k (every component) are n * k elements.
+        n = self.input.cardinality()
+        if n < 0:
+            return n
+        try:
+            leaves = flatten(self.input.element_spec())
+        except UnobservableSpec:
+            return UNKNOWN
+        sizes = {None if not leaf.shape else leaf.shape[0] for leaf in leaves}
+        size = sizes.pop() if len(sizes) == 1 else None
+        return UNKNOWN if size is None else n * size
 
     def compute_spec(self) -> Any:
         specs = self.input.element_spec()

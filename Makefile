@@ -16,7 +16,11 @@ $(VENV)/.test: $(VENV)/.core
 	$(PIP) install --quiet -e '.[test]'
 	touch $@
 
-demo: $(VENV)/.core
+$(VENV)/.viz: $(VENV)/.core
+	$(PIP) install --quiet -e '.[viz]'
+	touch $@
+
+demo: $(VENV)/.viz
 	$(PY) -m feedline demo
 
 lint: $(VENV)/.test

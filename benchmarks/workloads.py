@@ -324,9 +324,10 @@ WORKLOADS: dict[str, Workload] = {
             out_dtype=np.dtype(np.int64),
             out_shape=(),
             parallelism_grid=(0, 1, 2),
-            quick_parallelism_grid=(0,),
-            buffer_grid=(1, 16),
-            quick_buffer_grid=(8,),
+            quick_parallelism_grid=(0, 2),
+            # (2, 2) is the runtime issue's yardstick: map(2) + prefetch(2) against the plain loop.
+            buffer_grid=(1, 2, 16),
+            quick_buffer_grid=(2, 8),
         ),
         Workload(
             name="numpy_cpu",

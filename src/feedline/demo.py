@@ -4,20 +4,30 @@ Each case is a function that builds a pipeline, consumes it, and returns a ``Cas
 what it checked and whether each check held. Printing lives apart, in ``run_demo``, which hears
 about batches as they arrive through an ``Observer`` callback; a richer live view can replace
 the printer without touching the checks, and new cases only need a ``Case`` entry in ``CASES``.
+
+Then ``changing_load`` runs one pipeline whose load changes while it runs (a fast consumer, a map
+waiting on I/O, a slow training step, fast again), watched by a live view, and ``run_demo``
+prints what AUTOTUNE did in each phase, the pipeline's report, and writes a plot of the run.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
 import feedline as fl
+from feedline.observe.live import View, open_view
+from feedline.observe.plot import PlotUnavailable, plot_timeline
+from feedline.observe.stats import format_report
+from feedline.observe.timeline import Timeline, record, take_sample
 
 Shape = tuple[int, ...]
 
@@ -271,6 +281,172 @@ CASES: tuple[Case, ...] = (
 )
 
 
+# -- live: a pipeline whose load changes while it runs --------------------------------------
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    seconds: float
+    step_seconds: float  # the training step: the consumer's own time per batch
+    io_seconds: float  # latency the map waits per element, as for a remote read
+
+
+PHASES: tuple[Phase, ...] = (
+    Phase("fast consumer", 5.0, 0.0, 0.0),
+    Phase("map waits on I/O, 2 ms per element", 6.0, 0.0, 0.002),
+    Phase("slow training step, 40 ms per batch", 6.0, 0.040, 0.0),
+    Phase("fast consumer again", 5.0, 0.0, 0.0),
+)
+LIVE_BATCH = 32
+LIVE_FEATURES = 8
+SHAPES = ((LIVE_BATCH,), (LIVE_BATCH, LIVE_FEATURES))  # of a batch's ids and features
+LIVE_CODE = """\
+ds = (
+    fl.Dataset.range(10**9)
+    .map(decode, num_parallel_calls=fl.AUTOTUNE, name="decode")
+    .batch(32)
+    .prefetch(fl.AUTOTUNE)
+)"""
+LIVE_TITLE = "feedline demo: range -> map(decode) -> batch(32) -> prefetch, under a changing load"
+# What AUTOTUNE may change: how the pipeline runs, never what it yields.
+TUNED_KNOBS = frozenset({"parallelism", "buffer_size"})
+
+
+def scaled(phases: Sequence[Phase], factor: float) -> tuple[Phase, ...]:
+    """The same phases, each lasting ``factor`` times as long (``--fast`` runs a short demo)."""
+    return tuple(replace(p, seconds=p.seconds * factor) for p in phases)
+
+
+class _Latency:
+    """The map's current I/O latency, set by the loop as phases change. An object, since
+    ``map`` snapshots the function's variables at build time, not the objects they hold."""
+
+    seconds = 0.0
+
+
+def _decoder(latency: _Latency) -> Callable[[Any], tuple[Any, np.ndarray]]:
+    angles = np.arange(3000.0)
+
+    def decode(i: Any) -> tuple[Any, np.ndarray]:
+        if latency.seconds:
+            time.sleep(latency.seconds)
+        # A little numpy work per element, standing in for decoding a record.
+        features = np.sort(np.sin(angles * (int(i) % 97 + 1)))[:LIVE_FEATURES].astype(np.float32)
+        return i, features
+
+    return decode
+
+
+@dataclass(frozen=True)
+class LiveResult:
+    checks: tuple[Check, ...]
+    batches: int
+    stats: dict[str, Any]  # it.stats() at the end of the run
+    timeline: Timeline
+    marks: tuple[tuple[float, str], ...]  # (pipeline time, phase name) where each phase began
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.checks)
+
+
+Watch = Callable[[Timeline, float], View]
+
+
+def changing_load(phases: Sequence[Phase] = PHASES, watch: Watch | None = None) -> LiveResult:
+    """Run ``LIVE_CODE`` through ``phases``; ``watch(timeline, total_seconds)`` gives the view
+    told about the loop's progress. Checks every batch on arrival, keeping none."""
+    latency = _Latency()
+    ds = (
+        fl.Dataset.range(10**9)
+        .map(_decoder(latency), num_parallel_calls=fl.AUTOTUNE, name="decode")
+        .batch(LIVE_BATCH)
+        .prefetch(fl.AUTOTUNE)
+    )
+    total = sum(p.seconds for p in phases)
+    batches = wrong_shape = out_of_order = 0
+    marks = []
+    with ds.iterator() as it:
+        timeline = record(it)
+        start = time.perf_counter()
+        view = watch(timeline, total) if watch is not None else View(timeline, "", total, "s")
+        with view:
+            end = 0.0
+            for phase in phases:
+                latency.seconds = phase.io_seconds
+                marks.append((time.perf_counter() - it._started, phase.name))
+                end += phase.seconds
+                while (elapsed := time.perf_counter() - start) < end:
+                    ids, features = next(it)
+                    first = batches * LIVE_BATCH
+                    wrong_shape += (ids.shape, features.shape) != SHAPES
+                    out_of_order += not np.array_equal(ids, np.arange(first, first + LIVE_BATCH))
+                    batches += 1
+                    time.sleep(phase.step_seconds)
+                    view.update(elapsed, phase.name)
+            view.update(time.perf_counter() - start, "done")
+        # End the recording exactly here, rather than at its next tick after close().
+        timeline.stop()
+        timeline.add(take_sample(it))
+        stats = it.stats()
+    history = stats["autotune"]["history"]
+    changed = Counter(d["knob"] for d in history)
+    return LiveResult(
+        checks=(
+            Check(
+                f"every batch has {LIVE_BATCH} elements: ids {SHAPES[0]}, features {SHAPES[1]}",
+                batches > 0 and wrong_shape == 0,
+                f"{batches - wrong_shape} of {batches} batches had the requested size",
+            ),
+            Check(
+                "ids arrive in order, none lost or repeated",
+                batches > 0 and out_of_order == 0,
+                f"{batches * LIVE_BATCH} ids checked, {out_of_order} batches out of order",
+            ),
+            Check(
+                "AUTOTUNE changed only parallelism and buffer sizes",
+                set(changed) <= TUNED_KNOBS,
+                f"{len(history)} decisions: "
+                + (", ".join(f"{knob} x {n}" for knob, n in changed.items()) or "none"),
+            ),
+        ),
+        batches=batches,
+        stats=stats,
+        timeline=timeline,
+        marks=tuple(marks),
+    )
+
+
+def _chain(values: list[int], edge: int = 3) -> str:
+    """``1 -> 2 -> 4``; a knob tried back and forth many times shows its first and last."""
+    if len(values) <= 2 * edge + 1:
+        return " -> ".join(map(str, values))
+    return (
+        " -> ".join(map(str, values[:edge]))
+        + f" -> ... ({len(values) - 1} changes) ... -> "
+        + " -> ".join(map(str, values[-edge:]))
+    )
+
+
+def history_by_phase(result: LiveResult) -> list[str]:
+    """Per phase, each knob AUTOTUNE moved as a chain of values: ``parallelism 1 -> 2 -> 4``."""
+    lines = []
+    ends = [when for when, _ in result.marks[1:]] + [float("inf")]
+    history = result.stats["autotune"]["history"]
+    for (began, name), ended in zip(result.marks, ends):
+        chains: dict[str, list[int]] = {}
+        for d in history:
+            if began <= d["time"] < ended:
+                chain = chains.setdefault(f"{d['stage']}.{d['knob']}", [d["old"]])
+                chain.append(d["new"])
+        lines.append(f"  {began:5.1f} s  {name}:")
+        lines += [f"           {knob}: {_chain(chain)}" for knob, chain in chains.items()]
+        if not chains:
+            lines.append("           (no change)")
+    return lines
+
+
 # -- printing -------------------------------------------------------------------------------
 
 
@@ -278,21 +454,38 @@ def _indent(text: str, prefix: str) -> str:
     return "\n".join(prefix + line for line in text.splitlines())
 
 
-def run_demo(out: TextIO | None = None, cases: Sequence[Case] = CASES) -> int:
-    """Run ``cases`` one after another, printing as they go. Returns 0 if every check held,
-    else 1, so it can serve as a process exit status."""
+DEFAULT_PLOT = Path(tempfile.gettempdir()) / "feedline-demo.png"
+
+
+def run_demo(
+    out: TextIO | None = None,
+    cases: Sequence[Case] = CASES,
+    phases: Sequence[Phase] = PHASES,
+    plot: Path | None = DEFAULT_PLOT,
+    plain: bool = False,
+) -> int:
+    """Run ``cases`` one after another, then ``changing_load(phases)`` (none: skipped) with a
+    live view (``plain``: log lines even on a terminal), printing as they go, and write the
+    plot to ``plot`` (None: no plot). Returns 0 if every check held, else 1, so it can serve
+    as a process exit status."""
     stream = out if out is not None else sys.stdout
 
     def say(text: str = "") -> None:
         # Flush so piped output (CI logs, ``| tee``) shows progress as it happens.
         print(text, file=stream, flush=True)
 
+    def say_checks(checks: Sequence[Check]) -> None:
+        for check in checks:
+            say(f"  {'PASS' if check.passed else 'FAIL'}  {check.claim}")
+            say(f"        {check.detail}")
+
+    parts = len(cases) + bool(phases)
     say(f"feedline {fl.__version__} demo: does AUTOTUNE change my batch size?")
-    say(f"Running {len(cases)} pipelines live; each checks what it claims.")
+    say(f"Running {parts} pipelines live; each checks what it claims.")
     passed = 0
     for number, case in enumerate(cases, start=1):
         say()
-        say(f"[{number}/{len(cases)}] {case.question}")
+        say(f"[{number}/{parts}] {case.question}")
         say(_indent(case.code, "    "))
         say()
 
@@ -309,15 +502,41 @@ def run_demo(out: TextIO | None = None, cases: Sequence[Case] = CASES) -> int:
             f"  consumer time: {result.seconds:.2f} s, "
             f"of which {result.waited:.3f} s waiting for the pipeline"
         )
-        for check in result.checks:
-            say(f"  {'PASS' if check.passed else 'FAIL'}  {check.claim}")
-            say(f"        {check.detail}")
+        say_checks(result.checks)
         say("  Why:")
         say(_indent(case.takeaway, "    "))
         passed += result.passed
+    if phases:
+        say()
+        say(f"[{parts}/{parts}] What does AUTOTUNE change while the load changes under it?")
+        say(_indent(LIVE_CODE, "    "))
+        say("  Phases: " + "; ".join(f"{p.name} ({p.seconds:.0f} s)" for p in phases))
+        say(f"  (The loop receives batches: its elements/s are batches of {LIVE_BATCH}.)")
+        say()
+
+        def watch(timeline: Timeline, total: float) -> View:
+            return open_view(timeline, title="feedline", total=total, out=stream, plain=plain)
+
+        live = changing_load(phases, watch)
+        say()
+        say("What AUTOTUNE did, phase by phase:")
+        for line in history_by_phase(live):
+            say(line)
+        say()
+        say(format_report(live.stats))
+        say()
+        say_checks(live.checks)
+        if plot is not None:
+            try:
+                path = plot_timeline(live.timeline, plot, title=LIVE_TITLE, marks=live.marks)
+            except PlotUnavailable as e:
+                say(f"  No plot: {e}")
+            else:
+                say(f"  Plot of buffers, parallelism, throughput and consumer wait: {path}")
+        passed += live.passed
     say()
-    say(f"{passed}/{len(cases)} cases passed.")
-    if passed == len(cases):
+    say(f"{passed}/{parts} cases passed.")
+    if passed == parts:
         say("AUTOTUNE tunes how the pipeline runs (buffering, parallelism), never what it yields.")
         return 0
     say("Some checks failed: see the FAIL lines above.")

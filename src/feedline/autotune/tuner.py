@@ -51,10 +51,15 @@ NO_STALL = 0.006  # ... and is served comfortably below this (a consumer that sl
 STALL_RISE = 0.005  # a decrease that raises the stall by more than this is taken back
 GAIN = 0.08  # a change must raise the rate by this much to be worth its cost
 LOSS = 0.03  # a decrease may cost at most this much rate
-WAITING_WORK = 0.5  # CPU time / wall time below this: the work mostly waits (I/O)
-PURE_WAITING = 0.1  # ... below this it is almost all waiting: scale in bigger steps
+WAITING_WORK = 0.5  # CPU time / wall time below this: the work mostly waits (I/O) ...
+WAITING_CORES = 0.3  # ... if all its workers together also use less than this many cores:
+# threads waiting for the GIL show little CPU each too, but together they keep a core busy.
+PURE_WAITING = 0.1  # CPU time / wall time below this: almost all waiting: bigger steps
 BUSY = 0.5  # workers spending this fraction of their time on their own work are "busy"
 CPU_FULL = 0.85  # the process uses this share of its CPU budget: the cores are taken
+# Work per element below which a hand-off between threads costs about as much as the work:
+# such a stage, its workers idle while its consumer waits, goes inline in one step.
+CHEAP_WORK = 50e-6
 
 
 @dataclass
@@ -84,8 +89,10 @@ class StageWindow:
     consumer_wait: float  # fraction of the window its consumer spent waiting for it
     busy: float  # fraction of worker time spent on the stage's own work
     cpu_share: float  # CPU time / wall time of that work (1: computing; ~0: waiting)
+    cores: float  # CPU seconds per second used by the stage's work, all workers together
     idle: float  # fraction of worker time spent blocked on a full buffer
     bytes_per_element: float
+    seconds_per_element: float  # wall time of the stage's own work per element
 
 
 @dataclass
@@ -98,8 +105,14 @@ class Experiment:
     baseline_rate: float
     baseline_stall: float
     started: float
+    baseline_stage_rate: float
     # Right after a change, buffers fill or drain: that window is discarded, not judged.
     settling: bool = True
+
+
+def waits(w: StageWindow) -> bool:
+    """The stage's work mostly waits (I/O, latency) rather than computes."""
+    return w.cpu_share < WAITING_WORK and w.cores < WAITING_CORES
 
 
 @dataclass
@@ -144,6 +157,7 @@ class Tuner:
         self._last_stall = 0.0
         self.interval = FIRST_INTERVAL
         self._warmed_up = False
+        self._last_stage_rates: dict[object, float] = {}
         self.cpu_seconds = 0.0  # the tuner's own cost
         self._thread = threading.Thread(target=self._run, name="feedline-autotune", daemon=True)
 
@@ -183,6 +197,7 @@ class Tuner:
         if not self._window_complete(dt, delivered - self._previous_root[0], snapshots):
             return  # windows (before and after a change) must be long enough to compare
         windows = self._windows(dt, snapshots)  # the same window as the root's
+        self._last_stage_rates = {w.stage.key: w.rate for w in windows}
         process_cpu = time.process_time()
         self.cores_in_use = (process_cpu - self._previous_process_cpu) / dt
         self._previous_process_cpu = process_cpu
@@ -199,8 +214,13 @@ class Tuner:
         if delivered == 0:
             return
         if experiment is not None:
+            # The consumer's rate is what counts; a stage's own rate stands in for it only
+            # when too few elements reached the consumer to measure (large batches, slow).
             tested = next((w for w in windows if w.stage.key == experiment.stage.key), None)
-            self._judge(experiment, rate if tested is None else tested.rate, stall)
+            root_moved = rate * dt >= SETTLE_ELEMENTS
+            measured = rate if root_moved or tested is None else tested.rate
+            baseline = experiment.baseline_rate if root_moved else experiment.baseline_stage_rate
+            self._judge(experiment, measured, stall, baseline)
             self._experiment = None
         else:
             self._notice_shift(rate, stall)
@@ -251,8 +271,10 @@ class Tuner:
                     consumer_wait=min(1.0, (now["consumer_wait"] - before["consumer_wait"]) / dt),
                     busy=work / (dt * workers),
                     cpu_share=(now["work_cpu"] - before["work_cpu"]) / work if work > 0 else 1.0,
+                    cores=(now["work_cpu"] - before["work_cpu"]) / dt,
                     idle=(now["worker_idle"] - before["worker_idle"]) / (dt * workers),
                     bytes_per_element=now["bytes_per_element"],
+                    seconds_per_element=work / max(1.0, now["elements"] - before["elements"]),
                 )
             )
         return out
@@ -271,8 +293,8 @@ class Tuner:
 
     # -- experiments -------------------------------------------------------------------------
 
-    def _judge(self, e: Experiment, rate: float, stall: float) -> None:
-        base = max(e.baseline_rate, 1e-9)
+    def _judge(self, e: Experiment, rate: float, stall: float, baseline: float) -> None:
+        base = max(baseline, 1e-9)
         gain = rate / base - 1
         key = e.stage.key
         if e.direction > 0:
@@ -332,8 +354,8 @@ class Tuner:
                 else:
                     reason = (
                         f"consumer waits {w.consumer_wait:.0%} of the time; workers "
-                        f"{'wait' if w.cpu_share < WAITING_WORK else 'compute'} "
-                        f"(cpu {w.cpu_share:.0%} of wall)"
+                        f"{'wait' if waits(w) else 'compute'} "
+                        f"(cpu {w.cpu_share:.0%} of wall, {w.cores:.2f} cores)"
                     )
                     self._try(w.stage, parallelism, target, +1, rate, stall, now, reason)
                     return True
@@ -358,12 +380,14 @@ class Tuner:
         cores_taken = self.cores_in_use >= CPU_FULL * self.budget.cpu
         # With every core busy, threads that get little CPU are starved, not waiting: more of
         # them would only add contention.
-        if w.cpu_share < WAITING_WORK and not cores_taken:
+        if waits(w) and not cores_taken:
             # Latency-bound: calls in flight are cheap; when the work is almost all waiting,
             # take big steps, since a run may not last long enough for many small ones.
             target = current * (4 if w.cpu_share < PURE_WAITING else 2)
         else:
-            if cores_taken:
+            # Computing work never gets more workers than the budget has cores, whatever the
+            # measured load says (a busy machine can make the cores look free).
+            if cores_taken or current + 1 > self.budget.cpu:
                 return current
             target = current + 1
         while target > current and not self._ram_allows(windows, w, parallelism=target):
@@ -390,6 +414,8 @@ class Tuner:
             ):
                 step = max(1, parallelism.value // 2) if w.idle > 0.6 else 1
                 target = max(floor, parallelism.value - step)
+                if not consumer_bound and w.busy < BUSY and w.seconds_per_element < CHEAP_WORK:
+                    target = 0
                 self._try(w.stage, parallelism, target, -1, rate, stall, now, reason)
                 return
             buffer = w.stage.knobs["buffer_size"]
@@ -420,9 +446,12 @@ class Tuner:
         reason: str,
     ) -> None:
         old = knob.value
+        stage_rate = self._last_stage_rates.get(stage.key, 0.0)
         applied = self._set(stage, knob, target, reason)
         if applied != old:
-            self._experiment = Experiment(stage, knob, old, applied, direction, rate, stall, now)
+            self._experiment = Experiment(
+                stage, knob, old, applied, direction, rate, stall, now, stage_rate
+            )
 
     def _set(self, stage: Tunable, knob: Knob, value: int, reason: str) -> int:
         old = knob.value

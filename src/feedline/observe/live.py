@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Any, TextIO
 
+from feedline.observe.stats import _size as format_bytes
 from feedline.observe.timeline import StageWindow, Timeline, Window
 
 # Rates shown are averaged over the last this many seconds.
@@ -21,17 +22,21 @@ REFRESH_PER_SECOND = 4
 PLAIN_EVERY = 2.0  # seconds between plain lines (a new phase label prints one at once)
 
 
-def stage_cells(s: StageWindow) -> tuple[str, str, str, str, str]:
-    """name, parallelism, buffer held/limit, elements/s, consumer wait: the table row of a
-    stage, shared by both views."""
+COLUMNS = ("stage", "parallelism", "buffer held/limit", "bytes", "elements/s", "waited on")
+
+
+def stage_cells(s: StageWindow) -> dict[str, str]:
+    """A stage's row, by column, shared by both views."""
     parallelism = s.knobs.get("parallelism")
-    return (
-        s.name,
-        "-" if parallelism is None else str(parallelism),
-        f"{s.buffered_elements}/{s.buffer_limit}" if s.buffer_limit else str(s.buffered_elements),
-        f"{s.rate:,.0f}",
-        f"{s.consumer_wait_fraction:.0%}",
-    )
+    held = f"{s.buffered_elements}/{s.buffer_limit}" if s.buffer_limit else f"{s.buffered_elements}"
+    return {
+        "stage": s.name,
+        "parallelism": "-" if parallelism is None else str(parallelism),
+        "buffer held/limit": held,
+        "bytes": format_bytes(s.buffered_bytes),
+        "elements/s": f"{s.rate:,.0f}",
+        "waited on": f"{s.consumer_wait_fraction:.0%}",
+    }
 
 
 def consumer_line(w: Window) -> str:
@@ -61,7 +66,8 @@ class View:
         return None
 
     def progress(self) -> str:
-        return f"{self.done:.1f}/{self.total:.1f} {self.unit}"
+        # A loop checks its clock before its last step, so it can end a little past the total.
+        return f"{min(self.done, self.total):.1f}/{self.total:.1f} {self.unit}"
 
 
 class PlainView(View):
@@ -88,12 +94,10 @@ class PlainView(View):
         if w is None:
             return head
         stages = " | ".join(
-            f"{name} x{workers} buf {fill} {rate}/s"
-            for name, workers, fill, rate, _ in map(stage_cells, w.stages)
+            f"{c['stage']} x{c['parallelism']} buf {c['buffer held/limit']} {c['elements/s']}/s"
+            for c in map(stage_cells, w.stages)
         )
-        return (
-            f"{head}: {consumer_line(w)} | {stages} | bottleneck: {w.bottleneck()['stage']}"
-        )
+        return f"{head}: {consumer_line(w)} | {stages} | bottleneck: {w.bottleneck()['stage']}"
 
 
 class RichView(View):
@@ -136,10 +140,10 @@ class RichView(View):
         if w is None:
             return Group(bar, "waiting for the first samples...")
         table = Table(box=None, header_style="bold", pad_edge=False)
-        for column in ("stage", "parallelism", "buffer held/limit", "elements/s", "waited on"):
+        for column in COLUMNS:
             table.add_column(column, justify="left" if column == "stage" else "right")
         for s in w.stages:
-            table.add_row(*map(escape, stage_cells(s)))
+            table.add_row(*map(escape, stage_cells(s).values()))
         bottleneck = w.bottleneck()
         return Group(
             bar,
@@ -148,6 +152,17 @@ class RichView(View):
             f"[bold]bottleneck:[/] {escape(bottleneck['stage'])} "
             f"[dim]({escape(bottleneck['why'])})[/]",
         )
+
+
+def _rich_for(stream: TextIO, plain: bool) -> bool:
+    """Whether to draw with rich: on a terminal, with rich installed, unless asked not to."""
+    if plain or not stream.isatty():
+        return False
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def open_view(
@@ -162,11 +177,76 @@ def open_view(
     """The rich view on a terminal when rich is installed and ``plain`` is not asked for, else
     the plain one."""
     stream = out if out is not None else sys.stdout
-    if not plain and stream.isatty():
-        try:
-            import rich  # noqa: F401
-        except ImportError:
-            pass
-        else:
-            return RichView(timeline, title, total, unit, stream)
+    if _rich_for(stream, plain):
+        return RichView(timeline, title, total, unit, stream)
     return PlainView(timeline, title, total, unit, stream)
+
+
+class Steps:
+    """Progress through ``total`` steps (None: not known) of a job that also logs lines: each
+    step prints "[k/n] what", for pipes and logs."""
+
+    def __init__(self, total: int | None, out: TextIO) -> None:
+        self.total = total
+        self.done = 0
+        self.out = out
+
+    def log(self, line: str) -> None:
+        print(line, file=self.out, flush=True)
+
+    def step(self, description: str) -> None:
+        """A new step begins (the previous one is complete)."""
+        self.done += 1
+        self.log(f"[{self.done}/{self.total or '?'}] {description}")
+
+    def __enter__(self) -> Steps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class RichSteps(Steps):
+    """The same lines, scrolling above a progress bar."""
+
+    def __init__(self, total: int | None, out: TextIO) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        super().__init__(total, out)
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(file=out),
+        )
+        self._task = self._progress.add_task("starting", total=total)
+
+    def log(self, line: str) -> None:
+        self._progress.console.print(line, markup=False, highlight=False)
+
+    def step(self, description: str) -> None:
+        super().step(description)
+        self._progress.update(self._task, completed=self.done - 1, description=description)
+
+    def __enter__(self) -> Steps:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self._progress.update(self._task, completed=self.done, description="done")
+        self._progress.stop()
+
+
+def open_steps(total: int | None, out: TextIO | None = None, plain: bool = False) -> Steps:
+    """A progress bar on a terminal with rich (unless ``plain``), numbered lines otherwise."""
+    stream = out if out is not None else sys.stdout
+    return RichSteps(total, stream) if _rich_for(stream, plain) else Steps(total, stream)

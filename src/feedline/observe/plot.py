@@ -32,7 +32,8 @@ class PlotUnavailable(ImportError):
     """matplotlib is not installed."""
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot, drawing to files only; ``PlotUnavailable`` without matplotlib."""
     try:
         import matplotlib
 
@@ -52,7 +53,7 @@ def plot_timeline(
 ) -> Path:
     """Write the PNG to ``path`` and return it. ``marks`` are (time, label) pairs drawn as
     vertical lines, e.g. where a run changes phase."""
-    plt = _pyplot()
+    plt = pyplot()
     windows = timeline.windows(SMOOTHING_SECONDS)
     if len(windows) < 2:
         warnings.warn(
@@ -92,11 +93,14 @@ def plot_timeline(
         (rate, "elements/s received"),
         (wait, "consumer waits (%)"),
     )
+    # A map's hundreds of buffered elements or workers would flatten a prefetch's few.
+    for axes in (buffers, workers):
+        axes.set_yscale("symlog", linthresh=4)
     for axes, label in panels:
         axes.set_ylabel(label)
         axes.grid(alpha=0.3)
         axes.set_ylim(bottom=0)
-        for when, text in marks:
+        for when, _ in marks:
             axes.axvline(when, color="grey", linewidth=0.8, linestyle=":")
     for when, text in marks:
         buffers.annotate(

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 SERVED = 0.01
 # CPU time over wall time of a stage's work below which it mostly waits (I/O, latency).
 WAITING = 0.5
+WAITING_CORES = 0.3
 
 
 def collect_stats(it: DatasetIterator) -> dict[str, Any]:
@@ -116,12 +117,15 @@ def find_bottleneck(stats: dict[str, Any]) -> dict[str, str]:
     working = [s for s in waited if s["own_work"]]
     worst = max(working or waited or stages, key=lambda s: s["consumer_wait_fraction"])
     cpu = worst["cpu_share"]
+    # Threads waiting for the GIL show little CPU each, yet together keep a core busy: only
+    # work that uses little CPU in total is waiting (on I/O, latency).
+    cores = worst["work_cpu_s"] / consumer["elapsed_s"]
     parallelism = worst["knobs"].get("parallelism", 0)
     why = (
         f"its consumer waits on it {worst['consumer_wait_fraction']:.0%} of the time; "
         f"{worst['mean_ms']:.3g} ms per element"
     )
-    if cpu is not None and cpu < WAITING:
+    if cpu is not None and cpu < WAITING and cores < WAITING_CORES:
         advice = (
             f"{worst['name']} waits (CPU {cpu:.0%} of its time): {parallelism} calls in "
             "flight; raise Options.autotune.max_parallelism or ram_budget to allow more"

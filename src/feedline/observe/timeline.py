@@ -114,6 +114,7 @@ class StageWindow:
     cpu_share: float | None  # CPU time / wall time of that work; None without work
     consumer_wait_fraction: float  # of the window, its consumer waited for this stage
     buffered_elements: int
+    buffered_bytes: int
     buffer_limit: int
 
 
@@ -138,6 +139,7 @@ class Window:
                 "own_work": s.own_work,
                 "elements": s.elements,
                 "work_wall_s": s.mean_ms * s.elements / 1000,
+                "work_cpu_s": s.mean_ms * s.elements / 1000 * (s.cpu_share or 0.0),
                 "mean_ms": s.mean_ms,
                 "cpu_share": s.cpu_share,
                 "consumer_wait_fraction": s.consumer_wait_fraction,
@@ -175,6 +177,7 @@ def between(older: Sample, newer: Sample) -> Window:
                 # A wait is booked when it ends, so a window can see more than its length.
                 consumer_wait_fraction=min(1.0, wait / seconds),
                 buffered_elements=s.buffered_elements,
+                buffered_bytes=s.buffered_bytes,
                 buffer_limit=s.buffer_limit,
             )
         )

@@ -75,7 +75,7 @@ def test_demo_runs_and_prints_each_verdict(tmp_path: Path) -> None:
     assert "PASS  every batch has shape (64,)" in out
     assert "PASS  every batch has shape (10,)" in out
     assert "PASS  every batch has 32 elements" in out
-    assert "PASS  AUTOTUNE changed only parallelism and buffer sizes" in out
+    assert "PASS  AUTOTUNE changed only parallelism, buffer sizes and executors" in out
     assert "bottleneck: " in out  # the live lines and the report
     assert "FAIL" not in out
     assert f"{parts}/{parts} cases passed." in out

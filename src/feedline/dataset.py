@@ -6,6 +6,7 @@ Every method validates its arguments, wraps the current op node in a new one and
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -26,12 +27,22 @@ from feedline.ops.base import (
 from feedline.ops.batching import BatchOp, PaddedBatchOp, RebatchOp, UnbatchOp
 from feedline.ops.cache import CacheOp
 from feedline.ops.combine import ConcatenateOp, InterleaveOp, ZipOp, zip_structure
+from feedline.ops.grouping import Bucketing, GroupByWindowOp, UniqueOp
 from feedline.ops.mapping import FilterOp, IgnoreErrorsOp, MapOp, TakeWhileOp
 from feedline.ops.prefetch import PrefetchOp
+from feedline.ops.sampling import (
+    CategoricalOp,
+    DirectedInterleaveOp,
+    RandomOp,
+    sampling_weights,
+)
+from feedline.ops.saving import LoadOp, check_compression, save_elements
+from feedline.ops.scan import ScanOp, counter_scan
 from feedline.ops.shuffle import ShuffleOp
 from feedline.ops.slicing import EnumerateOp, RepeatOp, ShardOp, SkipOp, TakeOp
 from feedline.ops.sources import GeneratorOp, RangeOp, TensorSlicesOp, TensorsOp
-from feedline.options import Options
+from feedline.ops.windowing import WindowOp
+from feedline.options import Options, check_executor
 from feedline.runtime.pipeline import DatasetIterator
 from feedline.structure import (
     STRING_DTYPE,
@@ -50,6 +61,19 @@ def _parallelism(value: Any, what: str) -> int | None:
     if value is None or value == AUTOTUNE:
         return None if value is None else AUTOTUNE
     return require_positive_int(value, what)
+
+
+def _executor(value: Any) -> str | None:
+    """``None`` (the pipeline's ``Options.executor``) or a valid executor name; "process"
+    needs cloudpickle, which is checked now rather than at the first element."""
+    if value is None:
+        return None
+    executor = check_executor(value)
+    if executor == "process":
+        from feedline.runtime.process import require_cloudpickle
+
+        require_cloudpickle()
+    return executor
 
 
 def _count(value: Any, what: str) -> int:
@@ -198,12 +222,20 @@ class Dataset:
         num_parallel_calls: int | None = None,
         deterministic: bool | None = None,
         name: str | None = None,
+        executor: str | None = None,
     ) -> Dataset:
-        """Apply ``map_func`` to every element (a tuple's parts are separate arguments)."""
+        """Apply ``map_func`` to every element (a tuple's parts are separate arguments).
+
+        ``executor`` says where ``map_func`` runs: "thread", "process" (worker processes, for
+        pure-Python work that holds the GIL; needs ``feedline[process]``) or "auto"; None
+        takes ``Options.executor``.
+        """
         map_func = snapshot(require_callable(map_func, "map_func"))
         calls = _parallelism(num_parallel_calls, "num_parallel_calls")
         op_name = f"map({name})" if name else None
-        return self._wrap(MapOp(self._op, map_func, op_name, calls, deterministic))
+        return self._wrap(
+            MapOp(self._op, map_func, op_name, calls, deterministic, executor=_executor(executor))
+        )
 
     def random_map(
         self,
@@ -212,19 +244,29 @@ class Dataset:
         num_parallel_calls: int | None = None,
         deterministic: bool | None = None,
         name: str | None = None,
+        executor: str | None = None,
     ) -> Dataset:
         """Like ``map``, but ``map_func(element, rng)`` also gets a ``numpy.random.Generator``.
 
         The generator is derived from (seed, pass number, element position), so random
         augmentation gives the same result at any parallelism and after a restore; each new
         pass (iterator, or epoch under ``repeat``) gets new numbers. With no seed, every pass
-        draws a fresh one.
+        draws a fresh one. ``executor`` as for ``map``: the numbers do not depend on it.
         """
         map_func = snapshot(require_callable(map_func, "map_func"))
         calls = _parallelism(num_parallel_calls, "num_parallel_calls")
         op_name = f"random_map({name})" if name else None
         return self._wrap(
-            MapOp(self._op, map_func, op_name, calls, deterministic, random=True, seed=seed)
+            MapOp(
+                self._op,
+                map_func,
+                op_name,
+                calls,
+                deterministic,
+                random=True,
+                seed=seed,
+                executor=_executor(executor),
+            )
         )
 
     def filter(self, predicate: Callable[..., Any], name: str | None = None) -> Dataset:
@@ -247,8 +289,19 @@ class Dataset:
         num_parallel_calls: int | None = None,
         deterministic: bool | None = None,
         name: str | None = None,
+        executor: str | None = None,
     ) -> Dataset:
-        """Round-robin ``block_length`` elements from ``cycle_length`` datasets at a time."""
+        """Round-robin ``block_length`` elements from ``cycle_length`` datasets at a time.
+
+        ``executor`` may be "thread" or "auto" (both run on threads); "process" is refused:
+        ``map_func`` returns a Dataset, which a worker process cannot hand back.
+        """
+        if executor is not None and check_executor(executor) == "process":
+            raise ValueError(
+                "interleave(executor='process') is not supported: map_func returns a Dataset, "
+                "which cannot be sent back from a worker process. Use executor='process' on a "
+                "map inside the interleaved datasets, or on a map after the interleave."
+            )
         map_func = snapshot(require_callable(map_func, "map_func"))
         cycle = _parallelism(cycle_length, "cycle_length")
         if cycle is None or cycle == AUTOTUNE:
@@ -432,6 +485,241 @@ class Dataset:
 
     def __repr__(self) -> str:
         return f"<Dataset {' -> '.join(op.name for op in _chain(self._op))}>"
+
+    # -- windows, scans, grouping and sampling -----------------------------------------------
+
+    def window(
+        self,
+        size: int,
+        shift: int | None = None,
+        stride: int = 1,
+        drop_remainder: bool = False,
+        name: str | None = None,
+    ) -> Dataset:
+        """Windows of up to ``size`` elements, each yielded as a Dataset (a nest of Datasets,
+        one per component, for nested elements). A window starts every ``shift`` elements
+        (default: ``size``) and takes every ``stride``-th one; the last windows are shorter
+        unless ``drop_remainder``."""
+        n = require_positive_int(size, "size")
+        step = n if shift is None else require_positive_int(shift, "shift")
+        every = require_positive_int(stride, "stride")
+        return self._wrap(WindowOp(self._op, n, step, every, bool(drop_remainder)))
+
+    def scan(
+        self, initial_state: Any, scan_func: Callable[[Any, Any], Any], name: str | None = None
+    ) -> Dataset:
+        """Thread a state through the elements: ``scan_func(state, element)`` returns
+        ``(new_state, output)``; the outputs are the elements. The new state must keep the
+        initial state's components and dtypes."""
+        scan_func = snapshot(require_callable(scan_func, "scan_func"))
+        return self._wrap(ScanOp(self._op, initial_state, scan_func))
+
+    def unique(self, name: str | None = None) -> Dataset:
+        """Drop every element equal to an earlier one (elements of one int32, int64 or string
+        component, as in tf.data)."""
+        return self._wrap(UniqueOp(self._op))
+
+    def get_single_element(self, name: str | None = None) -> Any:
+        """The dataset's only element; ``ValueError`` if it has none or more than one."""
+        with self.iterator() as it:
+            elements = list(itertools.islice(it, 2))
+        if not elements:
+            raise ValueError("Dataset was empty.")
+        if len(elements) > 1:
+            raise ValueError("Dataset had more than one element.")
+        return elements[0]
+
+    def group_by_window(
+        self,
+        key_func: Callable[..., Any],
+        reduce_func: Callable[[Any, Dataset], Dataset],
+        window_size: int | None = None,
+        window_size_func: Callable[[Any], Any] | None = None,
+        name: str | None = None,
+    ) -> Dataset:
+        """Group elements by the integer ``key_func(element)``; every group of
+        ``window_size`` (or ``window_size_func(key)``) elements goes, as a Dataset, to
+        ``reduce_func(key, window)``, whose elements are yielded. Groups still open at the
+        end follow, by increasing key."""
+        if (window_size is None) == (window_size_func is None):
+            raise ValueError("pass exactly one of window_size and window_size_func")
+        key_func = snapshot(require_callable(key_func, "key_func"))
+        reduce_func = snapshot(require_callable(reduce_func, "reduce_func"))
+        if window_size_func is None:
+            size = np.int64(require_positive_int(window_size, "window_size"))
+
+            def window_size_func(key: Any) -> np.int64:
+                return size
+
+        else:
+            window_size_func = snapshot(require_callable(window_size_func, "window_size_func"))
+
+        def spec_reduce(window: Dataset) -> Any:
+            return reduce_func(np.int64(0), window)
+
+        return self._wrap(
+            GroupByWindowOp(self._op, key_func, reduce_func, window_size_func, spec_reduce)
+        )
+
+    def bucket_by_sequence_length(
+        self,
+        element_length_func: Callable[..., Any],
+        bucket_boundaries: Sequence[int],
+        bucket_batch_sizes: Sequence[int],
+        padded_shapes: Any = None,
+        padding_values: Any = None,
+        pad_to_bucket_boundary: bool = False,
+        no_padding: bool = False,
+        drop_remainder: bool = False,
+        name: str | None = None,
+    ) -> Dataset:
+        """Batch elements of similar length together: bucket ``i`` holds lengths in
+        ``[bucket_boundaries[i-1], bucket_boundaries[i])`` and is (padded-)batched by
+        ``bucket_batch_sizes[i]``."""
+        boundaries = [require_positive_int(b, "bucket boundary", True) for b in bucket_boundaries]
+        sizes = [require_positive_int(s, "bucket batch size") for s in bucket_batch_sizes]
+        if len(sizes) != len(boundaries) + 1:
+            raise ValueError(
+                "len(bucket_batch_sizes) must equal len(bucket_boundaries) + 1, got "
+                f"{len(sizes)} and {len(boundaries)}"
+            )
+        bucketing = Bucketing(
+            snapshot(require_callable(element_length_func, "element_length_func")),
+            boundaries,
+            sizes,
+            padded_shapes,
+            padding_values,
+            bool(pad_to_bucket_boundary),
+            bool(no_padding),
+            bool(drop_remainder),
+        )
+        return self._wrap(
+            GroupByWindowOp(
+                self._op,
+                bucketing.bucket,
+                bucketing.reduce,
+                bucketing.window_size,
+                bucketing.spec_reduce,
+                name="bucket_by_sequence_length",
+            )
+        )
+
+    @staticmethod
+    def counter(
+        start: float = 0, step: float = 1, dtype: Any = np.int64, name: str | None = None
+    ) -> Dataset:
+        """``start, start + step, ...`` forever, as ``dtype``. Built as tf.data builds it (a
+        scan adding ``step``), so floats accumulate rounding and integers wrap around."""
+        first, count = counter_scan(start, step, _as_dtype(dtype))
+        return Dataset.from_tensors(0).repeat().scan(first, count)
+
+    @staticmethod
+    def random(
+        seed: int | None = None,
+        rerandomize_each_iteration: bool | None = None,
+        name: str | None = None,
+    ) -> Dataset:
+        """Random int64 values in ``[0, 2**32)``, forever. Reproducible with a seed, but not
+        tf.data's numbers."""
+        return Dataset(RandomOp(seed, bool(rerandomize_each_iteration)))
+
+    @staticmethod
+    def sample_from_datasets(
+        datasets: Sequence[Dataset],
+        weights: Sequence[float] | np.ndarray | Dataset | None = None,
+        seed: int | None = None,
+        stop_on_empty_dataset: bool = False,
+        rerandomize_each_iteration: bool | None = None,
+    ) -> Dataset:
+        """Elements of randomly picked ``datasets``, each picked with probability
+        proportional to its weight (``weights`` may be a Dataset of weight vectors, one per
+        pick). Reproducible with a seed, but not tf.data's picks."""
+        chosen = Dataset._input_datasets(datasets)
+        rerandomize = bool(rerandomize_each_iteration)
+        if isinstance(weights, Dataset):
+            selector = CategoricalOp(len(chosen), None, weights._op, seed, rerandomize)
+            return Dataset._directed_interleave(
+                selector, [weights], chosen, stop_on_empty_dataset, "sample_from_datasets"
+            )
+        fixed = np.ones(len(chosen))
+        if weights is not None:
+            # As in tf.data, a dataset of weight zero (or less) is left out altogether.
+            fixed = sampling_weights(weights, len(chosen))
+            keep = [i for i, w in enumerate(fixed) if w > 0]
+            if not keep:
+                return chosen[0].take(0)
+            chosen, fixed = [chosen[i] for i in keep], fixed[keep]
+        if len(chosen) == 1:
+            return chosen[0]
+        selector = CategoricalOp(len(chosen), fixed, None, seed, rerandomize)
+        return Dataset._directed_interleave(
+            selector, [], chosen, stop_on_empty_dataset, "sample_from_datasets"
+        )
+
+    @staticmethod
+    def choose_from_datasets(
+        datasets: Sequence[Dataset], choice_dataset: Dataset, stop_on_empty_dataset: bool = True
+    ) -> Dataset:
+        """Elements of ``datasets[i]`` for each index ``i`` in ``choice_dataset`` (int64
+        scalars)."""
+        chosen = Dataset._input_datasets(datasets)
+        if not isinstance(choice_dataset, Dataset):
+            raise TypeError(
+                f"choice_dataset must be a Dataset, got {type(choice_dataset).__name__}"
+            )
+        spec = choice_dataset.element_spec
+        if not (
+            isinstance(spec, TensorSpec)
+            and spec.dtype == np.int64
+            and (spec.shape is None or spec.shape == ())
+        ):
+            raise TypeError(f"choice_dataset's elements must be int64 scalars, got {spec}")
+        return Dataset._directed_interleave(
+            choice_dataset._op,
+            [choice_dataset],
+            chosen,
+            stop_on_empty_dataset,
+            "choose_from_datasets",
+        )
+
+    @staticmethod
+    def _input_datasets(datasets: Any) -> list[Dataset]:
+        if isinstance(datasets, Dataset) or not isinstance(datasets, Sequence):
+            raise TypeError(f"datasets must be a list of Datasets, got {type(datasets).__name__}")
+        if not datasets:
+            raise ValueError("datasets must not be empty")
+        for d in datasets:
+            if not isinstance(d, Dataset):
+                raise TypeError(f"datasets must be a list of Datasets, got a {type(d).__name__}")
+        return list(datasets)
+
+    @staticmethod
+    def _directed_interleave(
+        selector: Op, others: list[Dataset], datasets: list[Dataset], stop: bool, name: str
+    ) -> Dataset:
+        """Elements of ``datasets`` in the order ``selector`` picks them; the options of all
+        (and of ``others``, the datasets ``selector`` reads) are merged."""
+        options = Options()
+        for d in [*others, *datasets]:
+            options = options.merge(d._options)
+        op = DirectedInterleaveOp(selector, [d._op for d in datasets], bool(stop), name)
+        return Dataset(op, options)
+
+    def save(self, path: str | os.PathLike[str], compression: str | None = None) -> None:
+        """Write every element to the directory ``path`` (feedline's own format, with the
+        element spec), replacing what a previous save wrote there; ``compression``: None or
+        ``"GZIP"``. Read it back with ``Dataset.load``."""
+        chosen = check_compression(compression)
+        with self.iterator() as it:
+            save_elements(it, self.element_spec, os.fspath(path), chosen)
+
+    @staticmethod
+    def load(
+        path: str | os.PathLike[str], element_spec: Any = None, compression: str | None = None
+    ) -> Dataset:
+        """The dataset ``save`` wrote to ``path``; its elements are read lazily, as it is
+        iterated. The cardinality is the number of saved elements."""
+        return Dataset(LoadOp(os.fspath(path), element_spec, check_compression(compression)))
 
 
 def _flatten_datasets(nest: Any) -> list[Dataset]:

@@ -310,7 +310,8 @@ ds = (
 )"""
 LIVE_TITLE = "feedline demo: range -> map(decode) -> batch(32) -> prefetch, under a changing load"
 # What AUTOTUNE may change: how the pipeline runs, never what it yields.
-TUNED_KNOBS = frozenset({"parallelism", "buffer_size"})
+# How the pipeline runs, never what it yields: workers, buffers, threads or processes.
+TUNED_KNOBS = frozenset({"parallelism", "buffer_size", "executor"})
 
 
 def scaled(phases: Sequence[Phase], factor: float) -> tuple[Phase, ...]:
@@ -405,7 +406,7 @@ def changing_load(phases: Sequence[Phase] = PHASES, watch: Watch | None = None) 
                 f"{batches * LIVE_BATCH} ids checked, {out_of_order} batches out of order",
             ),
             Check(
-                "AUTOTUNE changed only parallelism and buffer sizes",
+                "AUTOTUNE changed only parallelism, buffer sizes and executors",
                 set(changed) <= TUNED_KNOBS,
                 f"{len(history)} decisions: "
                 + (", ".join(f"{knob} x {n}" for knob, n in changed.items()) or "none"),

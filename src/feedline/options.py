@@ -14,6 +14,16 @@ from typing import Any
 # Threads one tuned stage may use: enough calls in flight to hide object-store latency
 # (tens of ms each); the tuner's RAM budget usually stops it well before this.
 DEFAULT_MAX_PARALLELISM = 256
+# Where map-like stages run their function: "thread", "process", or "auto" (feedline picks).
+EXECUTORS = ("auto", "thread", "process")
+
+
+def check_executor(value: Any, what: str = "executor") -> str:
+    """``value`` if it names an executor, else a ValueError listing the choices."""
+    if value not in EXECUTORS:
+        choices = ", ".join(repr(e) for e in EXECUTORS)
+        raise ValueError(f"{what} must be one of {choices}, got {value!r}")
+    return str(value)
 
 
 @dataclass
@@ -31,6 +41,8 @@ class Options:
     """Pipeline-wide options; attach with ``Dataset.with_options``."""
 
     deterministic: bool | None = None
+    # The executor of map-like stages that do not name one; None means "auto".
+    executor: str | None = None
     autotune: AutotuneOptions = field(default_factory=AutotuneOptions)
 
     def merge(self, other: Options) -> Options:
@@ -54,6 +66,7 @@ class ResolvedOptions:
     """Options with every default filled in, as one run of a pipeline sees them."""
 
     deterministic: bool
+    executor: str
     autotune_enabled: bool
     max_parallelism: int
     autotune: AutotuneOptions
@@ -63,6 +76,9 @@ class ResolvedOptions:
         tune = options.autotune
         return ResolvedOptions(
             deterministic=True if options.deterministic is None else options.deterministic,
+            executor=check_executor(
+                "auto" if options.executor is None else options.executor, "Options.executor"
+            ),
             autotune_enabled=True if tune.enabled is None else tune.enabled,
             max_parallelism=(
                 DEFAULT_MAX_PARALLELISM if tune.max_parallelism is None else tune.max_parallelism

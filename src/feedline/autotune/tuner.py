@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from feedline.autotune.budget import Budget
-from feedline.runtime.tunable import Knob, Tunable
+from feedline.runtime.tunable import CHEAP_WORK_SECONDS, PROCESSES, Knob, Tunable
 
 logger = logging.getLogger("feedline.autotune")
 
@@ -59,7 +59,11 @@ BUSY = 0.5  # workers spending this fraction of their time on their own work are
 CPU_FULL = 0.85  # the process uses this share of its CPU budget: the cores are taken
 # Work per element below which a hand-off between threads costs about as much as the work:
 # such a stage, its workers idle while its consumer waits, goes inline in one step.
-CHEAP_WORK = 50e-6
+CHEAP_WORK = CHEAP_WORK_SECONDS
+# Work per element above which moving a GIL-bound function to processes can pay for sending
+# elements and results between processes.
+PROCESS_WORTH = 100e-6
+PROCESS_START_WINDOW = 1.0  # settle / measure windows of a move to processes, at least
 
 
 @dataclass
@@ -106,6 +110,11 @@ class Experiment:
     baseline_stall: float
     started: float
     baseline_stage_rate: float
+    # A second knob changed with the first (processes come with workers), restored with it.
+    companion: tuple[Knob, int] | None = None
+    # Shortest settling and measuring windows: longer where the change takes time to show
+    # (worker processes must start and load what the function needs).
+    min_window: float = MIN_WINDOW
     # Right after a change, buffers fill or drain: that window is discarded, not judged.
     settling: bool = True
 
@@ -120,7 +129,13 @@ class RootCounters:
     """The consumer's side of the pipeline, counted by the public iterator."""
 
     delivered: int = 0
-    wait: float = 0.0
+    wait: float = 0.0  # finished waits
+    waiting_since: float | None = None  # when the wait in progress began, if one is
+
+    def waited(self, now: float) -> float:
+        """All the time spent waiting until ``now``, including a wait not yet over."""
+        since = self.waiting_since
+        return self.wait + (now - since if since is not None else 0.0)
 
 
 @dataclass
@@ -191,7 +206,8 @@ class Tuner:
     def step(self, now: float | None = None) -> None:
         """Measure the last window and make at most one decision."""
         now = time.perf_counter() if now is None else now
-        delivered, wait, since = self._root.delivered, self._root.wait, self._previous_root[2]
+        delivered, since = self._root.delivered, self._previous_root[2]
+        wait = self._root.waited(now)
         dt = now - since
         snapshots = {stage.key: (stage, stage.metrics.snapshot()) for stage in self._stages()}
         if not self._window_complete(dt, delivered - self._previous_root[0], snapshots):
@@ -232,10 +248,12 @@ class Tuner:
     def _window_complete(
         self, dt: float, root_moved: int, snapshots: dict[object, tuple[Tunable, dict[str, float]]]
     ) -> bool:
-        if dt >= MAX_WINDOW:
+        if dt >= max(MAX_WINDOW, self._experiment.min_window if self._experiment else 0.0):
             return True
         shortest = MIN_WINDOW
         experiment = self._experiment
+        if experiment is not None:
+            shortest = experiment.min_window
         if experiment is not None and experiment.stage.key in snapshots:
             stage, now = snapshots[experiment.stage.key]
             before: dict[str, float] = self._previous.get(stage.key, {})
@@ -301,6 +319,8 @@ class Tuner:
             if gain >= GAIN or (stall < e.baseline_stall - STALL and gain > -LOSS):
                 return  # kept; the next decision may scale further
             self._set(e.stage, e.knob, e.old, f"no gain from {e.new} ({gain:+.0%}): back")
+            if e.companion is not None:
+                self._set(e.stage, e.companion[0], e.companion[1], "back with it")
             self.state.saturated[(key, e.knob.name)] = e.old
             return
         stalls_now = stall > STALL or stall > e.baseline_stall + STALL_RISE
@@ -339,6 +359,10 @@ class Tuner:
             reverse=True,
         )
         for w in candidates:
+            # A computing stage its consumer waits on while the process leaves cores unused is
+            # held by the GIL: more threads cannot help, processes may.
+            if self._try_processes(w, rate, stall, now):
+                return True
             key = w.stage.key
             parallelism = w.stage.knobs["parallelism"]
             saturated_at = self.state.saturated.get((key, "parallelism"))
@@ -349,7 +373,8 @@ class Tuner:
             ):
                 target = self._scaled_parallelism(w, windows)
                 if target <= parallelism.value:
-                    # At a bound: no more.
+                    # At a bound: no more threads. If the process cannot use its cores, the
+                    # GIL is the bound: processes may be.
                     self.state.saturated[(key, "parallelism")] = parallelism.value
                 else:
                     reason = (
@@ -371,6 +396,33 @@ class Tuner:
                 self._try(w.stage, buffer, buffer.value * 2, +1, rate, stall, now, reason)
                 return True
         return False
+
+    def _try_processes(self, w: StageWindow, rate: float, stall: float, now: float) -> bool:
+        executor = w.stage.knobs.get("executor")
+        if (
+            executor is None
+            or not executor.tunable
+            or executor.value == PROCESSES
+            or (w.stage.key, "executor") in self.state.saturated
+            or waits(w)
+            or w.seconds_per_element < PROCESS_WORTH
+            or self.budget.cpu < 2
+            or self.cores_in_use >= CPU_FULL * self.budget.cpu
+        ):
+            return False
+        parallelism = w.stage.knobs["parallelism"]
+        workers = max(parallelism.value, int(self.budget.cpu))
+        reason = (
+            f"computes, yet the process uses {self.cores_in_use:.1f} of {self.budget.cpu:.0f} "
+            "cores: the GIL; moving the function to processes"
+        )
+        self._try(w.stage, executor, PROCESSES, +1, rate, stall, now, reason)
+        if self._experiment is not None:
+            self._experiment.min_window = PROCESS_START_WINDOW
+        if self._experiment is not None and workers != parallelism.value:
+            self._experiment.companion = (parallelism, parallelism.value)
+            self._set(w.stage, parallelism, workers, "one worker process per core")
+        return True
 
     def _scaled_parallelism(self, w: StageWindow, windows: list[StageWindow]) -> int:
         knob = w.stage.knobs["parallelism"]

@@ -25,6 +25,8 @@ class DatasetSpec:
     tf.data's ``DatasetSpec``: ``element_spec`` is the spec of that dataset's elements."""
 
     element_spec: Any
+    # One dataset per element, as tf.data's DatasetSpec's dataset_shape says (a scalar).
+    shape: tuple[int | None, ...] = ()
 
     def __repr__(self) -> str:
         return f"DatasetSpec({self.element_spec!r})"
@@ -142,8 +144,12 @@ def _encode_leaf(leaf: Any) -> dict[str, Any]:
             if all(isinstance(s, bytes) for s in arr.flat):
                 return {"strings": [_b64(s) for s in arr.flat], "shape": list(arr.shape)}
         elif arr.dtype.fields is None:
-            encoded = {"dtype": arr.dtype.str, "shape": list(arr.shape), "data": _b64(arr.tobytes())}
-            return {**encoded, "scalar": isinstance(leaf, np.generic)}
+            return {
+                "dtype": arr.dtype.str,
+                "shape": list(arr.shape),
+                "data": _b64(arr.tobytes()),
+                "scalar": isinstance(leaf, np.generic),
+            }
     return {"raw": leaf}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,7 +21,13 @@ from feedline.ops.randomness import PassKey, PassKeys
 from feedline.ops.tracing import outputs_spec, traced_spec
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import InputCursor, NodeIterator, State
-from feedline.runtime.parallel import AsyncStage, Failed, Transform, default_parallelism
+from feedline.runtime.parallel import (
+    AsyncStage,
+    ChunkExecutor,
+    Failed,
+    Transform,
+    default_parallelism,
+)
 from feedline.structure import normalize_output
 
 logger = logging.getLogger("feedline")
@@ -39,7 +46,11 @@ def apply_fn(fn: Callable[..., Any], element: Any) -> Any:
 
 class MapOp(Op):
     """map and random_map. Runs on an ``AsyncStage``: inline in the consumer's thread when
-    ``num_parallel_calls`` is None, on worker threads otherwise (AUTOTUNE: tuned)."""
+    ``num_parallel_calls`` is None, on worker threads otherwise (AUTOTUNE: tuned).
+
+    With the "process" executor the stage's threads hand each chunk to a worker process
+    (``runtime/process.py``); without ``num_parallel_calls``, one process runs chunks in turn.
+    """
 
     def __init__(
         self,
@@ -50,11 +61,13 @@ class MapOp(Op):
         deterministic: bool | None = None,
         random: bool = False,
         seed: int | None = None,
+        executor: str | None = None,
     ) -> None:
         super().__init__()
         self.input = input_op
         self.inputs = (input_op,)
         self.fn = fn
+        self.executor = executor  # None: the pipeline's Options.executor
         self.num_parallel_calls = num_parallel_calls
         self.deterministic = deterministic
         self.random = random
@@ -88,29 +101,50 @@ class MapOp(Op):
         return PassStateIterator(stage, key)
 
     def _stage(self, ctx: IterContext, state: State | None, key: PassKey | None) -> AsyncStage:
+        executor: ChunkExecutor | None = None
+        make_process_executor: Callable[[], ChunkExecutor] | None = None
+        choice = self.executor or ctx.options.executor
+        # A probe pass (for an element spec) looks at an element or two: never worth processes.
+        if choice in ("process", "auto") and not ctx.probe:
+
+            def make_process_executor() -> ChunkExecutor:
+                from feedline.runtime.process import process_executor
+
+                # One pickled function serves every pass: the worker makes each pass's
+                # transform from its random key.
+                factory = functools.partial(map_transform, self.fn, self.name)
+                return process_executor(ctx, self, self.name, factory, key)
+
+            if choice == "process":
+                executor, make_process_executor = make_process_executor(), None
+            elif not ctx.options.autotune_enabled:
+                make_process_executor = None  # "auto" moves to processes only when tuned
         return make_async_stage(
             name=self.name,
             key=self,
             ctx=ctx,
             make_input=lambda s: self.input.make_iterator(ctx, s),
-            transform=self._transform(key),
+            transform=map_transform(self.fn, self.name, key),
             state=state,
             num_parallel_calls=self.num_parallel_calls,
             deterministic=self.deterministic,
+            executor=executor,
+            make_process_executor=make_process_executor,
         )
 
-    def _transform(self, key: PassKey | None) -> Transform:
-        fn, name = self.fn, self.name
-        if key is None:
-            return lambda raw, positions: map_chunk(fn, raw, positions, name)
 
-        def with_rng(element: Any, position: int) -> Any:
-            # The generator depends only on (pass key, position): the same at any
-            # parallelism, on any worker, and after a restore.
-            rng = PassKeys.generator(key, position)
-            return fn(*element, rng) if type(element) is tuple else fn(element, rng)
+def map_transform(fn: Callable[..., Any], name: str, key: PassKey | None) -> Transform:
+    """The chunk transform of a map (``key`` None) or of one pass of a random_map."""
+    if key is None:
+        return lambda raw, positions: map_chunk(fn, raw, positions, name)
 
-        return lambda raw, positions: map_chunk_with_positions(with_rng, raw, positions, name)
+    def with_rng(element: Any, position: int) -> Any:
+        # The generator depends only on (pass key, position): the same at any parallelism,
+        # on any worker (thread or process), and after a restore.
+        rng = PassKeys.generator(key, position)
+        return fn(*element, rng) if type(element) is tuple else fn(element, rng)
+
+    return lambda raw, positions: map_chunk_with_positions(with_rng, raw, positions, name)
 
 
 def map_chunk(
@@ -198,11 +232,20 @@ def make_async_stage(
     state: State | None,
     num_parallel_calls: int | None,
     deterministic: bool | None,
+    executor: ChunkExecutor | None = None,
+    make_process_executor: Callable[[], ChunkExecutor] | None = None,
 ) -> AsyncStage:
-    """An async stage for a map-like op: inline (None), fixed parallelism (N) or tuned."""
+    """An async stage for a map-like op: inline (None), fixed parallelism (N) or tuned;
+    ``executor`` runs its transform elsewhere (worker processes)."""
     autotune = num_parallel_calls == AUTOTUNE
+    tuned = autotune and ctx.options.autotune_enabled
+    start_parallelism = None
     if num_parallel_calls is None:
         parallelism = 0
+    elif tuned:
+        # Start inline: the first chunk shows what the work costs; workers start only if it
+        # is worth a hand-off (see AsyncStage).
+        parallelism, start_parallelism = 0, default_parallelism()
     elif autotune:
         parallelism = default_parallelism()
     else:
@@ -220,6 +263,9 @@ def make_async_stage(
         buffer_size=None,  # sized by the stage from parallelism and chunk size
         buffer_tunable=False,
         deterministic=ctx.options.deterministic if deterministic is None else deterministic,
+        executor=executor,
+        make_process_executor=None if num_parallel_calls is None else make_process_executor,
+        start_parallelism=start_parallelism,
     )
 
 

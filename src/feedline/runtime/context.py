@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from feedline.options import Options, ResolvedOptions
@@ -26,6 +28,7 @@ class IterContext:
         self._stages: list[Tunable] = []
         self._tuned: dict[object, dict[str, int]] = {}
         self._retired: list[Tunable] = []
+        self._closers: list[Callable[[], None]] = []
         self._lock = threading.Lock()
 
     def register(self, stage: Tunable) -> None:
@@ -47,6 +50,18 @@ class IterContext:
         """Every stage this run made, closed ones included (for stats)."""
         with self._lock:
             return self._retired + self._stages
+
+    def on_close(self, closer: Callable[[], None]) -> None:
+        """Run ``closer`` when the run ends (resources shared by its stages: worker pools)."""
+        with self._lock:
+            self._closers.append(closer)
+
+    def close(self) -> None:
+        with self._lock:
+            closers, self._closers = self._closers, []
+        for closer in closers:
+            with contextlib.suppress(Exception):  # one failing closer must not skip the rest
+                closer()
 
     def remember(self, key: object, knobs: dict[str, int]) -> None:
         """Knob values tuned for the op ``key``, for stages made for it later in this run."""

@@ -25,14 +25,21 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from feedline.errors import StageError
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import NodeIterator, State
-from feedline.runtime.tunable import Knob, StageMetrics, Tunable
+from feedline.runtime.tunable import (
+    CHEAP_WORK_SECONDS,
+    PROCESSES,
+    THREADS,
+    Knob,
+    StageMetrics,
+    Tunable,
+)
 
 logger = logging.getLogger("feedline")
 
@@ -56,6 +63,32 @@ class Failed:
 
 # (elements, their input positions) -> (outputs, indexes of the Failed ones, ascending)
 Transform = Callable[[list[Any], Sequence[int]], tuple[list[Any], list[int]]]
+
+
+class ChunkExecutor(Protocol):
+    """Runs a stage's transform outside the stage's threads (``runtime/process.py``).
+
+    The stage's worker threads call ``run`` instead of the transform and wait for it, so
+    ordering, state and errors stay the stage's; ``parallelism`` is then how many chunks run
+    at once elsewhere.
+    """
+
+    # How long a chunk should take there: long enough to hide the cost of a hand-off.
+    chunk_seconds: float
+
+    def run(self, raw: list[Any], positions: Sequence[int]) -> tuple[list[Any], list[int], float]:
+        """Like a ``Transform``, plus the CPU seconds the work took where it ran."""
+        ...
+
+    def resize(self, parallelism: int) -> None:
+        """The stage's ``parallelism`` knob changed (0 still needs one runner)."""
+        ...
+
+    def worker_rss_bytes(self) -> int:
+        """Resident memory of whatever runs the work (cheap: sampled)."""
+        ...
+
+    def close(self) -> None: ...
 
 
 def element_nbytes(element: Any) -> int:
@@ -121,11 +154,19 @@ class AsyncStage(NodeIterator, Tunable):
         buffer_tunable: bool,
         deterministic: bool,
         key: object = None,
+        executor: ChunkExecutor | None = None,
+        make_process_executor: Callable[[], ChunkExecutor] | None = None,
+        start_parallelism: int | None = None,
     ) -> None:
+        """``make_process_executor``: offered to the tuner as an ``executor`` knob (threads or
+        processes). ``start_parallelism``: run the first chunk inline to learn its cost, then
+        start that many workers unless the work is too cheap to be worth a hand-off."""
         self.name = name
         self.key = key if key is not None else object()
         self.ctx = ctx
         self.transform = transform
+        # Where the transform runs when not on this stage's threads (which then dispatch to it).
+        self.executor = executor
         self.deterministic = deterministic
         self._lock = threading.Lock()
         self._results_ready = threading.Condition(self._lock)
@@ -155,13 +196,26 @@ class AsyncStage(NodeIterator, Tunable):
                 "buffer_size", buffer_size or 1, 1, 1 << 20, buffer_tunable, self._knobs_changed
             ),
         }
+        self._make_process_executor = make_process_executor
+        self._replaced_executors: list[ChunkExecutor] = []
+        if make_process_executor is not None:
+            self.knobs["executor"] = Knob(
+                "executor", THREADS, THREADS, PROCESSES, True, self._executor_changed
+            )
         # What the tuner chose for this op in an earlier stage of the same run (an earlier epoch
         # under repeat) is where this one starts.
-        for knob_name, value in ctx.remembered(self.key).items():
+        remembered = ctx.remembered(self.key)
+        for knob_name, value in remembered.items():
             self.knobs[knob_name]._value = value
+        self._start_parallelism = None if "parallelism" in remembered else start_parallelism
         self._auto_buffer = buffer_size is None
         self.max_buffer_bytes = DEFAULT_MAX_BUFFER_BYTES
         self.metrics = StageMetrics()
+        if remembered.get("executor") == PROCESSES:
+            executor = self._new_process_executor()
+        self.executor = executor
+        if executor is not None:
+            executor.resize(self.parallelism)
 
         self._open: dict[int, _Chunk] = {}  # issued, not fully delivered, by sequence number
         self._finished_order: list[int] = []  # ready chunks in finishing order (non-det mode)
@@ -224,7 +278,8 @@ class AsyncStage(NodeIterator, Tunable):
         self._seconds_per_element = (
             per if self._seconds_per_element == 0 else 0.8 * self._seconds_per_element + 0.2 * per
         )
-        ideal = TARGET_CHUNK_SECONDS / max(self._seconds_per_element, 1e-9)
+        target = TARGET_CHUNK_SECONDS if self.executor is None else self.executor.chunk_seconds
+        ideal = target / max(self._seconds_per_element, 1e-9)
         # Grow at most x2 per chunk, so one cheap outlier cannot make a huge chunk.
         self._chunk_size = int(max(1, min(MAX_CHUNK, ideal, self._chunk_size * 2)))
 
@@ -236,8 +291,33 @@ class AsyncStage(NodeIterator, Tunable):
     def has_own_work(self) -> bool:
         return self.transform is not None
 
+    def _new_process_executor(self) -> ChunkExecutor | None:
+        assert self._make_process_executor is not None
+        try:
+            return self._make_process_executor()
+        except Exception as e:  # unpicklable function, no cloudpickle: threads it stays
+            logger.info("%s stays on threads: %s", self.name, e)
+            knob = self.knobs["executor"]
+            knob._value, knob.tunable = THREADS, False
+            return None
+
+    def _executor_changed(self) -> None:
+        """The tuner moved the stage between threads and processes. The executor it leaves is
+        closed with the stage, not now: a worker thread may still be running a chunk on it."""
+        if self.knobs["executor"].value == PROCESSES and self.executor is None:
+            executor = self._new_process_executor()
+            if executor is not None:
+                executor.resize(self.parallelism)
+            self.executor = executor
+        elif self.knobs["executor"].value == THREADS and self.executor is not None:
+            self._replaced_executors.append(self.executor)
+            self.executor = None
+        self._knobs_changed()
+
     def _knobs_changed(self) -> None:
         self.ctx.remember(self.key, {name: knob.value for name, knob in self.knobs.items()})
+        if self.executor is not None:
+            self.executor.resize(self.parallelism)
         with self._lock:
             self._space_free.notify_all()
             self._results_ready.notify_all()
@@ -294,13 +374,18 @@ class AsyncStage(NodeIterator, Tunable):
                     return
                 self._run(chunk)
         except BaseException as e:  # a worker must never die silently
-            logger.exception("feedline worker %s crashed", self.name)
-            with self._lock:
-                self._end_seq = self._end_seq if self._end_seq is not None else self._issued
-                self._crash = e
-                self._results_ready.notify_all()
+            if not isinstance(e, StageError):  # a StageError says what happened itself
+                logger.exception("feedline worker %s crashed", self.name)
+            self._record_crash(e)
 
     _crash: BaseException | None = None
+
+    def _record_crash(self, error: BaseException) -> None:
+        """End the stage: the consumer raises ``error`` after the chunks made before it."""
+        with self._lock:
+            self._end_seq = self._end_seq if self._end_seq is not None else self._issued
+            self._crash = error
+            self._results_ready.notify_all()
 
     def _issue(self, size: int) -> _Chunk | None:
         """Pull the next chunk from the input; None (and the end recorded) when it is done.
@@ -366,10 +451,19 @@ class AsyncStage(NodeIterator, Tunable):
         if self.transform is not None and chunk.outputs:
             started = time.perf_counter()
             cpu_started = time.thread_time()
-            chunk.outputs, chunk.failures = self.transform(chunk.outputs, chunk.positions)
+            executor = self.executor
+            elsewhere = 0.0  # CPU seconds spent outside this thread (in a worker process)
+            if executor is None:
+                chunk.outputs, chunk.failures = self.transform(chunk.outputs, chunk.positions)
+            else:
+                chunk.outputs, chunk.failures, elsewhere = executor.run(
+                    chunk.outputs, chunk.positions
+                )
             wall = time.perf_counter() - started
-            self.metrics.add_work(len(chunk.outputs), wall, time.thread_time() - cpu_started)
+            cpu = time.thread_time() - cpu_started + elsewhere
+            self.metrics.add_work(len(chunk.outputs), wall, cpu)
             self._learn_cost(len(chunk.outputs), wall)
+        worker_rss = 0 if self.executor is None else self.executor.worker_rss_bytes()
         outputs = chunk.outputs
         per_element = element_nbytes(outputs[0]) if outputs else 0
         nbytes = per_element * len(outputs)
@@ -385,6 +479,7 @@ class AsyncStage(NodeIterator, Tunable):
                 self.metrics.buffered_bytes = self._ready_bytes
                 self.metrics.buffered_elements = self._reserved
                 self.metrics.bytes_per_element = self._bytes_per_element
+                self.metrics.worker_rss_bytes = worker_rss
             self._results_ready.notify_all()
 
     # -- consumer ----------------------------------------------------------------------------
@@ -405,11 +500,18 @@ class AsyncStage(NodeIterator, Tunable):
                     chunk = self._pick_ready()
                     if chunk is not None or self._closing:
                         return chunk
+                    if isinstance(self._crash, StageError):
+                        # Already names the stage and what failed (e.g. a dead worker
+                        # process); raised afresh so tracebacks do not pile up on it.
+                        raise self._crash.with_traceback(None)
                     if self._crash is not None:
                         raise StageError(
                             self.name, None, "a worker thread crashed"
                         ) from self._crash
                     if self._end_seq is not None and not self._open:
+                        if self.executor is not None:
+                            # Nothing more to run: let go of the worker processes now.
+                            self.executor.close()
                         return None
                     inline = self.parallelism == 0 and all(c.ready for c in self._open.values())
                     if not inline:
@@ -452,7 +554,14 @@ class AsyncStage(NodeIterator, Tunable):
             self._reserved += size
         chunk = self._issue(size)
         if chunk is not None:
-            self._run(chunk)
+            try:
+                self._run(chunk)
+            except Exception as e:  # work sent elsewhere can fail whole (a worker died)
+                self._record_crash(e)
+        if self._start_parallelism is not None and self._seconds_per_element > 0:
+            start, self._start_parallelism = self._start_parallelism, None
+            if self._seconds_per_element >= CHEAP_WORK_SECONDS:
+                self.knobs["parallelism"].set(start)
 
     def _retire(self, chunk: _Chunk) -> None:
         with self._lock:
@@ -557,6 +666,12 @@ class AsyncStage(NodeIterator, Tunable):
             self._closing = True
             self._space_free.notify_all()
             self._results_ready.notify_all()
+        for replaced in self._replaced_executors:
+            replaced.close()
+        if self.executor is not None:
+            # Before joining: a dispatcher still waiting on a worker finishes (or is stopped
+            # with the pool) on its own.
+            self.executor.close()
         current = threading.current_thread()
         deadline = time.monotonic() + JOIN_TIMEOUT_SECONDS
         for thread in self._workers:

@@ -84,7 +84,7 @@ class DatasetIterator:
         if not self._tuner_checked:
             self._start_tuner()
         counters = self._counters
-        started = time.perf_counter()
+        started = counters.waiting_since = time.perf_counter()
         try:
             element = next(self._root)
         except KeyboardInterrupt:
@@ -94,6 +94,7 @@ class DatasetIterator:
             raise
         finally:
             counters.wait += time.perf_counter() - started
+            counters.waiting_since = None
         counters.delivered += 1
         return element
 
@@ -143,6 +144,7 @@ class DatasetIterator:
             if self._tuner is not None:
                 self._tuner.stop()  # kept: stats() still shows its decisions
             self._root.close()
+            self._ctx.close()
 
     def __enter__(self) -> DatasetIterator:
         return self

@@ -13,6 +13,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+# Work per element below which handing elements between threads costs about as much as the
+# work itself: such work is best done inline, in the consumer's thread.
+CHEAP_WORK_SECONDS = 50e-6
+# Knob values of ``executor``: where a stage's function runs.
+THREADS, PROCESSES = 0, 1
+
 
 class Knob:
     """One tunable integer with bounds; ``on_change`` lets the stage react at once."""
@@ -57,7 +63,8 @@ class StageMetrics:
     Times are seconds. ``work_wall``/``work_cpu`` cover the stage's own work (the user
     function, or pulling the input for a prefetch); ``consumer_wait`` is time the consumer spent
     blocked waiting for this stage; ``worker_idle`` is time workers spent waiting for buffer
-    space (the consumer is slower than the stage).
+    space (the consumer is slower than the stage). ``worker_rss_bytes`` is the resident memory
+    of a stage's worker processes (0 on threads), sampled as it works.
     """
 
     elements: int = 0
@@ -70,6 +77,7 @@ class StageMetrics:
     buffered_bytes: int = 0
     bytes_per_element: float = 0.0
     errors: int = 0
+    worker_rss_bytes: int = 0
     # Recent per-element work times (one sample per chunk), for percentiles in stats().
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=512), repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -87,6 +95,7 @@ class StageMetrics:
                 "buffered_bytes": self.buffered_bytes,
                 "bytes_per_element": self.bytes_per_element,
                 "errors": self.errors,
+                "worker_rss_bytes": self.worker_rss_bytes,
             }
 
     def add_work(self, elements: int, wall: float, cpu: float) -> None:

@@ -1,0 +1,282 @@
+"""The process executor: same outputs, order, errors and state as threads; workers that start
+once per iterator, follow the parallelism knob, and leave no process or shared memory behind."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+import feedline as fl
+from feedline.runtime import process
+from tests.helpers import assert_elements_equal, assert_state_roundtrip, take
+
+if not sys.platform.startswith("linux"):
+    pytest.skip("checks /dev/shm and forkserver workers (Linux)", allow_module_level=True)
+
+D = fl.Dataset
+BIG = process.SHM_MIN_BYTES // 8 + 1  # float64 elements: a buffer that goes through /dev/shm
+
+
+def our_segments() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith(f"fl-{os.getpid()}-")}
+
+
+def wait_for(condition: Any, seconds: float = 5.0) -> bool:
+    """Whether ``condition()`` comes true in time (dropped iterators are collected meanwhile)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        gc.collect()
+        time.sleep(0.02)
+    return True
+
+
+def no_workers() -> bool:
+    return not multiprocessing.active_children()
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind() -> Iterator[None]:
+    """Every test ends with no worker process and no shared-memory segment of ours."""
+    assert wait_for(no_workers), "worker processes from an earlier test are still running"
+    yield
+    assert wait_for(no_workers), "worker processes left running"
+    assert wait_for(lambda: not our_segments()), f"/dev/shm left behind: {our_segments()}"
+
+
+def untuned(ds: fl.Dataset) -> fl.Dataset:
+    options = fl.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
+
+
+def pool_of(it: fl.DatasetIterator) -> process.ProcessPool:
+    (pool,) = process._pools[it._ctx].values()
+    return pool
+
+
+def slow_pid(x: Any) -> int:
+    time.sleep(0.005)
+    return os.getpid()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("calls", [None, 2, fl.AUTOTUNE])
+def test_map_outputs_equal_threads(calls: int | None) -> None:
+    offset = 7  # a closure variable, sent with the lambda
+
+    def build(executor: str) -> fl.Dataset:
+        return D.range(300).map(
+            lambda x: (x + offset, np.full(BIG if x % 50 == 0 else 3, x, np.float64), b"s"),
+            num_parallel_calls=calls,
+            executor=executor,
+        )
+
+    assert_elements_equal(list(build("process")), list(build("thread")))
+
+
+@pytest.mark.timeout(30)
+def test_random_map_outputs_equal_threads_every_epoch() -> None:
+    def build(executor: str) -> fl.Dataset:
+        ds = D.range(200).random_map(
+            lambda x, rng: rng.normal(size=BIG if x % 40 == 0 else 4) + x,
+            seed=3,
+            num_parallel_calls=2,
+            executor=executor,
+        )
+        return ds.repeat(2)
+
+    got, want = list(build("process")), list(build("thread"))
+    assert_elements_equal(got, want)
+    assert not np.array_equal(got[1], got[201])  # a new pass draws new numbers
+
+
+@pytest.mark.timeout(30)
+def test_results_arrive_as_writable_arrays_over_shared_memory() -> None:
+    ds = D.range(4).map(lambda x: np.full(BIG, x, np.float64), executor="process")
+    with ds.iterator() as it:
+        first = next(it)
+        assert first.flags.writeable
+        first[0] = -1.0
+        assert not our_segments()  # the name goes once mapped; the memory goes with the array
+
+
+@pytest.mark.timeout(30)
+def test_options_executor_is_the_default() -> None:
+    options = fl.Options()
+    options.executor = "process"
+    ds = D.range(20).map(lambda x: os.getpid(), num_parallel_calls=2).with_options(options)
+    assert os.getpid() not in {int(p) for p in ds}
+    threaded = D.range(20).map(lambda x: os.getpid(), num_parallel_calls=2, executor="thread")
+    assert {int(p) for p in threaded.with_options(options)} == {os.getpid()}
+
+
+def test_bad_executors_are_refused_at_build_time() -> None:
+    with pytest.raises(ValueError, match="executor must be one of"):
+        D.range(3).map(lambda x: x, executor="gpu")
+    with pytest.raises(ValueError, match="not supported"):
+        D.range(3).interleave(lambda x: D.range(x), executor="process")
+    options = fl.Options()
+    options.executor = "fork"
+    with pytest.raises(ValueError, match=r"Options\.executor"):
+        list(D.range(3).with_options(options))
+
+
+def test_missing_cloudpickle_says_which_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "cloudpickle", None)
+    with pytest.raises(ImportError, match=r"feedline\[process\]"):
+        D.range(3).map(lambda x: x, executor="process")
+
+
+@pytest.mark.timeout(30)
+def test_unpicklable_function_names_the_stage() -> None:
+    lock = threading.Lock()
+
+    def locked(x: Any) -> Any:
+        with lock:
+            return x
+
+    ds = D.range(3).map(locked, num_parallel_calls=2, executor="process", name="guarded")
+    with pytest.raises(fl.StageError, match="executor='thread'") as info:
+        list(ds)
+    assert info.value.stage == "map(guarded)"
+
+
+class Unreconstructable(Exception):
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"{a}/{b}")
+
+
+@pytest.mark.timeout(30)
+def test_user_errors_arrive_at_their_position_with_their_type() -> None:
+    def fn(x: Any) -> Any:
+        if x == 7:
+            raise KeyError("seven")
+        if x == 9:
+            raise Unreconstructable(9, 0)  # pickles, but cannot be rebuilt from its args
+        return x
+
+    it = iter(D.range(12).map(fn, num_parallel_calls=2, executor="process"))
+    assert [int(x) for x in take(it, 7)] == list(range(7))
+    with pytest.raises(fl.StageError) as info:
+        next(it)
+    assert info.value.position == 7
+    assert type(info.value.__cause__) is KeyError
+    assert "in fn" in str(info.value.__cause__.__cause__)  # the worker's traceback
+    assert int(next(it)) == 8
+    with pytest.raises(fl.StageError) as info:
+        next(it)
+    assert info.value.position == 9
+    assert "Unreconstructable: 9/0" in str(info.value.__cause__)
+    assert [int(x) for x in it] == [10, 11]
+
+
+@pytest.mark.timeout(30)
+def test_upstream_errors_pass_through_at_their_position() -> None:
+    def upstream(x: Any) -> Any:
+        if x == 2:
+            raise ZeroDivisionError("upstream")
+        return x
+
+    ds = D.range(5).map(upstream).map(lambda x: x + 10, num_parallel_calls=2, executor="process")
+    it = iter(ds)
+    assert [int(x) for x in take(it, 2)] == [10, 11]
+    with pytest.raises(fl.StageError) as info:
+        next(it)
+    assert info.value.stage == "map(upstream)" and info.value.position == 2
+    assert type(info.value.__cause__) is ZeroDivisionError
+    assert [int(x) for x in it] == [13, 14]
+
+
+@pytest.mark.timeout(30)
+def test_results_that_cannot_come_back_fail_the_stage() -> None:
+    ds = D.range(5).map(lambda x: threading.Lock(), num_parallel_calls=2, executor="process")
+    with pytest.raises(fl.StageError, match="a worker process failed"), ds.iterator() as it:
+        list(it)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("calls", [None, 2])
+def test_killed_worker_is_a_stage_error_and_stops_every_worker(calls: int | None) -> None:
+    def pid_and_array(x: Any) -> Any:
+        return slow_pid(x), np.zeros(BIG)  # big results: segments in flight when it dies
+
+    ds = D.range(100_000).map(pid_and_array, num_parallel_calls=calls, executor="process")
+    it = iter(ds)
+    victim = int(next(it)[0])
+    os.kill(victim, signal.SIGKILL)
+    with pytest.raises(fl.StageError) as info:
+        for _ in range(10_000):
+            next(it)
+    message = str(info.value)
+    assert "SIGKILL" in message and "positions" in message
+    assert info.value.stage == "map(pid_and_array)"
+    assert info.value.position is not None
+    assert wait_for(no_workers)
+    with pytest.raises(ProcessLookupError):
+        os.kill(victim, 0)
+    with pytest.raises(fl.StageError):  # the stage stays failed
+        next(it)
+    it.close()
+
+
+@pytest.mark.timeout(30)
+def test_no_shared_memory_left_after_normal_end_and_early_break() -> None:
+    before = os.listdir("/dev/shm")
+    ds = D.range(40).map(lambda x: np.full(BIG, x, np.float64), 2, executor="process")
+    assert len(list(ds)) == 40
+    for i, _ in enumerate(ds):
+        if i == 3:
+            break
+    with ds.iterator() as it:
+        take(it, 2)
+    assert wait_for(no_workers)
+    assert set(os.listdir("/dev/shm")) <= set(before)
+
+
+@pytest.mark.timeout(60)
+def test_state_roundtrip() -> None:
+    ds = D.range(40).random_map(
+        lambda x, rng: x * 100 + rng.integers(100), seed=5, num_parallel_calls=2, executor="process"
+    )
+    assert_state_roundtrip(ds, cut_points=(0, 3))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("cut_short", [False, True])
+def test_workers_start_once_per_iterator_across_repeat_epochs(cut_short: bool) -> None:
+    ds = D.range(30).map(slow_pid, num_parallel_calls=2, executor="process")
+    if cut_short:  # each epoch closes the stage with chunks still in flight
+        ds = ds.take(10)
+    ds = ds.repeat(4)
+    with ds.iterator() as it:
+        pids = {int(p) for p in it}
+        assert pool_of(it).starts == 2
+    assert len(pids) == 2
+
+
+@pytest.mark.timeout(30)
+def test_parallelism_knob_resizes_the_pool() -> None:
+    ds = untuned(D.range(100_000).map(slow_pid, num_parallel_calls=fl.AUTOTUNE, executor="process"))
+    with ds.iterator() as it:
+        (stage,) = it._ctx.stages()
+        pool = pool_of(it)
+        take(it, 20)
+        stage.knobs["parallelism"].set(1)
+        take(it, 20)
+        assert wait_for(lambda: len(pool.pids()) == 1)
+        stage.knobs["parallelism"].set(3)
+        pids = {int(p) for p in take(it, 200)}
+        assert len(pids) >= 3 and len(pool.pids()) == 3
+        assert stage.metrics.snapshot()["worker_rss_bytes"] > 0

@@ -11,6 +11,7 @@ from feedline.dataset import AUTOTUNE, INFINITE_CARDINALITY, UNKNOWN_CARDINALITY
 from feedline.errors import StageError
 from feedline.io.files import TextLineDataset
 from feedline.ops.cache import CacheFileError
+from feedline.ops.in_memory import DatasetSpec
 from feedline.options import AutotuneOptions, Options
 from feedline.runtime.pipeline import DatasetIterator
 from feedline.structure import TensorSpec
@@ -23,6 +24,7 @@ __all__ = [
     "CacheFileError",
     "Dataset",
     "DatasetIterator",
+    "DatasetSpec",
     "Options",
     "StageError",
     "TensorSpec",

@@ -771,8 +771,6 @@ KNOWN_DISCREPANCIES: dict[tuple[str, str], str] = {
     ("map_inner_list_python_int_first", SPEC): "[1, int64]: tf.data int64, feedline int32",
     ("map_string_plus_str", ELEMENTS): "bytes + str raises TypeError; tf.data concatenates",
     ("map_string_plus_str", SPEC): "bytes + str raises TypeError; tf.data concatenates",
-    ("window_empty", SPEC): "tracing.synthetic_element has no stand-in for a window's "
-    "DatasetSpec leaf: AttributeError",
 }
 
 

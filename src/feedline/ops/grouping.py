@@ -11,7 +11,6 @@ import numpy as np
 from feedline.errors import StageError, wrap_user_error
 from feedline.ops.base import INFINITE, UNKNOWN, Op, UnobservableSpec, call_with_element
 from feedline.ops.in_memory import (
-    DeferredErrorIterator,
     ElementsOp,
     as_dataset,
     decode_elements,
@@ -94,7 +93,7 @@ def _int64_scalar(value: Any, what: str, stage: str, position: int) -> np.int64:
     return np.int64(arr)
 
 
-class GroupByWindowIterator(DeferredErrorIterator):
+class GroupByWindowIterator(NodeIterator):
     """State: the input's position, every open group (its elements encoded), the window sizes
     learnt so far, and the group being reduced, whose dataset is rebuilt on restore by calling
     ``reduce_func`` again on the same window, then resumed from its own state."""

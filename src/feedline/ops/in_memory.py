@@ -91,31 +91,6 @@ class ElementsIterator(NodeIterator):
         return {"index": self.index}
 
 
-class DeferredErrorIterator(NodeIterator):
-    """For iterators that make one element per ``__next__`` and may fail on one: a chunk
-    returns the elements made before a failure, and the failure is raised by the next call,
-    so every good element is delivered and the error surfaces at its own position."""
-
-    _pending: Exception | None = None
-
-    def next_chunk(self, max_n: int) -> list[Any]:
-        if self._pending is not None:
-            error, self._pending = self._pending, None
-            raise error
-        out: list[Any] = []
-        for _ in range(max_n):
-            try:
-                out.append(self.__next__())
-            except StopIteration:
-                break
-            except Exception as e:
-                if not out:
-                    raise
-                self._pending = e
-                break
-        return out
-
-
 # -- held elements in JSON-able states --------------------------------------------------------
 
 

@@ -10,7 +10,6 @@ import numpy as np
 
 from feedline.errors import StageError
 from feedline.ops.base import INFINITE, UNKNOWN, Op, UnobservableSpec
-from feedline.ops.in_memory import DeferredErrorIterator
 from feedline.ops.randomness import PassKey, PassKeys
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import NodeIterator, State
@@ -155,7 +154,7 @@ def _picks(thresholds: np.ndarray, raw: np.ndarray) -> np.ndarray:
     return picks
 
 
-class WeightsInputIterator(DeferredErrorIterator):
+class WeightsInputIterator(NodeIterator):
     """One pick per element of the weights dataset, which may hold a bad weight vector."""
 
     def __init__(
@@ -226,7 +225,7 @@ class DirectedInterleaveOp(Op):
         return DirectedInterleaveIterator(self, ctx, state)
 
 
-class DirectedInterleaveIterator(DeferredErrorIterator):
+class DirectedInterleaveIterator(NodeIterator):
     def __init__(self, op: DirectedInterleaveOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
         self.done = state is not None and state["done"]

@@ -9,10 +9,10 @@ import numpy as np
 
 from feedline.errors import StageError, wrap_user_error
 from feedline.ops.base import Op, function_name
-from feedline.ops.in_memory import DeferredErrorIterator, decode_elements, encode_elements
+from feedline.ops.in_memory import decode_elements, encode_elements
 from feedline.ops.sources import owned_array
 from feedline.runtime.context import IterContext
-from feedline.runtime.iterator import State
+from feedline.runtime.iterator import NodeIterator, State
 from feedline.structure import (
     STRING_DTYPE,
     flatten,
@@ -53,7 +53,7 @@ class ScanOp(Op):
         return ScanIterator(self, ctx, state)
 
 
-class ScanIterator(DeferredErrorIterator):
+class ScanIterator(NodeIterator):
     def __init__(self, op: ScanOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
         self.input = op.input.make_iterator(ctx, None if state is None else state["input"])

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from feedline.ops.base import Op, UnobservableSpec
+from feedline.ops.in_memory import DatasetSpec
 from feedline.runtime.context import IterContext
 from feedline.structure import STRING_DTYPE, TensorSpec, map_structure, merge_specs, spec_of
 
@@ -38,7 +39,9 @@ def first_elements(op: Op, n: int) -> list[Any]:
 
 
 def _has_open_dims(spec: Any) -> bool:
-    return any(s.shape is None or None in s.shape for s in _leaves(spec))
+    return any(
+        isinstance(s, TensorSpec) and (s.shape is None or None in s.shape) for s in _leaves(spec)
+    )
 
 
 def _leaves(spec: Any) -> list[TensorSpec]:
@@ -50,7 +53,11 @@ def _leaves(spec: Any) -> list[TensorSpec]:
 def synthetic_element(spec: Any, size: int) -> Any:
     """An element matching ``spec``, with every open dimension of length ``size``."""
 
-    def make(s: TensorSpec) -> Any:
+    def make(s: Any) -> Any:
+        if isinstance(s, DatasetSpec):  # a window: an empty dataset of its element spec
+            from feedline.dataset import Dataset
+
+            return Dataset.from_generator(lambda: iter(()), output_signature=s.element_spec)
         shape = () if s.shape is None else tuple(size if d is None else d for d in s.shape)
         if s.dtype == STRING_DTYPE:
             if not shape:

@@ -21,6 +21,9 @@ class NodeIterator:
     ``next_chunk`` where they can produce a list faster than one call per element."""
 
     inputs: tuple[NodeIterator, ...] = ()
+    # An error met while filling a chunk, raised on the next call once the elements before it
+    # have been delivered (raising at once would drop them).
+    _deferred_error: BaseException | None = None
 
     def __iter__(self) -> NodeIterator:
         return self
@@ -29,12 +32,20 @@ class NodeIterator:
         raise NotImplementedError
 
     def next_chunk(self, max_n: int) -> list[Any]:
+        error = self._deferred_error
+        if error is not None:
+            self._deferred_error = None
+            raise error
         out = []
         try:
             for _ in range(max_n):
                 out.append(self.__next__())
         except StopIteration:
             pass
+        except Exception as e:
+            if not out:
+                raise
+            self._deferred_error = e
         return out
 
     def get_state(self) -> State:

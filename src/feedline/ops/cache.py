@@ -18,6 +18,7 @@ import zlib
 from typing import Any, BinaryIO
 
 from feedline.ops.base import Op
+from feedline.ops.in_memory import ElementsIterator
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import NodeIterator, State
 
@@ -67,21 +68,8 @@ class CacheOp(Op):
         return CacheWriter(self, ctx, state)
 
 
-class MemoryCacheReader(NodeIterator):
-    def __init__(self, elements: list[Any], index: int) -> None:
-        self.elements = elements
-        self.index = index
-
-    def __next__(self) -> Any:
-        if self.index >= len(self.elements):
-            raise StopIteration
-        self.index += 1
-        return self.elements[self.index - 1]
-
-    def next_chunk(self, max_n: int) -> list[Any]:
-        chunk = self.elements[self.index : self.index + max_n]
-        self.index += len(chunk)
-        return chunk
+class MemoryCacheReader(ElementsIterator):
+    """Replays a published cache; its state says it was reading, not writing."""
 
     def get_state(self) -> State:
         return {"mode": "read", "index": self.index}

@@ -238,6 +238,11 @@ class Tuner:
             baseline = experiment.baseline_rate if root_moved else experiment.baseline_stage_rate
             self._judge(experiment, measured, stall, baseline)
             self._experiment = None
+            # The rate moved because of the experiment, not the consumer: do not read the
+            # next window's change as a shift in the consumer's speed.
+            self._last_rate = 0.0
+            self.interval = FIRST_INTERVAL
+            return
         else:
             self._notice_shift(rate, stall)
             self._decide(windows, rate, stall, now)
@@ -323,7 +328,11 @@ class Tuner:
                 self._set(e.stage, e.companion[0], e.companion[1], "back with it")
             self.state.saturated[(key, e.knob.name)] = e.old
             return
-        stalls_now = stall > STALL or stall > e.baseline_stall + STALL_RISE
+        # Only a consumer that was served can be made to stall by a decrease; one that always
+        # waits (it does no work of its own) is judged on the rate alone.
+        stalls_now = e.baseline_stall <= STALL and (
+            stall > STALL or stall > e.baseline_stall + STALL_RISE
+        )
         if gain >= -LOSS and not stalls_now:
             # Kept: more than this did not help either.
             self.state.saturated[(key, e.knob.name)] = e.new

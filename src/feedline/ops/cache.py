@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 from feedline.ops.base import Op
 from feedline.ops.in_memory import ElementsIterator
 from feedline.runtime.context import IterContext
-from feedline.runtime.iterator import NodeIterator, State
+from feedline.runtime.iterator import ChunkedIterator, NodeIterator, State
 
 MAGIC = b"FLCACHE\x01"
 TRAILER_MAGIC = b"FLCACHE-END"
@@ -75,7 +75,7 @@ class MemoryCacheReader(ElementsIterator):
         return {"mode": "read", "index": self.index}
 
 
-class CacheWriter(NodeIterator):
+class CacheWriter(ChunkedIterator):
     """Reads the input and records it; publishes only when the pass completes.
 
     Resuming a writer mid-pass continues the pass without caching it: the elements before the
@@ -97,12 +97,6 @@ class CacheWriter(NodeIterator):
             self.tmp_path = f"{op.filename}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             self.file = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in _finish/close
             self.file.write(MAGIC)
-
-    def __next__(self) -> Any:
-        chunk = self.next_chunk(1)
-        if not chunk:
-            raise StopIteration
-        return chunk[0]
 
     def next_chunk(self, max_n: int) -> list[Any]:
         try:

@@ -17,7 +17,7 @@ from feedline.ops.base import (
 )
 from feedline.ops.tracing import traced_spec
 from feedline.runtime.context import IterContext
-from feedline.runtime.iterator import NodeIterator, State
+from feedline.runtime.iterator import ChunkedIterator, NodeIterator, State
 from feedline.runtime.parallel import AsyncStage
 from feedline.structure import flatten, map_structure, merge_specs, pack_like
 
@@ -94,7 +94,7 @@ class ConcatenateOp(Op):
         return ConcatenateIterator(self, ctx, state)
 
 
-class ConcatenateIterator(NodeIterator):
+class ConcatenateIterator(ChunkedIterator):
     def __init__(self, op: ConcatenateOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
         self.ctx = ctx
@@ -105,12 +105,6 @@ class ConcatenateIterator(NodeIterator):
                 ctx, None if state is None else state["input"]
             )
         self.inputs = (self.current,) if self.current else ()
-
-    def __next__(self) -> Any:
-        chunk = self.next_chunk(1)
-        if not chunk:
-            raise StopIteration
-        return chunk[0]
 
     def next_chunk(self, max_n: int) -> list[Any]:
         while self.current is not None:

@@ -17,7 +17,7 @@ from feedline.ops.in_memory import (
     encode_elements,
 )
 from feedline.runtime.context import IterContext
-from feedline.runtime.iterator import NodeIterator, State
+from feedline.runtime.iterator import ChunkedIterator, NodeIterator, State
 from feedline.structure import STRING_DTYPE, TensorSpec, flatten, map_structure
 
 if TYPE_CHECKING:
@@ -337,7 +337,7 @@ def _identity(leaf: Any) -> Any:
     return (arr.shape, arr.tobytes())
 
 
-class UniqueIterator(NodeIterator):
+class UniqueIterator(ChunkedIterator):
     """State: the input's position and every distinct element seen so far, in order."""
 
     def __init__(self, op: UniqueOp, ctx: IterContext, state: State | None) -> None:
@@ -348,12 +348,6 @@ class UniqueIterator(NodeIterator):
         if state is not None:
             self.seen_elements = decode_elements(state["seen"], op.input.element_spec())
         self.seen = {_identity(flatten(e)[0]) for e in self.seen_elements}
-
-    def __next__(self) -> Any:
-        chunk = self.next_chunk(1)
-        if not chunk:
-            raise StopIteration
-        return chunk[0]
 
     def next_chunk(self, max_n: int) -> list[Any]:
         while True:

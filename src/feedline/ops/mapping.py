@@ -20,7 +20,7 @@ from feedline.ops.base import (
 from feedline.ops.randomness import PassKey, PassKeys
 from feedline.ops.tracing import outputs_spec, traced_spec
 from feedline.runtime.context import IterContext
-from feedline.runtime.iterator import InputCursor, NodeIterator, State
+from feedline.runtime.iterator import ChunkedIterator, InputCursor, NodeIterator, State
 from feedline.runtime.parallel import (
     AsyncStage,
     ChunkExecutor,
@@ -269,7 +269,7 @@ def make_async_stage(
     )
 
 
-class CursorStage(NodeIterator):
+class CursorStage(ChunkedIterator):
     """A one-input stage that reads its input through a cursor and reports a failing element
     after delivering the elements before it (so an error surfaces at its own position)."""
 
@@ -280,12 +280,6 @@ class CursorStage(NodeIterator):
         self.inputs = (self.cursor.input,)
         self.position = 0 if state is None else state["position"]
         self._pending: StageError | None = None
-
-    def __next__(self) -> Any:
-        chunk = self.next_chunk(1)
-        if not chunk:
-            raise StopIteration
-        return chunk[0]
 
     def fail_at_cursor(self, error: StageError, delivered: list[Any]) -> list[Any]:
         """Deliver ``delivered`` now and raise ``error`` on the next call, or raise it now."""
@@ -426,18 +420,12 @@ class IgnoreErrorsOp(Op):
         return IgnoreErrorsIterator(self, ctx, state)
 
 
-class IgnoreErrorsIterator(NodeIterator):
+class IgnoreErrorsIterator(ChunkedIterator):
     def __init__(self, op: IgnoreErrorsOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
         self.input = op.input.make_iterator(ctx, None if state is None else state["input"])
         self.inputs = (self.input,)
         self.ignored = 0 if state is None else state["ignored"]
-
-    def __next__(self) -> Any:
-        chunk = self.next_chunk(1)
-        if not chunk:
-            raise StopIteration
-        return chunk[0]
 
     def next_chunk(self, max_n: int) -> list[Any]:
         while True:

@@ -8,7 +8,7 @@ import numpy as np
 
 from feedline.ops.base import INFINITE, UNKNOWN, Op
 from feedline.runtime.context import IterContext
-from feedline.runtime.iterator import NodeIterator, State, skip_elements
+from feedline.runtime.iterator import ChunkedIterator, NodeIterator, State, skip_elements
 from feedline.structure import TensorSpec
 
 
@@ -167,7 +167,7 @@ class RepeatOp(_OneInputOp):
         return RepeatIterator(self, ctx, state)
 
 
-class RepeatIterator(NodeIterator):
+class RepeatIterator(ChunkedIterator):
     """Starts a fresh pass over its input for every epoch; an empty epoch ends the repetition
     (otherwise ``repeat()`` over an empty dataset would spin forever)."""
 
@@ -180,12 +180,6 @@ class RepeatIterator(NodeIterator):
         if op.count != 0 and not (state is not None and state["done"]):
             self.input = op.input.make_iterator(ctx, None if state is None else state["input"])
         self.inputs = (self.input,) if self.input is not None else ()
-
-    def __next__(self) -> Any:
-        chunk = self.next_chunk(1)
-        if not chunk:
-            raise StopIteration
-        return chunk[0]
 
     def next_chunk(self, max_n: int) -> list[Any]:
         while self.input is not None:

@@ -56,6 +56,16 @@ class NodeIterator:
             it.close()
 
 
+class ChunkedIterator(NodeIterator):
+    """For iterators that produce in chunks: one element is a chunk of one."""
+
+    def __next__(self) -> Any:
+        chunk = self.next_chunk(1)
+        if not chunk:
+            raise StopIteration
+        return chunk[0]
+
+
 class EmptyIterator(NodeIterator):
     def __next__(self) -> Any:
         raise StopIteration

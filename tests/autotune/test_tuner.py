@@ -7,6 +7,7 @@ how fast anything ran.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -114,6 +115,48 @@ def test_cpu_budget_caps_computing_stages() -> None:
         consume_for(it, 2.5)
         parallelism = stage(it, "map").knobs["parallelism"].value
     assert parallelism <= usable_cores()
+
+
+@pytest.mark.timeout(60)
+def test_prefetch_stays_inline_when_the_consumer_has_no_work_of_its_own() -> None:
+    ds = D.range(10**7).map(lambda x: x + 1).batch(64).prefetch(fl.AUTOTUNE)
+    with ds.iterator() as it:
+        consume_for(it, 1.5)
+        prefetch = stage(it, "prefetch")
+        assert prefetch.knobs["parallelism"].value == 0
+        assert prefetch.metrics.elements > 0  # it delivered, inline
+        threads = [t.name for t in threading.enumerate()]
+    assert not any(name.startswith("feedline-prefetch") for name in threads)
+
+
+@pytest.mark.timeout(60)
+def test_prefetch_reads_ahead_when_the_consumer_works_between_batches() -> None:
+    def produce(x: Any) -> Any:
+        time.sleep(0.002)  # the input's work, overlappable with the consumer's
+        return x
+
+    ds = D.range(10**6).map(produce).batch(4).prefetch(fl.AUTOTUNE)
+    with ds.iterator() as it:
+        consume_for(it, 2.0, step=0.01)  # a training step as long as a batch takes
+        prefetch = stage(it, "prefetch")
+        history = it.stats()["autotune"]["history"]
+        parallelism = prefetch.knobs["parallelism"].value
+    assert parallelism == 1, history
+    assert any(d["stage"] == "prefetch" and d["new"] == 1 for d in history)
+
+
+@pytest.mark.timeout(60)
+def test_a_read_ahead_thread_goes_inline_once_the_consumer_stops_working() -> None:
+    def produce(x: Any) -> Any:
+        time.sleep(0.001)
+        return x
+
+    ds = D.range(10**6).map(produce).batch(4).prefetch(fl.AUTOTUNE)
+    with ds.iterator() as it:
+        consume_for(it, 1.5, step=0.006)
+        assert stage(it, "prefetch").knobs["parallelism"].value == 1
+        consume_for(it, 2.0)  # the consumer now takes batches as fast as they come
+        assert stage(it, "prefetch").knobs["parallelism"].value == 0
 
 
 @pytest.mark.timeout(60)

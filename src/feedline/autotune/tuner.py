@@ -64,6 +64,9 @@ CHEAP_WORK = CHEAP_WORK_SECONDS
 # elements and results between processes.
 PROCESS_WORTH = 100e-6
 PROCESS_START_WINDOW = 1.0  # settle / measure windows of a move to processes, at least
+# A stage with nothing to compute (a prefetch) gains at most the consumer's own share of the
+# time by reading ahead on a thread: below this share, the hand-offs cost more than that.
+OVERLAP_WORTH = GAIN
 
 
 @dataclass
@@ -347,6 +350,8 @@ class Tuner:
     def _decide(self, windows: list[StageWindow], rate: float, stall: float, now: float) -> None:
         if not windows:
             return
+        if self._read_ahead(windows, rate, stall, now):
+            return
         if stall > STALL:
             if self._scale_up(windows, rate, stall, now):
                 return
@@ -360,6 +365,33 @@ class Tuner:
             self._scale_down(worth_fewer, rate, stall, now, reason="more workers did not help")
         elif stall < NO_STALL:
             self._scale_down(windows, rate, stall, now, reason="consumer never waits")
+
+    def _read_ahead(
+        self, windows: list[StageWindow], rate: float, stall: float, now: float
+    ) -> bool:
+        """Put a read-ahead stage (one with no work of its own) on a thread, or back inline,
+        from what its consumer does between calls: a thread overlaps the consumer's own work
+        with pulling the input, and is a pure cost when the consumer has none."""
+        for w in windows:
+            knob = w.stage.knobs["parallelism"]
+            if w.stage.has_own_work or not knob.tunable or knob.maximum != 1:
+                continue
+            own = 1.0 - w.consumer_wait  # the consumer's time away from this stage
+            if knob.value == 0 and own >= OVERLAP_WORTH and w.consumer_wait >= STALL:
+                reason = (
+                    f"its consumer works {own:.0%} of the time and waits {w.consumer_wait:.0%} "
+                    "for it: read ahead on a thread to overlap the two"
+                )
+                self._try(w.stage, knob, 1, +1, rate, stall, now, reason)
+                return True
+            if knob.value == 1 and own < OVERLAP_WORTH / 2:
+                reason = (
+                    f"its consumer waits {w.consumer_wait:.0%} of the time, with nothing of its "
+                    "own to overlap: inline, without hand-offs"
+                )
+                self._try(w.stage, knob, 0, -1, rate, stall, now, reason)
+                return True
+        return False
 
     def _scale_up(self, windows: list[StageWindow], rate: float, stall: float, now: float) -> bool:
         candidates = sorted(
@@ -377,6 +409,7 @@ class Tuner:
             saturated_at = self.state.saturated.get((key, "parallelism"))
             if (
                 parallelism.tunable
+                and w.stage.has_own_work  # read-ahead stages: see _read_ahead
                 and (w.busy > BUSY or parallelism.value == 0)
                 and (saturated_at is None or parallelism.value < saturated_at)
             ):

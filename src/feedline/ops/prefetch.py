@@ -28,9 +28,9 @@ class PrefetchOp(Op):
         return self.input.element_spec()
 
     def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
-        # One worker pulls the input ahead (more could not pull faster: pulls are serial). Tuned,
-        # it may also stop (0): reading ahead costs a hand-off per element, which only pays
-        # when the consumer has work of its own to overlap with.
+        # One worker pulls the input ahead (more could not pull faster: pulls are serial).
+        # Tuned, it starts inline (0): reading ahead costs a hand-off per element, which only
+        # pays once the consumer is seen to have work of its own to overlap with.
         tuned = self.buffer_size is None
         return AsyncStage(
             name=self.name,
@@ -39,7 +39,7 @@ class PrefetchOp(Op):
             make_input=lambda s: self.input.make_iterator(ctx, s),
             transform=None,
             state=state,
-            parallelism=1,
+            parallelism=0 if tuned and ctx.options.autotune_enabled else 1,
             parallelism_tunable=tuned,
             max_parallelism=1,
             buffer_size=self.buffer_size or DEFAULT_AUTOTUNE_BUFFER,

@@ -602,6 +602,10 @@ class AsyncStage(NodeIterator, Tunable):
             return []
         chunk = self._current
         if chunk is None or chunk.delivered >= len(chunk.outputs):
+            if self.transform is None and self.parallelism == 0:
+                passed = self._pass_through(max_n)
+                if passed is not None:
+                    return passed
             chunk = self._next_ready()
             if chunk is None:
                 return []
@@ -628,6 +632,35 @@ class AsyncStage(NodeIterator, Tunable):
         chunk.delivered = stop
         self._retire_if_done(chunk)
         return taken
+
+    def _pass_through(self, max_n: int) -> list[Any] | None:
+        """An inline read-ahead stage with nothing in flight is a pass-through: the consumer
+        pulls its input directly, with no chunk to book, only the metrics. None when there is
+        something in flight (or to skip after a restore): then the usual path delivers it."""
+        with self._input_lock:
+            if self._open or self._skip or self._end_seq is not None or self._closing:
+                return None
+            started = time.perf_counter()
+            cpu_started = time.thread_time()
+            try:
+                taken: list[Any] = self._input.next_chunk(max_n)
+            except Exception:
+                with self.metrics.lock:
+                    self.metrics.errors += 1
+                raise  # nothing is in flight: the error is the next thing to deliver
+            finally:
+                wall = time.perf_counter() - started
+                with self.metrics.lock:
+                    self.metrics.consumer_wait += wall
+            self._next_position += len(taken)
+            if not taken:
+                with self._lock:
+                    self._end_seq = self._issued
+                return taken
+            self.metrics.add_work(len(taken), wall, time.thread_time() - cpu_started)
+            with self.metrics.lock:
+                self.metrics.elements += len(taken)
+            return taken
 
     def _retire_if_done(self, chunk: _Chunk) -> None:
         if chunk.delivered >= len(chunk.outputs):

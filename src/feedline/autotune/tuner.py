@@ -350,24 +350,37 @@ class Tuner:
     def _decide(self, windows: list[StageWindow], rate: float, stall: float, now: float) -> None:
         if not windows:
             return
-        if self._read_ahead(windows, rate, stall, now):
+        if self._read_ahead(windows, rate, stall, now, inline_only=True):
             return
         if stall > STALL:
+            # Stages with work of their own first: reading ahead only overlaps what is left.
             if self._scale_up(windows, rate, stall, now):
                 return
-            # Only where more did not help: fewer may then be faster (no hand-offs, less
-            # contention for the GIL).
+            if self._read_ahead(windows, rate, stall, now):
+                return
             # Where more did not help, or where workers are mostly idle although their consumer
             # waits (the hand-offs cost more than the work): fewer may then be faster, down to
             # none, with the work inline in the consumer's thread.
+            # Not where every worker keeps a core busy (processes at the CPU budget): fewer of
+            # those can only be slower.
             saturated_keys = {key for key, _ in self.state.saturated}
-            worth_fewer = [w for w in windows if w.stage.key in saturated_keys or w.busy < BUSY]
+            worth_fewer = [
+                w
+                for w in windows
+                if (w.stage.key in saturated_keys or w.busy < BUSY)
+                and w.cores < CPU_FULL * max(1, w.stage.knobs["parallelism"].value)
+            ]
             self._scale_down(worth_fewer, rate, stall, now, reason="more workers did not help")
         elif stall < NO_STALL:
             self._scale_down(windows, rate, stall, now, reason="consumer never waits")
 
     def _read_ahead(
-        self, windows: list[StageWindow], rate: float, stall: float, now: float
+        self,
+        windows: list[StageWindow],
+        rate: float,
+        stall: float,
+        now: float,
+        inline_only: bool = False,
     ) -> bool:
         """Put a read-ahead stage (one with no work of its own) on a thread, or back inline,
         from what its consumer does between calls: a thread overlaps the consumer's own work
@@ -377,7 +390,12 @@ class Tuner:
             if w.stage.has_own_work or not knob.tunable or knob.maximum != 1:
                 continue
             own = 1.0 - w.consumer_wait  # the consumer's time away from this stage
-            if knob.value == 0 and own >= OVERLAP_WORTH and w.consumer_wait >= STALL:
+            if (
+                not inline_only
+                and knob.value == 0
+                and own >= OVERLAP_WORTH
+                and w.consumer_wait >= STALL
+            ):
                 reason = (
                     f"its consumer works {own:.0%} of the time and waits {w.consumer_wait:.0%} "
                     "for it: read ahead on a thread to overlap the two"

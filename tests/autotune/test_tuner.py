@@ -16,6 +16,7 @@ import pytest
 
 import feedline as fl
 from feedline.autotune.budget import usable_cores
+from feedline.runtime.tunable import PROCESSES, THREADS, StageMetrics
 from tests.helpers import assert_elements_equal
 
 D = fl.Dataset
@@ -244,3 +245,55 @@ def test_tuner_costs_little_on_a_stable_pipeline() -> None:
         elapsed = time.perf_counter() - started
         cost = it.stats()["autotune"]["tuner_cpu_s"]
     assert cost < 0.02 * elapsed  # under 2% of one core
+
+
+def python_work(x: Any) -> Any:
+    """About a millisecond of pure Python: holds the GIL throughout."""
+    total = 0
+    for i in range(20_000):
+        total += i * i % 7
+    return np.int64(total + int(x))
+
+
+def numpy_work(x: Any) -> Any:
+    """About a millisecond of numpy on large arrays: releases the GIL for most of it."""
+    a = np.full(200_000, float(x))
+    for _ in range(5):
+        a = np.sqrt(a * a + 1.0)
+    return a[:2]
+
+
+needs_two_cores = pytest.mark.skipif(usable_cores() < 2, reason="processes need 2 cores to pay")
+
+
+@needs_two_cores
+@pytest.mark.timeout(90)
+def test_a_gil_bound_map_moves_to_processes_on_its_own() -> None:
+    pytest.importorskip("cloudpickle")
+    ds = D.range(10**6).map(python_work, num_parallel_calls=fl.AUTOTUNE).batch(16)
+    with ds.prefetch(fl.AUTOTUNE).iterator() as it:
+        consume_for(it, 5.0)
+        executor = stage(it, "map").knobs["executor"].value
+        history = it.stats()["autotune"]["history"]
+    assert executor == PROCESSES, history
+    assert any(d["knob"] == "executor" and d["new"] == PROCESSES for d in history)
+
+
+@needs_two_cores
+@pytest.mark.timeout(90)
+def test_a_map_that_releases_the_gil_stays_on_threads() -> None:
+    ds = D.range(10**6).map(numpy_work, num_parallel_calls=fl.AUTOTUNE).batch(16)
+    with ds.prefetch(fl.AUTOTUNE).iterator() as it:
+        consume_for(it, 4.0)
+        executor = stage(it, "map").knobs["executor"].value
+        history = it.stats()["autotune"]["history"]
+    assert executor == THREADS, history
+
+
+def test_a_wait_in_progress_counts_in_the_window_it_happens_in() -> None:
+    metrics = StageMetrics()
+    started = metrics.start_wait()
+    time.sleep(0.05)
+    assert metrics.snapshot()["consumer_wait"] >= 0.05  # still waiting, already counted
+    waited = metrics.end_wait(started)
+    assert metrics.snapshot()["consumer_wait"] == pytest.approx(waited)

@@ -57,6 +57,12 @@ WAITING_CORES = 0.3  # ... if all its workers together also use less than this m
 PURE_WAITING = 0.1  # CPU time / wall time below this: almost all waiting: bigger steps
 BUSY = 0.5  # workers spending this fraction of their time on their own work are "busy"
 CPU_FULL = 0.85  # the process uses this share of its CPU budget: the cores are taken
+# Threads held by the GIL run Python one at a time: together they use about one core. Past
+# this many, they already run in parallel enough that processes would mostly add hand-offs.
+GIL_CORES = 1.5
+# Fewer workers can keep the rate only if the cores the stage uses fit in them (a worker uses
+# at most one): threads contending for the GIL, or waiting. Slack for measurement noise.
+FEWER_SLACK = 0.15
 # Work per element below which a hand-off between threads costs about as much as the work:
 # such a stage, its workers idle while its consumer waits, goes inline in one step.
 CHEAP_WORK = CHEAP_WORK_SECONDS
@@ -361,14 +367,11 @@ class Tuner:
             # Where more did not help, or where workers are mostly idle although their consumer
             # waits (the hand-offs cost more than the work): fewer may then be faster, down to
             # none, with the work inline in the consumer's thread.
-            # Not where every worker keeps a core busy (processes at the CPU budget): fewer of
-            # those can only be slower.
             saturated_keys = {key for key, _ in self.state.saturated}
             worth_fewer = [
                 w
                 for w in windows
-                if (w.stage.key in saturated_keys or w.busy < BUSY)
-                and w.cores < CPU_FULL * max(1, w.stage.knobs["parallelism"].value)
+                if (w.stage.key in saturated_keys or w.busy < BUSY) and self._fewer_may_keep(w)
             ]
             self._scale_down(worth_fewer, rate, stall, now, reason="more workers did not help")
         elif stall < NO_STALL:
@@ -467,7 +470,7 @@ class Tuner:
             or waits(w)
             or w.seconds_per_element < PROCESS_WORTH
             or self.budget.cpu < 2
-            or self.cores_in_use >= CPU_FULL * self.budget.cpu
+            or self.cores_in_use >= min(CPU_FULL * self.budget.cpu, GIL_CORES)
         ):
             return False
         parallelism = w.stage.knobs["parallelism"]
@@ -534,6 +537,14 @@ class Tuner:
             if buffer.tunable and buffer.value > 1 and consumer_bound and w.idle > 0.3:
                 self._try(w.stage, buffer, buffer.value // 2, -1, rate, stall, now, reason)
                 return
+
+    @staticmethod
+    def _fewer_may_keep(w: StageWindow) -> bool:
+        """Could one worker less keep this stage's rate? Not when the cores its workers use
+        need all of them (computing threads or processes at the CPU budget). Going inline
+        (from one worker) always may: the consumer's thread then does the work."""
+        workers = w.stage.knobs["parallelism"].value
+        return workers <= 1 or w.cores < workers - 1 + FEWER_SLACK
 
     def _ram_allows(
         self,

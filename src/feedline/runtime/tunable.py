@@ -9,6 +9,7 @@ it never touches a stage otherwise, and stages never import the tuner.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,18 +79,23 @@ class StageMetrics:
     bytes_per_element: float = 0.0
     errors: int = 0
     worker_rss_bytes: int = 0
+    # When the consumer's wait in progress began (None: not waiting). Snapshots count it, so a
+    # long wait shows in the window it happens in, not only in the one where it ends.
+    consumer_waiting_since: float | None = None
     # Recent per-element work times (one sample per chunk), for percentiles in stats().
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=512), repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def snapshot(self) -> dict[str, float]:
         with self.lock:
+            since = self.consumer_waiting_since
+            in_progress = 0.0 if since is None else time.perf_counter() - since
             return {
                 "elements": self.elements,
                 "chunks": self.chunks,
                 "work_wall": self.work_wall,
                 "work_cpu": self.work_cpu,
-                "consumer_wait": self.consumer_wait,
+                "consumer_wait": self.consumer_wait + in_progress,
                 "worker_idle": self.worker_idle,
                 "buffered_elements": self.buffered_elements,
                 "buffered_bytes": self.buffered_bytes,
@@ -97,6 +103,21 @@ class StageMetrics:
                 "errors": self.errors,
                 "worker_rss_bytes": self.worker_rss_bytes,
             }
+
+    def start_wait(self) -> float:
+        """The consumer starts waiting for this stage; returns when, for ``end_wait``."""
+        started = time.perf_counter()
+        with self.lock:
+            self.consumer_waiting_since = started
+        return started
+
+    def end_wait(self, started: float) -> float:
+        """The wait begun at ``started`` is over; returns how long it lasted."""
+        waited = time.perf_counter() - started
+        with self.lock:
+            self.consumer_wait += waited
+            self.consumer_waiting_since = None
+        return waited
 
     def add_work(self, elements: int, wall: float, cpu: float) -> None:
         with self.lock:

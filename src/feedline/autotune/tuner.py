@@ -49,6 +49,7 @@ STALL = 0.01  # the consumer stalls when it waits more than this fraction of the
 NO_STALL = 0.006  # ... and is served comfortably below this (a consumer that sleeps pays
 # some waiting for the GIL on every wake-up, whatever the pipeline does)
 STALL_RISE = 0.005  # a decrease that raises the stall by more than this is taken back
+STALL_CUT = 0.7  # an increase that leaves less than this share of the stall is kept
 GAIN = 0.08  # a change must raise the rate by this much to be worth its cost
 LOSS = 0.03  # a decrease may cost at most this much rate
 WAITING_WORK = 0.5  # CPU time / wall time below this: the work mostly waits (I/O) ...
@@ -69,7 +70,10 @@ CHEAP_WORK = CHEAP_WORK_SECONDS
 # Work per element above which moving a GIL-bound function to processes can pay for sending
 # elements and results between processes.
 PROCESS_WORTH = 100e-6
-PROCESS_START_WINDOW = 1.0  # settle / measure windows of a move to processes, at least
+# Settle / measure windows, at least, of changes whose effect is slow to show (processes must
+# start) or small next to the noise of short windows (reading ahead for a consumer that is
+# mostly busy: its rate moves by about the fraction it waits).
+LONG_WINDOW = 1.0
 # A stage with nothing to compute (a prefetch) gains at most the consumer's own share of the
 # time by reading ahead on a thread: below this share, the hand-offs cost more than that.
 OVERLAP_WORTH = GAIN
@@ -330,7 +334,12 @@ class Tuner:
         gain = rate / base - 1
         key = e.stage.key
         if e.direction > 0:
-            if gain >= GAIN or (stall < e.baseline_stall - STALL and gain > -LOSS):
+            # A consumer that now waits clearly less than before (when that was more than
+            # comfortable) gains too, even if its own speed caps the rate.
+            waits_less = e.baseline_stall > NO_STALL and stall < STALL_CUT * e.baseline_stall
+            if gain >= GAIN or (
+                (stall < e.baseline_stall - STALL or waits_less) and gain > -LOSS
+            ):
                 return  # kept; the next decision may scale further
             self._set(e.stage, e.knob, e.old, f"no gain from {e.new} ({gain:+.0%}): back")
             if e.companion is not None:
@@ -376,6 +385,9 @@ class Tuner:
             self._scale_down(worth_fewer, rate, stall, now, reason="more workers did not help")
         elif stall < NO_STALL:
             self._scale_down(windows, rate, stall, now, reason="consumer never waits")
+        else:
+            # Served, but not comfortably: reading ahead may take the last waits away.
+            self._read_ahead(windows, rate, stall, now)
 
     def _read_ahead(
         self,
@@ -393,19 +405,23 @@ class Tuner:
             if w.stage.has_own_work or not knob.tunable or knob.maximum != 1:
                 continue
             own = 1.0 - w.consumer_wait  # the consumer's time away from this stage
+            key = w.stage.key
             if (
                 not inline_only
                 and knob.value == 0
                 and own >= OVERLAP_WORTH
-                and w.consumer_wait >= STALL
+                and w.consumer_wait >= NO_STALL
+                and (key, knob.name) not in self.state.saturated
             ):
                 reason = (
                     f"its consumer works {own:.0%} of the time and waits {w.consumer_wait:.0%} "
                     "for it: read ahead on a thread to overlap the two"
                 )
                 self._try(w.stage, knob, 1, +1, rate, stall, now, reason)
+                if self._experiment is not None:
+                    self._experiment.min_window = LONG_WINDOW
                 return True
-            if knob.value == 1 and own < OVERLAP_WORTH / 2:
+            if knob.value == 1 and own < OVERLAP_WORTH / 2 and key not in self.state.floor_reached:
                 reason = (
                     f"its consumer waits {w.consumer_wait:.0%} of the time, with nothing of its "
                     "own to overlap: inline, without hand-offs"
@@ -481,7 +497,7 @@ class Tuner:
         )
         self._try(w.stage, executor, PROCESSES, +1, rate, stall, now, reason)
         if self._experiment is not None:
-            self._experiment.min_window = PROCESS_START_WINDOW
+            self._experiment.min_window = LONG_WINDOW
         if self._experiment is not None and workers != parallelism.value:
             self._experiment.companion = (parallelism, parallelism.value)
             self._set(w.stage, parallelism, workers, "one worker process per core")

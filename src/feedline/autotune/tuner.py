@@ -334,12 +334,10 @@ class Tuner:
         gain = rate / base - 1
         key = e.stage.key
         if e.direction > 0:
-            # A consumer that now waits clearly less than before (when that was more than
-            # comfortable) gains too, even if its own speed caps the rate.
-            waits_less = e.baseline_stall > NO_STALL and stall < STALL_CUT * e.baseline_stall
-            if gain >= GAIN or (
-                (stall < e.baseline_stall - STALL or waits_less) and gain > -LOSS
-            ):
+            # A consumer that waited too little for its rate to rise by GAIN is judged on its
+            # waits: waiting clearly less (when that was more than comfortable) is a gain.
+            waits_less = NO_STALL < e.baseline_stall < GAIN and stall < STALL_CUT * e.baseline_stall
+            if gain >= GAIN or ((stall < e.baseline_stall - STALL or waits_less) and gain > -LOSS):
                 return  # kept; the next decision may scale further
             self._set(e.stage, e.knob, e.old, f"no gain from {e.new} ({gain:+.0%}): back")
             if e.companion is not None:

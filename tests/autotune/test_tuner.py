@@ -7,6 +7,8 @@ how fast anything ran.
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 
 import feedline as fl
-from feedline.autotune.budget import usable_cores
+from feedline.autotune.budget import idle_cpu_seconds, usable_cores
 from feedline.runtime.tunable import PROCESSES, THREADS, StageMetrics
 from tests.helpers import assert_elements_equal
 
@@ -304,3 +306,36 @@ def test_a_wait_in_progress_counts_in_the_window_it_happens_in() -> None:
     assert metrics.snapshot()["consumer_wait"] >= 0.05  # still waiting, already counted
     waited = metrics.end_wait(started)
     assert metrics.snapshot()["consumer_wait"] == pytest.approx(waited)
+
+
+@needs_two_cores
+@pytest.mark.timeout(90)
+def test_a_gil_bound_map_stays_on_threads_while_other_processes_take_the_cores() -> None:
+    # Other processes keeping every core busy look like the GIL from inside (the process gets
+    # about one core); processes could not get more cores either.
+    hogs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(int(usable_cores()) + 1)
+    ]
+    try:
+        time.sleep(0.3)
+        ds = D.range(10**6).map(python_work, num_parallel_calls=fl.AUTOTUNE).batch(16)
+        with ds.prefetch(fl.AUTOTUNE).iterator() as it:
+            consume_for(it, 4.0)
+            executor = stage(it, "map").knobs["executor"].value
+            history = it.stats()["autotune"]["history"]
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert executor == THREADS, history
+
+
+def test_idle_cpu_time_is_read_and_grows() -> None:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("read from /proc/stat")
+    first = idle_cpu_seconds()
+    time.sleep(0.2)
+    second = idle_cpu_seconds()
+    assert first is not None and second is not None
+    assert second >= first

@@ -48,6 +48,22 @@ def cgroup_cpu_quota() -> float | None:
         return None
 
 
+def idle_cpu_seconds() -> float | None:
+    """Seconds the CPUs this process may run on have spent idle since boot (all of them
+    together), or None where that cannot be read. Differences over a window tell free cores
+    from cores other processes keep busy."""
+    try:
+        cpus = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+        with open("/proc/stat") as f:
+            lines = [line.split() for line in f if line.startswith("cpu")]
+        ticks = os.sysconf("SC_CLK_TCK")
+    except (AttributeError, OSError, ValueError):
+        return None
+    # Fields after the name: user nice system idle iowait ...; iowait is idle too.
+    idle = sum(int(fields[4]) + int(fields[5]) for fields in lines if fields[0] in cpus)
+    return idle / ticks
+
+
 def available_memory() -> int:
     """Bytes of memory available to new allocations (psutil, else /proc/meminfo)."""
     try:

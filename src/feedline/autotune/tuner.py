@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from feedline.autotune.budget import Budget
+from feedline.autotune.budget import Budget, idle_cpu_seconds
 from feedline.runtime.tunable import CHEAP_WORK_SECONDS, PROCESSES, Knob, Tunable
 
 logger = logging.getLogger("feedline.autotune")
@@ -61,6 +61,8 @@ CPU_FULL = 0.85  # the process uses this share of its CPU budget: the cores are 
 # Threads held by the GIL run Python one at a time: together they use about one core. Past
 # this many, they already run in parallel enough that processes would mostly add hand-offs.
 GIL_CORES = 1.5
+# Moving to processes needs at least this many idle cores on the machine to run them on.
+FREE_CORES_FOR_PROCESSES = 0.5
 # Fewer workers can keep the rate only if the cores the stage uses fit in them (a worker uses
 # at most one): threads contending for the GIL, or waiting. Slack for measurement noise.
 FEWER_SLACK = 0.15
@@ -181,6 +183,8 @@ class Tuner:
         self._previous_root = (0, 0.0, time.perf_counter())
         self._previous_process_cpu = time.process_time()
         self.cores_in_use = 0.0  # the whole process's CPU use over the last window
+        self._previous_idle = idle_cpu_seconds()
+        self.idle_cores: float | None = None  # cores left idle over the last window, if known
         self._last_rate = 0.0
         self._last_stall = 0.0
         self.interval = FIRST_INTERVAL
@@ -230,6 +234,10 @@ class Tuner:
         process_cpu = time.process_time()
         self.cores_in_use = (process_cpu - self._previous_process_cpu) / dt
         self._previous_process_cpu = process_cpu
+        idle = idle_cpu_seconds()
+        if idle is not None and self._previous_idle is not None:
+            self.idle_cores = (idle - self._previous_idle) / dt
+        self._previous_idle = idle
         experiment = self._experiment
         rate = (delivered - self._previous_root[0]) / dt
         stall = (wait - self._previous_root[1]) / dt
@@ -446,6 +454,8 @@ class Tuner:
                 parallelism.tunable
                 and w.stage.has_own_work  # read-ahead stages: see _read_ahead
                 and (w.busy > BUSY or parallelism.value == 0)
+                # Work this cheap runs inline: a hand-off would cost about as much.
+                and not (parallelism.value == 0 and w.seconds_per_element < CHEAP_WORK)
                 and (saturated_at is None or parallelism.value < saturated_at)
             ):
                 target = self._scaled_parallelism(w, windows)
@@ -485,6 +495,9 @@ class Tuner:
             or w.seconds_per_element < PROCESS_WORTH
             or self.budget.cpu < 2
             or self.cores_in_use >= min(CPU_FULL * self.budget.cpu, GIL_CORES)
+            # Cores kept busy by other processes look like the GIL from inside; processes
+            # would not get them either.
+            or (self.idle_cores is not None and self.idle_cores < FREE_CORES_FOR_PROCESSES)
         ):
             return False
         parallelism = w.stage.knobs["parallelism"]

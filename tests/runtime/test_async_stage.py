@@ -124,13 +124,14 @@ def test_error_names_stage_and_keeps_original_traceback() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_upstream_error_passes_through_a_prefetch_at_its_position() -> None:
+@pytest.mark.parametrize("buffer", [3, fl.AUTOTUNE], ids=["thread", "tuned-inline"])
+def test_upstream_error_passes_through_a_prefetch_at_its_position(buffer: int) -> None:
     def fn(x: Any) -> Any:
         if int(x) == 5:
             raise RuntimeError("boom")
         return x
 
-    out = drain_with_errors(iter(D.range(10).map(fn).prefetch(3)))
+    out = drain_with_errors(iter(D.range(10).map(fn).prefetch(buffer)))
     assert [o if isinstance(o, tuple) else int(o) for o in out] == [
         0,
         1,

@@ -35,7 +35,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from feedline.autotune.budget import Budget, idle_cpu_seconds
-from feedline.runtime.tunable import CHEAP_WORK_SECONDS, PROCESSES, Knob, Tunable
+from feedline.runtime.tunable import (
+    CHEAP_WORK_SECONDS,
+    PROCESSES,
+    PURE_WAITING_SHARE,
+    Knob,
+    Tunable,
+)
 
 logger = logging.getLogger("feedline.autotune")
 
@@ -50,12 +56,13 @@ NO_STALL = 0.006  # ... and is served comfortably below this (a consumer that sl
 # some waiting for the GIL on every wake-up, whatever the pipeline does)
 STALL_RISE = 0.005  # a decrease that raises the stall by more than this is taken back
 STALL_CUT = 0.7  # an increase that leaves less than this share of the stall is kept
+ALWAYS_WAITING = 0.9  # a consumer waiting more than this share of the time has no work of its own
 GAIN = 0.08  # a change must raise the rate by this much to be worth its cost
 LOSS = 0.03  # a decrease may cost at most this much rate
 WAITING_WORK = 0.5  # CPU time / wall time below this: the work mostly waits (I/O) ...
 WAITING_CORES = 0.3  # ... if all its workers together also use less than this many cores:
 # threads waiting for the GIL show little CPU each too, but together they keep a core busy.
-PURE_WAITING = 0.1  # CPU time / wall time below this: almost all waiting: bigger steps
+PURE_WAITING = PURE_WAITING_SHARE  # CPU time / wall time below this: bigger steps
 BUSY = 0.5  # workers spending this fraction of their time on their own work are "busy"
 CPU_FULL = 0.85  # the process uses this share of its CPU budget: the cores are taken
 # Threads held by the GIL run Python one at a time: together they use about one core. Past
@@ -180,6 +187,8 @@ class Tuner:
         self._stop = threading.Event()
         self._experiment: Experiment | None = None
         self._previous: dict[object, dict[str, float]] = {}
+        self._stage_objects: dict[object, Tunable] = {}  # the stage running each op now
+        self._remade: set[object] = set()  # ops whose stage was made anew in this window
         self._previous_root = (0, 0.0, time.perf_counter())
         self._previous_process_cpu = time.process_time()
         self.cores_in_use = 0.0  # the whole process's CPU use over the last window
@@ -227,9 +236,11 @@ class Tuner:
         wait = self._root.waited(now)
         dt = now - since
         snapshots = {stage.key: (stage, stage.metrics.snapshot()) for stage in self._stages()}
+        self._follow_remade_stages(snapshots)
         if not self._window_complete(dt, delivered - self._previous_root[0], snapshots):
             return  # windows (before and after a change) must be long enough to compare
         windows = self._windows(dt, snapshots)  # the same window as the root's
+        self._remade.clear()
         self._last_stage_rates = {w.stage.key: w.rate for w in windows}
         process_cpu = time.process_time()
         self.cores_in_use = (process_cpu - self._previous_process_cpu) / dt
@@ -271,6 +282,26 @@ class Tuner:
         changed = self._experiment is not None
         self.interval = FIRST_INTERVAL if changed else min(MAX_INTERVAL, self.interval * 1.5)
 
+    def _follow_remade_stages(
+        self, snapshots: dict[object, tuple[Tunable, dict[str, float]]]
+    ) -> None:
+        """A stage made anew for the same op (the next epoch under ``repeat``) starts its
+        counters from zero and inherits the knobs' values: measure it from its start, and
+        carry an experiment on the old one over to it, measured afresh."""
+        for key, (stage, _) in snapshots.items():
+            if self._stage_objects.get(key, stage) is not stage:
+                self._previous.pop(key, None)
+                self._remade.add(key)
+                experiment = self._experiment
+                if experiment is not None and experiment.stage.key == key:
+                    experiment.stage = stage
+                    experiment.knob = stage.knobs[experiment.knob.name]
+                    if experiment.companion is not None:
+                        name = experiment.companion[0].name
+                        experiment.companion = (stage.knobs[name], experiment.companion[1])
+                    experiment.settling = True
+            self._stage_objects[key] = stage
+
     def _window_complete(
         self, dt: float, root_moved: int, snapshots: dict[object, tuple[Tunable, dict[str, float]]]
     ) -> bool:
@@ -305,8 +336,13 @@ class Tuner:
         for key, (stage, now) in snapshots.items():
             before = self._previous.get(key, {k: 0.0 for k in now})
             self._previous[key] = now
+            if key in self._remade:
+                continue  # its window began before it existed: no verdict on it yet
             workers = max(1, stage.knobs["parallelism"].value)
             work = now["work_wall"] - before["work_wall"]
+            done = now["elements"] - before["elements"]
+            # A window in which no element finished says nothing of the cost: use the average.
+            per_element = work / done if done > 0 else now["work_wall"] / max(1.0, now["elements"])
             out.append(
                 StageWindow(
                     stage=stage,
@@ -318,7 +354,7 @@ class Tuner:
                     cores=(now["work_cpu"] - before["work_cpu"]) / dt,
                     idle=(now["worker_idle"] - before["worker_idle"]) / (dt * workers),
                     bytes_per_element=now["bytes_per_element"],
-                    seconds_per_element=work / max(1.0, now["elements"] - before["elements"]),
+                    seconds_per_element=per_element,
                 )
             )
         return out
@@ -352,14 +388,18 @@ class Tuner:
                 self._set(e.stage, e.companion[0], e.companion[1], "back with it")
             self.state.saturated[(key, e.knob.name)] = e.old
             return
-        # Only a consumer that was served can be made to stall by a decrease; one that always
-        # waits (it does no work of its own) is judged on the rate alone.
-        stalls_now = e.baseline_stall <= STALL and (
-            stall > STALL or stall > e.baseline_stall + STALL_RISE
-        )
+        # A consumer that always waits (it does no work of its own) is judged on the rate
+        # alone; one that did work can be made to stall more by a decrease, and a rate that
+        # rose anyway (the consumer itself sped up) must not hide that.
+        if e.baseline_stall <= STALL:
+            stalls_now = stall > STALL or stall > e.baseline_stall + STALL_RISE
+        else:
+            stalls_now = e.baseline_stall < ALWAYS_WAITING and stall > e.baseline_stall + STALL
         if gain >= -LOSS and not stalls_now:
-            # Kept: more than this did not help either.
-            self.state.saturated[(key, e.knob.name)] = e.new
+            if e.baseline_stall > STALL:
+                # Kept while the pipeline was the bottleneck: more than this did not help
+                # either. (A consumer-bound pipeline says nothing of what more would do.)
+                self.state.saturated[(key, e.knob.name)] = e.new
             return
         if gain < -LOSS:
             self._set(e.stage, e.knob, e.old, f"{e.new} cost rate ({gain:+.0%}): back")
@@ -382,11 +422,17 @@ class Tuner:
             # Where more did not help, or where workers are mostly idle although their consumer
             # waits (the hand-offs cost more than the work): fewer may then be faster, down to
             # none, with the work inline in the consumer's thread.
+            # (Idle workers of costly work, while their consumer waits, are a passing moment:
+            # the consumer just sped up and has not yet emptied the buffer.)
             saturated_keys = {key for key, _ in self.state.saturated}
             worth_fewer = [
                 w
                 for w in windows
-                if (w.stage.key in saturated_keys or w.busy < BUSY) and self._fewer_may_keep(w)
+                if (
+                    w.stage.key in saturated_keys
+                    or (w.busy < BUSY and w.seconds_per_element < CHEAP_WORK)
+                )
+                and self._fewer_may_keep(w)
             ]
             self._scale_down(worth_fewer, rate, stall, now, reason="more workers did not help")
         elif stall < NO_STALL:
@@ -492,6 +538,9 @@ class Tuner:
             or executor.value == PROCESSES
             or (w.stage.key, "executor") in self.state.saturated
             or waits(w)
+            # Threads that wait (I/O) look GIL-bound when there are many of them: what the
+            # work does alone tells them apart.
+            or (w.stage.solo_cpu_share is not None and w.stage.solo_cpu_share < WAITING_WORK)
             or w.seconds_per_element < PROCESS_WORTH
             or self.budget.cpu < 2
             or self.cores_in_use >= min(CPU_FULL * self.budget.cpu, GIL_CORES)
@@ -501,7 +550,7 @@ class Tuner:
         ):
             return False
         parallelism = w.stage.knobs["parallelism"]
-        workers = max(parallelism.value, int(self.budget.cpu))
+        workers = int(self.budget.cpu)  # computing work: one process per core
         reason = (
             f"computes, yet the process uses {self.cores_in_use:.1f} of {self.budget.cpu:.0f} "
             "cores: the GIL; moving the function to processes"
@@ -524,8 +573,8 @@ class Tuner:
         # them would only add contention.
         if waits(w) and not cores_taken:
             # Latency-bound: calls in flight are cheap; when the work is almost all waiting,
-            # take big steps, since a run may not last long enough for many small ones.
-            target = current * (4 if w.cpu_share < PURE_WAITING else 2)
+            # take big steps (x8), since a run may not last long enough for many small ones.
+            target = current * (8 if w.cpu_share < PURE_WAITING else 2)
         else:
             # Computing work never gets more workers than the budget has cores, whatever the
             # measured load says (a busy machine can make the cores look free).
@@ -554,7 +603,8 @@ class Tuner:
                 and parallelism.value > floor
                 and (not consumer_bound or w.idle > 0.3)
             ):
-                step = max(1, parallelism.value // 2) if w.idle > 0.6 else 1
+                # Steps in proportion: one worker of a hundred waiting ones is noise.
+                step = max(1, parallelism.value // (2 if w.idle > 0.6 else 4))
                 target = max(floor, parallelism.value - step)
                 if not consumer_bound and w.busy < BUSY and w.seconds_per_element < CHEAP_WORK:
                     target = 0

@@ -35,7 +35,9 @@ from feedline.runtime.iterator import NodeIterator, State
 from feedline.runtime.tunable import (
     CHEAP_WORK_SECONDS,
     PROCESSES,
+    PURE_WAITING_SHARE,
     THREADS,
+    WAITING_WORKERS_PER_CORE,
     Knob,
     StageMetrics,
     Tunable,
@@ -229,6 +231,7 @@ class AsyncStage(NodeIterator, Tunable):
         self._reserved = 0  # elements taken (or about to be taken) from input, not delivered
         self._ready_bytes = 0
         self._seconds_per_element = 0.0
+        self.solo_cpu_share: float | None = None
         self._bytes_per_element = 0.0
         self._chunk_size = 1
         self._current: _Chunk | None = None
@@ -465,6 +468,10 @@ class AsyncStage(NodeIterator, Tunable):
             cpu = time.thread_time() - cpu_started + elsewhere
             self.metrics.add_work(len(chunk.outputs), wall, cpu)
             self._learn_cost(len(chunk.outputs), wall)
+            if executor is None and self.parallelism <= 1 and wall > 0:
+                share = min(1.0, cpu / wall)
+                solo = self.solo_cpu_share
+                self.solo_cpu_share = share if solo is None else 0.8 * solo + 0.2 * share
         worker_rss = 0 if self.executor is None else self.executor.worker_rss_bytes()
         outputs = chunk.outputs
         per_element = element_nbytes(outputs[0]) if outputs else 0
@@ -562,6 +569,10 @@ class AsyncStage(NodeIterator, Tunable):
         if self._start_parallelism is not None and self._seconds_per_element > 0:
             start, self._start_parallelism = self._start_parallelism, None
             if self._seconds_per_element >= CHEAP_WORK_SECONDS:
+                if self.solo_cpu_share is not None and self.solo_cpu_share < PURE_WAITING_SHARE:
+                    start *= WAITING_WORKERS_PER_CORE  # waiting is not bound by the cores
+                    while start > 1 and self.projected_bytes(start) > self.max_buffer_bytes:
+                        start //= 2
                 self.knobs["parallelism"].set(start)
 
     def _retire(self, chunk: _Chunk) -> None:

@@ -17,6 +17,11 @@ from dataclasses import dataclass, field
 # Work per element below which handing elements between threads costs about as much as the
 # work itself: such work is best done inline, in the consumer's thread.
 CHEAP_WORK_SECONDS = 50e-6
+# CPU time / wall time of work below which it is almost all waiting (I/O latency): such work
+# is not bound by the cores, and is given many workers at once.
+PURE_WAITING_SHARE = 0.1
+# Workers per usable core that a map found to be almost all waiting starts with.
+WAITING_WORKERS_PER_CORE = 4
 # Knob values of ``executor``: where a stage's function runs.
 THREADS, PROCESSES = 0, 1
 
@@ -140,6 +145,10 @@ class Tunable:
     knobs: dict[str, Knob]
     metrics: StageMetrics
     max_buffer_bytes: int  # finished results a stage may hold before its workers pause
+    # CPU time / wall time of the stage's work when it ran without other workers contending
+    # for the GIL (inline or alone): what the work itself is, computing (~1) or waiting (~0).
+    # None until measured.
+    solo_cpu_share: float | None
 
     @property
     def chunk_size(self) -> int:

@@ -157,7 +157,7 @@ def test_a_read_ahead_thread_goes_inline_once_the_consumer_stops_working() -> No
 
     ds = D.range(10**6).map(produce).batch(4).prefetch(fl.AUTOTUNE)
     with ds.iterator() as it:
-        consume_for(it, 1.5, step=0.006)
+        consume_for(it, 3.0, step=0.006)  # long enough to judge reading ahead (~2 s)
         assert stage(it, "prefetch").knobs["parallelism"].value == 1
         consume_for(it, 2.0)  # the consumer now takes batches as fast as they come
         assert stage(it, "prefetch").knobs["parallelism"].value == 0

@@ -76,8 +76,8 @@ FEWER_SLACK = 0.15
 # Work per element below which a hand-off between threads costs about as much as the work:
 # such a stage, its workers idle while its consumer waits, goes inline in one step.
 CHEAP_WORK = CHEAP_WORK_SECONDS
-# Work per element above which moving a GIL-bound function to processes can pay for sending
-# elements and results between processes.
+# CPU time per element above which moving a GIL-bound function to processes can pay for
+# sending elements and results between processes (waiting does not move: only the CPU work).
 PROCESS_WORTH = 100e-6
 # Settle / measure windows, at least, of changes whose effect is slow to show (processes must
 # start) or small next to the noise of short windows (reading ahead for a consumer that is
@@ -119,6 +119,7 @@ class StageWindow:
     idle: float  # fraction of worker time spent blocked on a full buffer
     bytes_per_element: float
     seconds_per_element: float  # wall time of the stage's own work per element
+    cpu_per_element: float  # CPU time of it: what would move to a worker process
 
 
 @dataclass
@@ -268,11 +269,16 @@ class Tuner:
             root_moved = rate * dt >= SETTLE_ELEMENTS
             measured = rate if root_moved or tested is None else tested.rate
             baseline = experiment.baseline_rate if root_moved else experiment.baseline_stage_rate
-            self._judge(experiment, measured, stall, baseline)
+            # Rates are counts: over few elements, one more or less is a real difference.
+            noise = 1.0 / max(1.0, measured * dt)
+            kept = self._judge(experiment, measured, stall, baseline, noise)
             self._experiment = None
-            # The rate moved because of the experiment, not the consumer: do not read the
-            # next window's change as a shift in the consumer's speed.
-            self._last_rate = 0.0
+            if kept:
+                # The rate moved because of the change, not the consumer: the next window
+                # is the new reference for noticing a shift in the consumer's speed.
+                self._last_rate = 0.0
+            # Reverted: the pipeline is as before it, and so is the reference, so a consumer
+            # that changed speed meanwhile is still noticed.
             self.interval = FIRST_INTERVAL
             return
         else:
@@ -342,7 +348,12 @@ class Tuner:
             work = now["work_wall"] - before["work_wall"]
             done = now["elements"] - before["elements"]
             # A window in which no element finished says nothing of the cost: use the average.
-            per_element = work / done if done > 0 else now["work_wall"] / max(1.0, now["elements"])
+            if done > 0:
+                per_element = work / done
+                cpu_per_element = (now["work_cpu"] - before["work_cpu"]) / done
+            else:
+                per_element = now["work_wall"] / max(1.0, now["elements"])
+                cpu_per_element = now["work_cpu"] / max(1.0, now["elements"])
             out.append(
                 StageWindow(
                     stage=stage,
@@ -355,6 +366,7 @@ class Tuner:
                     idle=(now["worker_idle"] - before["worker_idle"]) / (dt * workers),
                     bytes_per_element=now["bytes_per_element"],
                     seconds_per_element=per_element,
+                    cpu_per_element=cpu_per_element,
                 )
             )
         return out
@@ -373,21 +385,28 @@ class Tuner:
 
     # -- experiments -------------------------------------------------------------------------
 
-    def _judge(self, e: Experiment, rate: float, stall: float, baseline: float) -> None:
+    def _judge(
+        self, e: Experiment, rate: float, stall: float, baseline: float, noise: float = 0.0
+    ) -> bool:
+        """Keep or revert ``e`` on what the window after it showed; True when kept.
+        ``noise``: the relative uncertainty of the measured rate."""
         base = max(baseline, 1e-9)
         gain = rate / base - 1
+        loss_allowed = LOSS + noise
         key = e.stage.key
         if e.direction > 0:
             # A consumer that waited too little for its rate to rise by GAIN is judged on its
             # waits: waiting clearly less (when that was more than comfortable) is a gain.
             waits_less = NO_STALL < e.baseline_stall < GAIN and stall < STALL_CUT * e.baseline_stall
-            if gain >= GAIN or ((stall < e.baseline_stall - STALL or waits_less) and gain > -LOSS):
-                return  # kept; the next decision may scale further
+            if gain >= GAIN + noise or (
+                (stall < e.baseline_stall - STALL or waits_less) and gain > -loss_allowed
+            ):
+                return True  # the next decision may scale further
             self._set(e.stage, e.knob, e.old, f"no gain from {e.new} ({gain:+.0%}): back")
             if e.companion is not None:
                 self._set(e.stage, e.companion[0], e.companion[1], "back with it")
             self.state.saturated[(key, e.knob.name)] = e.old
-            return
+            return False
         # A consumer that always waits (it does no work of its own) is judged on the rate
         # alone; one that did work can be made to stall more by a decrease, and a rate that
         # rose anyway (the consumer itself sped up) must not hide that.
@@ -395,18 +414,18 @@ class Tuner:
             stalls_now = stall > STALL or stall > e.baseline_stall + STALL_RISE
         else:
             stalls_now = e.baseline_stall < ALWAYS_WAITING and stall > e.baseline_stall + STALL
-        if gain >= -LOSS and not stalls_now:
+        if gain >= -loss_allowed and not stalls_now:
             if e.baseline_stall > STALL:
                 # Kept while the pipeline was the bottleneck: more than this did not help
                 # either. (A consumer-bound pipeline says nothing of what more would do.)
                 self.state.saturated[(key, e.knob.name)] = e.new
-            return
-        if gain < -LOSS:
+            return True
+        if gain < -loss_allowed:
             self._set(e.stage, e.knob, e.old, f"{e.new} cost rate ({gain:+.0%}): back")
-            self.state.floor_reached.add(key)
-        elif stalls_now:
+        else:
             self._set(e.stage, e.knob, e.old, f"with {e.new} the consumer stalls ({stall:.0%})")
-            self.state.floor_reached.add(key)
+        self.state.floor_reached.add(key)
+        return False
 
     def _decide(self, windows: list[StageWindow], rate: float, stall: float, now: float) -> None:
         if not windows:
@@ -541,7 +560,7 @@ class Tuner:
             # Threads that wait (I/O) look GIL-bound when there are many of them: what the
             # work does alone tells them apart.
             or (w.stage.solo_cpu_share is not None and w.stage.solo_cpu_share < WAITING_WORK)
-            or w.seconds_per_element < PROCESS_WORTH
+            or w.cpu_per_element < PROCESS_WORTH
             or self.budget.cpu < 2
             or self.cores_in_use >= min(CPU_FULL * self.budget.cpu, GIL_CORES)
             # Cores kept busy by other processes look like the GIL from inside; processes

@@ -339,3 +339,33 @@ def test_idle_cpu_time_is_read_and_grows() -> None:
     second = idle_cpu_seconds()
     assert first is not None and second is not None
     assert second >= first
+
+
+def python_work_with_a_big_python_result(x: Any) -> Any:
+    """GIL-bound work whose result costs more to send between processes than to compute."""
+    python_work(x)
+    return [int(x)] * 200_000
+
+
+@needs_two_cores
+@pytest.mark.timeout(90)
+def test_processes_that_do_not_pay_go_back_to_threads() -> None:
+    pytest.importorskip("cloudpickle")
+    ds = D.range(10**6).map(python_work_with_a_big_python_result, num_parallel_calls=fl.AUTOTUNE)
+    with ds.iterator() as it:
+        consume_for(it, 6.0)
+        executor = stage(it, "map").knobs["executor"].value
+        history = it.stats()["autotune"]["history"]
+    moves = [d for d in history if d["knob"] == "executor"]
+    assert executor == THREADS, history
+    # Either it never moved (the work did not look worth it) or it moved and came back.
+    assert [d["new"] for d in moves] in ([], [PROCESSES, THREADS]), moves
+
+
+@pytest.mark.timeout(60)
+def test_the_report_names_the_gil_and_says_to_use_processes() -> None:
+    ds = D.range(10**6).map(python_work, num_parallel_calls=2, executor="thread").batch(8)
+    with ds.iterator() as it:
+        consume_for(it, 1.0)
+        advice = it.stats()["bottleneck"]["advice"]
+    assert "holds the GIL" in advice and "executor='process'" in advice

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from feedline.runtime.tunable import PROCESSES
+
 if TYPE_CHECKING:
     from feedline.runtime.pipeline import DatasetIterator
 
@@ -130,10 +132,17 @@ def find_bottleneck(stats: dict[str, Any]) -> dict[str, str]:
             f"{worst['name']} waits (CPU {cpu:.0%} of its time): {parallelism} calls in "
             "flight; raise Options.autotune.max_parallelism or ram_budget to allow more"
         )
-    elif cpu is not None and parallelism <= 1 and worst["mean_ms"] > 0.05:
+    elif worst["knobs"].get("executor") == PROCESSES:
         advice = (
-            f"{worst['name']} computes in Python (CPU {cpu:.0%}) and more threads did not "
-            "help: it holds the GIL; vectorise it with numpy or run it in processes"
+            f"{worst['name']} keeps {parallelism} worker processes busy: add cores or make it "
+            "cheaper"
+        )
+    elif cpu is not None and worst["mean_ms"] > 0.05 and (parallelism <= 1 or cores < 1.2):
+        # Computing threads that together get about one core: one runs Python at a time.
+        advice = (
+            f"{worst['name']} computes in Python (CPU {cpu:.0%}, {cores:.1f} cores across "
+            f"{parallelism} threads): it holds the GIL; use executor='process' or vectorise "
+            "it with numpy"
         )
     else:
         advice = (

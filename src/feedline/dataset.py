@@ -293,15 +293,15 @@ class Dataset:
     ) -> Dataset:
         """Round-robin ``block_length`` elements from ``cycle_length`` datasets at a time.
 
-        ``executor`` may be "thread" or "auto" (both run on threads); "process" is refused:
-        ``map_func`` returns a Dataset, which a worker process cannot hand back.
+        ``executor`` says where the datasets are made and read. "process" runs ``map_func`` and
+        the iteration of the dataset it returns in worker processes (for per-file parsing in
+        pure Python); only the elements come back. There are as many workers as slots read
+        at once (``num_parallel_calls``; AUTOTUNE: ``cycle_length``; None: one), up to the
+        usable cores. ``map_func`` must pickle (cloudpickle), and the datasets run untuned in
+        the workers: AUTOTUNE inside them runs inline, maps on threads. "thread" and "auto" run
+        on threads ("auto" does not move an interleave to processes). ``None`` takes
+        ``Options.executor``.
         """
-        if executor is not None and check_executor(executor) == "process":
-            raise ValueError(
-                "interleave(executor='process') is not supported: map_func returns a Dataset, "
-                "which cannot be sent back from a worker process. Use executor='process' on a "
-                "map inside the interleaved datasets, or on a map after the interleave."
-            )
         map_func = snapshot(require_callable(map_func, "map_func"))
         cycle = _parallelism(cycle_length, "cycle_length")
         if cycle is None or cycle == AUTOTUNE:
@@ -314,8 +314,10 @@ class Dataset:
                 map_func,
                 cycle,
                 block,
+                name=name,
                 num_parallel_calls=calls,
                 deterministic=deterministic,
+                executor=_executor(executor),
             )
         )
 

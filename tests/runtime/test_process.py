@@ -125,8 +125,6 @@ def test_options_executor_is_the_default() -> None:
 def test_bad_executors_are_refused_at_build_time() -> None:
     with pytest.raises(ValueError, match="executor must be one of"):
         D.range(3).map(lambda x: x, executor="gpu")
-    with pytest.raises(ValueError, match="not supported"):
-        D.range(3).interleave(lambda x: D.range(x), executor="process")
     options = fl.Options()
     options.executor = "fork"
     with pytest.raises(ValueError, match=r"Options\.executor"):
@@ -213,6 +211,13 @@ def test_killed_worker_is_a_stage_error_and_stops_every_worker(calls: int | None
         return slow_pid(x), np.zeros(BIG)  # big results: segments in flight when it dies
 
     ds = D.range(100_000).map(pid_and_array, num_parallel_calls=calls, executor="process")
+    assert_killing_a_worker_fails_the_stage(ds, "map(pid_and_array)", "positions")
+
+
+def assert_killing_a_worker_fails_the_stage(ds: fl.Dataset, stage: str, names: str) -> None:
+    """SIGKILL the worker that made the first element (a (pid, ...) tuple): the pass fails
+    with a StageError of ``stage`` whose message says ``names``, no worker is left, and the
+    stage stays failed."""
     it = iter(ds)
     victim = int(next(it)[0])
     os.kill(victim, signal.SIGKILL)
@@ -220,8 +225,8 @@ def test_killed_worker_is_a_stage_error_and_stops_every_worker(calls: int | None
         for _ in range(10_000):
             next(it)
     message = str(info.value)
-    assert "SIGKILL" in message and "positions" in message
-    assert info.value.stage == "map(pid_and_array)"
+    assert "SIGKILL" in message and names in message
+    assert info.value.stage == stage
     assert info.value.position is not None
     assert wait_for(no_workers)
     with pytest.raises(ProcessLookupError):

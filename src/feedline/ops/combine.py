@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from feedline.errors import StageError, wrap_user_error
 from feedline.ops.base import (
@@ -18,8 +19,11 @@ from feedline.ops.base import (
 from feedline.ops.tracing import traced_spec
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import ChunkedIterator, NodeIterator, State
-from feedline.runtime.parallel import AsyncStage
+from feedline.runtime.parallel import AsyncStage, default_parallelism
 from feedline.structure import flatten, map_structure, merge_specs, pack_like
+
+if TYPE_CHECKING:
+    from feedline.runtime.remote import RemoteSlots
 
 
 class ZipOp(Op):
@@ -129,7 +133,11 @@ class ConcatenateIterator(ChunkedIterator):
 class InterleaveOp(Op):
     """tf.data's interleave: ``block_length`` elements in turn from ``cycle_length`` open
     datasets; an exhausted one leaves its slot empty until the cycle comes back to it, which
-    then opens the next input element's dataset there."""
+    then opens the next input element's dataset there.
+
+    With the "process" executor each open dataset is made and iterated in a worker process
+    (``runtime/remote.py``); "auto" and "thread" run on threads.
+    """
 
     def __init__(
         self,
@@ -140,11 +148,16 @@ class InterleaveOp(Op):
         name: str | None = None,
         num_parallel_calls: int | None = None,
         deterministic: bool | None = None,
+        executor: str | None = "thread",
     ) -> None:
         super().__init__()
         self.input = input_op
         self.inputs = (input_op,)
         self.fn = fn
+        # None: the pipeline's Options.executor, as ``Dataset.interleave`` passes unless told.
+        # Interleaves made for other ops (flat_map, TextLineDataset) stay on threads, where
+        # they always ran, whatever Options.executor says for maps.
+        self.executor = executor
         self.cycle_length = cycle_length
         self.block_length = block_length
         self.num_parallel_calls = num_parallel_calls
@@ -169,6 +182,29 @@ class InterleaveOp(Op):
         return InterleaveIterator(self, ctx, state)
 
 
+def open_dataset(
+    fn: Callable[..., Any],
+    name: str,
+    element: Any,
+    position: int,
+    ctx: IterContext,
+    state: State | None,
+) -> NodeIterator:
+    """The iterator of the dataset ``fn`` returns for the input element at ``position`` (of
+    interleave stage ``name``), resumed from ``state``."""
+    from feedline.dataset import Dataset
+
+    try:
+        dataset = call_with_element(fn, element)
+    except Exception as e:
+        raise wrap_user_error(name, position, e) from e
+    if not isinstance(dataset, Dataset):
+        raise StageError(
+            name, position, f"the function must return a Dataset, got {type(dataset).__name__}"
+        )
+    return dataset._op.make_iterator(ctx, state)
+
+
 class InterleaveIterator(NodeIterator):
     """State: the input's state at the start of the pass, how many input elements were read,
     and for each open slot the input position it came from and its own state. Restoring
@@ -177,13 +213,18 @@ class InterleaveIterator(NodeIterator):
     With ``num_parallel_calls`` each open slot reads ahead on a thread of its own (the usual
     case: several files read at once). Without ``deterministic``, a slot whose next element is
     not ready yet is passed over for one that is.
+
+    With worker processes a slot's dataset runs in a worker (``RemoteIterator``), and a thread
+    reads ahead from it in any case; without ``num_parallel_calls`` all slots share one worker,
+    so one slot is read at a time, as on threads, but while the consumer works.
     """
 
     def __init__(self, op: InterleaveOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
         self.ctx = ctx
         self.parallel = op.num_parallel_calls is not None
-        self.deterministic = (
+        # Slots can be passed over only when they are read at once.
+        self.deterministic = not self.parallel or (
             ctx.options.deterministic if op.deterministic is None else op.deterministic
         )
         self.input_start = None if state is None else state["input_start"]
@@ -191,6 +232,7 @@ class InterleaveIterator(NodeIterator):
         if state is None:
             self.input_start = self.input.get_state()
         self.inputs = (self.input,)
+        self.remote = self._remote_slots()
         self.slots: list[NodeIterator | None] = [None] * op.cycle_length
         self.slot_origin: list[int | None] = [None] * op.cycle_length
         self.read = 0
@@ -215,33 +257,51 @@ class InterleaveIterator(NodeIterator):
         self.cycle_index = state["cycle_index"]
         self.block_index = state["block_index"]
 
-    def _open(self, element: Any, position: int, state: State | None) -> NodeIterator:
-        from feedline.dataset import Dataset
+    def _remote_slots(self) -> RemoteSlots | None:
+        """A hold on worker processes for the slots, if they run there."""
+        op, ctx = self.op, self.ctx
+        # A probe pass (for an element spec) looks at an element or two: never worth processes.
+        if (op.executor or ctx.options.executor) != "process" or ctx.probe:
+            return None
+        from feedline.runtime.remote import remote_slots
 
-        try:
-            dataset = call_with_element(self.op.fn, element)
-        except Exception as e:
-            raise wrap_user_error(self.op.name, position, e) from e
-        if not isinstance(dataset, Dataset):
-            raise StageError(
-                self.op.name,
-                position,
-                f"the function must return a Dataset, got {type(dataset).__name__}",
-            )
-        inner = dataset._op
-        if not self.parallel:
-            return inner.make_iterator(self.ctx, state)
+        # As many as slots are read at once: num_parallel_calls (AUTOTUNE: every slot), up to
+        # the cores; without it, one.
+        calls = op.num_parallel_calls
+        at_once = op.cycle_length if calls == AUTOTUNE else min(calls or 1, op.cycle_length)
+        workers = min(at_once, default_parallelism())
+        opener = functools.partial(open_dataset, op.fn, op.name)
+        return remote_slots(ctx, op, op.name, opener, workers)
+
+    def _open(self, element: Any, position: int, state: State | None) -> NodeIterator:
+        remote = self.remote
+        if remote is not None:
+
+            def make_input(s: State | None) -> NodeIterator:
+                return remote.open(element, position, s)
+
+        else:
+
+            def make_input(s: State | None) -> NodeIterator:
+                return open_dataset(self.op.fn, self.op.name, element, position, self.ctx, s)
+
+        if not self.parallel and remote is None:
+            return make_input(state)
+        # From a worker process, elements come a chunk per round trip (100-200 us). Read ahead
+        # on a thread, with a buffer the stage sizes from the measured cost, a chunk is ~10 ms
+        # of work; read one by one, or a block at a time, it is often one element (10x slower
+        # on small records).
         return AsyncStage(
             name=f"{self.op.name}[{position}]",
             ctx=self.ctx,
-            make_input=lambda s: inner.make_iterator(self.ctx, s),
+            make_input=make_input,
             transform=None,
             state=state,
             parallelism=1,
             parallelism_tunable=False,
             max_parallelism=1,
-            buffer_size=2 * self.op.block_length,
-            buffer_tunable=self.op.num_parallel_calls == AUTOTUNE,
+            buffer_size=None if remote is not None else 2 * self.op.block_length,
+            buffer_tunable=remote is None and self.op.num_parallel_calls == AUTOTUNE,
             deterministic=True,
         )
 
@@ -314,6 +374,8 @@ class InterleaveIterator(NodeIterator):
         for slot in self.slots:
             if slot is not None:
                 slot.close()
+        if self.remote is not None:
+            self.remote.close()
 
 
 def zip_structure(datasets: Any) -> tuple[Any, list[Op]]:

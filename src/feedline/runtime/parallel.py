@@ -175,7 +175,9 @@ class AsyncStage(NodeIterator, Tunable):
         self._lock = threading.Lock()
         self._results_ready = threading.Condition(self._lock)
         self._space_free = threading.Condition(self._lock)
-        self._input_lock = threading.Lock()
+        # Reentrant: a garbage collection inside a worker's pull can close the pipeline this
+        # stage belongs to, from that very thread.
+        self._input_lock = threading.RLock()
 
         if state is None:
             self._input = make_input(None)

@@ -1,16 +1,18 @@
-"""Worker processes for map-like stages (``executor="process"``).
+"""Worker processes for ``executor="process"``: map-like stages here, interleave in
+``runtime/remote.py``.
 
 Pure-Python per-element work holds the GIL, so threads cannot run it in parallel; processes
 can. The stage keeps its worker *threads* (``runtime/parallel.py``): each becomes a dispatcher
 that hands its chunk to a worker process and waits for the result, so ordering, iterator state,
 errors at their positions and the ``parallelism`` knob work exactly as on threads.
 
-- One ``ProcessPool`` per op in one run (a top-level iterator): the stages ``repeat`` makes for
-  each epoch share it, so workers start once per iterator. A pool nobody holds lingers for
+- One pool per op in one run (a top-level iterator): the stages ``repeat`` makes for each
+  epoch share it, so workers start once per iterator. A pool nobody holds lingers for
   ``LINGER_SECONDS`` (long enough for ``repeat``'s next epoch to take it back), then stops.
 - Workers start from a forkserver on Linux (never ``fork`` from the multi-threaded parent),
-  with spawn elsewhere; the user function goes to each worker once, pickled with cloudpickle
-  so lambdas and closures work.
+  with spawn elsewhere. What a worker runs (its *service*: the user function and what to do
+  with each request) goes to each worker once, pickled with cloudpickle so lambdas and
+  closures work; requests to one worker are answered one at a time, in order.
 - Elements travel pickled (protocol 5). Array buffers of ``SHM_MIN_BYTES`` or more travel
   out of band, in one shared-memory segment per message: the sender writes them once, the
   receiver maps the segment and unlinks its name at once, and the arrays it gets are views of
@@ -41,9 +43,9 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from feedline.errors import StageError, wrap_user_error
+from feedline.errors import StageError
 from feedline.runtime.parallel import Failed, Transform
 
 if TYPE_CHECKING:
@@ -234,86 +236,121 @@ class RemoteError(Exception):
     """Stands for an exception from a worker process that could not be pickled back."""
 
 
-class _ExportedFailure:
-    """A ``Failed`` output on its way back from a worker: the stage and position of the
-    failing element, the user's exception (pickled if it survives a round trip) and its
-    traceback as text."""
+class ExportedError:
+    """An exception on its way back from a worker process, rebuilt in the parent as the same
+    error: a ``StageError`` with its stage, position and message, its cause (or the exception
+    itself, if not a ``StageError``) pickled if it survives a round trip, with its traceback
+    as text."""
 
-    __slots__ = ("cause", "position", "stage", "traceback")
+    __slots__ = ("cause", "message", "position", "stage", "traceback")
 
-    def __init__(self, failed: Failed) -> None:
-        error = failed.error
-        cause = error.__cause__ if isinstance(error, StageError) else None
-        cause = cause if cause is not None else error
-        self.stage = error.stage if isinstance(error, StageError) else None
-        self.position = error.position if isinstance(error, StageError) else None
-        self.traceback = "".join(traceback.format_exception(cause))
-        try:
-            self.cause = pickle.loads(pickle.dumps(cause))
-        except Exception:  # e.g. an exception whose __init__ takes other arguments
-            self.cause = RemoteError(f"{type(cause).__qualname__}: {cause}")
+    def __init__(self, error: BaseException) -> None:
+        cause: BaseException | None = error
+        self.stage: str | None = None
+        self.position: int | None = None
+        self.message = ""
+        if isinstance(error, StageError):
+            self.stage, self.position = error.stage, error.position
+            where = str(StageError(error.stage, error.position, ""))
+            self.message = str(error).removeprefix(where)
+            cause = error.__cause__
+        self.traceback = "" if cause is None else "".join(traceback.format_exception(cause))
+        self.cause = None if cause is None else _portable(cause)
 
-    def restore(self, stage: str) -> Failed:
+    def restore(self) -> BaseException:
         cause = self.cause
-        cause.__cause__ = RemoteTraceback(self.traceback)
-        return Failed(wrap_user_error(self.stage or stage, self.position, cause))
+        if cause is not None:
+            cause.__cause__ = RemoteTraceback(self.traceback)
+        if self.stage is None:
+            assert cause is not None
+            return cause
+        error = StageError(self.stage, self.position, self.message)
+        error.__cause__ = cause
+        return error
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` if it survives pickling, else a ``RemoteError`` saying what it was."""
+    try:
+        restored: BaseException = pickle.loads(pickle.dumps(error))
+    except Exception:  # e.g. an exception whose __init__ takes other arguments
+        return RemoteError(f"{type(error).__qualname__}: {error}")
+    return restored
 
 
 # -- the worker side --------------------------------------------------------------------------
 
+# What a worker runs: called with each request, it returns the reply.
+Service = Callable[[Any], Any]
 
-def _worker_main(conn: Connection, factory_blob: bytes, shm_prefix: str | None) -> None:
-    """A worker's loop: receive (argument, elements, positions), send back the outputs.
 
-    ``factory(argument)`` makes the chunk transform (for random_map the argument is the pass's
-    random key, so one pickled function serves every epoch).
-    """
+def _worker_main(conn: Connection, service_blob: bytes, shm_prefix: str | None) -> None:
+    """A worker's loop: receive a request, send back what the service replies."""
     # Ctrl-C reaches the whole process group; the parent decides what stops, and stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if shm_prefix is not None:  # segment names unique to this worker, under the pool's prefix
         shm_prefix = f"{shm_prefix}w{os.getpid()}-"
-    factory: Callable[[Any], Transform] | None = None
+    service: Service | None = None
     load_error = ""
     try:
-        factory = pickle.loads(factory_blob)
+        service = pickle.loads(service_blob)
     except Exception:
         load_error = "could not load the function:\n" + traceback.format_exc()
-    del factory_blob
-    transform: Transform | None = None
-    argument: Any = None
+    del service_blob
     while True:
         try:
             # Elements that cannot be unpickled here (say, of a class only the parent has) are
             # an error reply like any other: both parts of the message were read by then.
-            request_argument, raw, positions = _receive(conn)
-            if factory is None:
+            request = _receive(conn)
+            if service is None:
                 raise RuntimeError(load_error)
-            if transform is None or request_argument != argument:
-                argument = request_argument
-                transform = factory(argument)
-            started = time.process_time()
-            outputs, failures = transform(raw, positions)
-            del raw
-            for i in failures:
-                outputs[i] = _ExportedFailure(outputs[i])
-            reply: tuple[Any, ...] = ("ok", outputs, failures, time.process_time() - started)
-            del outputs
-            _send(conn, reply, shm_prefix)
+            reply = service(request)
+            del request  # the elements it carried: not kept while the reply is sent
+            _send(conn, ("ok", reply), shm_prefix)
+            del reply  # nor these while waiting for the next request
         except EOFError:
             return  # the parent closed the pipe: stop
         except Exception:
             _send(conn, ("error", traceback.format_exc()), None)
 
 
+class _ChunkService:
+    """A map-like stage's work in a worker: requests are (argument, elements, positions), and
+    ``factory(argument)`` makes the chunk transform (for random_map the argument is the pass's
+    random key, so one pickled function serves every epoch)."""
+
+    def __init__(self, factory: Callable[[Any], Transform]) -> None:
+        self.factory = factory
+        self._argument: Any = None
+        self._transform: Transform | None = None
+
+    def __call__(self, request: tuple[Any, list[Any], Sequence[int]]) -> Any:
+        argument, raw, positions = request
+        if self._transform is None or argument != self._argument:
+            self._argument = argument
+            self._transform = self.factory(argument)
+        started = time.process_time()
+        outputs, failures = self._transform(raw, positions)
+        for i in failures:
+            outputs[i] = ExportedError(outputs[i].error)
+        return outputs, failures, time.process_time() - started
+
+
 # -- the parent side --------------------------------------------------------------------------
 
 
-class _Worker:
-    __slots__ = ("conn", "process")
+class WorkerProcess:
+    """One worker process and the parent's end of its pipe. ``lock`` keeps one request at a
+    time on the pipe; ``in_sync`` is False once a message was cut short (the pipe cannot be
+    used again)."""
+
+    __slots__ = ("conn", "in_sync", "lock", "process")
 
     def __init__(self, process: Any, conn: Connection) -> None:
         self.process = process
         self.conn = conn
+        self.lock = threading.Lock()
+        self.in_sync = True
 
 
 def _how_it_ended(process: Any) -> str:
@@ -338,23 +375,30 @@ def _span(positions: Sequence[int]) -> str:
     return f"{first}" if first == last else f"{first}..{last} ({len(positions)} elements)"
 
 
-class ProcessPool:
-    """Worker processes for one op in one run; dispatcher threads ``submit`` chunks to them.
+class WorkerPool:
+    """Worker processes for one op in one run, all running the service pickled in
+    ``service_blob``; subclasses decide which worker runs what.
 
-    Each stage holding the pool wants ``max(1, parallelism)`` workers; the pool keeps the sum
-    of those (starting workers as dispatchers need them, stopping extra ones as they come
-    back), and stops them all when nobody has held it for ``LINGER_SECONDS``.
+    Stages (or iterators) ``acquire`` the pool and ``release`` it; it stops when nobody has held
+    it for ``LINGER_SECONDS``. A worker that dies breaks the pool: every request then fails with
+    the ``StageError`` saying which worker died running what, and every worker is stopped.
     """
 
-    def __init__(self, name: str, factory_blob: bytes) -> None:
+    def __init__(self, name: str, service_blob: bytes) -> None:
+        if multiprocessing.current_process().daemon:  # multiprocessing would only assert
+            raise StageError(
+                name,
+                None,
+                "a worker process cannot start worker processes of its own (executor='process' "
+                "inside an interleave with executor='process'); use executor='thread' here",
+            )
         self.name = name
-        self._blob = factory_blob
+        self._blob = service_blob
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._workers: list[_Worker] = []  # alive, idle or busy
-        self._idle: list[_Worker] = []
-        self._starting = 0
-        self._shares: dict[object, int] = {}  # workers each holder wants, by holder token
+        self._workers: list[WorkerProcess] = []  # alive
+        self._busy: set[WorkerProcess] = set()  # in the middle of a request
+        self._holders: dict[object, int] = {}  # by holder token: workers it wants
         self._linger: threading.Timer | None = None
         self._closed = False
         self.broken: StageError | None = None
@@ -368,29 +412,19 @@ class ProcessPool:
     # -- holders -----------------------------------------------------------------------------
 
     def acquire(self, token: object) -> bool:
-        """Hold the pool for one stage; False when it has stopped (make a new one)."""
+        """Hold the pool; False when it has stopped (make a new one)."""
         with self._lock:
             if self._closed:
                 return False
             if self._linger is not None:
                 self._linger.cancel()
                 self._linger = None
-            self._shares[token] = 1
+            self._holders[token] = 1
             return True
-
-    def set_share(self, token: object, workers: int) -> None:
-        with self._lock:
-            if token not in self._shares:
-                return
-            self._shares[token] = workers
-            extra = self._take_extra_idle()
-            self._changed.notify_all()
-        for worker in extra:
-            self._stop(worker)
 
     def release(self, token: object) -> None:
         with self._lock:
-            if self._shares.pop(token, None) is None or self._shares or self._closed:
+            if self._holders.pop(token, None) is None or self._holders or self._closed:
                 return
             # Keep the workers a moment: repeat's next epoch takes the pool right back.
             self._linger = threading.Timer(LINGER_SECONDS, self._close_if_unheld)
@@ -400,86 +434,45 @@ class ProcessPool:
 
     def _close_if_unheld(self) -> None:
         with self._lock:
-            if self._shares or self._closed:
+            if self._holders or self._closed:
                 return
         self.close()
 
-    def _wanted(self) -> int:
-        """Workers to keep (caller holds the lock): what the holders want; while nobody holds
-        the pool, the ones it has, for the next epoch's stage."""
-        return sum(self._shares.values()) if self._shares else max(1, len(self._workers))
-
-    def _take_extra_idle(self) -> list[_Worker]:
-        """Idle workers beyond those wanted, removed from the pool (caller holds the lock)."""
-        extra = []
-        while self._idle and len(self._workers) > self._wanted():
-            worker = self._idle.pop()
-            self._workers.remove(worker)
-            extra.append(worker)
-        return extra
-
     # -- work --------------------------------------------------------------------------------
 
-    def submit(
-        self, argument: Any, raw: list[Any], positions: Sequence[int]
-    ) -> tuple[list[Any], list[int], float]:
-        """Run a chunk on a worker: (outputs, failure indexes, the worker's CPU seconds)."""
-        worker = self._checkout(positions)
-        in_sync = False  # whether the pipe is between messages (the worker can be reused)
-        try:
+    def call(self, worker: WorkerProcess, request: Any, positions: Sequence[int]) -> Any:
+        """Send ``request`` to ``worker`` and return the service's reply; ``positions`` (of
+        the elements it is about) go into the errors."""
+        with worker.lock:
+            with self._lock:
+                error = self._stopped(positions)
+                if error is not None:
+                    raise error
+                self._busy.add(worker)
             try:
-                _send(worker.conn, (argument, raw, positions), self._shm_prefix)
-            except (pickle.PicklingError, TypeError, AttributeError) as e:
-                in_sync = True  # nothing was sent
-                raise StageError(
-                    self.name,
-                    positions[0],
-                    f"cannot send elements to a worker process ({type(e).__name__}: {e}); "
-                    "use executor='thread'",
-                ) from e
-            reply = _receive(worker.conn)
-            in_sync = True
-        except (EOFError, OSError):
-            raise self._lost(worker, positions) from None
-        finally:
-            self._checkin(worker, in_sync)
+                worker.in_sync = False
+                try:
+                    _send(worker.conn, request, self._shm_prefix)
+                except (pickle.PicklingError, TypeError, AttributeError) as e:
+                    worker.in_sync = True  # nothing was sent
+                    raise StageError(
+                        self.name,
+                        positions[0],
+                        f"cannot send elements to a worker process ({type(e).__name__}: {e}); "
+                        "use executor='thread'",
+                    ) from e
+                reply = _receive(worker.conn)
+                worker.in_sync = True
+            except (EOFError, OSError):
+                raise self._lost(worker, positions) from None
+            finally:
+                with self._lock:
+                    self._busy.discard(worker)
         if reply[0] == "error":
             raise StageError(
                 self.name, positions[0], f"a worker process failed:\n{reply[1]}"
             ) from None
-        _, outputs, failures, cpu = reply
-        for i in failures:
-            outputs[i] = outputs[i].restore(self.name)
-        return outputs, failures, cpu
-
-    def _checkout(self, positions: Sequence[int]) -> _Worker:
-        with self._lock:
-            while True:
-                error = self._stopped(positions)
-                if error is not None:
-                    raise error
-                if self._idle:
-                    return self._idle.pop()
-                if len(self._workers) + self._starting < self._wanted():
-                    self._starting += 1
-                    break
-                self._changed.wait()
-        try:
-            worker = self._start_worker()
-        except BaseException:
-            with self._lock:
-                self._starting -= 1
-                self._changed.notify_all()
-            raise
-        with self._lock:
-            self._starting -= 1
-            self._changed.notify_all()
-            error = self._stopped(positions)
-            if error is None:
-                self._workers.append(worker)
-                return worker
-        self._stop(worker)  # the pool stopped while this one started
-        raise error
+        return reply[1]
 
     def _stopped(self, positions: Sequence[int]) -> StageError | None:
         """Why the pool cannot run ``positions``, if it has stopped (caller holds the lock)."""
@@ -489,7 +482,9 @@ class ProcessPool:
             return StageError(self.name, positions[0], "its worker processes were stopped")
         return None
 
-    def _start_worker(self) -> _Worker:
+    def _start_worker(self, positions: Sequence[int]) -> WorkerProcess:
+        """A new worker, in the pool; the pool's error if it stopped while the worker started
+        (for ``positions``)."""
         ctx = _context()
         parent_end, child_end = ctx.Pipe()
         process = ctx.Process(
@@ -501,22 +496,21 @@ class ProcessPool:
         with _main_not_reimported():
             process.start()
         child_end.close()  # the worker holds its end: its death is an EOF here
+        worker = WorkerProcess(process, parent_end)
         with self._lock:
             self.starts += 1
-        return _Worker(process, parent_end)
+            error = self._stopped(positions)
+            if error is None:
+                self._workers.append(worker)
+                return worker
+        self._stop(worker)
+        raise error
 
-    def _checkin(self, worker: _Worker, in_sync: bool) -> None:
-        with self._lock:
-            if in_sync and not self._closed and len(self._workers) <= self._wanted():
-                self._idle.append(worker)
-                self._changed.notify_all()
-                return
-            if worker in self._workers:
-                self._workers.remove(worker)
-            self._changed.notify_all()
-        self._stop(worker, graceful=in_sync)
+    def _work_of(self, worker: WorkerProcess, positions: Sequence[int]) -> str:
+        """What ``worker`` was doing, for the error when it dies (caller holds the lock)."""
+        return f"given the elements at positions {_span(positions)}"
 
-    def _lost(self, worker: _Worker, positions: Sequence[int]) -> StageError:
+    def _lost(self, worker: WorkerProcess, positions: Sequence[int]) -> StageError:
         """The error for a worker that died while running ``positions``; breaks the pool."""
         worker.process.join(STOP_SECONDS)
         with self._lock:
@@ -527,7 +521,7 @@ class ProcessPool:
                 self.name,
                 positions[0],
                 f"worker process {worker.process.pid} {_how_it_ended(worker.process)}; "
-                f"it was given the elements at positions {_span(positions)}",
+                f"it was {self._work_of(worker, positions)}",
             )
             broken = self.broken
         self.close()
@@ -535,7 +529,7 @@ class ProcessPool:
 
     # -- shutdown ----------------------------------------------------------------------------
 
-    def _stop(self, worker: _Worker, graceful: bool = True) -> None:
+    def _stop(self, worker: WorkerProcess, graceful: bool = True) -> None:
         """Stop one worker: an idle one exits when its pipe closes; a busy one is killed."""
         process = worker.process
         if graceful:
@@ -558,10 +552,9 @@ class ProcessPool:
             self._blob = b""  # the pickled function may be large (a closure over data)
             if self._linger is not None:
                 self._linger.cancel()
-            idle = self._idle
-            busy = [w for w in self._workers if w not in idle]
-            self._idle = []
-            self._workers = busy  # their dispatchers wake with an EOF and check them in
+            busy = [w for w in self._workers if w in self._busy]
+            idle = [w for w in self._workers if w not in self._busy]
+            self._workers = busy  # their callers wake with an EOF
             self._changed.notify_all()
         for worker in busy:
             worker.process.terminate()
@@ -599,6 +592,93 @@ class ProcessPool:
             return [w.process.pid for w in self._workers]
 
 
+class ProcessPool(WorkerPool):
+    """The pool of a map-like op: dispatcher threads ``submit`` chunks to whichever worker is
+    idle.
+
+    Each stage holding the pool wants ``max(1, parallelism)`` workers; the pool keeps the sum
+    of those (starting workers as dispatchers need them, stopping extra ones as they come
+    back).
+    """
+
+    def __init__(self, name: str, service_blob: bytes) -> None:
+        super().__init__(name, service_blob)
+        self._idle: list[WorkerProcess] = []
+        self._starting = 0
+
+    def set_share(self, token: object, workers: int) -> None:
+        with self._lock:
+            if token not in self._holders:
+                return
+            self._holders[token] = workers
+            extra = self._take_extra_idle()
+            self._changed.notify_all()
+        for worker in extra:
+            self._stop(worker)
+
+    def _wanted(self) -> int:
+        """Workers to keep (caller holds the lock): what the holders want; while nobody holds
+        the pool, the ones it has, for the next epoch's stage."""
+        return sum(self._holders.values()) if self._holders else max(1, len(self._workers))
+
+    def _take_extra_idle(self) -> list[WorkerProcess]:
+        """Idle workers beyond those wanted, removed from the pool (caller holds the lock)."""
+        extra = []
+        while self._idle and len(self._workers) > self._wanted():
+            worker = self._idle.pop()
+            self._workers.remove(worker)
+            extra.append(worker)
+        return extra
+
+    def submit(
+        self, argument: Any, raw: list[Any], positions: Sequence[int]
+    ) -> tuple[list[Any], list[int], float]:
+        """Run a chunk on a worker: (outputs, failure indexes, the worker's CPU seconds)."""
+        worker = self._checkout(positions)
+        try:
+            outputs, failures, cpu = self.call(worker, (argument, raw, positions), positions)
+        finally:
+            self._checkin(worker)
+        for i in failures:
+            outputs[i] = Failed(outputs[i].restore())
+        return outputs, failures, cpu
+
+    def _checkout(self, positions: Sequence[int]) -> WorkerProcess:
+        with self._lock:
+            while True:
+                error = self._stopped(positions)
+                if error is not None:
+                    raise error
+                if self._idle:
+                    return self._idle.pop()
+                if len(self._workers) + self._starting < self._wanted():
+                    self._starting += 1
+                    break
+                self._changed.wait()
+        try:
+            return self._start_worker(positions)
+        finally:
+            with self._lock:
+                self._starting -= 1
+                self._changed.notify_all()
+
+    def _checkin(self, worker: WorkerProcess) -> None:
+        with self._lock:
+            if worker.in_sync and not self._closed and len(self._workers) <= self._wanted():
+                self._idle.append(worker)
+                self._changed.notify_all()
+                return
+            if worker in self._workers:
+                self._workers.remove(worker)
+            self._changed.notify_all()
+        self._stop(worker, graceful=worker.in_sync)
+
+    def close(self) -> None:
+        super().close()
+        with self._lock:
+            self._idle.clear()  # stopped with the rest
+
+
 def _rss_of(pid: int) -> int:
     try:
         import psutil
@@ -615,18 +695,66 @@ def _rss_of(pid: int) -> int:
 
 
 # Pools by run and op. Weak keys: a finished run's entries go with it.
-_pools: weakref.WeakKeyDictionary[IterContext, dict[object, ProcessPool]] = (
+_pools: weakref.WeakKeyDictionary[IterContext, dict[object, WorkerPool]] = (
     weakref.WeakKeyDictionary()
 )
-_pools_lock = threading.Lock()
+# Reentrant: a dropped iterator collected by the garbage collector (at any allocation, in this
+# thread too, say while a pool is made under this lock) closes its run's pools.
+_pools_lock = threading.RLock()
 # Every pool not yet closed, so that exiting the interpreter stops their workers first.
-_live_pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()
+_live_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
 
 
 @atexit.register
 def _close_all() -> None:
     for pool in list(_live_pools):
         pool.close()
+
+
+Pool = TypeVar("Pool", bound=WorkerPool)
+
+
+def shared_pool(
+    ctx: IterContext, key: object, make_pool: Callable[[], Pool], token: object
+) -> Pool:
+    """The pool of op ``key`` in run ``ctx``, held by ``token``: made on first use, and anew
+    when the previous one has stopped. ``make_pool`` must make the same kind of pool (with the
+    same service) every time for one op."""
+    with _pools_lock:
+        if ctx not in _pools:
+            # The run's end closes its pools at once (stages closing between epochs let them
+            # linger instead, for the next epoch's stage).
+            ctx.on_close(lambda: _close_pools_of(ctx))
+        pools = _pools.setdefault(ctx, {})
+        pool = pools.get(key)
+        if pool is None or not pool.acquire(token):
+            pool = make_pool()
+            pool.acquire(token)
+            pools[key] = pool
+    return cast(Pool, pool)
+
+
+def _close_pools_of(ctx: IterContext) -> None:
+    with _pools_lock:
+        pools = _pools.pop(ctx, {})
+    for pool in pools.values():
+        pool.close()
+
+
+def pickled_service(service: Service, name: str) -> bytes:
+    """``service`` as workers load it; a ``StageError`` naming stage ``name`` if it cannot be
+    pickled."""
+    cloudpickle = require_cloudpickle()
+    try:
+        blob: bytes = cloudpickle.dumps(service)
+    except Exception as e:
+        raise StageError(
+            name,
+            None,
+            f"executor='process' cannot send the function to worker processes "
+            f"({type(e).__name__}: {e}); make it picklable or use executor='thread'",
+        ) from e
+    return blob
 
 
 class ProcessExecutor:
@@ -666,36 +794,10 @@ def process_executor(
     per pool, and must not change between the stages of one run.
     """
     token = object()
-    with _pools_lock:
-        if ctx not in _pools:
-            # The run's end closes its pools at once (stages closing between epochs let them
-            # linger instead, for the next epoch's stage).
-            ctx.on_close(lambda: _close_pools_of(ctx))
-        pools = _pools.setdefault(ctx, {})
-        pool = pools.get(key)
-        if pool is None or not pool.acquire(token):
-            pool = ProcessPool(name, _pickled(factory, name))
-            pool.acquire(token)
-            pools[key] = pool
+    pool = shared_pool(
+        ctx,
+        key,
+        lambda: ProcessPool(name, pickled_service(_ChunkService(factory), name)),
+        token,
+    )
     return ProcessExecutor(pool, token, argument)
-
-
-def _close_pools_of(ctx: IterContext) -> None:
-    with _pools_lock:
-        pools = _pools.pop(ctx, {})
-    for pool in pools.values():
-        pool.close()
-
-
-def _pickled(factory: Callable[[Any], Transform], name: str) -> bytes:
-    cloudpickle = require_cloudpickle()
-    try:
-        blob: bytes = cloudpickle.dumps(factory)
-    except Exception as e:
-        raise StageError(
-            name,
-            None,
-            f"executor='process' cannot send the function to worker processes "
-            f"({type(e).__name__}: {e}); make it picklable or use executor='thread'",
-        ) from e
-    return blob

@@ -659,19 +659,16 @@ class AsyncStage(NodeIterator, Tunable):
             try:
                 taken: list[Any] = self._input.next_chunk(max_n)
             except Exception:
+                self.metrics.end_wait(started)
                 with self.metrics.lock:
                     self.metrics.errors += 1
                 raise  # nothing is in flight: the error is the next thing to deliver
-            finally:
-                wall = self.metrics.end_wait(started)
             self._next_position += len(taken)
+            # The consumer's wait was this stage's work: one update for both.
+            self.metrics.end_wait(started, len(taken), time.thread_time() - cpu_started)
             if not taken:
                 with self._lock:
                     self._end_seq = self._issued
-                return taken
-            self.metrics.add_work(len(taken), wall, time.thread_time() - cpu_started)
-            with self.metrics.lock:
-                self.metrics.elements += len(taken)
             return taken
 
     def _retire_if_done(self, chunk: _Chunk) -> None:

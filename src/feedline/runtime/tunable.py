@@ -112,16 +112,22 @@ class StageMetrics:
     def start_wait(self) -> float:
         """The consumer starts waiting for this stage; returns when, for ``end_wait``."""
         started = time.perf_counter()
-        with self.lock:
-            self.consumer_waiting_since = started
+        self.consumer_waiting_since = started  # one store: snapshots read it under the lock
         return started
 
-    def end_wait(self, started: float) -> float:
-        """The wait begun at ``started`` is over; returns how long it lasted."""
+    def end_wait(self, started: float, delivered: int = 0, cpu: float = 0.0) -> float:
+        """The wait begun at ``started`` is over; returns how long it lasted. With
+        ``delivered``: the wait was the stage's own work on that many elements, done in the
+        consumer's thread (inline), using ``cpu`` seconds of CPU."""
         waited = time.perf_counter() - started
         with self.lock:
             self.consumer_wait += waited
             self.consumer_waiting_since = None
+            if delivered:
+                self.elements += delivered
+                self.work_wall += waited
+                self.work_cpu += cpu
+                self.recent.append(waited / delivered)
         return waited
 
     def add_work(self, elements: int, wall: float, cpu: float) -> None:

@@ -56,6 +56,9 @@ NO_STALL = 0.006  # ... and is served comfortably below this (a consumer that sl
 # some waiting for the GIL on every wake-up, whatever the pipeline does)
 STALL_RISE = 0.005  # a decrease that raises the stall by more than this is taken back
 STALL_CUT = 0.7  # an increase that leaves less than this share of the stall is kept
+# A decrease that makes a consumer already waiting much of the time wait this much more of
+# it is taken back (smaller moves of a large wait are noise).
+STALL_JUMP = 0.05
 ALWAYS_WAITING = 0.9  # a consumer waiting more than this share of the time has no work of its own
 GAIN = 0.08  # a change must raise the rate by this much to be worth its cost
 LOSS = 0.03  # a decrease may cost at most this much rate
@@ -413,7 +416,7 @@ class Tuner:
         if e.baseline_stall <= STALL:
             stalls_now = stall > STALL or stall > e.baseline_stall + STALL_RISE
         else:
-            stalls_now = e.baseline_stall < ALWAYS_WAITING and stall > e.baseline_stall + STALL
+            stalls_now = e.baseline_stall < ALWAYS_WAITING and stall > e.baseline_stall + STALL_JUMP
         if gain >= -loss_allowed and not stalls_now:
             if e.baseline_stall > STALL:
                 # Kept while the pipeline was the bottleneck: more than this did not help
@@ -561,6 +564,9 @@ class Tuner:
             # work does alone tells them apart.
             or (w.stage.solo_cpu_share is not None and w.stage.solo_cpu_share < WAITING_WORK)
             or w.cpu_per_element < PROCESS_WORTH
+            # More workers than cores came from waiting (computing stages stop at the cores):
+            # its calls in flight, not the GIL, set its rate.
+            or w.stage.knobs["parallelism"].value > self.budget.cpu
             or self.budget.cpu < 2
             or self.cores_in_use >= min(CPU_FULL * self.budget.cpu, GIL_CORES)
             # Cores kept busy by other processes look like the GIL from inside; processes

@@ -89,6 +89,9 @@ LONG_WINDOW = 1.0
 # A stage with nothing to compute (a prefetch) gains at most the consumer's own share of the
 # time by reading ahead on a thread: below this share, the hand-offs cost more than that.
 OVERLAP_WORTH = GAIN
+# ... and the consumer's own work between two elements must last at least this long: shorter,
+# and the two threads only hand the GIL back and forth (a loop that merely counts batches).
+OVERLAP_MIN_SECONDS = 0.5e-3
 
 
 @dataclass
@@ -484,6 +487,7 @@ class Tuner:
                 not inline_only
                 and knob.value == 0
                 and own >= OVERLAP_WORTH
+                and own / max(w.rate, 1e-9) >= OVERLAP_MIN_SECONDS
                 and w.consumer_wait >= NO_STALL
                 and (key, knob.name) not in self.state.saturated
             ):

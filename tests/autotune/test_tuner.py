@@ -279,6 +279,16 @@ def numpy_work(x: Any) -> Any:
     return out[:2, :2, 0] + np.float32(x)
 
 
+def tuned_executor(fn: Any, seconds: float) -> tuple[int, list[dict[str, Any]]]:
+    """Where AUTOTUNE runs ``fn`` after ``seconds`` of a fast consumer, and its decisions."""
+    ds = D.range(10**6).map(fn, num_parallel_calls=fl.AUTOTUNE).batch(16)
+    with ds.prefetch(fl.AUTOTUNE).iterator() as it:
+        consume_for(it, seconds)
+        executor = stage(it, "map").knobs["executor"].value
+        history = it.stats()["autotune"]["history"]
+    return executor, history
+
+
 needs_two_cores = pytest.mark.skipif(usable_cores() < 2, reason="processes need 2 cores to pay")
 
 
@@ -286,11 +296,7 @@ needs_two_cores = pytest.mark.skipif(usable_cores() < 2, reason="processes need 
 @pytest.mark.timeout(90)
 def test_a_gil_bound_map_moves_to_processes_on_its_own() -> None:
     pytest.importorskip("cloudpickle")
-    ds = D.range(10**6).map(python_work, num_parallel_calls=fl.AUTOTUNE).batch(16)
-    with ds.prefetch(fl.AUTOTUNE).iterator() as it:
-        consume_for(it, 5.0)
-        executor = stage(it, "map").knobs["executor"].value
-        history = it.stats()["autotune"]["history"]
+    executor, history = tuned_executor(python_work, 5.0)
     assert executor == PROCESSES, history
     assert any(d["knob"] == "executor" and d["new"] == PROCESSES for d in history)
 
@@ -298,11 +304,7 @@ def test_a_gil_bound_map_moves_to_processes_on_its_own() -> None:
 @needs_two_cores
 @pytest.mark.timeout(90)
 def test_a_map_that_releases_the_gil_stays_on_threads() -> None:
-    ds = D.range(10**6).map(numpy_work, num_parallel_calls=fl.AUTOTUNE).batch(16)
-    with ds.prefetch(fl.AUTOTUNE).iterator() as it:
-        consume_for(it, 4.0)
-        executor = stage(it, "map").knobs["executor"].value
-        history = it.stats()["autotune"]["history"]
+    executor, history = tuned_executor(numpy_work, 4.0)
     assert executor == THREADS, history
 
 
@@ -326,11 +328,7 @@ def test_a_gil_bound_map_stays_on_threads_while_other_processes_take_the_cores()
     ]
     try:
         time.sleep(0.3)
-        ds = D.range(10**6).map(python_work, num_parallel_calls=fl.AUTOTUNE).batch(16)
-        with ds.prefetch(fl.AUTOTUNE).iterator() as it:
-            consume_for(it, 4.0)
-            executor = stage(it, "map").knobs["executor"].value
-            history = it.stats()["autotune"]["history"]
+        executor, history = tuned_executor(python_work, 4.0)
     finally:
         for hog in hogs:
             hog.kill()

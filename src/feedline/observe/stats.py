@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+# The report names a bottleneck by the same signs the tuner acts on.
+from feedline.autotune.tuner import GIL_CORES, WAITING_CORES, WAITING_WORK
 from feedline.runtime.tunable import PROCESSES
 
 if TYPE_CHECKING:
@@ -15,9 +17,6 @@ if TYPE_CHECKING:
 
 # Below this stall fraction the consumer is served: the training step is the bottleneck.
 SERVED = 0.01
-# CPU time over wall time of a stage's work below which it mostly waits (I/O, latency).
-WAITING = 0.5
-WAITING_CORES = 0.3
 
 
 def collect_stats(it: DatasetIterator) -> dict[str, Any]:
@@ -127,7 +126,7 @@ def find_bottleneck(stats: dict[str, Any]) -> dict[str, str]:
         f"its consumer waits on it {worst['consumer_wait_fraction']:.0%} of the time; "
         f"{worst['mean_ms']:.3g} ms per element"
     )
-    if cpu is not None and cpu < WAITING and cores < WAITING_CORES:
+    if cpu is not None and cpu < WAITING_WORK and cores < WAITING_CORES:
         advice = (
             f"{worst['name']} waits (CPU {cpu:.0%} of its time): {parallelism} calls in "
             "flight; raise Options.autotune.max_parallelism or ram_budget to allow more"
@@ -137,7 +136,7 @@ def find_bottleneck(stats: dict[str, Any]) -> dict[str, str]:
             f"{worst['name']} keeps {parallelism} worker processes busy: add cores or make it "
             "cheaper"
         )
-    elif cpu is not None and worst["mean_ms"] > 0.05 and (parallelism <= 1 or cores < 1.2):
+    elif cpu is not None and worst["mean_ms"] > 0.05 and (parallelism <= 1 or cores < GIL_CORES):
         # Computing threads that together get about one core: one runs Python at a time.
         advice = (
             f"{worst['name']} computes in Python (CPU {cpu:.0%}, {cores:.1f} cores across "

@@ -18,7 +18,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import feedline as fl
-from feedline.structure import flatten
+from feedline.structure import flatten, sole_type
 from tests import reference as ref
 from tests.helpers import assert_elements_equal, assert_state_roundtrip
 
@@ -386,3 +386,16 @@ def test_nested_slices_batch_unbatch(columns: Any, size: int, drop: bool) -> Non
     batched = ref.batch(rows, size, drop)
     assert_elements_equal(list(ds.batch(size, drop_remainder=drop)), batched)
     assert_elements_equal(list(ds.batch(size, drop_remainder=drop).unbatch()), ref.unbatch(batched))
+
+
+@FAST
+@given(
+    st.lists(
+        st.one_of(
+            st.integers(), st.booleans(), st.floats(allow_nan=False), st.tuples(st.integers())
+        ).map(lambda v: np.int64(v) if type(v) is int and abs(v) < 2**62 else v),
+    )
+)
+def test_sole_type_is_the_one_type_or_none(values: list[object]) -> None:
+    types = {type(v) for v in values}
+    assert sole_type(values) == (types.pop() if len(types) == 1 else None)

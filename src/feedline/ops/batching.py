@@ -20,6 +20,7 @@ from feedline.structure import (
     normalize_leaf,
     pack_like,
     same_structure,
+    sole_type,
     to_array,
 )
 
@@ -45,7 +46,7 @@ def stack_leaf(
         out = np.empty(len(values), dtype=object)
         out[:] = values
         return out
-    if isinstance(first, np.generic) and (uniform or len(set(map(type, values))) == 1):
+    if isinstance(first, np.generic) and (uniform or sole_type(values) is not None):
         return np.fromiter(values, dtype=first.dtype, count=len(values))
     shape = np.shape(first)
     for i, v in enumerate(values):
@@ -79,7 +80,7 @@ def check_same_structure(elements: list[Any], stage: str, first_position: int) -
     """
     first = elements[0]
     nested = is_nest(first)
-    if not nested and len(set(map(type, elements))) == 1:
+    if not nested and sole_type(elements) is not None:
         return True
     for i, element in enumerate(elements):
         if same_structure(first, element) if nested else not is_nest(element):

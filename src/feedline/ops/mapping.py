@@ -28,7 +28,7 @@ from feedline.runtime.parallel import (
     Transform,
     default_parallelism,
 )
-from feedline.structure import normalize_output
+from feedline.structure import normalize_output, sole_type
 
 logger = logging.getLogger("feedline")
 
@@ -158,7 +158,8 @@ def map_chunk(
     failures: list[int] = []
     append = out.append
     # Per-chunk decisions, made at C speed, keep the per-element loop to a bare call.
-    unpack = tuple in set(map(type, raw))
+    only = sole_type(raw)
+    unpack = only is tuple if only is not None else tuple in set(map(type, raw))
     elements = iter(raw)
     while True:
         try:
@@ -177,7 +178,7 @@ def map_chunk(
 
 def _normalized(outputs: list[Any]) -> list[Any]:
     """Outputs converted the way tf.data converts a function's results (rarely needed)."""
-    if set(map(type, outputs)) <= _NO_CONVERSION:
+    if sole_type(outputs) in _NO_CONVERSION or set(map(type, outputs)) <= _NO_CONVERSION:
         return outputs
     return [
         y if type(y) in _NO_CONVERSION or type(y) is Failed else normalize_output(y)

@@ -102,6 +102,61 @@ def test_random_map_outputs_equal_threads_every_epoch() -> None:
     assert not np.array_equal(got[1], got[201])  # a new pass draws new numbers
 
 
+def _row_outputs(kind: str) -> Any:
+    """Per-element functions whose outputs a worker may send back as one stacked array."""
+    return {
+        "rows": lambda x: np.arange(8, dtype=np.int32) * x,
+        "views": lambda x: (np.arange(12.0) + x).reshape(3, 4)[:, ::-2],
+        "read-only": lambda x: np.frombuffer(bytes([x % 256]) * 16, np.uint8),
+        "records": lambda x: np.array([(x, 0.5)], dtype=[("id", "i8"), ("w", "f4")]),
+        "0-d": lambda x: np.array(x * 2),
+        "ragged": lambda x: np.zeros(1 + x % 3),
+        "objects": lambda x: np.array([x, "a"], dtype=object),
+    }[kind]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "kind", ["rows", "views", "read-only", "records", "0-d", "ragged", "objects"]
+)
+def test_arrays_sent_back_stacked_equal_threads(kind: str) -> None:
+    def build(executor: str) -> fl.Dataset:
+        return untuned(
+            D.range(200).map(_row_outputs(kind), num_parallel_calls=2, executor=executor)
+        )
+
+    got, want = list(build("process")), list(build("thread"))
+    assert_elements_equal(got, want)
+    assert [type(g) for g in got] == [type(w) for w in want]
+
+
+def test_only_same_shape_plain_arrays_are_stacked() -> None:
+    def rows_of(kind: str) -> Any:
+        return process.as_rows([_row_outputs(kind)(x) for x in range(5)])
+
+    stacked = rows_of("rows")
+    assert isinstance(stacked, process.Rows)
+    elements = stacked.elements()
+    assert_elements_equal(elements, [_row_outputs("rows")(x) for x in range(5)])
+    assert all(e.base is stacked.stacked for e in elements)  # views, not copies
+    for kind in ("0-d", "ragged", "objects"):
+        assert isinstance(rows_of(kind), list), kind
+    assert isinstance(process.as_rows([np.zeros(3)]), list)  # one element: nothing to save
+
+
+@pytest.mark.timeout(30)
+def test_a_chunk_with_a_failure_keeps_every_other_element() -> None:
+    def fn(x: Any) -> np.ndarray:
+        if x == 37:
+            raise ValueError("bad element")
+        return np.full(4, x, np.int64)
+
+    ds = untuned(D.range(80).map(fn, num_parallel_calls=2, executor="process"))
+    ds = ds.ignore_errors()
+    got = [int(e[0]) for e in ds]
+    assert got == [x for x in range(80) if x != 37]
+
+
 @pytest.mark.timeout(30)
 def test_results_arrive_as_writable_arrays_over_shared_memory() -> None:
     ds = D.range(4).map(lambda x: np.full(BIG, x, np.float64), executor="process")

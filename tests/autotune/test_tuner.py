@@ -20,6 +20,7 @@ import feedline as fl
 from feedline.autotune import tuner as tuner_module
 from feedline.autotune.budget import Budget, idle_cpu_seconds, usable_cores
 from feedline.autotune.tuner import RootCounters
+from feedline.runtime.context import WorkerMemory
 from feedline.runtime.tunable import PROCESSES, THREADS, Knob, StageMetrics, Tunable
 from tests.helpers import assert_elements_equal
 
@@ -373,27 +374,20 @@ class SyntheticStage(Tunable):
 def test_a_move_to_processes_that_does_not_pay_is_taken_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)  # cores count as free
-    synthetic = SyntheticStage()
-    root = RootCounters()
-    now = time.perf_counter()  # the tuner's clock; the test moves it on
-    tuner = tuner_module.Tuner(lambda: [synthetic], root, Budget(cpu=2.0, ram=2**30), now)
-    for _ in range(40):
-        # The consumer always waits; the stage computes one core's worth (the GIL's
-        # signature) at 1000 elements/s, on threads and on processes alike.
-        now += 0.25
-        root.delivered += 250
-        root.wait += 0.25
-        m = synthetic.metrics
-        m.elements += 250
-        m.work_wall += 0.5
-        m.work_cpu += 0.25
-        m.consumer_wait += 0.25
-        tuner.step(now)
-    moves = [(d.old, d.new, d.reason) for d in tuner.history if d.knob == "executor"]
+    moves = gil_bound_decisions(monkeypatch, 2**30, [])
     assert [(old, new) for old, new, _ in moves] == [(THREADS, PROCESSES), (PROCESSES, THREADS)]
     assert "no gain" in moves[1][2]
-    assert synthetic.knobs["executor"].value == THREADS
+
+
+def test_worker_processes_count_in_the_ram_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Other worker processes of the run already hold most of the budget: one per core more,
+    # each expected to hold as much, would not fit.
+    running = [WorkerMemory("map(other)", 2, 2 * 300 * 2**20)]
+    assert gil_bound_decisions(monkeypatch, 2**30, running) == []
+    assert gil_bound_decisions(monkeypatch, 2**32, running)[0][:2] == (THREADS, PROCESSES)
+    # Before any worker runs, one is expected to hold as much as this process (100 MiB here).
+    assert gil_bound_decisions(monkeypatch, 150 * 2**20, []) == []
+    assert gil_bound_decisions(monkeypatch, 250 * 2**20, [])[0][:2] == (THREADS, PROCESSES)
 
 
 @pytest.mark.timeout(60)
@@ -403,3 +397,32 @@ def test_the_report_names_the_gil_and_says_to_use_processes() -> None:
         consume_for(it, 1.0)
         advice = it.stats()["bottleneck"]["advice"]
     assert "holds the GIL" in advice and "executor='process'" in advice
+
+
+def gil_bound_decisions(
+    monkeypatch: pytest.MonkeyPatch, ram: int, workers: list[WorkerMemory]
+) -> list[tuple[int, int, str]]:
+    """The executor decisions on a synthetic stage with the GIL's signature (the consumer
+    always waits; the stage computes one core's worth at 1000 elements/s, on threads and on
+    processes alike), with a RAM budget of ``ram`` and ``workers`` already running."""
+    monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)  # cores count as free
+    # A worker is expected to hold as much as this process, before any runs: a fixed size here
+    # (this test process's own depends on what earlier tests imported).
+    monkeypatch.setattr(tuner_module, "rss_of", lambda: 100 * 2**20)
+    synthetic = SyntheticStage()
+    root = RootCounters()
+    now = time.perf_counter()  # the tuner's clock; the test moves it on
+    tuner = tuner_module.Tuner(
+        lambda: [synthetic], root, Budget(cpu=2.0, ram=ram), now, lambda: workers
+    )
+    for _ in range(40):
+        now += 0.25
+        root.delivered += 250
+        root.wait += 0.25
+        m = synthetic.metrics
+        m.elements += 250
+        m.work_wall += 0.5
+        m.work_cpu += 0.25
+        m.consumer_wait += 0.25
+        tuner.step(now)
+    return [(d.old, d.new, d.reason) for d in tuner.history if d.knob == "executor"]

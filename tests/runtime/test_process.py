@@ -339,4 +339,9 @@ def test_parallelism_knob_resizes_the_pool() -> None:
         stage.knobs["parallelism"].set(3)
         pids = {int(p) for p in take(it, 200)}
         assert len(pids) >= 3 and len(pool.pids()) == 3
-        assert stage.metrics.snapshot()["worker_rss_bytes"] > 0
+        stats = it.stats()
+        (workers,) = stats["worker_processes"]
+        assert workers["stage"] == stage.name and workers["processes"] == 3
+        assert stats["worker_rss_bytes"] == workers["rss_bytes"] > 0
+        assert f"worker processes of {stage.name}: 3, resident" in it.report()
+    assert it._ctx.worker_memory() == []  # closed with the run

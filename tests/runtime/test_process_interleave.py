@@ -472,3 +472,14 @@ def test_executors_checked_at_build_time() -> None:
     with pytest.raises(ValueError, match="executor must be one of"):
         D.range(3).interleave(lambda x: D.range(x), executor="fork")
     assert no_workers()  # nothing starts before iterating
+
+
+@pytest.mark.timeout(30)
+def test_stats_report_the_workers_memory() -> None:
+    ds = interleaved(numbers, "process", files=40, cycle_length=2, num_parallel_calls=2)
+    with ds.iterator() as it:
+        take(it, 20)
+        (workers,) = it.stats()["worker_processes"]
+        assert workers["stage"] == pool_of(it).name
+        assert workers["processes"] == min(2, default_parallelism())
+        assert workers["rss_bytes"] > 0

@@ -15,7 +15,7 @@ DEFAULT_RAM_FRACTION = 0.5
 @dataclass(frozen=True)
 class Budget:
     cpu: float  # cores this process may use
-    ram: int  # bytes the pipeline's buffers may hold
+    ram: int  # bytes the pipeline's buffers and worker processes may hold
 
 
 def usable_cores() -> float:
@@ -80,6 +80,23 @@ def available_memory() -> int:
     except OSError:
         pass
     return 4 * 2**30  # unknown platform: assume a small machine
+
+
+def rss_of(pid: int | None = None) -> int:
+    """Resident bytes of process ``pid`` (this one by default); 0 if it cannot be read."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        import psutil
+    except ImportError:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return 0
 
 
 def budget_for(options: AutotuneOptions) -> Budget:

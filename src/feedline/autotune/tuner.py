@@ -34,7 +34,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from feedline.autotune.budget import Budget, idle_cpu_seconds
+from feedline.autotune.budget import Budget, idle_cpu_seconds, rss_of
+from feedline.runtime.context import WorkerMemory
 from feedline.runtime.tunable import (
     CHEAP_WORK_SECONDS,
     PROCESSES,
@@ -184,8 +185,12 @@ class Tuner:
         root: RootCounters,
         budget: Budget,
         started: float,
+        worker_memory: Callable[[], list[WorkerMemory]] = list,
     ) -> None:
         self._stages = stages
+        self._worker_memory = worker_memory
+        self.workers_rss = 0  # resident bytes of the run's worker processes, last window
+        self.process_workers = 0  # how many there were
         self._root = root
         self.budget = budget
         self._started = started
@@ -256,6 +261,9 @@ class Tuner:
         if idle is not None and self._previous_idle is not None:
             self.idle_cores = (idle - self._previous_idle) / dt
         self._previous_idle = idle
+        pools = self._worker_memory()
+        self.workers_rss = sum(p.rss_bytes for p in pools)
+        self.process_workers = sum(p.processes for p in pools)
         experiment = self._experiment
         rate = (delivered - self._previous_root[0]) / dt
         stall = (wait - self._previous_root[1]) / dt
@@ -517,7 +525,7 @@ class Tuner:
         for w in candidates:
             # A computing stage its consumer waits on while the process leaves cores unused is
             # held by the GIL: more threads cannot help, processes may.
-            if self._try_processes(w, rate, stall, now):
+            if self._try_processes(w, windows, rate, stall, now):
                 return True
             key = w.stage.key
             parallelism = w.stage.knobs["parallelism"]
@@ -556,7 +564,9 @@ class Tuner:
                 return True
         return False
 
-    def _try_processes(self, w: StageWindow, rate: float, stall: float, now: float) -> bool:
+    def _try_processes(
+        self, w: StageWindow, windows: list[StageWindow], rate: float, stall: float, now: float
+    ) -> bool:
         executor = w.stage.knobs.get("executor")
         if (
             executor is None
@@ -580,6 +590,9 @@ class Tuner:
             return False
         parallelism = w.stage.knobs["parallelism"]
         workers = int(self.budget.cpu)  # computing work: one process per core
+        buffers = sum(x.stage.projected_bytes() for x in windows)
+        if buffers + self.workers_rss + workers * self._rss_per_worker() > self.budget.ram:
+            return False  # the processes would not fit in the RAM budget
         reason = (
             f"computes, yet the process uses {self.cores_in_use:.1f} of {self.budget.cpu:.0f} "
             "cores: the GIL; moving the function to processes"
@@ -659,9 +672,23 @@ class Tuner:
         parallelism: int | None = None,
         buffer_size: int | None = None,
     ) -> bool:
-        """Would every stage's buffers, at most, fit in the RAM budget with ``w`` changed?"""
+        """Would every stage's buffers, at most, and the worker processes (with any that
+        ``w``'s new parallelism adds) fit in the RAM budget with ``w`` changed?"""
         others = sum(x.stage.projected_bytes() for x in windows if x.stage is not w.stage)
-        return others + w.stage.projected_bytes(parallelism, buffer_size) <= self.budget.ram
+        buffers = others + w.stage.projected_bytes(parallelism, buffer_size)
+        added = 0
+        executor = w.stage.knobs.get("executor")
+        if parallelism is not None and executor is not None and executor.value == PROCESSES:
+            added = max(0, parallelism - max(1, w.stage.knobs["parallelism"].value))
+        return buffers + self.workers_rss + added * self._rss_per_worker() <= self.budget.ram
+
+    def _rss_per_worker(self) -> int:
+        """What one more worker process is expected to hold: as much as those running, or,
+        before there are any, as much as this process (a worker loads what the function
+        needs, as this process did)."""
+        if self.process_workers:
+            return self.workers_rss // self.process_workers
+        return rss_of()
 
     def _try(
         self,

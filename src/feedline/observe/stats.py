@@ -71,6 +71,7 @@ def collect_stats(it: DatasetIterator) -> dict[str, Any]:
         "stall_fraction": min(1.0, counters.wait / elapsed),
         "elements_per_s": counters.delivered / elapsed,
     }
+    workers = ctx.worker_memory()
     tuner = it._tuner
     history = [asdict(d) for d in tuner.history] if tuner is not None else []
     stats = {
@@ -84,6 +85,9 @@ def collect_stats(it: DatasetIterator) -> dict[str, Any]:
             "history": history,
         },
         "buffered_bytes": it.buffered_bytes(),
+        # Worker processes' memory is outside the buffers: the RAM budget counts both.
+        "worker_processes": [asdict(w) for w in workers],
+        "worker_rss_bytes": sum(w.rss_bytes for w in workers),
     }
     stats["bottleneck"] = find_bottleneck(stats)
     return stats
@@ -192,6 +196,10 @@ def format_report(stats: dict[str, Any]) -> str:
     if not stats["stages"]:
         lines.append("(no asynchronous stage: everything runs inline in the consumer's thread)")
     lines.append("* tuned by AUTOTUNE")
+    for w in stats["worker_processes"]:
+        lines.append(
+            f"worker processes of {w['stage']}: {w['processes']}, resident {_size(w['rss_bytes'])}"
+        )
     bottleneck = stats["bottleneck"]
     lines += ["", f"bottleneck: {bottleneck['stage']} — {bottleneck['why']}"]
     if bottleneck["advice"]:

@@ -5,12 +5,33 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from feedline.options import Options, ResolvedOptions
 
 if TYPE_CHECKING:
     from feedline.runtime.tunable import Tunable
+
+
+class WorkerPoolView(Protocol):
+    """What the run needs to see of a pool of worker processes (``runtime/process.py``)."""
+
+    name: str
+
+    @property
+    def closed(self) -> bool: ...
+
+    def pids(self) -> list[int]: ...
+
+    def rss_bytes(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class WorkerMemory:
+    stage: str  # the stage whose work the processes run
+    processes: int
+    rss_bytes: int  # their resident memory, sampled at most every half second
 
 
 class IterContext:
@@ -29,6 +50,7 @@ class IterContext:
         self._tuned: dict[object, dict[str, int]] = {}
         self._retired: list[Tunable] = []
         self._closers: list[Callable[[], None]] = []
+        self._worker_pools: list[WorkerPoolView] = []
         self._lock = threading.Lock()
 
     def register(self, stage: Tunable) -> None:
@@ -50,6 +72,17 @@ class IterContext:
         """Every stage this run made, closed ones included (for stats)."""
         with self._lock:
             return self._retired + self._stages
+
+    def add_worker_pool(self, pool: WorkerPoolView) -> None:
+        with self._lock:
+            self._worker_pools = [p for p in self._worker_pools if not p.closed] + [pool]
+
+    def worker_memory(self) -> list[WorkerMemory]:
+        """The run's worker processes now, per pool: they count in the RAM budget and in
+        ``stats()``."""
+        with self._lock:
+            pools = [p for p in self._worker_pools if not p.closed]
+        return [WorkerMemory(p.name, len(p.pids()), p.rss_bytes()) for p in pools]
 
     def on_close(self, closer: Callable[[], None]) -> None:
         """Run ``closer`` when the run ends (resources shared by its stages: worker pools)."""

@@ -88,10 +88,6 @@ class ChunkExecutor(Protocol):
         """The stage's ``parallelism`` knob changed (0 still needs one runner)."""
         ...
 
-    def worker_rss_bytes(self) -> int:
-        """Resident memory of whatever runs the work (cheap: sampled)."""
-        ...
-
     def close(self) -> None: ...
 
 
@@ -474,7 +470,6 @@ class AsyncStage(NodeIterator, Tunable):
                 share = min(1.0, cpu / wall)
                 solo = self.solo_cpu_share
                 self.solo_cpu_share = share if solo is None else 0.8 * solo + 0.2 * share
-        worker_rss = 0 if self.executor is None else self.executor.worker_rss_bytes()
         outputs = chunk.outputs
         per_element = element_nbytes(outputs[0]) if outputs else 0
         nbytes = per_element * len(outputs)
@@ -490,7 +485,6 @@ class AsyncStage(NodeIterator, Tunable):
                 self.metrics.buffered_bytes = self._ready_bytes
                 self.metrics.buffered_elements = self._reserved
                 self.metrics.bytes_per_element = self._bytes_per_element
-                self.metrics.worker_rss_bytes = worker_rss
             self._results_ready.notify_all()
 
     # -- consumer ----------------------------------------------------------------------------

@@ -51,7 +51,11 @@ class DatasetIterator:
         tunable = any(knob.tunable for stage in self._ctx.stages() for knob in stage.knobs.values())
         if options.autotune_enabled and tunable:
             self._tuner = Tuner(
-                self._ctx.stages, self._counters, budget_for(options.autotune), self._started
+                self._ctx.stages,
+                self._counters,
+                budget_for(options.autotune),
+                self._started,
+                self._ctx.worker_memory,
             )
             self._tuner.start()
 

@@ -45,6 +45,7 @@ from multiprocessing.connection import Connection
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from feedline.autotune.budget import rss_of
 from feedline.errors import StageError
 from feedline.runtime.parallel import Failed, Transform
 from feedline.structure import sole_type
@@ -624,7 +625,7 @@ class WorkerPool:
             self._rss_at = now
             with self._lock:
                 pids = [w.process.pid for w in self._workers]
-            self._rss = sum(_rss_of(pid) for pid in pids)
+            self._rss = sum(rss_of(pid) for pid in pids)
         return self._rss
 
     def pids(self) -> list[int]:
@@ -721,21 +722,6 @@ class ProcessPool(WorkerPool):
             self._idle.clear()  # stopped with the rest
 
 
-def _rss_of(pid: int) -> int:
-    try:
-        import psutil
-    except ImportError:
-        try:
-            with open(f"/proc/{pid}/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            return 0
-    try:
-        return int(psutil.Process(pid).memory_info().rss)
-    except psutil.Error:
-        return 0
-
-
 # Pools by run and op. Weak keys: a finished run's entries go with it.
 _pools: weakref.WeakKeyDictionary[IterContext, dict[object, WorkerPool]] = (
     weakref.WeakKeyDictionary()
@@ -773,6 +759,7 @@ def shared_pool(
             pool = make_pool()
             pool.acquire(token)
             pools[key] = pool
+            ctx.add_worker_pool(pool)
     return cast(Pool, pool)
 
 
@@ -819,9 +806,6 @@ class ProcessExecutor:
 
     def resize(self, parallelism: int) -> None:
         self.pool.set_share(self._token, max(1, parallelism))
-
-    def worker_rss_bytes(self) -> int:
-        return self.pool.rss_bytes()
 
     def close(self) -> None:
         self._release()

@@ -69,8 +69,8 @@ class StageMetrics:
     Times are seconds. ``work_wall``/``work_cpu`` cover the stage's own work (the user
     function, or pulling the input for a prefetch); ``consumer_wait`` is time the consumer spent
     blocked waiting for this stage; ``worker_idle`` is time workers spent waiting for buffer
-    space (the consumer is slower than the stage). ``worker_rss_bytes`` is the resident memory
-    of a stage's worker processes (0 on threads), sampled as it works.
+    space (the consumer is slower than the stage). Worker processes' memory is the run's, in
+    ``IterContext.worker_memory``.
     """
 
     elements: int = 0
@@ -83,7 +83,6 @@ class StageMetrics:
     buffered_bytes: int = 0
     bytes_per_element: float = 0.0
     errors: int = 0
-    worker_rss_bytes: int = 0
     # When the consumer's wait in progress began (None: not waiting). Snapshots count it, so a
     # long wait shows in the window it happens in, not only in the one where it ends.
     consumer_waiting_since: float | None = None
@@ -106,7 +105,6 @@ class StageMetrics:
                 "buffered_bytes": self.buffered_bytes,
                 "bytes_per_element": self.bytes_per_element,
                 "errors": self.errors,
-                "worker_rss_bytes": self.worker_rss_bytes,
             }
 
     def start_wait(self) -> float:

@@ -96,6 +96,36 @@ def limit_for(
     }
 
 
+def with_best_limit(
+    records: list[dict[str, Any]],
+    workload: Workload,
+    elements: int,
+    args: argparse.Namespace,
+    logs: Path,
+    before: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """``records`` of one workload against the higher of two single-threaded timings, one
+    before its systems ran and one after. On a shared machine one short timing can catch a
+    slow moment, which would make every fraction of the limit look better than it is."""
+    if not before.get("single_thread_s_per_element"):
+        return records
+    after = limit_for(workload, elements, args, logs)
+    if (after.get("limit_elements_per_s") or 0) <= before["limit_elements_per_s"]:
+        return records
+    print(
+        f"   limit timed again after the systems: {after['limit_elements_per_s']:.4g}/s "
+        f"(before: {before['limit_elements_per_s']:.4g}/s); fractions use the higher",
+        flush=True,
+    )
+    rescored = []
+    for record in records:
+        rate, ceiling = record["elements_per_s"], after["limit_elements_per_s"]
+        rescored.append(
+            {**record, **after, "limit_fraction": rate / ceiling if rate and ceiling else None}
+        )
+    return rescored
+
+
 def make_record(
     spec: RunSpec,
     workload: Workload,
@@ -159,6 +189,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         print(f"== {name}: {elements} elements ({args.mode})", flush=True)
         prepare_data(workload, args.data_dir)
         limit = limit_for(workload, elements, args, logs)
+        first_record = len(records)
         for system in args.systems:
             module = systems.load(system)
             specs: list[RunSpec] = module.specs(workload, args.mode)
@@ -191,6 +222,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     records.append(record)
                     print(f"   {report.one_line(record)}", flush=True)
             write_json(records, output(args, ".json"))
+        records[first_record:] = with_best_limit(
+            records[first_record:], workload, elements, args, logs, limit
+        )
+        write_json(records, output(args, ".json"))
     print(f"== done in {time.monotonic() - started:.0f} s", flush=True)
     return records
 

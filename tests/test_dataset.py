@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 import traceback
 from collections.abc import Callable, Iterator
@@ -408,3 +409,16 @@ def test_user_error_keeps_its_traceback(make: Callable[[], fl.Dataset]) -> None:
     assert isinstance(error.__cause__, KeyError)
     frames = [f.name for f in traceback.extract_tb(error.__cause__.__traceback__)]
     assert "decode_record" in frames, frames
+
+
+def test_a_dataset_pickles_with_cloudpickle_and_gives_the_same_elements() -> None:
+    # What a worker process receives inside a function it runs (interleave's map_func).
+    cloudpickle = pytest.importorskip("cloudpickle")
+    ds = (
+        fl.Dataset.range(20)
+        .shuffle(5, seed=1)
+        .random_map(lambda x, rng: x + rng.integers(9), seed=2)
+    )
+    ds = ds.cache().batch(3)
+    copy = pickle.loads(cloudpickle.dumps(ds))
+    assert_elements_equal(list(copy), list(ds))

@@ -483,3 +483,18 @@ def test_stats_report_the_workers_memory() -> None:
         assert workers["stage"] == pool_of(it).name
         assert workers["processes"] == min(2, default_parallelism())
         assert workers["rss_bytes"] > 0
+
+
+@pytest.mark.timeout(30)
+def test_map_func_may_close_over_a_dataset() -> None:
+    # Datasets hold locks (and an in-memory cache its contents): a copy sent to a worker
+    # makes its own.
+    template = D.range(5).map(lambda x: x * 10).cache()
+    list(template)  # the cache is full here; the workers fill their own
+
+    def build(executor: str) -> fl.Dataset:
+        return interleaved(
+            lambda i: template.map(lambda x: x + i), executor, cycle_length=2, num_parallel_calls=2
+        )
+
+    assert outcomes(build("process")) == outcomes(build("thread"))

@@ -41,6 +41,17 @@ class Op:
         self._spec: Any = None
         self._spec_known = False
 
+    # A dataset sent to a worker process (inside a function it runs) leaves its locks behind:
+    # they belong to this process, and the copy makes its own.
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_spec_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._spec_lock = threading.Lock()
+
     def cardinality(self) -> int:
         return UNKNOWN
 

@@ -42,6 +42,17 @@ class CacheOp(Op):
         self._memory: list[Any] | None = None
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy in another process fills its own cache, as a new run would.
+        state = super().__getstate__()
+        del state["_lock"]
+        state["_memory"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._lock = threading.Lock()
+
     def cardinality(self) -> int:
         return self.input.cardinality()
 

@@ -51,6 +51,17 @@ class PassKeys:
         )
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Runs are this process's: a copy elsewhere numbers its own (from the same seed).
+        state = dict(self.__dict__)
+        del state["_lock"], state["_next_epoch"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._next_epoch = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
     def key(self, ctx: IterContext, state: State | None) -> PassKey:
         """The key of a new pass in ``ctx``, or of the pass a saved ``state`` resumes."""
         restored: PassKey | None = None

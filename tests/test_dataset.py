@@ -422,3 +422,10 @@ def test_a_dataset_pickles_with_cloudpickle_and_gives_the_same_elements() -> Non
     ds = ds.cache().batch(3)
     copy = pickle.loads(cloudpickle.dumps(ds))
     assert_elements_equal(list(copy), list(ds))
+
+
+def test_interleave_refuses_more_calls_than_cycle_slots() -> None:
+    # tf.data: "num_parallel_calls must be -1 or <= cycle_length" (when iterated).
+    with pytest.raises(ValueError, match="at most cycle_length"):
+        fl.Dataset.range(4).interleave(fl.Dataset.range, cycle_length=1, num_parallel_calls=2)
+    fl.Dataset.range(4).interleave(fl.Dataset.range, cycle_length=2, num_parallel_calls=fl.AUTOTUNE)

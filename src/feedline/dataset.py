@@ -308,6 +308,11 @@ class Dataset:
             cycle = os.cpu_count() or 1
         block = 1 if block_length is None else require_positive_int(block_length, "block_length")
         calls = _parallelism(num_parallel_calls, "num_parallel_calls")
+        if calls not in (None, AUTOTUNE) and cycle_length not in (None, AUTOTUNE) and calls > cycle:
+            raise ValueError(
+                f"num_parallel_calls ({calls}) must be AUTOTUNE or at most cycle_length ({cycle}): "
+                "each call reads one of the cycle's datasets"
+            )
         return self._wrap(
             InterleaveOp(
                 self._op,

@@ -99,6 +99,19 @@ def _length(n: Any, values: Any) -> Any:
     return n
 
 
+def _arange(m: Any) -> Any:
+    return (lambda n: tf.range(n)) if m is tf.data else (lambda n: np.arange(n, dtype=np.int64))
+
+
+def _size(m: Any) -> Any:
+    return (lambda v: tf.size(v)) if m is tf.data else (lambda v: np.int32(np.size(v)))
+
+
+def _empty_scan(m: Any) -> Any:
+    """A scan over nothing: its spec comes from a function that never runs."""
+    return m.Dataset.range(5).filter(lambda x: x > 9).scan(np.int64(0), lambda s, x: (s + x, s))
+
+
 def _choices(m: Any) -> Any:
     return m.Dataset.from_tensor_slices(np.array([0, 1, 1, 0, 2, 0, 0, 0, 0], np.int64))
 
@@ -657,6 +670,37 @@ CASES: list[Case] = [
         lambda m: _sequences(m).bucket_by_sequence_length(
             _length, [3, 7], [2, 2, 2], pad_to_bucket_boundary=True
         ),
+    ),
+    Case(
+        # The first elements have one length by chance: the output's length still depends on
+        # the input's value, so it is open in the spec and padded to the boundary.
+        "bucket_pad_to_boundary_value_dependent_length",
+        lambda m: (
+            m.Dataset.from_tensor_slices(np.array([2, 2, 3], np.int64))
+            .map(_arange(m))
+            .bucket_by_sequence_length(_size(m), [5], [3, 3], pad_to_bucket_boundary=True)
+        ),
+    ),
+    Case(
+        "parallel_interleave_over_infinite_input",
+        lambda m: (
+            m.Dataset.range(3)
+            .repeat()
+            .interleave(_inner(m), cycle_length=2, num_parallel_calls=2)
+            .take(7)
+        ),
+    ),
+    Case(
+        "parallel_interleave_over_infinite_input_is_infinite",
+        lambda m: (
+            m.Dataset.range(3).repeat().interleave(_inner(m), cycle_length=2, num_parallel_calls=2)
+        ),
+        aspects=(CARDINALITY,),
+    ),
+    Case(
+        "concatenate_empty_scans",
+        lambda m: _empty_scan(m).concatenate(_empty_scan(m)).concatenate(m.Dataset.range(2)),
+        aspects=(ELEMENTS, CARDINALITY),
     ),
     Case(
         "bucket_drop_remainder",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -68,7 +69,10 @@ class ConcatenateOp(Op):
         super().__init__()
         self.inputs = (first, second)
         self.name = "concatenate"
-        self.compute_spec()  # incompatible datasets fail here, where the user wrote it
+        # Incompatible datasets fail here, where the user wrote it; inputs whose specs cannot
+        # be known (all empty, made by functions) have nothing to check, and yield nothing.
+        with contextlib.suppress(UnobservableSpec):
+            self.compute_spec()
 
     def cardinality(self) -> int:
         a, b = (op.cardinality() for op in self.inputs)
@@ -165,7 +169,11 @@ class InterleaveOp(Op):
         self.name = name or f"interleave({function_name(fn)})"
 
     def cardinality(self) -> int:
-        return UNKNOWN  # tf.data's answer even over an infinite input
+        # tf.data's answers: a parallel interleave over an infinite input is infinite (it
+        # would open datasets forever); otherwise unknown, even over an infinite input.
+        if self.num_parallel_calls is not None and self.input.cardinality() == INFINITE:
+            return INFINITE
+        return UNKNOWN
 
     def compute_spec(self) -> Any:
         from feedline.dataset import Dataset

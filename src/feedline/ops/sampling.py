@@ -3,6 +3,7 @@ choose_from_datasets (both a directed interleave driven by a selector of input i
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -190,7 +191,10 @@ class DirectedInterleaveOp(Op):
         self.inputs = (selector, *data_inputs)
         self.stop_on_empty_dataset = stop_on_empty_dataset
         self.name = name
-        self.compute_spec()  # incompatible datasets fail here, where the user wrote it
+        # Incompatible datasets fail here, where the user wrote it; inputs whose specs cannot
+        # be known (all empty, made by functions) have nothing to check, and yield nothing.
+        with contextlib.suppress(UnobservableSpec):
+            self.compute_spec()
 
     def cardinality(self) -> int:
         # tf.data's rule, which looks neither at the selector nor at stop_on_empty_dataset.

@@ -1,11 +1,11 @@
 """Element specs of what a user function returns, found by running it.
 
 tf.data knows a function's output spec by tracing it on symbolic tensors. feedline runs the
-function instead: on the first two real input elements, and — where the input's spec leaves a
-dimension open, or there is no input element at all — on synthetic inputs (zeros, empty
-strings) whose open dimensions take two different sizes. An output dimension that differs
-between those calls is open (``None``) in the result, as tf.data's tracing would find.
-A function that fails on synthetic input just contributes nothing.
+function instead: on the first two real input elements, and on synthetic inputs (zeros, empty
+strings) whose open dimensions, if the input's spec leaves any, take two different sizes. An
+output dimension that differs between those calls is open (``None``) in the result, as
+tf.data's tracing would find. A function that fails on synthetic input just contributes
+nothing.
 """
 
 from __future__ import annotations
@@ -82,8 +82,13 @@ def traced_spec(input_op: Op, output_spec_of: Callable[[Any], Any], name: str) -
     except UnobservableSpec:
         input_spec = None
     candidates = list(real)
-    if input_spec is not None and (not real or _has_open_dims(input_spec)):
-        candidates += [synthetic_element(input_spec, size) for size in SYNTHETIC_SIZES]
+    if input_spec is not None:
+        if not real or _has_open_dims(input_spec):
+            candidates += [synthetic_element(input_spec, size) for size in SYNTHETIC_SIZES]
+        else:
+            # Zeros too: the first real elements may agree by chance (two lines of one length)
+            # where the output's shape depends on the input's values.
+            candidates.append(synthetic_element(input_spec, SYNTHETIC_SIZES[0]))
     specs = []
     failure: Exception | None = None
     for element in candidates:

@@ -107,6 +107,13 @@ def _size(m: Any) -> Any:
     return (lambda v: tf.size(v)) if m is tf.data else (lambda v: np.int32(np.size(v)))
 
 
+def _concat(m: Any) -> Any:
+    """Appends ``x`` (as float64) to the vector ``s``."""
+    if m is tf.data:
+        return lambda s, x: tf.concat([s, tf.cast(tf.reshape(x, [1]), tf.float64)], 0)
+    return lambda s, x: np.append(s, np.float64(x))
+
+
 def _empty_scan(m: Any) -> Any:
     """A scan over nothing: its spec comes from a function that never runs."""
     return m.Dataset.range(5).filter(lambda x: x > 9).scan(np.int64(0), lambda s, x: (s + x, s))
@@ -696,6 +703,11 @@ CASES: list[Case] = [
             m.Dataset.range(3).repeat().interleave(_inner(m), cycle_length=2, num_parallel_calls=2)
         ),
         aspects=(CARDINALITY,),
+    ),
+    Case("empty_scan", _empty_scan, aspects=(ELEMENTS, CARDINALITY, SPEC)),
+    Case(
+        "scan_growing_state",
+        lambda m: m.Dataset.range(4).scan(np.zeros(0), lambda s, x: (_concat(m)(s, x), s)),
     ),
     Case(
         "concatenate_empty_scans",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,7 @@ from feedline.errors import StageError, wrap_user_error
 from feedline.ops.base import Op, function_name
 from feedline.ops.in_memory import decode_elements, encode_elements
 from feedline.ops.sources import owned_array
+from feedline.ops.tracing import REAL_ELEMENTS, first_elements, traced_spec
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import NodeIterator, State
 from feedline.structure import (
@@ -18,10 +20,12 @@ from feedline.structure import (
     flatten,
     leaf_spec,
     map_structure,
+    merge_specs,
     normalize,
     normalize_output,
     pack_like,
     scalar_if_0d,
+    spec_of,
 )
 
 
@@ -48,6 +52,22 @@ class ScanOp(Op):
 
     def cardinality(self) -> int:
         return self.input.cardinality()
+
+    def compute_spec(self) -> Any:
+        """The outputs of the function on the initial state (traced, so known even when no
+        element ever comes), merged with the first real outputs, whose states have moved on."""
+
+        def output_spec(element: Any) -> Any:
+            result = normalize_output(self.fn(self.initial_state, element))
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise TypeError("scan_func must return a pair (new state, output value)")
+            return spec_of(result[1])
+
+        spec = traced_spec(self.input, output_spec, self.name)
+        with contextlib.suppress(Exception):  # a look at the data, not a pass: errors come later
+            for output in first_elements(self, REAL_ELEMENTS):
+                spec = merge_specs(spec, spec_of(output))
+        return spec
 
     def make_iterator(self, ctx: IterContext, state: State | None) -> ScanIterator:
         return ScanIterator(self, ctx, state)

@@ -293,7 +293,6 @@ def _worker_main(conn: Connection, service_blob: bytes, shm_prefix: str | None) 
     """A worker's loop: receive a request, send back what the service replies."""
     # Ctrl-C reaches the whole process group; the parent decides what stops, and stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _keep_freed_memory()
     if shm_prefix is not None:  # segment names unique to this worker, under the pool's prefix
         shm_prefix = f"{shm_prefix}w{os.getpid()}-"
     service: Service | None = None
@@ -318,32 +317,6 @@ def _worker_main(conn: Connection, service_blob: bytes, shm_prefix: str | None) 
             return  # the parent closed the pipe: stop
         except Exception:
             _send(conn, ("error", traceback.format_exc()), None)
-
-
-# glibc malloc's M_TRIM_THRESHOLD and M_MMAP_THRESHOLD (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-# A worker's allocations up to this size come from its heap, and freed memory stays there.
-WORKER_HEAP_BYTES = 256 * 2**20
-
-
-def _keep_freed_memory() -> None:
-    """Let this worker reuse the memory it frees instead of returning it to the system.
-
-    A worker holds a whole chunk's results until they are sent, then frees them all. By
-    default glibc gives large blocks back to the system when freed (and maps them afresh, page
-    faults and zeroing included, for the next chunk): image decoding held 28 results at a time
-    and spent 1.8 ms of CPU per element where the same work one at a time took 1.45 ms; with
-    freed memory kept, 1.5 ms. A worker's heap then stays at its peak use, which it reaches
-    with every chunk anyway. Only this process's allocator changes, never the user's."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
-        return
-    mallopt(_M_MMAP_THRESHOLD, WORKER_HEAP_BYTES)
-    mallopt(_M_TRIM_THRESHOLD, 2 * WORKER_HEAP_BYTES)
 
 
 class _ChunkService:

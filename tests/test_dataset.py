@@ -429,3 +429,13 @@ def test_interleave_refuses_more_calls_than_cycle_slots() -> None:
     with pytest.raises(ValueError, match="at most cycle_length"):
         fl.Dataset.range(4).interleave(fl.Dataset.range, cycle_length=1, num_parallel_calls=2)
     fl.Dataset.range(4).interleave(fl.Dataset.range, cycle_length=2, num_parallel_calls=fl.AUTOTUNE)
+
+
+def test_tracing_a_spec_on_zeros_raises_no_warning() -> None:
+    # The spec is also traced on a synthetic zero, where 1 / x warns: not the user's data.
+    import warnings
+
+    ds = fl.Dataset.range(1, 4).map(lambda x: 1 / x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ds.element_spec.dtype == np.float64

@@ -11,6 +11,7 @@ nothing.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -81,21 +82,31 @@ def traced_spec(input_op: Op, output_spec_of: Callable[[Any], Any], name: str) -
         input_spec = input_op.element_spec()
     except UnobservableSpec:
         input_spec = None
-    candidates = list(real)
+    synthetic = []
     if input_spec is not None:
         if not real or _has_open_dims(input_spec):
-            candidates += [synthetic_element(input_spec, size) for size in SYNTHETIC_SIZES]
+            synthetic = [synthetic_element(input_spec, size) for size in SYNTHETIC_SIZES]
         else:
             # Zeros too: the first real elements may agree by chance (two lines of one length)
             # where the output's shape depends on the input's values.
-            candidates.append(synthetic_element(input_spec, SYNTHETIC_SIZES[0]))
+            synthetic = [synthetic_element(input_spec, SYNTHETIC_SIZES[0])]
     specs = []
-    failure: Exception | None = None
-    for element in candidates:
+    failures: list[Exception] = []
+
+    def run_on(element: Any) -> None:
         try:
             specs.append(output_spec_of(element))
         except Exception as e:  # a function may fail on some input: that element says nothing
-            failure = failure or e
+            failures.append(e)
+
+    for element in real:
+        run_on(element)
+    # What zeros make a function warn about (1 / x) is not the user's data: no warnings.
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for element in synthetic:
+            run_on(element)
+    failure = failures[0] if failures else None
     if not specs:
         raise UnobservableSpec(
             f"cannot infer the element spec of {name}: the function produced no output on the "

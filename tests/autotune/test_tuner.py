@@ -426,3 +426,16 @@ def gil_bound_decisions(
         m.consumer_wait += 0.25
         tuner.step(now)
     return [(d.old, d.new, d.reason) for d in tuner.history if d.knob == "executor"]
+
+
+def test_waiting_is_told_from_threads_sharing_the_gil() -> None:
+    waits = tuner_module.mostly_waits
+    # 64 threads that sleep pay their hand-offs: 0.5 cores together, 1% each; alone it waits.
+    assert waits(cpu_share=0.01, cores=0.5, solo_cpu_share=0.02)
+    # 16 computing threads queue for the GIL: 6% each, about one core together.
+    assert not waits(cpu_share=0.06, cores=0.95, solo_cpu_share=0.02)
+    assert not waits(cpu_share=0.06, cores=0.5, solo_cpu_share=0.97)
+    assert not waits(cpu_share=0.06, cores=0.5, solo_cpu_share=None)
+    # Few threads using little CPU wait, whatever was measured alone.
+    assert waits(cpu_share=0.05, cores=0.1, solo_cpu_share=None)
+    assert not waits(cpu_share=0.9, cores=0.1, solo_cpu_share=0.02)

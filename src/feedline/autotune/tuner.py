@@ -66,6 +66,9 @@ LOSS = 0.03  # a decrease may cost at most this much rate
 WAITING_WORK = 0.5  # CPU time / wall time below this: the work mostly waits (I/O) ...
 WAITING_CORES = 0.3  # ... if all its workers together also use less than this many cores:
 # threads waiting for the GIL show little CPU each too, but together they keep a core busy.
+# Many threads that wait add up to more cores (each pays its hand-offs): they still wait when
+# the work, run alone, waits too, until together they come near the one core the GIL allows.
+MANY_WAITING_CORES = 0.7
 PURE_WAITING = PURE_WAITING_SHARE  # CPU time / wall time below this: bigger steps
 BUSY = 0.5  # workers spending this fraction of their time on their own work are "busy"
 CPU_FULL = 0.85  # the process uses this share of its CPU budget: the cores are taken
@@ -151,7 +154,17 @@ class Experiment:
 
 def waits(w: StageWindow) -> bool:
     """The stage's work mostly waits (I/O, latency) rather than computes."""
-    return w.cpu_share < WAITING_WORK and w.cores < WAITING_CORES
+    return mostly_waits(w.cpu_share, w.cores, w.stage.solo_cpu_share)
+
+
+def mostly_waits(cpu_share: float, cores: float, solo_cpu_share: float | None) -> bool:
+    """Work whose workers spend ``cpu_share`` of their time on the CPU, ``cores`` together,
+    and ``solo_cpu_share`` when one ran alone, mostly waits (I/O, latency) rather than computes.
+    Threads waiting for the GIL also show a small share each, but keep about a core busy."""
+    if cpu_share >= WAITING_WORK:
+        return False
+    alone_waits = solo_cpu_share is not None and solo_cpu_share < WAITING_WORK
+    return cores < (MANY_WAITING_CORES if alone_waits else WAITING_CORES)
 
 
 @dataclass
@@ -590,8 +603,7 @@ class Tuner:
             return False
         parallelism = w.stage.knobs["parallelism"]
         workers = int(self.budget.cpu)  # computing work: one process per core
-        buffers = sum(x.stage.projected_bytes() for x in windows)
-        if buffers + self.workers_rss + workers * self._rss_per_worker() > self.budget.ram:
+        if not self._fits(sum(x.stage.projected_bytes() for x in windows), workers):
             return False  # the processes would not fit in the RAM budget
         reason = (
             f"computes, yet the process uses {self.cores_in_use:.1f} of {self.budget.cpu:.0f} "
@@ -680,7 +692,15 @@ class Tuner:
         executor = w.stage.knobs.get("executor")
         if parallelism is not None and executor is not None and executor.value == PROCESSES:
             added = max(0, parallelism - max(1, w.stage.knobs["parallelism"].value))
-        return buffers + self.workers_rss + added * self._rss_per_worker() <= self.budget.ram
+        return self._fits(buffers, added)
+
+    def _fits(self, buffers: float, new_workers: int) -> bool:
+        """Buffers holding ``buffers`` bytes, the running worker processes and
+        ``new_workers`` more: within the RAM budget?"""
+        workers = self.workers_rss
+        if new_workers:  # the estimate may read this process's memory: only when needed
+            workers += new_workers * self._rss_per_worker()
+        return buffers + workers <= self.budget.ram
 
     def _rss_per_worker(self) -> int:
         """What one more worker process is expected to hold: as much as those running, or,

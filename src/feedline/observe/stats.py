@@ -9,14 +9,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 # The report names a bottleneck by the same signs the tuner acts on.
-from feedline.autotune.tuner import GIL_CORES, WAITING_CORES, WAITING_WORK
+from feedline.autotune.tuner import GIL_CORES, mostly_waits
 from feedline.runtime.tunable import PROCESSES
 
 if TYPE_CHECKING:
     from feedline.runtime.pipeline import DatasetIterator
 
-# Below this stall fraction the consumer is served: the training step is the bottleneck.
+# Below this stall fraction the consumer is served: a stage waited on less is not blamed.
 SERVED = 0.01
+# A consumer that waits less than this share of the time is its own bottleneck: even an
+# infinitely fast pipeline would raise its rate by less than that. (A consumer that sleeps
+# between batches already waits ~1% on a plain Python loop: waking up costs 50-150 us.)
+CONSUMER_BOUND = 0.05
 
 
 def collect_stats(it: DatasetIterator) -> dict[str, Any]:
@@ -42,6 +46,7 @@ def collect_stats(it: DatasetIterator) -> dict[str, Any]:
         )
         # The latest stage made for an op (under repeat) has its current knobs and buffers.
         entry["knobs"] = {name: knob.value for name, knob in stage.knobs.items()}
+        entry["solo_cpu_share"] = stage.solo_cpu_share
         entry["tuned"] = sorted(name for name, knob in stage.knobs.items() if knob.tunable)
         entry["buffered_elements"] = int(m["buffered_elements"])
         entry["buffered_bytes"] = int(m["buffered_bytes"])
@@ -99,7 +104,7 @@ def find_bottleneck(stats: dict[str, Any]) -> dict[str, str]:
     stages = stats["stages"]
     if consumer["elements"] == 0:
         return {"stage": "-", "why": "nothing consumed yet", "advice": ""}
-    if consumer["stall_fraction"] < SERVED:
+    if consumer["stall_fraction"] < CONSUMER_BOUND:
         step = (consumer["elapsed_s"] - consumer["wait_s"]) / consumer["elements"]
         capacity = _pipeline_seconds_per_element(stages, consumer)
         faster = f"{step / capacity:.1f}x" if capacity > 0 else "much"
@@ -130,7 +135,7 @@ def find_bottleneck(stats: dict[str, Any]) -> dict[str, str]:
         f"its consumer waits on it {worst['consumer_wait_fraction']:.0%} of the time; "
         f"{worst['mean_ms']:.3g} ms per element"
     )
-    if cpu is not None and cpu < WAITING_WORK and cores < WAITING_CORES:
+    if cpu is not None and mostly_waits(cpu, cores, worst.get("solo_cpu_share")):
         advice = (
             f"{worst['name']} waits (CPU {cpu:.0%} of its time): {parallelism} calls in "
             "flight; raise Options.autotune.max_parallelism or ram_budget to allow more"

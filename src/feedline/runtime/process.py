@@ -29,6 +29,7 @@ import atexit
 import contextlib
 import functools
 import glob
+import io
 import itertools
 import mmap
 import multiprocessing
@@ -39,6 +40,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
@@ -139,9 +141,38 @@ def _dumps(obj: Any, keep_out: Callable[[pickle.PickleBuffer], bool]) -> bytes:
         return pickle.dumps(obj, protocol=5, buffer_callback=keep_out)
     except (pickle.PicklingError, TypeError, AttributeError):
         # The standard pickler is faster; cloudpickle also takes lambdas inside elements.
-        cloudpickle = require_cloudpickle()
-        body: bytes = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_out)
-        return body
+        return cloudpickle_dumps(obj, buffer_callback=keep_out)
+
+
+def cloudpickle_dumps(
+    obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], bool] | None = None
+) -> bytes:
+    """``obj`` pickled by cloudpickle, with the file names of the code it sends by value.
+
+    cloudpickle >= 3.1 names such code ``<dynamic-code>``: a worker's traceback would then show
+    neither the file nor the failing line of the user's lambda. Each code object is sent as
+    cloudpickle sends it, and renamed back when loaded."""
+    cloudpickle = require_cloudpickle()
+    # Copies of the code objects being sent, left to cloudpickle. A copy rather than the code
+    # itself: pickle would take an object saved while saving its own arguments for recursion,
+    # and drop the renaming around it.
+    copies: dict[int, types.CodeType] = {}
+
+    class KeepingFileNames(cloudpickle.Pickler):  # type: ignore[misc, name-defined]
+        def reducer_override(self, o: Any) -> Any:
+            if type(o) is types.CodeType and id(o) not in copies:
+                copy = o.replace()
+                copies[id(copy)] = copy  # kept alive: its id must not be reused meanwhile
+                return _named_code, (copy, o.co_filename)
+            return super().reducer_override(o)
+
+    buffer = io.BytesIO()
+    KeepingFileNames(buffer, protocol=5, buffer_callback=buffer_callback).dump(obj)
+    return buffer.getvalue()
+
+
+def _named_code(code: types.CodeType, filename: str) -> types.CodeType:
+    return code if code.co_filename == filename else code.replace(co_filename=filename)
 
 
 def _send(conn: Connection, obj: Any, shm_prefix: str | None) -> None:
@@ -773,9 +804,8 @@ def _close_pools_of(ctx: IterContext) -> None:
 def pickled_service(service: Service, name: str) -> bytes:
     """``service`` as workers load it; a ``StageError`` naming stage ``name`` if it cannot be
     pickled."""
-    cloudpickle = require_cloudpickle()
     try:
-        blob: bytes = cloudpickle.dumps(service)
+        blob = cloudpickle_dumps(service)
     except Exception as e:
         raise StageError(
             name,

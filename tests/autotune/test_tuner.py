@@ -399,13 +399,38 @@ def test_the_report_names_the_gil_and_says_to_use_processes() -> None:
     assert "holds the GIL" in advice and "executor='process'" in advice
 
 
+@pytest.mark.parametrize("process_cores", [1.75, 1.97])
+def test_a_thread_per_core_leaving_cores_unused_tries_processes(
+    monkeypatch: pytest.MonkeyPatch, process_cores: float
+) -> None:
+    # Two computing threads (90% of their time on the CPU) while the process uses 1.75 of
+    # its 2 cores: they wait on each other (the GIL between native calls), so processes are
+    # tried, and taken back when they do not pay. Using 1.97 cores, threads are left alone.
+    moves = gil_bound_decisions(monkeypatch, 2**32, [], process_cores=process_cores, cpu=0.9)
+    if process_cores < 1.9:
+        assert moves[0][:2] == (THREADS, PROCESSES), moves
+        assert "with a thread per core" in moves[0][2]
+        assert moves[1][:2] == (PROCESSES, THREADS)
+    else:
+        assert moves == []
+
+
 def gil_bound_decisions(
-    monkeypatch: pytest.MonkeyPatch, ram: int, workers: list[WorkerMemory]
+    monkeypatch: pytest.MonkeyPatch,
+    ram: int,
+    workers: list[WorkerMemory],
+    process_cores: float | None = None,
+    cpu: float = 0.5,
 ) -> list[tuple[int, int, str]]:
     """The executor decisions on a synthetic stage with the GIL's signature (the consumer
     always waits; the stage computes one core's worth at 1000 elements/s, on threads and on
-    processes alike), with a RAM budget of ``ram`` and ``workers`` already running."""
+    processes alike), with a RAM budget of ``ram`` and ``workers`` already running.
+    ``process_cores``: the cores the whole process uses (else what this test process uses);
+    ``cpu``: the share of the workers' time on the CPU."""
     monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)  # cores count as free
+    process_cpu = [0.0]
+    if process_cores is not None:
+        monkeypatch.setattr(tuner_module.time, "process_time", lambda: process_cpu[0])
     # A worker is expected to hold as much as this process, before any runs: a fixed size here
     # (this test process's own depends on what earlier tests imported).
     monkeypatch.setattr(tuner_module, "rss_of", lambda: 100 * 2**20)
@@ -417,12 +442,13 @@ def gil_bound_decisions(
     )
     for _ in range(40):
         now += 0.25
+        process_cpu[0] += 0.25 * (process_cores or 0.0)
         root.delivered += 250
         root.wait += 0.25
         m = synthetic.metrics
         m.elements += 250
         m.work_wall += 0.5
-        m.work_cpu += 0.25
+        m.work_cpu += 0.5 * cpu
         m.consumer_wait += 0.25
         tuner.step(now)
     return [(d.old, d.new, d.reason) for d in tuner.history if d.knob == "executor"]

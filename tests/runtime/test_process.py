@@ -18,6 +18,7 @@ import pytest
 
 import feedline as fl
 from feedline.runtime import process
+from feedline.runtime.parallel import RowList
 from tests.helpers import assert_elements_equal, assert_state_roundtrip, take
 
 if not sys.platform.startswith("linux"):
@@ -136,7 +137,7 @@ def test_only_same_shape_plain_arrays_are_stacked() -> None:
 
     stacked = rows_of("rows")
     assert isinstance(stacked, process.Rows)
-    elements = stacked.elements()
+    elements = RowList(stacked.stacked)
     assert_elements_equal(elements, [_row_outputs("rows")(x) for x in range(5)])
     assert all(e.base is stacked.stacked for e in elements)  # views, not copies
     for kind in ("0-d", "ragged", "objects"):
@@ -345,3 +346,152 @@ def test_parallelism_knob_resizes_the_pool() -> None:
         assert stats["worker_rss_bytes"] == workers["rss_bytes"] > 0
         assert f"worker processes of {stage.name}: 3, resident" in it.report()
     assert it._ctx.worker_memory() == []  # closed with the run
+
+
+# -- batches of worker results, and the reply segments they travel in --------------------------
+
+ROW = process.SHM_MIN_BYTES // 4  # float64 elements: a 32-row batch of them goes out of band
+
+
+def row(x: Any) -> np.ndarray:
+    return np.full(ROW // 8, int(x), np.float64) + np.arange(ROW // 8)
+
+
+def batched(executor: str, n: int, batch: int, drop_remainder: bool = False) -> fl.Dataset:
+    ds = D.range(n).map(row, num_parallel_calls=2, executor=executor)
+    return untuned(ds.batch(batch, drop_remainder=drop_remainder))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("n", "batch", "drop"), [(300, 32, False), (300, 7, False), (97, 10, True)]
+)
+def test_batches_of_worker_results_equal_threads(n: int, batch: int, drop: bool) -> None:
+    got = list(batched("process", n, batch, drop))
+    assert_elements_equal(got, list(batched("thread", n, batch, drop)))
+    # Held all at once: no batch's memory was reused for a later one.
+    assert_elements_equal(got, [np.stack([row(x) for x in b]) for b in _positions(n, batch, drop)])
+
+
+def _positions(n: int, batch: int, drop: bool) -> list[list[int]]:
+    out = [list(range(i, min(n, i + batch))) for i in range(0, n, batch)]
+    return [b for b in out if len(b) == batch or not drop]
+
+
+@pytest.mark.timeout(60)
+def test_a_batch_is_its_own_memory() -> None:
+    # Whole batches come as slices of what a worker stacked, with no copy: each must still be
+    # the user's own, writable, and touch nothing else (other batches, a later epoch).
+    ds = D.range(128).map(row, num_parallel_calls=2, executor="process")
+    ds = untuned(ds.batch(32).repeat(2))
+    with ds.iterator() as it:
+        batches = []
+        for b in it:
+            assert b.flags.writeable
+            assert not any(np.shares_memory(b, other) for other in batches)
+            batches.append(b)
+            b[:] = -1.0  # scribbled over at once: later batches must not see it
+    assert len(batches) == 8
+    fresh = list(batched("process", 128, 32))
+    assert_elements_equal(fresh, list(batched("thread", 128, 32)))
+
+
+@pytest.mark.timeout(60)
+def test_padded_batches_of_worker_results_are_padded() -> None:
+    def build(executor: str) -> fl.Dataset:
+        ds = D.range(64).map(row, num_parallel_calls=2, executor=executor)
+        return untuned(ds.padded_batch(16, padded_shapes=[ROW // 8 + 3]))
+
+    got = list(build("process"))
+    assert got[0].shape == (16, ROW // 8 + 3)
+    assert_elements_equal(got, list(build("thread")))
+
+
+@pytest.mark.timeout(60)
+def test_reply_segments_are_reused_once_batches_are_dropped() -> None:
+    ds = untuned(D.range(2000).map(row, num_parallel_calls=2, executor="process").batch(32))
+    mapped = []
+    with ds.iterator() as it:
+        pool = None
+        for i, _ in enumerate(it):
+            if i == 2:
+                pool = pool_of(it)
+            if pool is not None:
+                with pool._lock:
+                    mapped.append(sum(len(w.replies._maps) for w in pool._workers))
+    # 63 batches went through; the segments the workers made stay few (those in flight and
+    # a couple kept free by each), not one per reply.
+    assert len(mapped) > 50
+    assert max(mapped) <= 2 * (4 + process.MAX_FREE_REPLY_SEGMENTS), mapped
+
+
+@pytest.mark.timeout(60)
+def test_results_fall_back_to_the_pickle_when_shared_memory_is_full() -> None:
+    arena = process.ReplyArena(f"fl-{os.getpid()}-test-")
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    real = os.posix_fallocate
+    os.posix_fallocate = full  # type: ignore[assignment]
+    try:
+        plain = arena.empty((4, ROW // 8), np.dtype(np.float64))
+        assert plain.base is None  # an ordinary array: it travels inside the pickle
+        assert not arena.place(memoryview(np.zeros(ROW, np.uint8)))
+    finally:
+        os.posix_fallocate = real
+    arena.end_message(sent=False)
+    remove_test_segments()
+
+
+def remove_test_segments() -> None:
+    """What a stopping pool does for its workers' segments: remove every name left."""
+    for name in our_segments():
+        if "-test-" in name:
+            process._unlink(name)
+
+
+def test_reply_segments_go_back_and_forth_and_few_stay_free() -> None:
+    arena = process.ReplyArena(f"fl-{os.getpid()}-test-")  # a worker's side
+    replies = process.ReplySegments()  # the parent's
+    sizes = [ROW, 2 * ROW, 3 * ROW, 4 * ROW]
+    arrays = [arena.empty((n // 8,), np.dtype(np.float64)) for n in sizes]
+    for i, a in enumerate(arrays):
+        a[:] = i
+        assert arena.place(memoryview(a).cast("B"))
+    segments, layout, _ = arena.end_message()
+    assert all(name is not None for _, name, _ in segments)  # new: named, this once
+    leases = [replies.lease(key, name, size) for key, name, size in segments]
+    assert not [n for n in our_segments() if "-test-" in n]  # mapped: names removed
+    views = [
+        lease[offset : offset + n].view(np.float64) for lease, (_, offset, n) in zip(leases, layout)
+    ]
+    assert [float(v[0]) for v in views] == [0.0, 1.0, 2.0, 3.0]
+    assert replies.returned() == []  # all still in use here
+    del arrays, a, leases, views
+    gc.collect()
+    returned = replies.returned()
+    assert sorted(returned) == sorted(key for key, _, _ in segments)
+    arena.take_back(returned)  # all four free: the smallest beyond the limit are let go
+    assert arena.segments == process.MAX_FREE_REPLY_SEGMENTS
+    # The next reply reuses a kept segment (already mapped: no name), and says which went.
+    again = arena.empty((ROW // 8,), np.dtype(np.float64))
+    assert arena.place(memoryview(again).cast("B"))
+    segments_again, _, dropped = arena.end_message()
+    key, name, _ = segments_again[0]
+    assert name is None and key in returned
+    assert sorted(dropped) == sorted(key for key, _, _ in segments[:2])
+    replies.forget(dropped)
+    assert len(replies._maps) == process.MAX_FREE_REPLY_SEGMENTS
+
+
+def test_worker_heap_keeps_twice_the_largest_chunk() -> None:
+    calls: list[tuple[int, int]] = []
+    heap = process.WorkerHeap(lambda param, value: calls.append((param, value)) or 1)
+    heap.hold(10 * 2**20)
+    heap.hold(2**20)  # smaller: nothing changes
+    heap.hold(2**40)  # capped
+    assert calls == [
+        (process._M_TRIM_THRESHOLD, 20 * 2**20),
+        (process._M_TRIM_THRESHOLD, process.HEAP_KEEP_MAX),
+    ]

@@ -75,7 +75,13 @@ CPU_FULL = 0.85  # the process uses this share of its CPU budget: the cores are 
 # Threads held by the GIL run Python one at a time: together they use about one core. Past
 # this many, they already run in parallel enough that processes would mostly add hand-offs.
 GIL_CORES = 1.5
-# Moving to processes needs at least this many idle cores on the machine to run them on.
+# A thread per core that leaves more than this share of the cores unused (while its consumer
+# waits on it) waits on the other threads: processes may run the same work in parallel.
+# Image decoding with Pillow left 10-20% unused on 2 threads; numpy work that releases the
+# GIL, under 3%.
+THREADS_LEAVE_CORES = 0.07
+# Moving to processes needs at least this many idle cores on the machine to run them on (or
+# half the cores the process leaves unused, if fewer).
 FREE_CORES_FOR_PROCESSES = 0.5
 # Fewer workers can keep the rate only if the cores the stage uses fit in them (a worker uses
 # at most one): threads contending for the GIL, or waiting. Slack for measurement noise.
@@ -86,6 +92,10 @@ CHEAP_WORK = CHEAP_WORK_SECONDS
 # CPU time per element above which moving a GIL-bound function to processes can pay for
 # sending elements and results between processes (waiting does not move: only the CPU work).
 PROCESS_WORTH = 100e-6
+# Moving to processes costs memory (each worker loads what the function needs): it must
+# raise the rate by this much to stay. Image decoding gained 15-25% over a thread per core;
+# numpy work that releases the GIL, within the noise (which on a busy machine reaches ~10%).
+PROCESS_GAIN = 0.15
 # Settle / measure windows, at least, of changes whose effect is slow to show (processes must
 # start) or small next to the noise of short windows (reading ahead for a consumer that is
 # mostly busy: its rate moves by about the fraction it waits).
@@ -148,6 +158,8 @@ class Experiment:
     # Shortest settling and measuring windows: longer where the change takes time to show
     # (worker processes must start and load what the function needs).
     min_window: float = MIN_WINDOW
+    # The rate must rise this much for a scale-up to be kept.
+    min_gain: float = GAIN
     # Right after a change, buffers fill or drain: that window is discarded, not judged.
     settling: bool = True
 
@@ -425,8 +437,13 @@ class Tuner:
             # A consumer that waited too little for its rate to rise by GAIN is judged on its
             # waits: waiting clearly less (when that was more than comfortable) is a gain.
             waits_less = NO_STALL < e.baseline_stall < GAIN and stall < STALL_CUT * e.baseline_stall
-            if gain >= GAIN + noise or (
-                (stall < e.baseline_stall - STALL or waits_less) and gain > -loss_allowed
+            # A costly change (min_gain above GAIN) must pay in rate, which a consumer waiting
+            # a point less does not show.
+            stall_counts = e.min_gain <= GAIN
+            if gain >= e.min_gain + noise or (
+                stall_counts
+                and (stall < e.baseline_stall - STALL or waits_less)
+                and gain > -loss_allowed
             ):
                 return True  # the next decision may scale further
             self._set(e.stage, e.knob, e.old, f"no gain from {e.new} ({gain:+.0%}): back")
@@ -595,10 +612,23 @@ class Tuner:
             # its calls in flight, not the GIL, set its rate.
             or w.stage.knobs["parallelism"].value > self.budget.cpu
             or self.budget.cpu < 2
-            or self.cores_in_use >= min(CPU_FULL * self.budget.cpu, GIL_CORES)
-            # Cores kept busy by other processes look like the GIL from inside; processes
-            # would not get them either.
-            or (self.idle_cores is not None and self.idle_cores < FREE_CORES_FOR_PROCESSES)
+        ):
+            return False
+        unused = self.budget.cpu - self.cores_in_use
+        # Held by the GIL: threads together use about one core.
+        held = self.cores_in_use < min(CPU_FULL * self.budget.cpu, GIL_CORES)
+        # Or a thread per core already, yet the cores are not all used: the threads wait on
+        # each other (the GIL between the native calls of the function) part of the time.
+        waiting_on_each_other = (
+            w.stage.knobs["parallelism"].value >= self.budget.cpu
+            and unused > THREADS_LEAVE_CORES * self.budget.cpu
+        )
+        if not (held or waiting_on_each_other):
+            return False
+        # Cores kept busy by other processes look like the GIL from inside; processes would
+        # not get them either.
+        if self.idle_cores is not None and self.idle_cores < min(
+            FREE_CORES_FOR_PROCESSES, unused / 2
         ):
             return False
         parallelism = w.stage.knobs["parallelism"]
@@ -606,12 +636,14 @@ class Tuner:
         if not self._fits(sum(x.stage.projected_bytes() for x in windows), workers):
             return False  # the processes would not fit in the RAM budget
         reason = (
-            f"computes, yet the process uses {self.cores_in_use:.1f} of {self.budget.cpu:.0f} "
-            "cores: the GIL; moving the function to processes"
+            f"computes, yet the process uses {self.cores_in_use:.2f} of {self.budget.cpu:.0f} "
+            f"cores{' with a thread per core' if not held else ''}: the GIL; moving the "
+            "function to processes"
         )
         self._try(w.stage, executor, PROCESSES, +1, rate, stall, now, reason)
         if self._experiment is not None:
             self._experiment.min_window = LONG_WINDOW
+            self._experiment.min_gain = PROCESS_GAIN
         if self._experiment is not None and workers != parallelism.value:
             self._experiment.companion = (parallelism, parallelism.value)
             self._set(w.stage, parallelism, workers, "one worker process per core")

@@ -131,6 +131,9 @@ class BatchOp(Op):
 
 
 class BatchIterator(NodeIterator):
+    # A batch may be a block its input already stacked (see ``NodeIterator.next_block``).
+    takes_blocks = True
+
     def __init__(self, op: BatchOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
         self.input = op.input.make_iterator(ctx, None if state is None else state["input"])
@@ -149,6 +152,11 @@ class BatchIterator(NodeIterator):
         return elements
 
     def __next__(self) -> Any:
+        if self.takes_blocks:
+            block = self.input.next_block(self.op.batch_size)
+            if block is not None:
+                self.position += len(block)
+                return block
         elements = self.collect()
         if not elements or (self.op.drop_remainder and len(elements) < self.op.batch_size):
             raise StopIteration
@@ -206,6 +214,7 @@ def _as_shape(shape: Any) -> tuple[int | None, ...]:
 
 
 class PaddedBatchIterator(BatchIterator):
+    takes_blocks = False  # padding may change the shape
     op: PaddedBatchOp
 
     def combine(self, elements: list[Any], first_position: int) -> Any:

@@ -48,6 +48,12 @@ class NodeIterator:
             self._deferred_error = e
         return out
 
+    def next_block(self, n: int) -> Any | None:
+        """The next ``n`` elements as one array already stacked (a batch of them), when this
+        iterator made them so and nothing else can see them; None otherwise: the caller then
+        takes elements. Asking also tells the iterator that blocks of ``n`` are wanted."""
+        return None
+
     def get_state(self) -> State:
         raise NotImplementedError
 

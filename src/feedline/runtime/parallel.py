@@ -106,6 +106,17 @@ def element_nbytes(element: Any) -> int:
     return 64
 
 
+class RowList(list[Any]):
+    """Outputs that are the rows of one array, ``stacked`` (results of worker processes):
+    ``n`` of them in a row can go to a batch as a slice of it, with no copy."""
+
+    __slots__ = ("stacked",)
+
+    def __init__(self, stacked: np.ndarray) -> None:
+        super().__init__(stacked)
+        self.stacked = stacked
+
+
 class _Chunk:
     """Elements pulled together: input positions [start, end), of which ``positions`` were
     kept (a restored state may have dropped some), and their outputs once transformed."""
@@ -232,6 +243,10 @@ class AsyncStage(NodeIterator, Tunable):
         self.solo_cpu_share: float | None = None
         self._bytes_per_element = 0.0
         self._chunk_size = 1
+        # Wanted by the consumer (a batch) as stacked blocks of this many: chunks run on worker
+        # processes then end at multiples of it, so that their results, stacked there, hold
+        # whole batches.
+        self._block_size = 0
         self._current: _Chunk | None = None
         self._workers: list[threading.Thread] = []
         self._closing = False
@@ -407,8 +422,13 @@ class AsyncStage(NodeIterator, Tunable):
                 started = time.perf_counter()
                 cpu_started = time.thread_time()
                 failed = False
+                wanted = size
+                block = self._block_size
+                if block and self.executor is not None:
+                    end = start + size
+                    wanted = max(end - end % block, start - start % block + block) - start
                 try:
-                    raw: list[Any] = self._input.next_chunk(size)
+                    raw: list[Any] = self._input.next_chunk(wanted)
                 except Exception as e:
                     raw, failed = [Failed(e)], True
                 if self.transform is None:
@@ -640,6 +660,31 @@ class AsyncStage(NodeIterator, Tunable):
         chunk.delivered = stop
         self._retire_if_done(chunk)
         return taken
+
+    def next_block(self, n: int) -> Any | None:
+        self._block_size = n
+        if self._closed:
+            return None
+        chunk = self._current
+        if chunk is None or chunk.delivered >= len(chunk.outputs):
+            if self.transform is None:
+                return None
+            chunk = self._next_ready()
+            if chunk is None:
+                return None
+            self._current = chunk
+        outputs = chunk.outputs
+        start = chunk.delivered
+        if (
+            type(outputs) is not RowList
+            or start + n > len(outputs)
+            or (chunk.failures and chunk.failures[0] < start + n)
+        ):
+            return None
+        chunk.delivered = start + n
+        self._retire_if_done(chunk)
+        # Rows nothing else was given: the batch can be them in place.
+        return outputs.stacked[start : start + n]
 
     def _pass_through(self, max_n: int) -> list[Any] | None:
         """An inline read-ahead stage with nothing in flight is a pass-through: the consumer

@@ -14,11 +14,15 @@ errors at their positions and the ``parallelism`` knob work exactly as on thread
   with each request) goes to each worker once, pickled with cloudpickle so lambdas and
   closures work; requests to one worker are answered one at a time, in order.
 - Elements travel pickled (protocol 5). Array buffers of ``SHM_MIN_BYTES`` or more travel
-  out of band, in one shared-memory segment per message: the sender writes them once, the
-  receiver maps the segment and unlinks its name at once, and the arrays it gets are views of
-  that mapping, freed when the last of them is dropped. Nothing is left in ``/dev/shm`` when
-  a worker dies mid-message either: segment names carry the pool's prefix, and a stopping
-  pool removes whatever is left under it.
+  out of band, through shared memory. To a worker: one segment per message, which the worker
+  maps and unlinks at once. Back from a worker: its *reply segments* (``ReplyArena``), which
+  the parent maps once and lends to the arrays of each reply; when the last array using one
+  is collected, it goes back to the worker with the next request and is written again, its
+  pages already in both page tables. Results of one shape are stacked in the worker straight
+  into a segment, and a ``batch`` right after the map takes whole batches as slices of it
+  (``AsyncStage.next_block``): no copy in the parent at all. Nothing is left in ``/dev/shm``
+  when a worker dies mid-message either: segment names carry the pool's prefix, and a
+  stopping pool removes whatever is left under it.
 - A worker that dies (killed, segfault, out of memory) breaks its pool: the stage fails with a
   ``StageError`` naming the positions of the chunk it was running, and every worker is stopped.
 """

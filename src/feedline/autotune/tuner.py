@@ -92,9 +92,10 @@ CHEAP_WORK = CHEAP_WORK_SECONDS
 # CPU time per element above which moving a GIL-bound function to processes can pay for
 # sending elements and results between processes (waiting does not move: only the CPU work).
 PROCESS_WORTH = 100e-6
-# Moving to processes costs memory (each worker loads what the function needs): it must
-# raise the rate by this much to stay. Image decoding gained 15-25% over a thread per core;
-# numpy work that releases the GIL, within the noise (which on a busy machine reaches ~10%).
+# Moving threads that already use most cores to processes costs memory (each worker loads
+# what the function needs): it must raise the rate by this much to stay. Image decoding
+# gained 15-25% over a thread per core; numpy work that releases the GIL, within the noise
+# (which on a busy machine reaches ~10%).
 PROCESS_GAIN = 0.15
 # Settle / measure windows, at least, of changes whose effect is slow to show (processes must
 # start) or small next to the noise of short windows (reading ahead for a consumer that is
@@ -643,7 +644,8 @@ class Tuner:
         self._try(w.stage, executor, PROCESSES, +1, rate, stall, now, reason)
         if self._experiment is not None:
             self._experiment.min_window = LONG_WINDOW
-            self._experiment.min_gain = PROCESS_GAIN
+            if not held:  # threads already near the cores: the gain must be clear
+                self._experiment.min_gain = PROCESS_GAIN
         if self._experiment is not None and workers != parallelism.value:
             self._experiment.companion = (parallelism, parallelism.value)
             self._set(w.stage, parallelism, workers, "one worker process per core")

@@ -495,3 +495,14 @@ def test_worker_heap_keeps_twice_the_largest_chunk() -> None:
         (process._M_TRIM_THRESHOLD, 20 * 2**20),
         (process._M_TRIM_THRESHOLD, process.HEAP_KEEP_MAX),
     ]
+
+
+@pytest.mark.timeout(60)
+def test_every_worker_gets_chunks_when_batches_outgrow_the_learned_chunk() -> None:
+    # 5 ms per element makes 8-element chunks; cut at 32-element batch boundaries they hold
+    # 32, and the buffer must leave room for one such chunk per worker (else one worker at a
+    # time runs, and the same idle worker is always picked again).
+    ds = untuned(D.range(960).map(slow_pid, num_parallel_calls=2, executor="process").batch(32))
+    batches = list(ds)
+    later = {int(pid) for batch in batches[len(batches) // 2 :] for pid in batch}
+    assert len(later) == 2

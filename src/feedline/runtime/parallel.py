@@ -264,7 +264,7 @@ class AsyncStage(NodeIterator, Tunable):
         set as given, or as they are)."""
         if self._auto_buffer:
             workers = self.parallelism if parallelism is None else parallelism
-            return max(2, 2 * max(1, workers) * self._chunk_size)
+            return max(2, 2 * max(1, workers) * self._whole_blocks(self._chunk_size))
         return self.knobs["buffer_size"].value if buffer_size is None else buffer_size
 
     def projected_bytes(
@@ -273,8 +273,16 @@ class AsyncStage(NodeIterator, Tunable):
         elements = self.buffer_limit(parallelism, buffer_size)
         return min(elements * self._bytes_per_element, 1.5 * self.max_buffer_bytes)
 
+    def _whole_blocks(self, size: int) -> int:
+        """``size`` rounded up to whole blocks, when chunks on worker processes are cut at
+        block boundaries (see ``_block_size``): what such a chunk then holds."""
+        block = self._block_size
+        if not block or self.executor is None:
+            return size
+        return -(-size // block) * block
+
     def _next_chunk_size(self) -> int:
-        size = self._chunk_size
+        size = self._whole_blocks(self._chunk_size)
         if not self._auto_buffer:
             # Two chunks per worker fit in the user's buffer, so a worker refills while the
             # consumer drains (with one, they would take turns).
@@ -424,7 +432,7 @@ class AsyncStage(NodeIterator, Tunable):
                 failed = False
                 wanted = size
                 block = self._block_size
-                if block and self.executor is not None:
+                if block and self.executor is not None:  # end at a block boundary
                     end = start + size
                     wanted = max(end - end % block, start - start % block + block) - start
                 try:

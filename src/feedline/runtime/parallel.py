@@ -633,19 +633,28 @@ class AsyncStage(NodeIterator, Tunable):
             raise StopIteration
         return taken[0]
 
+    def _delivering(self) -> _Chunk | None:
+        """The chunk the next element comes from, waited for if need be; None at the end."""
+        chunk = self._current
+        if chunk is None or chunk.delivered >= len(chunk.outputs):
+            chunk = self._current = self._next_ready()
+        return chunk
+
     def next_chunk(self, max_n: int) -> list[Any]:
         if self._closed:
             return []
-        chunk = self._current
-        if chunk is None or chunk.delivered >= len(chunk.outputs):
-            if self.transform is None and self.parallelism == 0:
-                passed = self._pass_through(max_n)
-                if passed is not None:
-                    return passed
-            chunk = self._next_ready()
-            if chunk is None:
-                return []
-            self._current = chunk
+        current = self._current
+        if (
+            (current is None or current.delivered >= len(current.outputs))
+            and self.transform is None
+            and self.parallelism == 0
+        ):
+            passed = self._pass_through(max_n)
+            if passed is not None:
+                return passed
+        chunk = self._delivering()
+        if chunk is None:
+            return []
         start = chunk.delivered
         outputs = chunk.outputs
         stop = min(len(outputs), start + max_n)
@@ -671,16 +680,11 @@ class AsyncStage(NodeIterator, Tunable):
 
     def next_block(self, n: int) -> Any | None:
         self._block_size = n
-        if self._closed:
+        if self._closed or self.transform is None:  # only a map's workers stack results
             return None
-        chunk = self._current
-        if chunk is None or chunk.delivered >= len(chunk.outputs):
-            if self.transform is None:
-                return None
-            chunk = self._next_ready()
-            if chunk is None:
-                return None
-            self._current = chunk
+        chunk = self._delivering()
+        if chunk is None:
+            return None
         outputs = chunk.outputs
         start = chunk.delivered
         if (

@@ -318,8 +318,8 @@ class ReplyArena:
     once and reused for later replies once the parent holds no view of them.
 
     A fresh segment per reply costs the worker its page faults and zeroing, and the parent
-    the mapping of every page again (for a batch of 32 decoded images, 19 MB: ~100 us per
-    element between the two); a reused one is in both page tables already. A result built
+    the mapping of every page again; a reused one is in both page tables already (image
+    decoding on two workers: the parent's CPU per element fell from 348 to 127 us). A result built
     in ``empty`` lies in a segment from the start; other large buffers are copied into one
     when sent.
 

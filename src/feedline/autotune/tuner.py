@@ -77,8 +77,9 @@ CPU_FULL = 0.85  # the process uses this share of its CPU budget: the cores are 
 GIL_CORES = 1.5
 # A thread per core that leaves more than this share of the cores unused (while its consumer
 # waits on it) waits on the other threads: processes may run the same work in parallel.
-# Image decoding with Pillow left 10-20% unused on 2 threads; numpy work that releases the
-# GIL, under 3%.
+# Two threads measured (with the batching and the consumer in the same process): Pillow
+# image decoding used 1.15-1.72 of 2 cores, numpy work that releases the GIL 1.47-1.75 — so
+# both are tried, and the experiment decides.
 THREADS_LEAVE_CORES = 0.07
 # Moving to processes needs at least this many idle cores on the machine to run them on (or
 # half the cores the process leaves unused, if fewer).
@@ -93,9 +94,9 @@ CHEAP_WORK = CHEAP_WORK_SECONDS
 # sending elements and results between processes (waiting does not move: only the CPU work).
 PROCESS_WORTH = 100e-6
 # Moving threads that already use most cores to processes costs memory (each worker loads
-# what the function needs): it must raise the rate by this much to stay. Image decoding
-# gained 15-25% over a thread per core; numpy work that releases the GIL, within the noise
-# (which on a busy machine reaches ~10%).
+# what the function needs): it must raise the rate by this much to stay, above the noise of
+# a busy machine (~10%). Image decoding gained 14-30% over a thread per core, round by round;
+# numpy work that releases the GIL, +3% in one such comparison and +30% in one benchmark run.
 PROCESS_GAIN = 0.15
 # Settle / measure windows, at least, of changes whose effect is slow to show (processes must
 # start) or small next to the noise of short windows (reading ahead for a consumer that is

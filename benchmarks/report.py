@@ -130,7 +130,10 @@ def markdown(records: Sequence[Record]) -> str:
         "Every cell is that system's best configuration: steady-state elements/s (after 10% "
         "warm-up), peak RSS of the process tree, CPU seconds of the tree; the stall fraction "
         "where a consumer does work; the fraction of the limit where the work is CPU-bound. "
-        "Compare within a row only: absolute numbers on a shared machine are noisy.",
+        "Compare within a row only: absolute numbers on a shared machine are noisy. feedline's "
+        "AUTOTUNE runs first and again after the peers (`run=again`), as the machine's speed "
+        "drifts within a workload; its cell is the better of the two, as every other cell is "
+        "the best of its system's runs.",
         "",
     ]
     header = [*SYSTEM_ORDER, "limit", "feedline / best peer", "AUTOTUNE / oracle"]

@@ -6,8 +6,9 @@
     python -m benchmarks.run --workloads image,io_latency --systems feedline,torch
 
 Workloads run one after another; within a workload every system runs back to back, so the
-systems being compared saw the same machine conditions. Results are written after every pair,
-so an interrupted run keeps what it measured.
+systems being compared saw about the same machine conditions, and feedline's AUTOTUNE runs
+again after the peers (A-B-A: a shared machine's speed drifts within a workload, by up to 40%
+here). Results are written after every pair, so an interrupted run keeps what it measured.
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         help="one subprocess per configuration (default in full mode; memory figures are then "
         "not inflated by an earlier configuration), else one per (system, workload) pair",
+    )
+    parser.add_argument(
+        "--again",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run feedline's AUTOTUNE configuration again after the peers of each workload "
+        "(A-B-A: a machine whose speed drifts within a workload then favours no system; "
+        "its cell is the better of the two runs)",
     )
     parser.add_argument("--data-dir", type=Path, default=RESULTS / "tmp" / "data")
     parser.add_argument("--out", type=Path, help="output stem: writes STEM.json, .md, .png")
@@ -204,29 +213,46 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 continue
             groups = [[s] for s in specs] if args.isolate else [specs]
             for group in groups:
-                log = logs / f"{name}-{system}-{len(records)}.log"
-                results = supervise.run_configs(
-                    system,
-                    name,
-                    group,
-                    elements,
-                    args.data_dir,
-                    args.timeout,
-                    args.max_seconds,
-                    log,
-                )
-                for spec, result in zip(group, results, strict=True):
-                    record = make_record(
-                        spec, workload, elements, result, limit, machine, args.mode
-                    )
-                    records.append(record)
-                    print(f"   {report.one_line(record)}", flush=True)
+                records += run_group(system, workload, group, elements, limit, machine, args)
             write_json(records, output(args, ".json"))
+        if args.again and "feedline" in args.systems and systems.missing("feedline") is None:
+            headline = systems.load("feedline").specs(workload, args.mode)[0]
+            again = RunSpec(headline.system, headline.module, {**headline.config, "run": "again"})
+            records += run_group("feedline", workload, [again], elements, limit, machine, args)
         records[first_record:] = with_best_limit(
             records[first_record:], workload, elements, args, logs, limit
         )
         write_json(records, output(args, ".json"))
     print(f"== done in {time.monotonic() - started:.0f} s", flush=True)
+    return records
+
+
+def run_group(
+    system: str,
+    workload: Workload,
+    group: list[RunSpec],
+    elements: int,
+    limit: dict[str, Any],
+    machine: dict[str, Any],
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:
+    """Run ``group`` (configurations of one system) in one subprocess; their records."""
+    log = RESULTS / "tmp" / "logs" / f"{workload.name}-{system}-{group[0].label}.log"
+    results = supervise.run_configs(
+        system,
+        workload.name,
+        group,
+        elements,
+        args.data_dir,
+        args.timeout,
+        args.max_seconds,
+        log,
+    )
+    records = []
+    for spec, result in zip(group, results, strict=True):
+        record = make_record(spec, workload, elements, result, limit, machine, args.mode)
+        records.append(record)
+        print(f"   {report.one_line(record)}", flush=True)
     return records
 
 

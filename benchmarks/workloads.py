@@ -359,7 +359,7 @@ WORKLOADS: dict[str, Workload] = {
             make_fn=lambda _: SimulatedGet(),
             out_dtype=np.dtype(np.uint8),
             out_shape=(PAYLOAD_BYTES,),
-            parallelism_grid=(8, 16, 32, 64),
+            parallelism_grid=(8, 16, 32, 64, 128, 256),
             quick_parallelism_grid=(32,),
         ),
         Workload(

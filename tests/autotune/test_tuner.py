@@ -421,12 +421,15 @@ def gil_bound_decisions(
     workers: list[WorkerMemory],
     process_cores: float | None = None,
     cpu: float = 0.5,
+    parallelism: int = 2,
+    solo_cpu_share: float | None = None,
 ) -> list[tuple[int, int, str]]:
     """The executor decisions on a synthetic stage with the GIL's signature (the consumer
     always waits; the stage computes one core's worth at 1000 elements/s, on threads and on
     processes alike), with a RAM budget of ``ram`` and ``workers`` already running.
     ``process_cores``: the cores the whole process uses (else what this test process uses);
-    ``cpu``: the share of the workers' time on the CPU."""
+    ``cpu``: the share of the workers' time on the CPU; ``parallelism``: the threads it starts
+    with; ``solo_cpu_share``: what its first call, run alone, showed."""
     monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)  # cores count as free
     process_cpu = [0.0]
     if process_cores is not None:
@@ -435,6 +438,8 @@ def gil_bound_decisions(
     # (this test process's own depends on what earlier tests imported).
     monkeypatch.setattr(tuner_module, "rss_of", lambda: 100 * 2**20)
     synthetic = SyntheticStage()
+    synthetic.knobs["parallelism"].set(parallelism)
+    synthetic.solo_cpu_share = solo_cpu_share
     root = RootCounters()
     now = time.perf_counter()  # the tuner's clock; the test moves it on
     tuner = tuner_module.Tuner(
@@ -452,6 +457,23 @@ def gil_bound_decisions(
         m.consumer_wait += 0.25
         tuner.step(now)
     return [(d.old, d.new, d.reason) for d in tuner.history if d.knob == "executor"]
+
+
+@pytest.mark.parametrize("cpu", [0.6, 0.05])
+def test_many_threads_started_for_a_first_call_that_waited_try_processes_if_they_compute(
+    monkeypatch: pytest.MonkeyPatch, cpu: float
+) -> None:
+    # The first call waited (it opened a connection, say): the map started 64 threads. If
+    # they then spend 60% of their time on the CPU although they contend for the GIL, the work
+    # computes: processes are tried (and taken back here, where they do not pay). Spending
+    # 5% of it there, they wait: threads they stay.
+    moves = gil_bound_decisions(
+        monkeypatch, 2**32, [], cpu=cpu, parallelism=64, solo_cpu_share=0.01
+    )
+    if cpu > 0.5:
+        assert [(old, new) for old, new, _ in moves] == [(THREADS, PROCESSES), (PROCESSES, THREADS)]
+    else:
+        assert moves == []
 
 
 def test_waiting_is_told_from_threads_sharing_the_gil() -> None:

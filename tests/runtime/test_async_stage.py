@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import feedline as fl
+from feedline.runtime.parallel import default_parallelism
 from tests.conftest import feedline_threads
 from tests.helpers import assert_elements_equal, assert_state_roundtrip, take
 
@@ -207,6 +208,39 @@ def test_buffers_stay_bounded_in_elements_behind_a_slow_consumer() -> None:
             time.sleep(0.005)
             assert prefetcher._reserved <= 3
             assert mapper._reserved <= mapper.buffer_limit() + 256
+
+
+def spin(seconds: float) -> None:
+    deadline = time.thread_time() + seconds
+    while time.thread_time() < deadline:
+        pass
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "work, max_parallelism, expected",
+    [
+        # Waiting: as many calls in flight as keep the cores busy, at most 32 per core.
+        ("sleep", None, lambda cores: min(32 * cores, 256)),
+        ("sleep", 12, lambda cores: min(32 * cores, 12)),
+        # Computing: a worker per core.
+        ("spin", None, lambda cores: cores),
+    ],
+)
+def test_a_tuned_map_starts_with_workers_for_what_its_first_call_did(
+    work: str, max_parallelism: int | None, expected: Any
+) -> None:
+    def fn(x: Any) -> Any:
+        (time.sleep if work == "sleep" else spin)(0.005)
+        return x
+
+    options = fl.Options()
+    options.autotune.max_parallelism = max_parallelism
+    ds = D.range(100).map(fn, num_parallel_calls=fl.AUTOTUNE).with_options(options)
+    with ds.iterator() as it:
+        (stage,) = stages(it).values()
+        next(it)  # the first chunk runs inline and is measured
+        assert stage.parallelism == expected(default_parallelism())
 
 
 class CountingCondition(threading.Condition):

@@ -606,14 +606,20 @@ class Tuner:
             or executor.value == PROCESSES
             or (w.stage.key, "executor") in self.state.saturated
             or waits(w)
+            or w.cpu_per_element < PROCESS_WORTH
+            or self.budget.cpu < 2
+        ):
+            return False
+        # Threads contending for the GIL only spend less of their time on the CPU: work that
+        # spends this much of it there computes, whatever its first call did.
+        computes_now = w.cpu_share >= WAITING_WORK
+        if not computes_now and (
             # Threads that wait (I/O) look GIL-bound when there are many of them: what the
             # work does alone tells them apart.
-            or (w.stage.solo_cpu_share is not None and w.stage.solo_cpu_share < WAITING_WORK)
-            or w.cpu_per_element < PROCESS_WORTH
+            (w.stage.solo_cpu_share is not None and w.stage.solo_cpu_share < WAITING_WORK)
             # More workers than cores came from waiting (computing stages stop at the cores):
             # its calls in flight, not the GIL, set its rate.
             or w.stage.knobs["parallelism"].value > self.budget.cpu
-            or self.budget.cpu < 2
         ):
             return False
         unused = self.budget.cpu - self.cores_in_use

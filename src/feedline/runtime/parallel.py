@@ -34,10 +34,10 @@ from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import NodeIterator, State
 from feedline.runtime.tunable import (
     CHEAP_WORK_SECONDS,
+    MAX_WAITING_WORKERS_PER_CORE,
     PROCESSES,
     PURE_WAITING_SHARE,
     THREADS,
-    WAITING_WORKERS_PER_CORE,
     Knob,
     StageMetrics,
     Tunable,
@@ -605,8 +605,11 @@ class AsyncStage(NodeIterator, Tunable):
         if self._start_parallelism is not None and self._seconds_per_element > 0:
             start, self._start_parallelism = self._start_parallelism, None
             if self._seconds_per_element >= CHEAP_WORK_SECONDS:
-                if self.solo_cpu_share is not None and self.solo_cpu_share < PURE_WAITING_SHARE:
-                    start *= WAITING_WORKERS_PER_CORE  # waiting is not bound by the cores
+                share = self.solo_cpu_share
+                if share is not None and share < PURE_WAITING_SHARE:
+                    # Waiting is not bound by the cores.
+                    start = int(start / max(share, 1 / MAX_WAITING_WORKERS_PER_CORE))
+                    start = min(start, self.knobs["parallelism"].maximum)
                     while start > 1 and self.projected_bytes(start) > self.max_buffer_bytes:
                         start //= 2
                 self.knobs["parallelism"].set(start)

@@ -20,8 +20,10 @@ CHEAP_WORK_SECONDS = 50e-6
 # CPU time / wall time of work below which it is almost all waiting (I/O latency): such work
 # is not bound by the cores, and is given many workers at once.
 PURE_WAITING_SHARE = 0.1
-# Workers per usable core that a map found to be almost all waiting starts with.
-WAITING_WORKERS_PER_CORE = 4
+# A map found to be almost all waiting starts with the workers that would keep the cores
+# busy were every call like the first (cores / its CPU share), but at most this many per core:
+# one call is a thin sample (a first call may wait on a connection being set up).
+MAX_WAITING_WORKERS_PER_CORE = 32
 # Knob values of ``executor``: where a stage's function runs.
 THREADS, PROCESSES = 0, 1
 

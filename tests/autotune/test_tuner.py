@@ -238,11 +238,14 @@ def test_consumer_bound_report_says_so() -> None:
 
 @pytest.mark.timeout(60)
 def test_tuned_values_carry_over_to_the_next_epoch() -> None:
-    ds = D.range(3000).map(latency(0.01), num_parallel_calls=fl.AUTOTUNE).repeat(3).batch(8)
+    # An epoch long enough to tune in: 256 calls of 10 ms in flight make 25k elements/s.
+    epoch = 40_000
+    ds = D.range(epoch).map(latency(0.01), num_parallel_calls=fl.AUTOTUNE).repeat(3).batch(8)
     with ds.iterator() as it:
-        consume_for(it, 1.5)
+        consume_for(it, 0.8)
         tuned = stage(it, "map").knobs["parallelism"].value
-        while it._counters.delivered * 8 < 3000 + 400:  # into a later epoch: its stage is new
+        assert it._counters.delivered * 8 < epoch
+        while it._counters.delivered * 8 < epoch + 400:  # into a later epoch: its stage is new
             next(it)
         assert stage(it, "map").knobs["parallelism"].value >= min(tuned, 8)
 
@@ -423,13 +426,16 @@ def gil_bound_decisions(
     cpu: float = 0.5,
     parallelism: int = 2,
     solo_cpu_share: float | None = None,
+    processes: bool = True,
+    knob: str = "executor",
 ) -> list[tuple[int, int, str]]:
     """The executor decisions on a synthetic stage with the GIL's signature (the consumer
     always waits; the stage computes one core's worth at 1000 elements/s, on threads and on
     processes alike), with a RAM budget of ``ram`` and ``workers`` already running.
     ``process_cores``: the cores the whole process uses (else what this test process uses);
     ``cpu``: the share of the workers' time on the CPU; ``parallelism``: the threads it starts
-    with; ``solo_cpu_share``: what its first call, run alone, showed."""
+    with; ``solo_cpu_share``: what its first call, run alone, showed; ``processes``: whether
+    it may move to processes. Returns the decisions on ``knob``."""
     monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)  # cores count as free
     process_cpu = [0.0]
     if process_cores is not None:
@@ -440,6 +446,7 @@ def gil_bound_decisions(
     synthetic = SyntheticStage()
     synthetic.knobs["parallelism"].set(parallelism)
     synthetic.solo_cpu_share = solo_cpu_share
+    synthetic.knobs["executor"].tunable = processes
     root = RootCounters()
     now = time.perf_counter()  # the tuner's clock; the test moves it on
     tuner = tuner_module.Tuner(
@@ -456,7 +463,7 @@ def gil_bound_decisions(
         m.work_cpu += 0.5 * cpu
         m.consumer_wait += 0.25
         tuner.step(now)
-    return [(d.old, d.new, d.reason) for d in tuner.history if d.knob == "executor"]
+    return [(d.old, d.new, d.reason) for d in tuner.history if d.knob == knob]
 
 
 @pytest.mark.parametrize("cpu", [0.6, 0.05])
@@ -474,6 +481,25 @@ def test_many_threads_started_for_a_first_call_that_waited_try_processes_if_they
         assert [(old, new) for old, new, _ in moves] == [(THREADS, PROCESSES), (PROCESSES, THREADS)]
     else:
         assert moves == []
+
+
+def test_computing_threads_above_the_cores_are_shed_when_processes_are_not_an_option(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As above, but the function cannot go to processes: the 64 threads only contend for
+    # the GIL, and fewer keep the same rate.
+    moves = gil_bound_decisions(
+        monkeypatch,
+        2**32,
+        [],
+        cpu=0.6,
+        parallelism=64,
+        solo_cpu_share=0.01,
+        processes=False,
+        knob="parallelism",
+    )
+    assert moves and all(new < old for old, new, _ in moves), moves
+    assert moves[-1][1] <= 8, moves
 
 
 def test_waiting_is_told_from_threads_sharing_the_gil() -> None:

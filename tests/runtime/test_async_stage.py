@@ -218,20 +218,16 @@ def spin(seconds: float) -> None:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
-    "work, max_parallelism, expected",
-    [
-        # Waiting: as many calls in flight as keep the cores busy, at most 32 per core.
-        ("sleep", None, lambda cores: min(32 * cores, 256)),
-        ("sleep", 12, lambda cores: min(32 * cores, 12)),
-        # Computing: a worker per core.
-        ("spin", None, lambda cores: cores),
-    ],
+    "work, max_parallelism",
+    [("sleep", None), ("sleep", 12), ("spin", None), ("lazy", None)],
 )
 def test_a_tuned_map_starts_with_workers_for_what_its_first_call_did(
-    work: str, max_parallelism: int | None, expected: Any
+    work: str, max_parallelism: int | None
 ) -> None:
     def fn(x: Any) -> Any:
-        (time.sleep if work == "sleep" else spin)(0.005)
+        # "lazy": the first call waits (a set-up), the calls after it compute.
+        waits = work == "sleep" or (work == "lazy" and x == 0)
+        (time.sleep if waits else spin)(0.005)
         return x
 
     options = fl.Options()
@@ -239,8 +235,18 @@ def test_a_tuned_map_starts_with_workers_for_what_its_first_call_did(
     ds = D.range(100).map(fn, num_parallel_calls=fl.AUTOTUNE).with_options(options)
     with ds.iterator() as it:
         (stage,) = stages(it).values()
-        next(it)  # the first chunk runs inline and is measured
-        assert stage.parallelism == expected(default_parallelism())
+        next(it)  # the first chunk runs inline and is measured ...
+        assert stage.parallelism == (0 if work != "spin" else default_parallelism())
+        next(it)  # ... and a second one too if the first waited: one call is a thin sample
+        cores = default_parallelism()
+        if work != "sleep":
+            assert stage.parallelism == cores  # computing: a worker per core
+        else:
+            # Waiting: as many calls in flight as would keep the cores busy (cores / the
+            # call's CPU share: well over 20 per core for a 5 ms sleep), within the maximum.
+            assert stage.solo_cpu_share < 0.05
+            most = max_parallelism or 256
+            assert min(most, 20 * cores) <= stage.parallelism <= most
 
 
 class CountingCondition(threading.Condition):

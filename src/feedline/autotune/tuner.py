@@ -171,6 +171,12 @@ def waits(w: StageWindow) -> bool:
     return mostly_waits(w.cpu_share, w.cores, w.stage.solo_cpu_share)
 
 
+def computes_under_contention(w: StageWindow) -> bool:
+    """Threads contending for the GIL only spend less of their time on the CPU: work that
+    spends this much of it there computes, whatever its first call did."""
+    return w.cpu_share >= WAITING_WORK
+
+
 def mostly_waits(cpu_share: float, cores: float, solo_cpu_share: float | None) -> bool:
     """Work whose workers spend ``cpu_share`` of their time on the CPU, ``cores`` together,
     and ``solo_cpu_share`` when one ran alone, mostly waits (I/O, latency) rather than computes.
@@ -222,6 +228,7 @@ class Tuner:
         self.budget = budget
         self._started = started
         self.state = TunerState()
+        self._start_choices_recorded: set[object] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._experiment: Experiment | None = None
@@ -276,6 +283,7 @@ class Tuner:
         dt = now - since
         snapshots = {stage.key: (stage, stage.metrics.snapshot()) for stage in self._stages()}
         self._follow_remade_stages(snapshots)
+        self._record_start_choices(snapshots)
         if not self._window_complete(dt, delivered - self._previous_root[0], snapshots):
             return  # windows (before and after a change) must be long enough to compare
         windows = self._windows(dt, snapshots)  # the same window as the root's
@@ -348,6 +356,26 @@ class Tuner:
                         experiment.companion = (stage.knobs[name], experiment.companion[1])
                     experiment.settling = True
             self._stage_objects[key] = stage
+
+    def _record_start_choices(
+        self, snapshots: dict[object, tuple[Tunable, dict[str, float]]]
+    ) -> None:
+        """What stages chose from their first calls, into the history with the rest."""
+        for key, (stage, _) in snapshots.items():
+            choice = stage.start_choice
+            if choice is None or key in self._start_choices_recorded:
+                continue
+            self._start_choices_recorded.add(key)
+            self._record(
+                Decision(
+                    choice.at - self._started,
+                    stage.name,
+                    choice.knob,
+                    choice.old,
+                    choice.new,
+                    choice.reason,
+                )
+            )
 
     def _window_complete(
         self, dt: float, root_moved: int, snapshots: dict[object, tuple[Tunable, dict[str, float]]]
@@ -489,6 +517,7 @@ class Tuner:
             # none, with the work inline in the consumer's thread.
             # (Idle workers of costly work, while their consumer waits, are a passing moment:
             # the consumer just sped up and has not yet emptied the buffer.)
+            # So may more computing workers than cores (started for a first call that waited).
             saturated_keys = {key for key, _ in self.state.saturated}
             worth_fewer = [
                 w
@@ -496,6 +525,7 @@ class Tuner:
                 if (
                     w.stage.key in saturated_keys
                     or (w.busy < BUSY and w.seconds_per_element < CHEAP_WORK)
+                    or self._computes_on_too_many_workers(w)
                 )
                 and self._fewer_may_keep(w)
             ]
@@ -610,10 +640,7 @@ class Tuner:
             or self.budget.cpu < 2
         ):
             return False
-        # Threads contending for the GIL only spend less of their time on the CPU: work that
-        # spends this much of it there computes, whatever its first call did.
-        computes_now = w.cpu_share >= WAITING_WORK
-        if not computes_now and (
+        if not computes_under_contention(w) and (
             # Threads that wait (I/O) look GIL-bound when there are many of them: what the
             # work does alone tells them apart.
             (w.stage.solo_cpu_share is not None and w.stage.solo_cpu_share < WAITING_WORK)
@@ -710,6 +737,10 @@ class Tuner:
                 self._try(w.stage, buffer, buffer.value // 2, -1, rate, stall, now, reason)
                 return
 
+    def _computes_on_too_many_workers(self, w: StageWindow) -> bool:
+        workers = w.stage.knobs["parallelism"].value
+        return workers > self.budget.cpu and computes_under_contention(w)
+
     @staticmethod
     def _fewer_may_keep(w: StageWindow) -> bool:
         """Could one worker less keep this stage's rate? Not when the cores its workers use
@@ -774,10 +805,14 @@ class Tuner:
         old = knob.value
         applied = knob.set(value)
         if applied != old:
-            decision = Decision(
-                time.perf_counter() - self._started, stage.name, knob.name, old, applied, reason
+            self._record(
+                Decision(
+                    time.perf_counter() - self._started, stage.name, knob.name, old, applied, reason
+                )
             )
-            with self._lock:
-                self.state.history.append(decision)
-            logger.debug("%s", decision)
         return applied
+
+    def _record(self, decision: Decision) -> None:
+        with self._lock:
+            self.state.history.append(decision)
+        logger.debug("%s", decision)

@@ -34,12 +34,12 @@ from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import NodeIterator, State
 from feedline.runtime.tunable import (
     CHEAP_WORK_SECONDS,
-    MAX_WAITING_WORKERS_PER_CORE,
     PROCESSES,
     PURE_WAITING_SHARE,
     THREADS,
     Knob,
     StageMetrics,
+    StartChoice,
     Tunable,
 )
 
@@ -244,6 +244,7 @@ class AsyncStage(NodeIterator, Tunable):
         self._ready_bytes = 0
         self._seconds_per_element = 0.0
         self.solo_cpu_share: float | None = None
+        self._waiting_confirmed = False
         self._bytes_per_element = 0.0
         self._chunk_size = 1
         # Wanted by the consumer (a batch) as stacked blocks of this many: chunks run on worker
@@ -388,16 +389,20 @@ class AsyncStage(NodeIterator, Tunable):
             while True:
                 with self._lock:
                     size = self._next_chunk_size()
-                    idle_since = time.perf_counter()
+                    idle = False
                     while not self._closing and self._end_seq is None:
                         if index >= self.parallelism:
-                            self._parked.wait()
+                            self._parked.wait()  # not one of the stage's workers: not idle
                         elif self._has_room(size):
                             break
                         else:
+                            if not idle:
+                                idle = True
+                                self.metrics.start_idle(index)
                             self._space_free.wait()
                         size = self._next_chunk_size()
-                    idle = time.perf_counter() - idle_since
+                    if idle:
+                        self.metrics.end_idle(index)
                     if self._closing or self._end_seq is not None:
                         return
                     self._reserved += size
@@ -406,8 +411,6 @@ class AsyncStage(NodeIterator, Tunable):
                     # itself (io_latency fell from 12k to 4k elements/s).
                     if self._has_room(self._next_chunk_size()):
                         self._space_free.notify()
-                with self.metrics.lock:
-                    self.metrics.worker_idle += idle
                 chunk = self._issue(size)
                 if chunk is None:
                     return
@@ -509,7 +512,12 @@ class AsyncStage(NodeIterator, Tunable):
             if executor is None and self.parallelism <= 1 and wall > 0:
                 share = min(1.0, cpu / wall)
                 solo = self.solo_cpu_share
-                self.solo_cpu_share = share if solo is None else 0.8 * solo + 0.2 * share
+                if solo is None or self._start_parallelism is not None:
+                    # Before the workers start, the latest call alone: a first call's one-off
+                    # wait (a lazy set-up) must not stand for the calls after it.
+                    self.solo_cpu_share = share
+                else:
+                    self.solo_cpu_share = 0.8 * solo + 0.2 * share
         outputs = chunk.outputs
         per_element = element_nbytes(outputs[0]) if outputs else 0
         nbytes = per_element * len(outputs)
@@ -603,16 +611,36 @@ class AsyncStage(NodeIterator, Tunable):
             except Exception as e:  # work sent elsewhere can fail whole (a worker died)
                 self._record_crash(e)
         if self._start_parallelism is not None and self._seconds_per_element > 0:
+            share = 1.0 if self.solo_cpu_share is None else self.solo_cpu_share
+            waits = share < PURE_WAITING_SHARE
+            if waits and not self._waiting_confirmed:
+                # Many workers are started only for work that waits twice in a row: a first
+                # call that waited on a lazy set-up would put a crowd of threads on work that
+                # then computes.
+                self._waiting_confirmed = True
+                return
             start, self._start_parallelism = self._start_parallelism, None
-            if self._seconds_per_element >= CHEAP_WORK_SECONDS:
-                share = self.solo_cpu_share
-                if share is not None and share < PURE_WAITING_SHARE:
-                    # Waiting is not bound by the cores.
-                    start = int(start / max(share, 1 / MAX_WAITING_WORKERS_PER_CORE))
-                    start = min(start, self.knobs["parallelism"].maximum)
-                    while start > 1 and self.projected_bytes(start) > self.max_buffer_bytes:
-                        start //= 2
-                self.knobs["parallelism"].set(start)
+            cost = self._seconds_per_element
+            if cost < CHEAP_WORK_SECONDS:
+                start = 0
+                reason = f"{cost * 1e6:.0f} us per element: cheaper inline than a hand-off"
+            elif waits:
+                # Waiting is not bound by the cores: as many calls in flight as would keep
+                # them busy were every call like this one. The tuner sees the calls after it,
+                # and takes threads that turn out to compute down or to processes.
+                most = self.knobs["parallelism"].maximum
+                cores = start
+                start = int(min(most, cores / max(share, 1 / most)))
+                while start > 1 and self.projected_bytes(start) > self.max_buffer_bytes:
+                    start //= 2
+                reason = (
+                    f"its first calls wait (cpu {share:.1%} of wall): workers to keep "
+                    f"{cores} cores busy, within the maximum and the buffer's bytes"
+                )
+            else:
+                reason = f"its first call computes (cpu {share:.0%} of wall): a worker per core"
+            applied = self.knobs["parallelism"].set(start)
+            self.start_choice = StartChoice(time.perf_counter(), "parallelism", 0, applied, reason)
 
     def _retire(self, chunk: _Chunk) -> None:
         with self._lock:

@@ -20,10 +20,6 @@ CHEAP_WORK_SECONDS = 50e-6
 # CPU time / wall time of work below which it is almost all waiting (I/O latency): such work
 # is not bound by the cores, and is given many workers at once.
 PURE_WAITING_SHARE = 0.1
-# A map found to be almost all waiting starts with the workers that would keep the cores
-# busy were every call like the first (cores / its CPU share), but at most this many per core:
-# one call is a thin sample (a first call may wait on a connection being set up).
-MAX_WAITING_WORKERS_PER_CORE = 32
 # Knob values of ``executor``: where a stage's function runs.
 THREADS, PROCESSES = 0, 1
 
@@ -88,21 +84,26 @@ class StageMetrics:
     # When the consumer's wait in progress began (None: not waiting). Snapshots count it, so a
     # long wait shows in the window it happens in, not only in the one where it ends.
     consumer_waiting_since: float | None = None
+    # When each waiting worker began to wait for buffer space, by worker index: counted by
+    # snapshots too, as workers that wait long (one is woken per chunk retired) are the idle ones.
+    workers_idle_since: dict[int, float] = field(default_factory=dict, repr=False)
     # Recent per-element work times (one sample per chunk), for percentiles in stats().
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=512), repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def snapshot(self) -> dict[str, float]:
         with self.lock:
+            now = time.perf_counter()
             since = self.consumer_waiting_since
-            in_progress = 0.0 if since is None else time.perf_counter() - since
+            in_progress = 0.0 if since is None else now - since
+            idle_in_progress = sum(now - t for t in self.workers_idle_since.values())
             return {
                 "elements": self.elements,
                 "chunks": self.chunks,
                 "work_wall": self.work_wall,
                 "work_cpu": self.work_cpu,
                 "consumer_wait": self.consumer_wait + in_progress,
-                "worker_idle": self.worker_idle,
+                "worker_idle": self.worker_idle + idle_in_progress,
                 "buffered_elements": self.buffered_elements,
                 "buffered_bytes": self.buffered_bytes,
                 "bytes_per_element": self.bytes_per_element,
@@ -130,12 +131,34 @@ class StageMetrics:
                 self.recent.append(waited / delivered)
         return waited
 
+    def start_idle(self, worker: int) -> None:
+        """Worker ``worker`` starts waiting for buffer space."""
+        with self.lock:
+            self.workers_idle_since[worker] = time.perf_counter()
+
+    def end_idle(self, worker: int) -> None:
+        with self.lock:
+            since = self.workers_idle_since.pop(worker, None)
+            if since is not None:
+                self.worker_idle += time.perf_counter() - since
+
     def add_work(self, elements: int, wall: float, cpu: float) -> None:
         with self.lock:
             self.work_wall += wall
             self.work_cpu += cpu
             if elements:
                 self.recent.append(wall / elements)
+
+
+@dataclass(frozen=True)
+class StartChoice:
+    """A knob a stage set itself from its first calls, before the tuner's first window."""
+
+    at: float  # time.perf_counter() when made
+    knob: str
+    old: int
+    new: int
+    reason: str
 
 
 class Tunable:
@@ -155,6 +178,8 @@ class Tunable:
     # for the GIL (inline or alone): what the work itself is, computing (~1) or waiting (~0).
     # None until measured.
     solo_cpu_share: float | None
+    # Shown in the tuning history with the tuner's own decisions.
+    start_choice: StartChoice | None = None
 
     @property
     def chunk_size(self) -> int:

@@ -19,6 +19,7 @@ import pytest
 import feedline as fl
 from feedline.runtime import process
 from feedline.runtime.parallel import RowList
+from feedline.runtime.tunable import PROCESSES, THREADS
 from tests.helpers import assert_elements_equal, assert_state_roundtrip, take
 
 if not sys.platform.startswith("linux"):
@@ -506,3 +507,43 @@ def test_every_worker_gets_chunks_when_batches_outgrow_the_learned_chunk() -> No
     batches = list(ds)
     later = {int(pid) for batch in batches[len(batches) // 2 :] for pid in batch}
     assert len(later) == 2
+
+
+def position_and_pid(x: Any) -> np.ndarray:
+    time.sleep(0.001)
+    return np.array([x, os.getpid()])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("back_to_threads", [False, True])
+def test_threads_go_on_while_worker_processes_start(
+    monkeypatch: pytest.MonkeyPatch, back_to_threads: bool
+) -> None:
+    """A move to processes does not stall the stage: its threads go on with the work until
+    the workers have loaded the function (here held back until the test lets them go)."""
+    let_go = threading.Event()
+    warm = process.ProcessPool.warm
+
+    def held_back_warm(pool: process.ProcessPool) -> None:
+        let_go.wait()
+        warm(pool)
+
+    monkeypatch.setattr(process.ProcessPool, "warm", held_back_warm)
+    n, here = 3000, os.getpid()
+    # Tuned, for the executor knob; the function waits, so the tuner leaves it on threads.
+    ds = D.range(n).map(position_and_pid, num_parallel_calls=2)
+    with ds.iterator() as it:
+        (stage,) = it._ctx.stages()
+        out = take(it, 50)
+        stage.knobs["executor"].set(PROCESSES)
+        out += take(it, 300)  # far more than the stage buffers: made after the move
+        assert all(pid == here for _, pid in out)
+        if back_to_threads:
+            stage.knobs["executor"].set(THREADS)
+        let_go.set()
+        if not back_to_threads:
+            assert wait_for(lambda: stage.executor is not None)
+        out += list(it)
+    assert [int(x) for x, _ in out] == list(range(n))
+    from_workers = {int(pid) for _, pid in out[-1000:]} - {here}
+    assert bool(from_workers) != back_to_threads

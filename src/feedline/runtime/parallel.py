@@ -88,6 +88,10 @@ class ChunkExecutor(Protocol):
         """The stage's ``parallelism`` knob changed (0 still needs one runner)."""
         ...
 
+    def warm(self) -> None:
+        """Return once runners are up to take chunks at once (called on a thread of its own)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -214,6 +218,9 @@ class AsyncStage(NodeIterator, Tunable):
         }
         self._make_process_executor = make_process_executor
         self._replaced_executors: list[ChunkExecutor] = []
+        # An executor being started (see _executor_changed), and the thread starting it.
+        self._warming: ChunkExecutor | None = None
+        self._warm_thread: threading.Thread | None = None
         if make_process_executor is not None:
             self.knobs["executor"] = Knob(
                 "executor", THREADS, THREADS, PROCESSES, True, self._executor_changed
@@ -333,21 +340,46 @@ class AsyncStage(NodeIterator, Tunable):
 
     def _executor_changed(self) -> None:
         """The tuner moved the stage between threads and processes. The executor it leaves is
-        closed with the stage, not now: a worker thread may still be running a chunk on it."""
-        if self.knobs["executor"].value == PROCESSES and self.executor is None:
-            executor = self._new_process_executor()
-            if executor is not None:
-                executor.resize(self.parallelism)
-            self.executor = executor
-        elif self.knobs["executor"].value == THREADS and self.executor is not None:
-            self._replaced_executors.append(self.executor)
-            self.executor = None
+        closed with the stage, not now: a worker thread may still be running a chunk on it.
+
+        Processes start beside the threads, which go on with the work until the processes
+        have loaded the function: moving image decoding stalled the stage for 0.3-0.5 s (the
+        forkserver and the workers starting), a quarter of a 2,000-image pass."""
+        if self.knobs["executor"].value == PROCESSES:
+            if self.executor is None and self._warming is None:
+                executor = self._new_process_executor()
+                if executor is not None:
+                    executor.resize(self.parallelism)
+                    self._warming = executor
+                    self._warm_thread = threading.Thread(
+                        target=self._warm,
+                        args=(executor,),
+                        name=f"feedline-{self.name}-warm",
+                        daemon=True,
+                    )
+                    self._warm_thread.start()
+        else:
+            with self._lock:
+                leaving = [e for e in (self.executor, self._warming) if e is not None]
+                self.executor = self._warming = None
+            self._replaced_executors += leaving
         self._knobs_changed()
+
+    def _warm(self, executor: ChunkExecutor) -> None:
+        try:
+            executor.warm()
+        except Exception:  # the first chunk sent there raises it again, at its position
+            logger.debug("%s: starting worker processes failed", self.name, exc_info=True)
+        with self._lock:
+            if self._warming is executor:  # still wanted
+                self._warming = None
+                self.executor = executor
 
     def _knobs_changed(self) -> None:
         self.ctx.remember(self.key, {name: knob.value for name, knob in self.knobs.items()})
-        if self.executor is not None:
-            self.executor.resize(self.parallelism)
+        for executor in (self.executor, self._warming):
+            if executor is not None:
+                executor.resize(self.parallelism)
         with self._lock:
             self._wake_all()
         self._ensure_workers()
@@ -801,15 +833,19 @@ class AsyncStage(NodeIterator, Tunable):
         with self._lock:
             self._closing = True
             self._wake_all()
+        with self._lock:
+            warming, self._warming = self._warming, None
         for replaced in self._replaced_executors:
             replaced.close()
-        if self.executor is not None:
-            # Before joining: a dispatcher still waiting on a worker finishes (or is stopped
-            # with the pool) on its own.
-            self.executor.close()
+        for executor in (self.executor, warming):
+            if executor is not None:
+                # Before joining: a dispatcher still waiting on a worker finishes (or is
+                # stopped with the pool) on its own.
+                executor.close()
         current = threading.current_thread()
         deadline = time.monotonic() + JOIN_TIMEOUT_SECONDS
-        for thread in self._workers:
+        threads = self._workers + ([self._warm_thread] if self._warm_thread else [])
+        for thread in threads:
             if thread is not current:
                 thread.join(max(0.0, deadline - time.monotonic()))
                 if thread.is_alive():

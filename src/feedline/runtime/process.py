@@ -640,6 +640,9 @@ def _worker_main(conn: Connection, service_blob: bytes, shm_prefix: str | None) 
             request = _receive(conn, arena=_arena)
             if service is None:
                 raise RuntimeError(load_error)
+            if request is None:  # the parent asks whether the function is loaded: it is
+                _send(conn, ("ok", None), None, _arena)
+                continue
             reply = service(request)
             del request  # the elements it carried: not kept while the reply is sent
             _send(conn, ("ok", reply), shm_prefix, _arena)
@@ -1041,6 +1044,31 @@ class ProcessPool(WorkerPool):
                 self._starting -= 1
                 self._changed.notify_all()
 
+    def warm(self) -> None:
+        """Start the workers the holders want, and return once each has loaded the function:
+        a stage can then move its work here without waiting. A pool that breaks or stops
+        meanwhile says so to the next ``submit``."""
+        started = []
+        try:
+            while True:
+                with self._lock:
+                    if self._stopped((0,)) or len(self._workers) + self._starting >= self._wanted():
+                        break
+                    self._starting += 1
+                try:
+                    started.append(self._start_worker((0,)))
+                finally:
+                    with self._lock:
+                        self._starting -= 1
+                        self._changed.notify_all()
+            for worker in started:
+                self.call(worker, None, (0,))  # answered once the function is loaded
+        except StageError:
+            pass
+        finally:
+            for worker in started:
+                self._checkin(worker)
+
     def _checkin(self, worker: WorkerProcess) -> None:
         with self._lock:
             if worker.in_sync and not self._closed and len(self._workers) <= self._wanted():
@@ -1141,6 +1169,9 @@ class ProcessExecutor:
 
     def resize(self, parallelism: int) -> None:
         self.pool.set_share(self._token, max(1, parallelism))
+
+    def warm(self) -> None:
+        self.pool.warm()
 
     def close(self) -> None:
         self._release()

@@ -75,12 +75,6 @@ CPU_FULL = 0.85  # the process uses this share of its CPU budget: the cores are 
 # Threads held by the GIL run Python one at a time: together they use about one core. Past
 # this many, they already run in parallel enough that processes would mostly add hand-offs.
 GIL_CORES = 1.5
-# A thread per core that leaves more than this share of the cores unused (while its consumer
-# waits on it) waits on the other threads: processes may run the same work in parallel.
-# Two threads measured (with the batching and the consumer in the same process): Pillow
-# image decoding used 1.15-1.72 of 2 cores, numpy work that releases the GIL 1.47-1.75 — so
-# both are tried, and the experiment decides.
-THREADS_LEAVE_CORES = 0.07
 # Moving to processes needs at least this many idle cores on the machine to run them on (or
 # half the cores the process leaves unused, if fewer).
 FREE_CORES_FOR_PROCESSES = 0.5
@@ -98,6 +92,17 @@ PROCESS_WORTH = 100e-6
 # a busy machine (~10%). Image decoding gained 14-30% over a thread per core, round by round;
 # numpy work that releases the GIL, +3% in one such comparison and +30% in one benchmark run.
 PROCESS_GAIN = 0.15
+# A thread per core that leaves more than this share of the cores unused (while its consumer
+# waits on it) waits on the other threads: processes may run the same work in parallel. They
+# can at best use the cores left, so with fewer unused the move could not gain PROCESS_GAIN.
+# Two threads measured (with the batching and the consumer in the same process): Pillow image
+# decoding used 1.15-1.82 of 2 cores, numpy work that releases the GIL 1.47-1.75; image
+# decoding tried at 1.82 cores lost 21% in its trial, on top of what starting the workers cost.
+THREADS_LEAVE_CORES = 1 - 1 / (1 + PROCESS_GAIN)
+# A move to processes that did not pay is tried again only after this long, doubled at each
+# further failure: a trial costs ~1 s of a slower pipeline (workers starting beside the threads,
+# then the trial window), and a consumer changing speed says little about whether processes pay.
+PROCESS_RETRY_SECONDS = 10.0
 # Settle / measure windows, at least, of changes whose effect is slow to show (processes must
 # start) or small next to the noise of short windows (reading ahead for a consumer that is
 # mostly busy: its rate moves by about the fraction it waits).
@@ -207,6 +212,8 @@ class TunerState:
     # (stage key, knob name) -> the value above which more did not help
     saturated: dict[tuple[object, str], int] = field(default_factory=dict)
     floor_reached: set[object] = field(default_factory=set)  # stages that cannot shrink further
+    # stage key -> (when processes may be tried again, how long the wait after the next failure)
+    process_retry: dict[object, tuple[float, float]] = field(default_factory=dict)
 
 
 class Tuner:
@@ -237,6 +244,10 @@ class Tuner:
         self._remade: set[object] = set()  # ops whose stage was made anew in this window
         self._previous_root = (0, 0.0, time.perf_counter())
         self._previous_process_cpu = time.process_time()
+        # When the knobs last changed (tuner clock, process CPU seconds then), and how many
+        # decisions the history held at that moment.
+        self._knobs_set_at = (started, self._previous_process_cpu)
+        self._decisions_seen = 0
         self.cores_in_use = 0.0  # the whole process's CPU use over the last window
         self._previous_idle = idle_cpu_seconds()
         self.idle_cores: float | None = None  # cores left idle over the last window, if known
@@ -292,6 +303,9 @@ class Tuner:
         process_cpu = time.process_time()
         self.cores_in_use = (process_cpu - self._previous_process_cpu) / dt
         self._previous_process_cpu = process_cpu
+        if len(self.state.history) != self._decisions_seen:
+            self._decisions_seen = len(self.state.history)
+            self._knobs_set_at = (now, process_cpu)
         idle = idle_cpu_seconds()
         if idle is not None and self._previous_idle is not None:
             self.idle_cores = (idle - self._previous_idle) / dt
@@ -320,7 +334,7 @@ class Tuner:
             baseline = experiment.baseline_rate if root_moved else experiment.baseline_stage_rate
             # Rates are counts: over few elements, one more or less is a real difference.
             noise = 1.0 / max(1.0, measured * dt)
-            kept = self._judge(experiment, measured, stall, baseline, noise)
+            kept = self._judge(experiment, measured, stall, baseline, now, noise)
             self._experiment = None
             if kept:
                 # The rate moved because of the change, not the consumer: the next window
@@ -455,7 +469,13 @@ class Tuner:
     # -- experiments -------------------------------------------------------------------------
 
     def _judge(
-        self, e: Experiment, rate: float, stall: float, baseline: float, noise: float = 0.0
+        self,
+        e: Experiment,
+        rate: float,
+        stall: float,
+        baseline: float,
+        now: float,
+        noise: float = 0.0,
     ) -> bool:
         """Keep or revert ``e`` on what the window after it showed; True when kept.
         ``noise``: the relative uncertainty of the measured rate."""
@@ -480,6 +500,9 @@ class Tuner:
             if e.companion is not None:
                 self._set(e.stage, e.companion[0], e.companion[1], "back with it")
             self.state.saturated[(key, e.knob.name)] = e.old
+            if e.knob.name == "executor":
+                _, wait = self.state.process_retry.get(key, (0.0, PROCESS_RETRY_SECONDS))
+                self.state.process_retry[key] = (now + wait, 2 * wait)
             return False
         # A consumer that always waits (it does no work of its own) is judged on the rate
         # alone; one that did work can be made to stall more by a decrease, and a rate that
@@ -635,6 +658,7 @@ class Tuner:
             or not executor.tunable
             or executor.value == PROCESSES
             or (w.stage.key, "executor") in self.state.saturated
+            or now < self.state.process_retry.get(w.stage.key, (0.0, 0.0))[0]
             or waits(w)
             or w.cpu_per_element < PROCESS_WORTH
             or self.budget.cpu < 2
@@ -649,9 +673,17 @@ class Tuner:
             or w.stage.knobs["parallelism"].value > self.budget.cpu
         ):
             return False
-        unused = self.budget.cpu - self.cores_in_use
+        # The cores are read both in the last window and since the knobs were last set: one
+        # short window can fall in a slow moment of the machine (image decoding's two threads
+        # read 1.33-1.82 cores from one run to the next).
+        since, cpu_since = self._knobs_set_at
+        span = now - since
+        cores = self.cores_in_use
+        if span > 0:
+            cores = max(cores, (self._previous_process_cpu - cpu_since) / span)
+        unused = self.budget.cpu - cores
         # Held by the GIL: threads together use about one core.
-        held = self.cores_in_use < min(CPU_FULL * self.budget.cpu, GIL_CORES)
+        held = cores < min(CPU_FULL * self.budget.cpu, GIL_CORES)
         # Or a thread per core already, yet the cores are not all used: the threads wait on
         # each other (the GIL between the native calls of the function) part of the time.
         waiting_on_each_other = (
@@ -660,6 +692,11 @@ class Tuner:
         )
         if not (held or waiting_on_each_other):
             return False
+        # A move for a large gain (the GIL holds the threads to one core) on a reading that
+        # held for two windows; one for a small gain (threads leaving a few cores unused) on a
+        # reading over LONG_WINDOW. Until then the knobs stay as they are, to read it.
+        if span < (2 * MIN_WINDOW if held else LONG_WINDOW):
+            return True
         # Cores kept busy by other processes look like the GIL from inside; processes would
         # not get them either.
         if self.idle_cores is not None and self.idle_cores < min(
@@ -671,7 +708,7 @@ class Tuner:
         if not self._fits(sum(x.stage.projected_bytes() for x in windows), workers):
             return False  # the processes would not fit in the RAM budget
         reason = (
-            f"computes, yet the process uses {self.cores_in_use:.2f} of {self.budget.cpu:.0f} "
+            f"computes, yet the process uses {cores:.2f} of {self.budget.cpu:.0f} "
             f"cores{' with a thread per core' if not held else ''}: the GIL; moving the "
             "function to processes"
         )

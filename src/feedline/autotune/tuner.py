@@ -248,6 +248,7 @@ class Tuner:
         # decisions the history held at that moment.
         self._knobs_set_at = (started, self._previous_process_cpu)
         self._decisions_seen = 0
+        self._reading = False  # the knobs hold still while a move to processes is read
         self.cores_in_use = 0.0  # the whole process's CPU use over the last window
         self._previous_idle = idle_cpu_seconds()
         self.idle_cores: float | None = None  # cores left idle over the last window, if known
@@ -346,9 +347,11 @@ class Tuner:
             return
         else:
             self._notice_shift(rate, stall)
+            self._reading = False
             self._decide(windows, rate, stall, now)
         self._last_rate, self._last_stall = rate, stall
-        changed = self._experiment is not None
+        # A reading in progress (see _try_processes) is a decision pending: no slower pace.
+        changed = self._experiment is not None or self._reading
         self.interval = FIRST_INTERVAL if changed else min(MAX_INTERVAL, self.interval * 1.5)
 
     def _follow_remade_stages(
@@ -696,6 +699,7 @@ class Tuner:
         # held for two windows; one for a small gain (threads leaving a few cores unused) on a
         # reading over LONG_WINDOW. Until then the knobs stay as they are, to read it.
         if span < (2 * MIN_WINDOW if held else LONG_WINDOW):
+            self._reading = True
             return True
         # Cores kept busy by other processes look like the GIL from inside; processes would
         # not get them either.

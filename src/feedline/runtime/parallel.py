@@ -344,28 +344,35 @@ class AsyncStage(NodeIterator, Tunable):
 
         Processes start beside the threads, which go on with the work until the processes
         have loaded the function: moving image decoding stalled the stage for 0.3-0.5 s (the
-        forkserver and the workers starting), a quarter of a 2,000-image pass."""
-        if self.knobs["executor"].value == PROCESSES:
-            if self.executor is None and self._warming is None:
-                executor = self._new_process_executor()
-                if executor is not None:
-                    executor.resize(self.parallelism)
-                    self._warming = executor
+        forkserver and the workers starting), a quarter of a 2,000-image pass. The executor is
+        made on that thread too: pickling the function while GIL-bound threads run took the
+        tuner's thread 0.3 s."""
+        with self._lock:
+            if self.knobs["executor"].value == PROCESSES:
+                starting = self._warm_thread is not None and self._warm_thread.is_alive()
+                if self.executor is None and self._warming is None and not starting:
                     self._warm_thread = threading.Thread(
-                        target=self._warm,
-                        args=(executor,),
-                        name=f"feedline-{self.name}-warm",
-                        daemon=True,
+                        target=self._start_processes, name=f"feedline-{self.name}-warm", daemon=True
                     )
                     self._warm_thread.start()
-        else:
-            with self._lock:
-                leaving = [e for e in (self.executor, self._warming) if e is not None]
+            else:
+                leaving = (self.executor, self._warming)
+                self._replaced_executors += [e for e in leaving if e is not None]
                 self.executor = self._warming = None
-            self._replaced_executors += leaving
         self._knobs_changed()
 
-    def _warm(self, executor: ChunkExecutor) -> None:
+    def _start_processes(self) -> None:
+        executor = self._new_process_executor()
+        if executor is None:
+            return  # the function cannot go to processes: threads it stays (said there)
+        with self._lock:
+            wanted = self.knobs["executor"].value == PROCESSES and not self._closing
+            if wanted:
+                self._warming = executor
+        if not wanted:
+            executor.close()
+            return
+        executor.resize(self.parallelism)
         try:
             executor.warm()
         except Exception:  # the first chunk sent there raises it again, at its position

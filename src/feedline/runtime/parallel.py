@@ -840,7 +840,6 @@ class AsyncStage(NodeIterator, Tunable):
         with self._lock:
             self._closing = True
             self._wake_all()
-        with self._lock:
             warming, self._warming = self._warming, None
         for replaced in self._replaced_executors:
             replaced.close()

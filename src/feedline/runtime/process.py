@@ -1037,6 +1037,10 @@ class ProcessPool(WorkerPool):
                     self._starting += 1
                     break
                 self._changed.wait()
+        return self._start_counted(positions)
+
+    def _start_counted(self, positions: Sequence[int]) -> WorkerProcess:
+        """Start a worker the caller counted in ``_starting`` (under the lock)."""
         try:
             return self._start_worker(positions)
         finally:
@@ -1055,12 +1059,7 @@ class ProcessPool(WorkerPool):
                     if self._stopped((0,)) or len(self._workers) + self._starting >= self._wanted():
                         break
                     self._starting += 1
-                try:
-                    started.append(self._start_worker((0,)))
-                finally:
-                    with self._lock:
-                        self._starting -= 1
-                        self._changed.notify_all()
+                started.append(self._start_counted((0,)))
             for worker in started:
                 self.call(worker, None, (0,))  # answered once the function is loaded
         except StageError:

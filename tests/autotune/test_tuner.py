@@ -375,6 +375,30 @@ class SyntheticStage(Tunable):
         return 0.0
 
 
+def test_an_inline_stage_buffer_does_not_grow(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Just sent inline, a stage's window still holds the idle time of the thread it let go
+    # and its consumer's waits: neither calls for a buffer nobody fills.
+    monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)
+    synthetic = SyntheticStage()
+    synthetic.knobs["parallelism"] = Knob("parallelism", 0, 0, 64, False)
+    synthetic.knobs["buffer_size"] = Knob("buffer_size", 2, 1, 64, True)
+    synthetic.knobs["executor"].tunable = False
+    root = RootCounters()
+    now = time.perf_counter()
+    tuner = tuner_module.Tuner(lambda: [synthetic], root, Budget(cpu=2.0, ram=2**30), now)
+    for _ in range(20):
+        now += 0.25
+        root.delivered += 250
+        root.wait += 0.01
+        synthetic.metrics.elements += 250
+        synthetic.metrics.work_wall += 0.05
+        synthetic.metrics.work_cpu += 0.05
+        synthetic.metrics.consumer_wait += 0.01
+        synthetic.metrics.worker_idle += 0.1
+        tuner.step(now)
+    assert not [d for d in tuner.history if d.knob == "buffer_size"], tuner.history
+
+
 def test_a_move_to_processes_that_does_not_pay_is_taken_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

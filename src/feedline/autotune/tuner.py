@@ -643,6 +643,9 @@ class Tuner:
             buffer_saturated_at = self.state.saturated.get((key, "buffer_size"))
             if (
                 buffer.tunable
+                # Inline, the stage hands each element straight over: no buffer to grow. (Its
+                # last window may still show the idle time of the workers it just let go.)
+                and parallelism.value > 0
                 and w.idle > 0.05
                 and (buffer_saturated_at is None or buffer.value < buffer_saturated_at)
                 and self._ram_allows(windows, w, buffer_size=2 * buffer.value)

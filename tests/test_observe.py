@@ -114,6 +114,7 @@ def _sample(t: float, delivered: int, wait: float, elements: int) -> Sample:
         knobs={"parallelism": 2, "buffer_size": 1},
         own_work=True,
         elements=elements,
+        worked=elements,
         work_wall=elements * 0.001,
         work_cpu=elements * 0.0001,
         consumer_wait=wait,

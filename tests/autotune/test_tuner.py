@@ -399,6 +399,41 @@ def test_an_inline_stage_buffer_does_not_grow(monkeypatch: pytest.MonkeyPatch) -
     assert not [d for d in tuner.history if d.knob == "buffer_size"], tuner.history
 
 
+@pytest.mark.parametrize("consumer_waits", [0.008, 0.03])  # between NO_STALL and STALL; above
+def test_idle_workers_their_consumer_never_waits_on_are_shed(
+    monkeypatch: pytest.MonkeyPatch, consumer_waits: float
+) -> None:
+    # A waiting map started with many workers for a consumer that sleeps between batches: the
+    # consumer's waits (the GIL at each wake-up, a core on a loaded machine) are not on this
+    # stage. Its buffer starts full, so the first windows deliver with no work done at all:
+    # that must not read as work too cheap for a thread.
+    monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)
+    synthetic = SyntheticStage()
+    synthetic.knobs["parallelism"].set(64)
+    synthetic.knobs["executor"].tunable = False
+    root = RootCounters()
+    now = time.perf_counter()
+    tuner = tuner_module.Tuner(lambda: [synthetic], root, Budget(cpu=2.0, ram=2**30), now)
+    m = synthetic.metrics
+    m.worked, m.work_wall, m.work_cpu = 64, 64 * 0.005, 64 * 0.00005  # the buffer's fill
+    for step in range(24):
+        now += 0.25
+        workers = synthetic.knobs["parallelism"].value
+        root.delivered += 5
+        root.wait += 0.25 * consumer_waits
+        m.elements += 20
+        if step >= 4:  # the buffer has drained: each element delivered is one worked on
+            m.worked += 20
+            m.work_wall += 20 * 0.005
+            m.work_cpu += 20 * 0.00005
+        m.worker_idle += 0.25 * workers - 20 * 0.005
+        tuner.step(now)
+    shed = [d for d in tuner.history if d.knob == "parallelism"]
+    assert shed and all(d.new < d.old for d in shed), tuner.history
+    assert all(d.new > 0 for d in shed), tuner.history  # never inline: the work is not cheap
+    assert synthetic.knobs["parallelism"].value <= 8, tuner.history
+
+
 def test_a_move_to_processes_that_does_not_pay_is_taken_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

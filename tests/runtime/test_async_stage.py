@@ -197,6 +197,25 @@ def test_parallelism_zero_runs_inline_without_threads() -> None:
 
 
 @pytest.mark.timeout(60)
+def test_workers_let_go_are_parked_not_idle() -> None:
+    # The tuner reads idle workers as workers to spare: those beyond the parallelism are
+    # neither, and counting them would make the rest look idler than they are.
+    ds = untuned(D.range(10**6).map(lambda x: x, num_parallel_calls=8))
+    with ds.iterator() as it:
+        next(it)  # the workers fill the buffer, then wait for room: all idle
+        (mapper,) = stages(it).values()
+        time.sleep(0.1)
+        mapper.knobs["parallelism"].set(2)
+        time.sleep(0.1)  # the six let go park
+        before = mapper.metrics.snapshot()["worker_idle"]
+        started = time.perf_counter()
+        time.sleep(0.3)
+        idle = mapper.metrics.snapshot()["worker_idle"] - before
+        elapsed = time.perf_counter() - started
+    assert elapsed < idle < 3 * elapsed  # two workers idle (of the eight started)
+
+
+@pytest.mark.timeout(60)
 def test_buffers_stay_bounded_in_elements_behind_a_slow_consumer() -> None:
     ds = D.range(10_000).map(lambda x: x, num_parallel_calls=4).prefetch(3)
     with ds.iterator() as it:

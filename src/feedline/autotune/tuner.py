@@ -71,6 +71,7 @@ WAITING_CORES = 0.3  # ... if all its workers together also use less than this m
 MANY_WAITING_CORES = 0.7
 PURE_WAITING = PURE_WAITING_SHARE  # CPU time / wall time below this: bigger steps
 BUSY = 0.5  # workers spending this fraction of their time on their own work are "busy"
+IDLE = 0.3  # ... and this fraction blocked on a full buffer, idle: fewer would do
 CPU_FULL = 0.85  # the process uses this share of its CPU budget: the cores are taken
 # Threads held by the GIL run Python one at a time: together they use about one core. Past
 # this many, they already run in parallel enough that processes would mostly add hand-offs.
@@ -160,6 +161,7 @@ class Experiment:
     baseline_stall: float
     started: float
     baseline_stage_rate: float
+    baseline_stage_wait: float  # the share of the time the stage's own consumer waited on it
     # A second knob changed with the first (processes come with workers), restored with it.
     companion: tuple[Knob, int] | None = None
     # Shortest settling and measuring windows: longer where the change takes time to show
@@ -257,6 +259,7 @@ class Tuner:
         self.interval = FIRST_INTERVAL
         self._warmed_up = False
         self._last_stage_rates: dict[object, float] = {}
+        self._last_stage_waits: dict[object, float] = {}
         self.cpu_seconds = 0.0  # the tuner's own cost
         self._thread = threading.Thread(target=self._run, name="feedline-autotune", daemon=True)
 
@@ -301,6 +304,7 @@ class Tuner:
         windows = self._windows(dt, snapshots)  # the same window as the root's
         self._remade.clear()
         self._last_stage_rates = {w.stage.key: w.rate for w in windows}
+        self._last_stage_waits = {w.stage.key: w.consumer_wait for w in windows}
         process_cpu = time.process_time()
         self.cores_in_use = (process_cpu - self._previous_process_cpu) / dt
         self._previous_process_cpu = process_cpu
@@ -335,7 +339,8 @@ class Tuner:
             baseline = experiment.baseline_rate if root_moved else experiment.baseline_stage_rate
             # Rates are counts: over few elements, one more or less is a real difference.
             noise = 1.0 / max(1.0, measured * dt)
-            kept = self._judge(experiment, measured, stall, baseline, now, noise)
+            stage_wait = tested.consumer_wait if tested is not None else None
+            kept = self._judge(experiment, measured, stall, baseline, now, noise, stage_wait)
             self._experiment = None
             if kept:
                 # The rate moved because of the change, not the consumer: the next window
@@ -407,7 +412,7 @@ class Tuner:
             stage, now = snapshots[experiment.stage.key]
             before: dict[str, float] = self._previous.get(stage.key, {})
             work = now["work_wall"] - before.get("work_wall", 0.0)
-            done = now["elements"] - before.get("elements", 0.0)
+            done = now["worked"] - before.get("worked", 0.0)
             if done > 0:
                 shortest = max(shortest, LATENCIES_PER_WINDOW * work / done)
         if dt < shortest:
@@ -432,14 +437,15 @@ class Tuner:
                 continue  # its window began before it existed: no verdict on it yet
             workers = max(1, stage.knobs["parallelism"].value)
             work = now["work_wall"] - before["work_wall"]
-            done = now["elements"] - before["elements"]
-            # A window in which no element finished says nothing of the cost: use the average.
+            # Elements worked on, not delivered: a full buffer draining delivers with no work.
+            done = now["worked"] - before["worked"]
+            # A window in which no element was worked on says nothing of the cost: the average.
             if done > 0:
                 per_element = work / done
                 cpu_per_element = (now["work_cpu"] - before["work_cpu"]) / done
             else:
-                per_element = now["work_wall"] / max(1.0, now["elements"])
-                cpu_per_element = now["work_cpu"] / max(1.0, now["elements"])
+                per_element = now["work_wall"] / max(1.0, now["worked"])
+                cpu_per_element = now["work_cpu"] / max(1.0, now["worked"])
             out.append(
                 StageWindow(
                     stage=stage,
@@ -449,7 +455,8 @@ class Tuner:
                     busy=work / (dt * workers),
                     cpu_share=(now["work_cpu"] - before["work_cpu"]) / work if work > 0 else 1.0,
                     cores=(now["work_cpu"] - before["work_cpu"]) / dt,
-                    idle=(now["worker_idle"] - before["worker_idle"]) / (dt * workers),
+                    # Workers let go during the window idled in it too: clamp.
+                    idle=min(1.0, (now["worker_idle"] - before["worker_idle"]) / (dt * workers)),
                     bytes_per_element=now["bytes_per_element"],
                     seconds_per_element=per_element,
                     cpu_per_element=cpu_per_element,
@@ -479,9 +486,11 @@ class Tuner:
         baseline: float,
         now: float,
         noise: float = 0.0,
+        stage_wait: float | None = None,
     ) -> bool:
         """Keep or revert ``e`` on what the window after it showed; True when kept.
-        ``noise``: the relative uncertainty of the measured rate."""
+        ``noise``: the relative uncertainty of the measured rate; ``stage_wait``: the share of
+        the window the tested stage's own consumer waited on it, if known."""
         base = max(baseline, 1e-9)
         gain = rate / base - 1
         loss_allowed = LOSS + noise
@@ -514,10 +523,15 @@ class Tuner:
             stalls_now = stall > STALL or stall > e.baseline_stall + STALL_RISE
         else:
             stalls_now = e.baseline_stall < ALWAYS_WAITING and stall > e.baseline_stall + STALL_JUMP
+        if stalls_now and stage_wait is not None:
+            # Fewer workers slow the consumer only through a reader waiting more on this stage
+            # (its wait includes the work done inline). Otherwise the waits came from elsewhere:
+            # a sleeping consumer's wake-up after a burst of GIL hand-offs, say.
+            stalls_now = stage_wait > e.baseline_stage_wait + STALL_RISE
         if gain >= -loss_allowed and not stalls_now:
-            if e.baseline_stall > STALL:
-                # Kept while the pipeline was the bottleneck: more than this did not help
-                # either. (A consumer-bound pipeline says nothing of what more would do.)
+            if e.baseline_stall > STALL and e.baseline_stage_wait > STALL / 2:
+                # Kept while the stage was the bottleneck: more than this did not help either.
+                # (A stage its consumer does not wait on says nothing of what more would do.)
                 self.state.saturated[(key, e.knob.name)] = e.new
             return True
         if gain < -loss_allowed:
@@ -538,6 +552,8 @@ class Tuner:
                 return
             if self._read_ahead(windows, rate, stall, now):
                 return
+            if self._shed_spare(windows, rate, stall, now):
+                return
             # Where more did not help, or where workers are mostly idle although their consumer
             # waits (the hand-offs cost more than the work): fewer may then be faster, down to
             # none, with the work inline in the consumer's thread.
@@ -555,12 +571,27 @@ class Tuner:
                 )
                 and self._fewer_may_keep(w)
             ]
-            self._scale_down(worth_fewer, rate, stall, now, reason="more workers did not help")
+            self._scale_down(
+                worth_fewer, rate, stall, now, served=False, reason="more workers did not help"
+            )
         elif stall < NO_STALL:
-            self._scale_down(windows, rate, stall, now, reason="consumer never waits")
+            self._scale_down(windows, rate, stall, now, served=True, reason="consumer never waits")
         else:
             # Served, but not comfortably: reading ahead may take the last waits away.
-            self._read_ahead(windows, rate, stall, now)
+            if not self._shed_spare(windows, rate, stall, now):
+                self._read_ahead(windows, rate, stall, now)
+
+    def _shed_spare(
+        self, windows: list[StageWindow], rate: float, stall: float, now: float
+    ) -> bool:
+        """Fewer workers for a stage whose own consumer never waits on it while they idle,
+        whatever the consumer's waits: those come from elsewhere (a consumer that sleeps
+        between elements waits for the GIL at every wake-up; on a loaded machine, for a core).
+        True if one was tried."""
+        spare = [w for w in windows if w.consumer_wait < NO_STALL / 2 and w.idle > IDLE]
+        return self._scale_down(
+            spare, rate, stall, now, served=True, reason="its consumer never waits on it"
+        )
 
     def _read_ahead(
         self,
@@ -752,34 +783,39 @@ class Tuner:
         return min(target, knob.maximum)
 
     def _scale_down(
-        self, windows: list[StageWindow], rate: float, stall: float, now: float, reason: str
-    ) -> None:
+        self,
+        windows: list[StageWindow],
+        rate: float,
+        stall: float,
+        now: float,
+        served: bool,
+        reason: str,
+    ) -> bool:
+        """Try fewer workers, or a smaller buffer, on the first of ``windows`` (most idle
+        first) that can shrink; True if one did. ``served``: the consumer is served (rather
+        than waiting while more workers did not help)."""
         for w in sorted(windows, key=lambda w: w.idle, reverse=True):
             key = w.stage.key
             if key in self.state.floor_reached:
                 continue
             parallelism = w.stage.knobs["parallelism"]
-            consumer_bound = stall < NO_STALL
-            # With the consumer comfortably served, shed idle workers but keep at least one
-            # (inline work would add to the consumer's own step); otherwise, after scale-ups
-            # failed, fewer (even none) may be faster.
-            floor = 1 if consumer_bound else 0
-            if (
-                parallelism.tunable
-                and parallelism.value > floor
-                and (not consumer_bound or w.idle > 0.3)
-            ):
+            # With the consumer served, shed idle workers but keep at least one (inline work
+            # would add to the consumer's own step); otherwise, after scale-ups failed, fewer
+            # (even none) may be faster.
+            floor = 1 if served else 0
+            if parallelism.tunable and parallelism.value > floor and (not served or w.idle > IDLE):
                 # Steps in proportion: one worker of a hundred waiting ones is noise.
                 step = max(1, parallelism.value // (2 if w.idle > 0.6 else 4))
                 target = max(floor, parallelism.value - step)
-                if not consumer_bound and w.busy < BUSY and w.seconds_per_element < CHEAP_WORK:
+                if not served and w.busy < BUSY and w.seconds_per_element < CHEAP_WORK:
                     target = 0
                 self._try(w.stage, parallelism, target, -1, rate, stall, now, reason)
-                return
+                return True
             buffer = w.stage.knobs["buffer_size"]
-            if buffer.tunable and buffer.value > 1 and consumer_bound and w.idle > 0.3:
+            if buffer.tunable and buffer.value > 1 and served and w.idle > IDLE:
                 self._try(w.stage, buffer, buffer.value // 2, -1, rate, stall, now, reason)
-                return
+                return True
+        return False
 
     def _computes_on_too_many_workers(self, w: StageWindow) -> bool:
         workers = w.stage.knobs["parallelism"].value
@@ -839,10 +875,11 @@ class Tuner:
     ) -> None:
         old = knob.value
         stage_rate = self._last_stage_rates.get(stage.key, 0.0)
+        stage_wait = self._last_stage_waits.get(stage.key, 0.0)
         applied = self._set(stage, knob, target, reason)
         if applied != old:
             self._experiment = Experiment(
-                stage, knob, old, applied, direction, rate, stall, now, stage_rate
+                stage, knob, old, applied, direction, rate, stall, now, stage_rate, stage_wait
             )
 
     def _set(self, stage: Tunable, knob: Knob, value: int, reason: str) -> int:

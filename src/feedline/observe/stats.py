@@ -36,6 +36,7 @@ def collect_stats(it: DatasetIterator) -> dict[str, Any]:
             {
                 "name": stage.name,
                 "elements": 0,
+                "worked": 0,
                 "work_wall_s": 0.0,
                 "work_cpu_s": 0.0,
                 "consumer_wait_s": 0.0,
@@ -52,6 +53,7 @@ def collect_stats(it: DatasetIterator) -> dict[str, Any]:
         entry["buffered_bytes"] = int(m["buffered_bytes"])
         entry["bytes_per_element"] = m["bytes_per_element"]
         entry["elements"] += int(m["elements"])
+        entry["worked"] += int(m["worked"])
         entry["work_wall_s"] += m["work_wall"]
         entry["work_cpu_s"] += m["work_cpu"]
         entry["consumer_wait_s"] += m["consumer_wait"]
@@ -61,8 +63,7 @@ def collect_stats(it: DatasetIterator) -> dict[str, Any]:
     for entry in by_key.values():
         samples = entry.pop("samples")
         work = entry["work_wall_s"]
-        processed = max(entry["elements"], 1)
-        entry["mean_ms"] = 1000 * work / processed
+        entry["mean_ms"] = 1000 * work / max(entry.pop("worked"), 1)
         entry["p90_ms"] = 1000 * float(np.percentile(samples, 90)) if samples else 0.0
         entry["cpu_share"] = entry["work_cpu_s"] / work if work > 0 else None
         # A wait is booked when it ends, so a window can see more than its own length.

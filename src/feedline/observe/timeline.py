@@ -40,6 +40,7 @@ class StageSample:
     own_work: bool  # False for a prefetch: its work time is only waiting on its input
     # Cumulative since the pass started:
     elements: int
+    worked: int  # elements its work time covers (a buffer's worth ahead of those delivered)
     work_wall: float
     work_cpu: float
     consumer_wait: float
@@ -65,11 +66,12 @@ def take_sample(it: DatasetIterator) -> Sample:
     for stage in it._ctx.all_stages():
         m = stage.metrics.snapshot()
         latest[stage.key] = (stage, m)
-        total = totals.setdefault(stage.key, [0, 0.0, 0.0, 0.0])
+        total = totals.setdefault(stage.key, [0, 0, 0.0, 0.0, 0.0])
         total[0] += m["elements"]
-        total[1] += m["work_wall"]
-        total[2] += m["work_cpu"]
-        total[3] += m["consumer_wait"]
+        total[1] += m["worked"]
+        total[2] += m["work_wall"]
+        total[3] += m["work_cpu"]
+        total[4] += m["consumer_wait"]
     names: dict[str, int] = {}
     stages = []
     for key, (stage, m) in latest.items():
@@ -77,13 +79,14 @@ def take_sample(it: DatasetIterator) -> Sample:
         names[stage.name] = names.get(stage.name, 0) + 1
         name = stage.name if names[stage.name] == 1 else f"{stage.name}#{names[stage.name]}"
         limit = getattr(stage, "buffer_limit", None)
-        elements, wall, cpu, wait = totals[key]
+        elements, worked, wall, cpu, wait = totals[key]
         stages.append(
             StageSample(
                 name=name,
                 knobs={k: knob.value for k, knob in stage.knobs.items()},
                 own_work=stage.has_own_work,
                 elements=int(elements),
+                worked=int(worked),
                 work_wall=wall,
                 work_cpu=cpu,
                 consumer_wait=wait,
@@ -110,7 +113,8 @@ class StageWindow:
     own_work: bool
     elements: int
     rate: float  # elements per second
-    mean_ms: float  # work time per element
+    work_wall_s: float
+    mean_ms: float  # work time per element worked on
     cpu_share: float | None  # CPU time / wall time of that work; None without work
     consumer_wait_fraction: float  # of the window, its consumer waited for this stage
     buffered_elements: int
@@ -138,8 +142,8 @@ class Window:
                 "knobs": dict(s.knobs),
                 "own_work": s.own_work,
                 "elements": s.elements,
-                "work_wall_s": s.mean_ms * s.elements / 1000,
-                "work_cpu_s": s.mean_ms * s.elements / 1000 * (s.cpu_share or 0.0),
+                "work_wall_s": s.work_wall_s,
+                "work_cpu_s": s.work_wall_s * (s.cpu_share or 0.0),
                 "mean_ms": s.mean_ms,
                 "cpu_share": s.cpu_share,
                 "consumer_wait_fraction": s.consumer_wait_fraction,
@@ -162,6 +166,7 @@ def between(older: Sample, newer: Sample) -> Window:
     for s in newer.stages:
         b = before.get(s.name)
         elements = s.elements - (b.elements if b else 0)
+        worked = s.worked - (b.worked if b else 0)
         wall = s.work_wall - (b.work_wall if b else 0.0)
         cpu = s.work_cpu - (b.work_cpu if b else 0.0)
         wait = s.consumer_wait - (b.consumer_wait if b else 0.0)
@@ -172,7 +177,9 @@ def between(older: Sample, newer: Sample) -> Window:
                 own_work=s.own_work,
                 elements=elements,
                 rate=elements / seconds,
-                mean_ms=1000 * wall / elements if elements else 0.0,
+                work_wall_s=wall,
+                # Per element worked on: a full buffer draining delivers with no work.
+                mean_ms=1000 * wall / worked if worked else 0.0,
                 cpu_share=cpu / wall if wall > 0 else None,
                 # A wait is booked when it ends, so a window can see more than its length.
                 consumer_wait_fraction=min(1.0, wait / seconds),

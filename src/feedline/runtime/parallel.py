@@ -431,7 +431,11 @@ class AsyncStage(NodeIterator, Tunable):
                     idle = False
                     while not self._closing and self._end_seq is None:
                         if index >= self.parallelism:
-                            self._parked.wait()  # not one of the stage's workers: not idle
+                            # Not one of the stage's workers (any more): not idle, parked.
+                            if idle:
+                                idle = False
+                                self.metrics.end_idle(index)
+                            self._parked.wait()
                         elif self._has_room(size):
                             break
                         else:

@@ -65,13 +65,16 @@ class StageMetrics:
     """Counters a stage accumulates; readers take differences between two snapshots.
 
     Times are seconds. ``work_wall``/``work_cpu`` cover the stage's own work (the user
-    function, or pulling the input for a prefetch); ``consumer_wait`` is time the consumer spent
+    function, or pulling the input for a prefetch) on ``worked`` elements, which can run ahead
+    of the ``elements`` delivered by a buffer's worth, or lag behind them while a full buffer
+    drains; ``consumer_wait`` is time the consumer spent
     blocked waiting for this stage; ``worker_idle`` is time workers spent waiting for buffer
     space (the consumer is slower than the stage). Worker processes' memory is the run's, in
     ``IterContext.worker_memory``.
     """
 
     elements: int = 0
+    worked: int = 0
     chunks: int = 0
     work_wall: float = 0.0
     work_cpu: float = 0.0
@@ -100,6 +103,7 @@ class StageMetrics:
             return {
                 "elements": self.elements,
                 "chunks": self.chunks,
+                "worked": self.worked,
                 "work_wall": self.work_wall,
                 "work_cpu": self.work_cpu,
                 "consumer_wait": self.consumer_wait + in_progress,
@@ -126,6 +130,7 @@ class StageMetrics:
             self.consumer_waiting_since = None
             if delivered:
                 self.elements += delivered
+                self.worked += delivered
                 self.work_wall += waited
                 self.work_cpu += cpu
                 self.recent.append(waited / delivered)
@@ -144,6 +149,7 @@ class StageMetrics:
 
     def add_work(self, elements: int, wall: float, cpu: float) -> None:
         with self.lock:
+            self.worked += elements
             self.work_wall += wall
             self.work_cpu += cpu
             if elements:

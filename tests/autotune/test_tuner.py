@@ -21,7 +21,14 @@ from feedline.autotune import tuner as tuner_module
 from feedline.autotune.budget import Budget, idle_cpu_seconds, usable_cores
 from feedline.autotune.tuner import RootCounters
 from feedline.runtime.context import WorkerMemory
-from feedline.runtime.tunable import PROCESSES, THREADS, Knob, StageMetrics, Tunable
+from feedline.runtime.tunable import (
+    PROCESSES,
+    THREADS,
+    Knob,
+    StageMetrics,
+    StartChoice,
+    Tunable,
+)
 from tests.helpers import assert_elements_equal
 
 D = fl.Dataset
@@ -487,6 +494,22 @@ def test_a_thread_per_core_leaving_cores_unused_tries_processes(
         assert moves[1][:2] == (PROCESSES, THREADS)
     else:
         assert moves == []
+
+
+@pytest.mark.parametrize("process_cores", [1.0, 1.7])
+def test_the_reading_for_a_move_to_processes_gets_them_ready_when_held_by_the_gil(
+    monkeypatch: pytest.MonkeyPatch, process_cores: float
+) -> None:
+    # Held to one core, a move is likely: the forkserver starts while the tuner reads (it
+    # took ~0.5 s on its own). Threads using 1.7 cores may gain little: nothing starts.
+    readied: list[int] = []
+    monkeypatch.setattr(SyntheticStage, "expect_processes", lambda self: readied.append(1))
+    # The workers it started with were just chosen: the tuner reads before it moves.
+    started = StartChoice(time.perf_counter(), "parallelism", 0, 2, "its first call computes")
+    monkeypatch.setattr(SyntheticStage, "start_choice", started)
+    moves = gil_bound_decisions(monkeypatch, 2**32, [], process_cores=process_cores, cpu=0.9)
+    assert moves[0][:2] == (THREADS, PROCESSES), moves
+    assert bool(readied) == (process_cores == 1.0)
 
 
 def gil_bound_decisions(

@@ -214,6 +214,40 @@ class Unreconstructable(Exception):
 
 
 @pytest.mark.timeout(30)
+def test_overlapping_process_starts_give_the_main_module_its_names_back() -> None:
+    # The forkserver may start on one thread while a stage starts a worker on another; each
+    # start hides __main__'s file for its duration, and the last to end must not restore the
+    # names as the other left them (hidden).
+    main = sys.modules["__main__"]
+    names = {name: getattr(main, name, None) for name in ("__file__", "__spec__")}
+    first_in, let_first_out, let_second_out = (
+        threading.Event(),
+        threading.Event(),
+        threading.Event(),
+    )
+
+    def first() -> None:
+        with process._main_not_reimported():
+            first_in.set()
+            let_first_out.wait(5)
+
+    def second() -> None:
+        with process._main_not_reimported():
+            let_second_out.wait(5)
+
+    a, b = threading.Thread(target=first), threading.Thread(target=second)
+    a.start()
+    first_in.wait(5)
+    b.start()
+    time.sleep(0.05)  # the second start is under way (or waits for the first)
+    let_first_out.set()
+    a.join(5)
+    let_second_out.set()
+    b.join(5)
+    assert {name: getattr(main, name, None) for name in names} == names
+
+
+@pytest.mark.timeout(30)
 def test_user_errors_arrive_at_their_position_with_their_type() -> None:
     def fn(x: Any) -> Any:
         if x == 7:

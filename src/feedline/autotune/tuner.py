@@ -732,14 +732,17 @@ class Tuner:
         # A move for a large gain (the GIL holds the threads to one core) on a reading that
         # held for two windows; one for a small gain (threads leaving a few cores unused) on a
         # reading over LONG_WINDOW. Until then the knobs stay as they are, to read it.
-        if span < (2 * MIN_WINDOW if held else LONG_WINDOW):
-            self._reading = True
-            return True
         # Cores kept busy by other processes look like the GIL from inside; processes would
         # not get them either.
-        if self.idle_cores is not None and self.idle_cores < min(
+        cores_free = self.idle_cores is None or self.idle_cores >= min(
             FREE_CORES_FOR_PROCESSES, unused / 2
-        ):
+        )
+        if span < (2 * MIN_WINDOW if held else LONG_WINDOW):
+            self._reading = True
+            if held and cores_free:  # a move likely: what it needs, started meanwhile
+                w.stage.expect_processes()
+            return True
+        if not cores_free:
             return False
         parallelism = w.stage.knobs["parallelism"]
         workers = int(self.budget.cpu)  # computing work: one process per core

@@ -328,6 +328,12 @@ class AsyncStage(NodeIterator, Tunable):
     def has_own_work(self) -> bool:
         return self.transform is not None
 
+    def expect_processes(self) -> None:
+        if self._make_process_executor is not None and self.knobs["executor"].tunable:
+            from feedline.runtime.process import start_forkserver_soon
+
+            start_forkserver_soon()
+
     def _new_process_executor(self) -> ChunkExecutor | None:
         assert self._make_process_executor is not None
         try:

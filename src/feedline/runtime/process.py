@@ -35,6 +35,7 @@ import functools
 import glob
 import io
 import itertools
+import logging
 import mmap
 import multiprocessing
 import os
@@ -60,6 +61,8 @@ from feedline.structure import sole_type
 
 if TYPE_CHECKING:
     from feedline.runtime.context import IterContext
+
+logger = logging.getLogger("feedline")
 
 # Below this size an array buffer is cheaper to copy through the pipe inside the pickle than
 # to hand over through a shared-memory segment (creating, mapping and unlinking one costs
@@ -115,6 +118,41 @@ def _context() -> Any:
     return ctx
 
 
+_forkserver_lock = threading.Lock()
+_forkserver_starting: threading.Thread | None = None
+
+
+def start_forkserver_soon() -> None:
+    """Start the process workers fork from, on a thread, if it is not started yet.
+
+    Starting it is a new interpreter importing feedline and numpy: ~0.5 s on a busy 2-core
+    machine, which the first worker would otherwise wait for (a GIL-bound tokenizer ran on
+    threads at half its rate that long, after the tuner chose processes)."""
+    global _forkserver_starting
+    if _context().get_start_method() != "forkserver":
+        return
+    with _forkserver_lock:
+        if _forkserver_starting is not None:
+            return
+        _forkserver_starting = threading.Thread(
+            target=_start_forkserver, name="feedline-forkserver-start", daemon=True
+        )
+        _forkserver_starting.start()
+
+
+def _start_forkserver() -> None:
+    from multiprocessing import forkserver
+
+    try:
+        with _main_not_reimported():
+            forkserver.ensure_running()
+    except Exception:  # the first worker's start tries again and says why
+        logger.debug("starting the forkserver ahead of workers failed", exc_info=True)
+
+
+_main_hidden_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def _main_not_reimported() -> Iterator[None]:
     """Start workers without running the user's main script again in them.
@@ -125,15 +163,19 @@ def _main_not_reimported() -> Iterator[None]:
     there by value), so while a worker starts, ``__main__`` shows neither its file nor its
     module spec.
     """
-    main = sys.modules.get("__main__")
-    hidden = {name: getattr(main, name) for name in ("__file__", "__spec__") if hasattr(main, name)}
-    try:
-        for name in hidden:
-            setattr(main, name, None)
-        yield
-    finally:
-        for name, value in hidden.items():
-            setattr(main, name, value)
+    # One start at a time: two overlapping ones (the forkserver's and a worker's, on two
+    # threads) would have the later one restore the names the earlier one hid, as None.
+    with _main_hidden_lock:
+        main = sys.modules.get("__main__")
+        names = ("__file__", "__spec__")
+        hidden = {name: getattr(main, name) for name in names if hasattr(main, name)}
+        try:
+            for name in hidden:
+                setattr(main, name, None)
+            yield
+        finally:
+            for name, value in hidden.items():
+                setattr(main, name, value)
 
 
 # -- transport --------------------------------------------------------------------------------

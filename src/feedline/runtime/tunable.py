@@ -201,3 +201,7 @@ class Tunable:
     def has_own_work(self) -> bool:
         """False when the stage's work time is only waiting on its input (a prefetch)."""
         raise NotImplementedError
+
+    def expect_processes(self) -> None:
+        """The tuner is reading whether to move this stage's work to processes: get what the
+        move needs ready, so it is quick if it comes. Changes nothing the stage does."""

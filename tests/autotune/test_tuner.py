@@ -441,6 +441,71 @@ def test_idle_workers_their_consumer_never_waits_on_are_shed(
     assert synthetic.knobs["parallelism"].value <= 8, tuner.history
 
 
+def test_two_stages_at_the_same_rate_grow_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two waiting stages (10 ms per call) in a row, each with 4 workers: the pipeline runs at
+    # their common rate, 400 elements/s. More workers for either alone gain nothing, so each
+    # tried alone would be taken back; the second's reader waiting on the first says to try
+    # the first with it.
+    monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)
+    first, second = SyntheticStage(), SyntheticStage()
+    first.name, second.name = "map(read)", "map(fetch)"
+    for stage_ in (first, second):
+        stage_.knobs["parallelism"].set(4)
+        stage_.knobs["executor"].tunable = False
+    root = RootCounters()
+    now = time.perf_counter()
+    tuner = tuner_module.Tuner(lambda: [first, second], root, Budget(cpu=2.0, ram=2**30), now)
+    for _ in range(40):
+        now += 0.25
+        workers = [s.knobs["parallelism"].value for s in (first, second)]
+        done = 0.25 * 100 * min(workers)  # elements each stage (and the consumer) gets through
+        root.delivered += done
+        root.wait += 0.25 * 0.95  # the training step is fast: it waits on the pipeline
+        for stage_, own, reader_waits in (
+            (first, workers[0], 0.25 * max(0.0, 1 - workers[0] / workers[1])),
+            (second, workers[1], 0.25 * 0.95),
+        ):
+            m = stage_.metrics
+            m.elements += done
+            m.worked += done
+            m.work_wall += done * 0.01
+            m.work_cpu += done * 0.0001
+            m.consumer_wait += reader_waits
+            m.worker_idle += max(0.0, 0.25 * own - done * 0.01)
+        tuner.step(now)
+    chained = [d for d in tuner.history if "tried with it" in d.reason]
+    assert chained, tuner.history
+    assert min(s.knobs["parallelism"].value for s in (first, second)) > 4, tuner.history
+
+
+def test_a_served_consumer_keeps_a_decrease_whatever_a_stage_rate_did(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A slow consumer takes a few large batches per window, too few to measure its rate, so
+    # a decrease is judged on the stage's own rate, which falls as the buffers after it
+    # fill up: that fall is not the decrease's doing while the consumer never waits.
+    monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)
+    synthetic = SyntheticStage()
+    synthetic.knobs["parallelism"].set(64)
+    synthetic.knobs["executor"].tunable = False
+    root = RootCounters()
+    now = time.perf_counter()
+    tuner = tuner_module.Tuner(lambda: [synthetic], root, Budget(cpu=2.0, ram=2**30), now)
+    m = synthetic.metrics
+    for step in range(24):
+        now += 0.25
+        done = 500 if step < 3 else 20  # the buffers downstream fill, then it keeps pace
+        root.delivered += 1
+        m.elements += done
+        m.worked += done
+        m.work_wall += done * 0.005
+        m.work_cpu += done * 0.00005
+        m.worker_idle += max(0.0, 0.25 * synthetic.knobs["parallelism"].value - done * 0.005)
+        tuner.step(now)
+    changes = [d for d in tuner.history if d.knob == "parallelism"]
+    assert changes and all(d.new < d.old for d in changes), tuner.history
+
+
 def test_a_move_to_processes_that_does_not_pay_is_taken_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

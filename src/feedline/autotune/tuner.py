@@ -162,6 +162,12 @@ class Experiment:
     started: float
     baseline_stage_rate: float
     baseline_stage_wait: float  # the share of the time the stage's own consumer waited on it
+    # Every stage's rate and its reader's wait before the change, by stage key.
+    baseline_rates: dict[object, float] = field(default_factory=dict)
+    baseline_waits: dict[object, float] = field(default_factory=dict)
+    # A scale-up that did not pay alone, kept while this one (of the stage it made the new
+    # bottleneck) is tried with it: both stay or both go.
+    chained_from: Experiment | None = None
     # A second knob changed with the first (processes come with workers), restored with it.
     companion: tuple[Knob, int] | None = None
     # Shortest settling and measuring windows: longer where the change takes time to show
@@ -340,8 +346,10 @@ class Tuner:
             # Rates are counts: over few elements, one more or less is a real difference.
             noise = 1.0 / max(1.0, measured * dt)
             stage_wait = tested.consumer_wait if tested is not None else None
-            kept = self._judge(experiment, measured, stall, baseline, now, noise, stage_wait)
-            self._experiment = None
+            self._experiment = None  # the verdict may start a chained one
+            kept = self._judge(
+                experiment, measured, stall, baseline, now, noise, stage_wait, windows
+            )
             if kept:
                 # The rate moved because of the change, not the consumer: the next window
                 # is the new reference for noticing a shift in the consumer's speed.
@@ -371,12 +379,15 @@ class Tuner:
                 self._remade.add(key)
                 experiment = self._experiment
                 if experiment is not None and experiment.stage.key == key:
-                    experiment.stage = stage
-                    experiment.knob = stage.knobs[experiment.knob.name]
-                    if experiment.companion is not None:
-                        name = experiment.companion[0].name
-                        experiment.companion = (stage.knobs[name], experiment.companion[1])
                     experiment.settling = True
+                while experiment is not None:
+                    if experiment.stage.key == key:
+                        experiment.stage = stage
+                        experiment.knob = stage.knobs[experiment.knob.name]
+                        if experiment.companion is not None:
+                            name = experiment.companion[0].name
+                            experiment.companion = (stage.knobs[name], experiment.companion[1])
+                    experiment = experiment.chained_from
             self._stage_objects[key] = stage
 
     def _record_start_choices(
@@ -487,10 +498,12 @@ class Tuner:
         now: float,
         noise: float = 0.0,
         stage_wait: float | None = None,
+        windows: list[StageWindow] | None = None,
     ) -> bool:
-        """Keep or revert ``e`` on what the window after it showed; True when kept.
-        ``noise``: the relative uncertainty of the measured rate; ``stage_wait``: the share of
-        the window the tested stage's own consumer waited on it, if known."""
+        """Keep or revert ``e`` on what the window after it showed; True when kept (or kept
+        for now, while a scale-up chained to it is tried). ``noise``: the relative uncertainty
+        of the measured rate; ``stage_wait``: the share of the window the tested stage's own
+        consumer waited on it, if known; ``windows``: every stage's, in that window."""
         base = max(baseline, 1e-9)
         gain = rate / base - 1
         loss_allowed = LOSS + noise
@@ -508,13 +521,20 @@ class Tuner:
                 and gain > -loss_allowed
             ):
                 return True  # the next decision may scale further
+            if self._chain(e, windows or [], now):
+                return True
             self._set(e.stage, e.knob, e.old, f"no gain from {e.new} ({gain:+.0%}): back")
-            if e.companion is not None:
-                self._set(e.stage, e.companion[0], e.companion[1], "back with it")
-            self.state.saturated[(key, e.knob.name)] = e.old
-            if e.knob.name == "executor":
-                _, wait = self.state.process_retry.get(key, (0.0, PROCESS_RETRY_SECONDS))
-                self.state.process_retry[key] = (now + wait, 2 * wait)
+            self._take_back(e, now)
+            chained_from = e.chained_from
+            while chained_from is not None:
+                self._set(
+                    chained_from.stage,
+                    chained_from.knob,
+                    chained_from.old,
+                    f"back with {e.stage.name}'s {e.knob.name}",
+                )
+                self._take_back(chained_from, now)
+                chained_from = chained_from.chained_from
             return False
         # A consumer that always waits (it does no work of its own) is judged on the rate
         # alone; one that did work can be made to stall more by a decrease, and a rate that
@@ -528,17 +548,77 @@ class Tuner:
             # (its wait includes the work done inline). Otherwise the waits came from elsewhere:
             # a sleeping consumer's wake-up after a burst of GIL hand-offs, say.
             stalls_now = stage_wait > e.baseline_stage_wait + STALL_RISE
-        if gain >= -loss_allowed and not stalls_now:
+        # A consumer served before and after sets the rate itself: waiting at most STALL of
+        # the time, it cannot have lost more than that to the pipeline. A lower rate is its
+        # own doing, as is a stage's own rate falling while the buffers after it fill up.
+        served = e.baseline_stall <= STALL and stall <= STALL
+        costs_rate = gain < -loss_allowed and not served
+        if not costs_rate and not stalls_now:
             if e.baseline_stall > STALL and e.baseline_stage_wait > STALL / 2:
                 # Kept while the stage was the bottleneck: more than this did not help either.
                 # (A stage its consumer does not wait on says nothing of what more would do.)
                 self.state.saturated[(key, e.knob.name)] = e.new
             return True
-        if gain < -loss_allowed:
+        if costs_rate:
             self._set(e.stage, e.knob, e.old, f"{e.new} cost rate ({gain:+.0%}): back")
         else:
             self._set(e.stage, e.knob, e.old, f"with {e.new} the consumer stalls ({stall:.0%})")
         self.state.floor_reached.add(key)
+        return False
+
+    def _take_back(self, e: Experiment, now: float) -> None:
+        """What goes with reverting the scale-up ``e`` (its knob already set back)."""
+        if e.companion is not None:
+            self._set(e.stage, e.companion[0], e.companion[1], "back with it")
+        self.state.saturated[(e.stage.key, e.knob.name)] = e.old
+        if e.knob.name == "executor":
+            _, wait = self.state.process_retry.get(e.stage.key, (0.0, PROCESS_RETRY_SECONDS))
+            self.state.process_retry[e.stage.key] = (now + wait, 2 * wait)
+
+    def _chain(self, e: Experiment, windows: list[StageWindow], now: float) -> bool:
+        """A scale-up that did not pay may have moved the bottleneck to the stage it reads
+        from: two stages at about the same rate gain nothing when either grows alone (each
+        one's gain tried alone is taken back, and the pipeline stays at their rate). If a
+        stage's reader now waits on it clearly more than before, grow that stage too, keeping
+        ``e`` meanwhile; the pair is judged against the rate before ``e``. True if chained."""
+        if e.chained_from is not None or e.companion is not None or e.knob.name != "parallelism":
+            return False
+        for w in sorted(windows, key=lambda w: w.consumer_wait, reverse=True):
+            parallelism = w.stage.knobs.get("parallelism")
+            if (
+                w.stage.key == e.stage.key
+                or parallelism is None
+                or not parallelism.tunable
+                or not w.stage.has_own_work
+                or w.consumer_wait < STALL / 2
+                or w.consumer_wait < e.baseline_waits.get(w.stage.key, 0.0) + STALL
+            ):
+                continue
+            target = self._scaled_parallelism(w, windows)
+            if target <= parallelism.value:
+                continue
+            old = parallelism.value
+            reason = (
+                f"its reader waits on it {w.consumer_wait:.0%} of the time with "
+                f"{e.stage.name}'s {e.knob.name} at {e.new}: tried with it"
+            )
+            applied = self._set(w.stage, parallelism, target, reason)
+            self._experiment = Experiment(
+                w.stage,
+                parallelism,
+                old,
+                applied,
+                +1,
+                e.baseline_rate,
+                e.baseline_stall,
+                now,
+                e.baseline_rates.get(w.stage.key, 0.0),
+                e.baseline_waits.get(w.stage.key, 0.0),
+                baseline_rates=e.baseline_rates,
+                baseline_waits=e.baseline_waits,
+                chained_from=e,
+            )
+            return True
         return False
 
     def _decide(self, windows: list[StageWindow], rate: float, stall: float, now: float) -> None:
@@ -882,7 +962,18 @@ class Tuner:
         applied = self._set(stage, knob, target, reason)
         if applied != old:
             self._experiment = Experiment(
-                stage, knob, old, applied, direction, rate, stall, now, stage_rate, stage_wait
+                stage,
+                knob,
+                old,
+                applied,
+                direction,
+                rate,
+                stall,
+                now,
+                stage_rate,
+                stage_wait,
+                baseline_rates=dict(self._last_stage_rates),
+                baseline_waits=dict(self._last_stage_waits),
             )
 
     def _set(self, stage: Tunable, knob: Knob, value: int, reason: str) -> int:

@@ -160,11 +160,10 @@ class Experiment:
     baseline_rate: float
     baseline_stall: float
     started: float
-    baseline_stage_rate: float
-    baseline_stage_wait: float  # the share of the time the stage's own consumer waited on it
-    # Every stage's rate and its reader's wait before the change, by stage key.
-    baseline_rates: dict[object, float] = field(default_factory=dict)
-    baseline_waits: dict[object, float] = field(default_factory=dict)
+    # Every stage's rate and the share of the time its reader waited on it, before the
+    # change (before the first of a chain), by stage key.
+    baseline_rates: dict[object, float]
+    baseline_waits: dict[object, float]
     # A scale-up that did not pay alone, kept while this one (of the stage it made the new
     # bottleneck) is tried with it: both stay or both go.
     chained_from: Experiment | None = None
@@ -177,6 +176,14 @@ class Experiment:
     min_gain: float = GAIN
     # Right after a change, buffers fill or drain: that window is discarded, not judged.
     settling: bool = True
+
+    @property
+    def baseline_stage_rate(self) -> float:
+        return self.baseline_rates.get(self.stage.key, 0.0)
+
+    @property
+    def baseline_stage_wait(self) -> float:
+        return self.baseline_waits.get(self.stage.key, 0.0)
 
 
 def waits(w: StageWindow) -> bool:
@@ -612,10 +619,8 @@ class Tuner:
                 e.baseline_rate,
                 e.baseline_stall,
                 now,
-                e.baseline_rates.get(w.stage.key, 0.0),
-                e.baseline_waits.get(w.stage.key, 0.0),
-                baseline_rates=e.baseline_rates,
-                baseline_waits=e.baseline_waits,
+                e.baseline_rates,
+                e.baseline_waits,
                 chained_from=e,
             )
             return True
@@ -809,14 +814,14 @@ class Tuner:
         )
         if not (held or waiting_on_each_other):
             return False
-        # A move for a large gain (the GIL holds the threads to one core) on a reading that
-        # held for two windows; one for a small gain (threads leaving a few cores unused) on a
-        # reading over LONG_WINDOW. Until then the knobs stay as they are, to read it.
         # Cores kept busy by other processes look like the GIL from inside; processes would
         # not get them either.
         cores_free = self.idle_cores is None or self.idle_cores >= min(
             FREE_CORES_FOR_PROCESSES, unused / 2
         )
+        # A move for a large gain (the GIL holds the threads to one core) on a reading that
+        # held for two windows; one for a small gain (threads leaving a few cores unused) on a
+        # reading over LONG_WINDOW. Until then the knobs stay as they are, to read it.
         if span < (2 * MIN_WINDOW if held else LONG_WINDOW):
             self._reading = True
             if held and cores_free:  # a move likely: what it needs, started meanwhile
@@ -892,12 +897,10 @@ class Tuner:
                 target = max(floor, parallelism.value - step)
                 if not served and w.busy < BUSY and w.seconds_per_element < CHEAP_WORK:
                     target = 0
-                self._try(w.stage, parallelism, target, -1, rate, stall, now, reason)
-                return True
+                return self._try(w.stage, parallelism, target, -1, rate, stall, now, reason)
             buffer = w.stage.knobs["buffer_size"]
             if buffer.tunable and buffer.value > 1 and served and w.idle > IDLE:
-                self._try(w.stage, buffer, buffer.value // 2, -1, rate, stall, now, reason)
-                return True
+                return self._try(w.stage, buffer, buffer.value // 2, -1, rate, stall, now, reason)
         return False
 
     def _computes_on_too_many_workers(self, w: StageWindow) -> bool:
@@ -955,10 +958,9 @@ class Tuner:
         stall: float,
         now: float,
         reason: str,
-    ) -> None:
+    ) -> bool:
+        """Set ``knob`` to ``target`` as an experiment; False if the value stayed the same."""
         old = knob.value
-        stage_rate = self._last_stage_rates.get(stage.key, 0.0)
-        stage_wait = self._last_stage_waits.get(stage.key, 0.0)
         applied = self._set(stage, knob, target, reason)
         if applied != old:
             self._experiment = Experiment(
@@ -970,11 +972,10 @@ class Tuner:
                 rate,
                 stall,
                 now,
-                stage_rate,
-                stage_wait,
-                baseline_rates=dict(self._last_stage_rates),
-                baseline_waits=dict(self._last_stage_waits),
+                self._last_stage_rates,
+                self._last_stage_waits,
             )
+        return applied != old
 
     def _set(self, stage: Tunable, knob: Knob, value: int, reason: str) -> int:
         old = knob.value

@@ -700,3 +700,90 @@ def test_waiting_is_told_from_threads_sharing_the_gil() -> None:
     # Few threads using little CPU wait, whatever was measured alone.
     assert waits(cpu_share=0.05, cores=0.1, solo_cpu_share=None)
     assert not waits(cpu_share=0.9, cores=0.1, solo_cpu_share=0.02)
+
+
+def waiting_stage_decisions(
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    busy: float,
+    idle: float,
+    consumer_waits: float,
+    process_cores: float,
+    solo_cpu_share: float,
+    cpu: float = 0.03,
+) -> list[tuple[int, int, str]]:
+    """The parallelism decisions on a synthetic stage of 16 threads whose workers spend
+    ``busy`` of their time on calls (``cpu`` of it on the CPU) and ``idle`` blocked on a full
+    buffer, its consumer waiting ``consumer_waits`` of the time, the process using
+    ``process_cores`` and the machine leaving a core idle. It delivers at a fixed rate: every
+    change gains nothing."""
+    idle_clock = [0.0]
+    process_cpu = [0.0]
+    monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: idle_clock[0])
+    monkeypatch.setattr(tuner_module.time, "process_time", lambda: process_cpu[0])
+    synthetic = SyntheticStage()
+    synthetic.knobs["parallelism"].set(16)
+    synthetic.knobs["executor"].tunable = False
+    synthetic.solo_cpu_share = solo_cpu_share
+    root = RootCounters()
+    now = time.perf_counter()
+    tuner = tuner_module.Tuner(lambda: [synthetic], root, Budget(cpu=2.0, ram=2**30), now)
+    m = synthetic.metrics
+    for _ in range(8):
+        now += 0.25
+        idle_clock[0] += 0.25 * 1.0
+        process_cpu[0] += 0.25 * process_cores
+        workers = synthetic.knobs["parallelism"].value
+        root.delivered += 1000
+        root.wait += 0.25 * consumer_waits
+        m.elements += 1000
+        m.worked += 1000
+        m.work_wall += 0.25 * workers * busy
+        m.work_cpu += 0.25 * workers * busy * cpu
+        m.consumer_wait += 0.25 * consumer_waits
+        m.worker_idle += 0.25 * workers * idle
+        tuner.step(now)
+    return [(d.old, d.new, d.reason) for d in tuner.history if d.knob == "parallelism"]
+
+
+@pytest.mark.parametrize(("process_cores", "grows"), [(0.6, True), (1.0, False)])
+def test_threads_that_wait_while_the_gil_is_free_scale_past_what_a_first_call_suggested(
+    monkeypatch: pytest.MonkeyPatch, process_cores: float, grows: bool
+) -> None:
+    # A fetch whose calls mostly compute a little and now and then wait long (a slow read):
+    # its first call computed, and 16 threads at 3% each add up to 0.4 cores, as 16 threads
+    # queueing for the GIL would. But a process using 0.6 cores leaves the GIL free 40% of
+    # the time, on a machine with a core idle: they are not held by it, they wait. Using a
+    # core, it may be the GIL: no more threads.
+    moves = waiting_stage_decisions(
+        monkeypatch,
+        busy=0.9,
+        idle=0.05,
+        consumer_waits=0.9,
+        process_cores=process_cores,
+        solo_cpu_share=0.97,
+    )
+    grew = [new for old, new, _ in moves if new > old]
+    assert bool(grew) == grows, moves
+    if grew:
+        assert grew[0] > 16, moves
+
+
+@pytest.mark.parametrize("consumer_waits", [0.9, 0.2])
+def test_workers_held_behind_the_oldest_element_get_more_calls_in_flight(
+    monkeypatch: pytest.MonkeyPatch, consumer_waits: float
+) -> None:
+    # In order, one slow call holds the finished ones behind it: workers are blocked on the
+    # full buffer most of the time while the consumer waits for that oldest element. More
+    # calls in flight fill the wait, although the workers are not busy. With the consumer
+    # waiting less than the workers idle, the two need not overlap: no more workers.
+    moves = waiting_stage_decisions(
+        monkeypatch,
+        busy=0.3,
+        idle=0.6,
+        consumer_waits=consumer_waits,
+        process_cores=0.3,
+        solo_cpu_share=0.02,
+    )
+    grew = [new for old, new, _ in moves if new > old]
+    assert bool(grew) == (consumer_waits > 0.5), moves

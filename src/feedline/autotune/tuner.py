@@ -7,7 +7,8 @@ How it decides (every tick; ticks are frequent at first and slow down once nothi
 
 - The objective is the rate at which the consumer receives elements. When the consumer waits
   for the pipeline (it *stalls*), the pipeline is the bottleneck: the tuner scales the stage
-  its consumer waits on most, among those whose workers are busy doing their own work.
+  its consumer waits on most, among those whose workers are busy doing their own work (or
+  blocked behind the oldest element, a slow call that holds the finished ones in order).
   A stage that mostly *waits* (wall time far above CPU time, e.g. I/O latency) doubles its
   parallelism, past the core count, within the RAM budget; a stage that computes adds one
   worker at a time, within the CPU budget.
@@ -72,10 +73,17 @@ MANY_WAITING_CORES = 0.7
 PURE_WAITING = PURE_WAITING_SHARE  # CPU time / wall time below this: bigger steps
 BUSY = 0.5  # workers spending this fraction of their time on their own work are "busy"
 IDLE = 0.3  # ... and this fraction blocked on a full buffer, idle: fewer would do
+# ... unless their consumer waited on the stage meanwhile, for at least this share of the
+# window: the element it waits for, the oldest, holds the finished ones behind it in the
+# buffer (in order, a slow call among fast ones). More calls in flight then fill the wait.
+HELD_IN_ORDER = 0.15
 CPU_FULL = 0.85  # the process uses this share of its CPU budget: the cores are taken
 # Threads held by the GIL run Python one at a time: together they use about one core. Past
 # this many, they already run in parallel enough that processes would mostly add hand-offs.
 GIL_CORES = 1.5
+# A process using less than this many cores leaves the GIL free a fifth of the time or more:
+# its threads are not held by it.
+GIL_FREE_CORES = 0.8
 # Moving to processes needs at least this many idle cores on the machine to run them on (or
 # half the cores the process leaves unused, if fewer).
 FREE_CORES_FOR_PROCESSES = 0.5
@@ -186,9 +194,10 @@ class Experiment:
         return self.baseline_waits.get(self.stage.key, 0.0)
 
 
-def waits(w: StageWindow) -> bool:
-    """The stage's work mostly waits (I/O, latency) rather than computes."""
-    return mostly_waits(w.cpu_share, w.cores, w.stage.solo_cpu_share)
+def held_in_order(w: StageWindow) -> bool:
+    """Workers blocked on a full buffer while the stage's consumer waited on it: both share
+    the window for at least HELD_IN_ORDER of it (each measured as a share of it)."""
+    return w.idle + w.consumer_wait - 1 > HELD_IN_ORDER
 
 
 def computes_under_contention(w: StageWindow) -> bool:
@@ -197,12 +206,19 @@ def computes_under_contention(w: StageWindow) -> bool:
     return w.cpu_share >= WAITING_WORK
 
 
-def mostly_waits(cpu_share: float, cores: float, solo_cpu_share: float | None) -> bool:
+def mostly_waits(
+    cpu_share: float, cores: float, solo_cpu_share: float | None, gil_free: bool = False
+) -> bool:
     """Work whose workers spend ``cpu_share`` of their time on the CPU, ``cores`` together,
     and ``solo_cpu_share`` when one ran alone, mostly waits (I/O, latency) rather than computes.
-    Threads waiting for the GIL also show a small share each, but keep about a core busy."""
+    Threads waiting for the GIL also show a small share each, but keep about a core busy.
+    ``gil_free``: the process left the GIL free part of the time, on a machine with cores to
+    spare; threads wanting it would have taken it, so a small share is waiting on other things
+    (a few slow calls among fast ones make the first call alone a poor guide)."""
     if cpu_share >= WAITING_WORK:
         return False
+    if gil_free:
+        return True
     alone_waits = solo_cpu_share is not None and solo_cpu_share < WAITING_WORK
     return cores < (MANY_WAITING_CORES if alone_waits else WAITING_CORES)
 
@@ -737,7 +753,7 @@ class Tuner:
             if (
                 parallelism.tunable
                 and w.stage.has_own_work  # read-ahead stages: see _read_ahead
-                and (w.busy > BUSY or parallelism.value == 0)
+                and (w.busy > BUSY or parallelism.value == 0 or held_in_order(w))
                 # Work this cheap runs inline: a hand-off would cost about as much.
                 and not (parallelism.value == 0 and w.seconds_per_element < CHEAP_WORK)
                 and (saturated_at is None or parallelism.value < saturated_at)
@@ -750,7 +766,7 @@ class Tuner:
                 else:
                     reason = (
                         f"consumer waits {w.consumer_wait:.0%} of the time; workers "
-                        f"{'wait' if waits(w) else 'compute'} "
+                        f"{'wait' if self._waits(w) else 'compute'} "
                         f"(cpu {w.cpu_share:.0%} of wall, {w.cores:.2f} cores)"
                     )
                     self._try(w.stage, parallelism, target, +1, rate, stall, now, reason)
@@ -781,7 +797,7 @@ class Tuner:
             or executor.value == PROCESSES
             or (w.stage.key, "executor") in self.state.saturated
             or now < self.state.process_retry.get(w.stage.key, (0.0, 0.0))[0]
-            or waits(w)
+            or self._waits(w)
             or w.cpu_per_element < PROCESS_WORTH
             or self.budget.cpu < 2
         ):
@@ -848,6 +864,15 @@ class Tuner:
             self._set(w.stage, parallelism, workers, "one worker process per core")
         return True
 
+    def _waits(self, w: StageWindow) -> bool:
+        """The stage's work mostly waits (I/O, latency) rather than computes."""
+        gil_free = (
+            self.cores_in_use < GIL_FREE_CORES
+            and self.idle_cores is not None
+            and self.idle_cores >= FREE_CORES_FOR_PROCESSES
+        )
+        return mostly_waits(w.cpu_share, w.cores, w.stage.solo_cpu_share, gil_free)
+
     def _scaled_parallelism(self, w: StageWindow, windows: list[StageWindow]) -> int:
         knob = w.stage.knobs["parallelism"]
         current = knob.value
@@ -856,7 +881,7 @@ class Tuner:
         cores_taken = self.cores_in_use >= CPU_FULL * self.budget.cpu
         # With every core busy, threads that get little CPU are starved, not waiting: more of
         # them would only add contention.
-        if waits(w) and not cores_taken:
+        if self._waits(w) and not cores_taken:
             # Latency-bound: calls in flight are cheap; when the work is almost all waiting,
             # take big steps (x8), since a run may not last long enough for many small ones.
             target = current * (8 if w.cpu_share < PURE_WAITING else 2)

@@ -563,3 +563,23 @@ def test_chaos_knob_changes_never_lose_reorder_or_hang(seed: int, deterministic:
             flipper.join()
     expected = [10 * i + 1 for i in range(n)]
     assert (out if deterministic else sorted(out)) == expected
+
+
+@pytest.mark.timeout(60)
+def test_chunks_from_a_slow_input_stay_short_however_cheap_the_work() -> None:
+    # Workers pull chunks from the input one at a time, and a chunk is delivered whole: sized
+    # on the map's own work alone (a multiplication), chunks from a generator that reads
+    # grew to 4096 elements, 0.8 s each, and the second batch waited seconds for them.
+    def slow_reads() -> Any:
+        for i in range(10**6):
+            time.sleep(0.0005)
+            yield i
+
+    source = D.from_generator(slow_reads, output_signature=fl.TensorSpec((), np.int64))
+    ds = untuned(source.map(lambda x: x * 2, num_parallel_calls=8).batch(8))
+    with ds.iterator() as it:
+        for _ in range(40):
+            next(it)
+        (mapper,) = (s for s in stages(it).values() if s.name.startswith("map"))
+        # 10 ms of pulling at no less than 0.5 ms an element, with room for one doubling
+        assert mapper.chunk_size <= 2 * 20

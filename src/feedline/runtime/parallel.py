@@ -132,6 +132,7 @@ class _Chunk:
         "nbytes",
         "outputs",
         "positions",
+        "pull_seconds",
         "ready",
         "seq",
         "start",
@@ -151,6 +152,7 @@ class _Chunk:
         self.ready = False
         self.delivered = 0
         self.nbytes = 0
+        self.pull_seconds = 0.0  # taking it from the input, which workers do one at a time
 
 
 class AsyncStage(NodeIterator, Tunable):
@@ -504,10 +506,11 @@ class AsyncStage(NodeIterator, Tunable):
                     raw: list[Any] = self._input.next_chunk(wanted)
                 except Exception as e:
                     raw, failed = [Failed(e)], True
+                pull_seconds = time.perf_counter() - started
                 if self.transform is None:
-                    wall = time.perf_counter() - started
-                    self.metrics.add_work(len(raw), wall, time.thread_time() - cpu_started)
-                    self._learn_cost(len(raw), wall)
+                    cpu = time.thread_time() - cpu_started
+                    self.metrics.add_work(len(raw), pull_seconds, cpu)
+                    self._learn_cost(len(raw), pull_seconds)
                 self._next_position += len(raw)
                 positions: Sequence[int] = range(start, self._next_position)
                 if self._skip and raw:
@@ -525,6 +528,7 @@ class AsyncStage(NodeIterator, Tunable):
                     chunk = _Chunk(seq, start_state, start, self._next_position, positions)
                     chunk.outputs = raw
                     chunk.failures = [0] if failed else []
+                    chunk.pull_seconds = pull_seconds
                     self._open[seq] = chunk
                 return chunk
 
@@ -557,7 +561,10 @@ class AsyncStage(NodeIterator, Tunable):
             wall = time.perf_counter() - started
             cpu = time.thread_time() - cpu_started + elsewhere
             self.metrics.add_work(len(chunk.outputs), wall, cpu)
-            self._learn_cost(len(chunk.outputs), wall)
+            # A chunk is as long as its pull and its work: a slow input (a generator that
+            # reads) with cheap work would otherwise grow chunks of many seconds, pulled one
+            # at a time, each holding back every element after it.
+            self._learn_cost(len(chunk.outputs), wall + chunk.pull_seconds)
             if executor is None and self.parallelism <= 1 and wall > 0:
                 share = min(1.0, cpu / wall)
                 solo = self.solo_cpu_share

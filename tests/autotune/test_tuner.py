@@ -244,6 +244,40 @@ def test_consumer_bound_report_says_so() -> None:
     assert "faster than your training step" in bottleneck["advice"]
 
 
+def slow_reads() -> Any:
+    """A source that reads: 0.5 ms an element."""
+    for i in range(10**6):
+        time.sleep(0.0005)
+        yield i
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("parallelism", [0, 4])
+def test_the_report_blames_a_slow_source_not_the_cheap_map_reading_it(parallelism: int) -> None:
+    source = D.from_generator(slow_reads, output_signature=fl.TensorSpec((), np.int64))
+    ds = source.map(lambda x: x * 2, num_parallel_calls=parallelism or None).batch(8)
+    with with_autotune(ds, enabled=False).iterator() as it:
+        consume_for(it, 0.8)
+        bottleneck = it.stats()["bottleneck"]
+    assert bottleneck["stage"].startswith("map"), bottleneck
+    assert "the input of map" in bottleneck["advice"], bottleneck
+
+
+@pytest.mark.timeout(30)
+def test_a_cheap_map_waiting_on_a_costly_one_passes_the_blame_to_it() -> None:
+    def costly(x: Any) -> Any:
+        time.sleep(0.002)
+        return x
+
+    ds = D.range(10**6).map(costly, num_parallel_calls=2, name="costly")
+    ds = ds.map(lambda x: x + 1, num_parallel_calls=2, name="cheap").batch(8)
+    with with_autotune(ds, enabled=False).iterator() as it:
+        consume_for(it, 0.8)
+        bottleneck = it.stats()["bottleneck"]
+    assert bottleneck["stage"] == "map(costly)", bottleneck
+    assert "the input of" not in bottleneck["advice"], bottleneck
+
+
 @pytest.mark.timeout(60)
 def test_tuned_values_carry_over_to_the_next_epoch() -> None:
     # An epoch long enough to tune in: 256 calls of 10 ms in flight make 25k elements/s.

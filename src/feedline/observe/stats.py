@@ -21,6 +21,8 @@ SERVED = 0.01
 # infinitely fast pipeline would raise its rate by less than that. (A consumer that sleeps
 # between batches already waits ~1% on a plain Python loop: waking up costs 50-150 us.)
 CONSUMER_BOUND = 0.05
+# A stage that spends this many times its own work's time pulling its input waits on it.
+INPUT_BOUND = 2.0
 
 
 def collect_stats(it: DatasetIterator) -> dict[str, Any]:
@@ -40,6 +42,7 @@ def collect_stats(it: DatasetIterator) -> dict[str, Any]:
                 "work_wall_s": 0.0,
                 "work_cpu_s": 0.0,
                 "consumer_wait_s": 0.0,
+                "input_wall_s": 0.0,
                 "errors": 0,
                 "samples": [],
                 "own_work": stage.has_own_work,
@@ -57,6 +60,7 @@ def collect_stats(it: DatasetIterator) -> dict[str, Any]:
         entry["work_wall_s"] += m["work_wall"]
         entry["work_cpu_s"] += m["work_cpu"]
         entry["consumer_wait_s"] += m["consumer_wait"]
+        entry["input_wall_s"] += m["input_wall"]
         entry["errors"] += int(m["errors"])
         entry["samples"] += recent
     stages = []
@@ -99,6 +103,11 @@ def collect_stats(it: DatasetIterator) -> dict[str, Any]:
     return stats
 
 
+def input_bound(stage: dict[str, Any]) -> bool:
+    """The stage spent more time taking elements from its input than on its own work."""
+    return stage.get("input_wall_s", 0.0) > INPUT_BOUND * stage["work_wall_s"]
+
+
 def find_bottleneck(stats: dict[str, Any]) -> dict[str, str]:
     """Name the limiting stage, say why, and suggest what would help."""
     consumer = stats["consumer"]
@@ -126,7 +135,14 @@ def find_bottleneck(stats: dict[str, Any]) -> dict[str, str]:
     # the stage doing work that is waited on, when there is one.
     waited = [s for s in stages if s["consumer_wait_fraction"] > SERVED]
     working = [s for s in waited if s["own_work"]]
-    worst = max(working or waited or stages, key=lambda s: s["consumer_wait_fraction"])
+    candidates = sorted(
+        working or waited or stages, key=lambda s: s["consumer_wait_fraction"], reverse=True
+    )
+    # A stage whose time went to taking elements from its input is waiting on it: blame the
+    # next stage with work of its own, if one is waited on, else the source itself.
+    while len(candidates) > 1 and input_bound(candidates[0]):
+        candidates.pop(0)
+    worst = candidates[0]
     cpu = worst["cpu_share"]
     # Threads waiting for the GIL show little CPU each, yet together keep a core busy: only
     # work that uses little CPU in total is waiting (on I/O, latency).
@@ -136,7 +152,15 @@ def find_bottleneck(stats: dict[str, Any]) -> dict[str, str]:
         f"its consumer waits on it {worst['consumer_wait_fraction']:.0%} of the time; "
         f"{worst['mean_ms']:.3g} ms per element"
     )
-    if cpu is not None and mostly_waits(cpu, cores, worst.get("solo_cpu_share")):
+    if input_bound(worst):
+        # Its time went to taking elements from its input: more workers only queue there.
+        advice = (
+            f"the input of {worst['name']} sets the pace (taking elements from it took "
+            f"{worst['input_wall_s']:.3g} s, the work {worst['work_wall_s']:.3g} s): make the "
+            "source faster, read its files in parallel with interleave(num_parallel_calls="
+            "AUTOTUNE), or cache() it if it fits in memory"
+        )
+    elif cpu is not None and mostly_waits(cpu, cores, worst.get("solo_cpu_share")):
         advice = (
             f"{worst['name']} waits (CPU {cpu:.0%} of its time): {parallelism} calls in "
             "flight; raise Options.autotune.max_parallelism or ram_budget to allow more"

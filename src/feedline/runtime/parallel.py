@@ -511,6 +511,9 @@ class AsyncStage(NodeIterator, Tunable):
                     cpu = time.thread_time() - cpu_started
                     self.metrics.add_work(len(raw), pull_seconds, cpu)
                     self._learn_cost(len(raw), pull_seconds)
+                else:
+                    with self.metrics.lock:
+                        self.metrics.input_wall += pull_seconds
                 self._next_position += len(raw)
                 positions: Sequence[int] = range(start, self._next_position)
                 if self._skip and raw:

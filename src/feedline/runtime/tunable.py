@@ -69,7 +69,9 @@ class StageMetrics:
     of the ``elements`` delivered by a buffer's worth, or lag behind them while a full buffer
     drains; ``consumer_wait`` is time the consumer spent
     blocked waiting for this stage; ``worker_idle`` is time workers spent waiting for buffer
-    space (the consumer is slower than the stage). Worker processes' memory is the run's, in
+    space (the consumer is slower than the stage); ``input_wall`` is time a stage with work of
+    its own spent taking elements from its input (a slow source shows there, not in the work).
+    Worker processes' memory is the run's, in
     ``IterContext.worker_memory``.
     """
 
@@ -80,6 +82,7 @@ class StageMetrics:
     work_cpu: float = 0.0
     consumer_wait: float = 0.0
     worker_idle: float = 0.0
+    input_wall: float = 0.0
     buffered_elements: int = 0
     buffered_bytes: int = 0
     bytes_per_element: float = 0.0
@@ -108,6 +111,7 @@ class StageMetrics:
                 "work_cpu": self.work_cpu,
                 "consumer_wait": self.consumer_wait + in_progress,
                 "worker_idle": self.worker_idle + idle_in_progress,
+                "input_wall": self.input_wall,
                 "buffered_elements": self.buffered_elements,
                 "buffered_bytes": self.buffered_bytes,
                 "bytes_per_element": self.bytes_per_element,

@@ -118,6 +118,7 @@ def _sample(t: float, delivered: int, wait: float, elements: int) -> Sample:
         work_wall=elements * 0.001,
         work_cpu=elements * 0.0001,
         consumer_wait=wait,
+        input_wall=elements * 0.0001,
         buffered_elements=3,
         buffered_bytes=3 * 8,
         buffer_limit=8,
@@ -147,6 +148,30 @@ def test_windows_give_rates_and_a_bottleneck() -> None:
     assert len(smoothed) == 10
     assert all(w.end - w.start >= 0.1 - 1e-9 for w in smoothed)
     assert smoothed[-1].end - smoothed[-1].start == pytest.approx(0.3)
+
+
+def test_a_window_in_which_a_map_waited_on_its_input_blames_the_input() -> None:
+    line = Timeline()
+    for i in range(11):
+        # The map's work: 0.1 ms an element; taking them from its input: 1 ms each.
+        stage = StageSample(
+            name="map(f)",
+            knobs={"parallelism": 0},
+            own_work=True,
+            elements=10 * i,
+            worked=10 * i,
+            work_wall=10 * i * 0.0001,
+            work_cpu=10 * i * 0.0001,
+            consumer_wait=0.099 * i,
+            input_wall=10 * i * 0.001,
+            buffered_elements=0,
+            buffered_bytes=0,
+            buffer_limit=0,
+        )
+        line.add(Sample(time=i * 0.1, delivered=10 * i, wait=0.099 * i, stages=(stage,)))
+    window = line.recent(span=0.5)
+    assert window is not None
+    assert "the input of map(f) sets the pace" in window.bottleneck()["advice"]
 
 
 def test_a_long_recording_is_thinned_not_truncated() -> None:

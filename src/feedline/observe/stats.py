@@ -105,7 +105,7 @@ def collect_stats(it: DatasetIterator) -> dict[str, Any]:
 
 def input_bound(stage: dict[str, Any]) -> bool:
     """The stage spent more time taking elements from its input than on its own work."""
-    return stage.get("input_wall_s", 0.0) > INPUT_BOUND * stage["work_wall_s"]
+    return stage["input_wall_s"] > INPUT_BOUND * stage["work_wall_s"]
 
 
 def find_bottleneck(stats: dict[str, Any]) -> dict[str, str]:

@@ -44,6 +44,7 @@ class StageSample:
     work_wall: float
     work_cpu: float
     consumer_wait: float
+    input_wall: float  # taking elements from its input (see StageMetrics)
     # Now:
     buffered_elements: int
     buffered_bytes: int
@@ -66,12 +67,13 @@ def take_sample(it: DatasetIterator) -> Sample:
     for stage in it._ctx.all_stages():
         m = stage.metrics.snapshot()
         latest[stage.key] = (stage, m)
-        total = totals.setdefault(stage.key, [0, 0, 0.0, 0.0, 0.0])
+        total = totals.setdefault(stage.key, [0, 0, 0.0, 0.0, 0.0, 0.0])
         total[0] += m["elements"]
         total[1] += m["worked"]
         total[2] += m["work_wall"]
         total[3] += m["work_cpu"]
         total[4] += m["consumer_wait"]
+        total[5] += m["input_wall"]
     names: dict[str, int] = {}
     stages = []
     for key, (stage, m) in latest.items():
@@ -79,7 +81,7 @@ def take_sample(it: DatasetIterator) -> Sample:
         names[stage.name] = names.get(stage.name, 0) + 1
         name = stage.name if names[stage.name] == 1 else f"{stage.name}#{names[stage.name]}"
         limit = getattr(stage, "buffer_limit", None)
-        elements, worked, wall, cpu, wait = totals[key]
+        elements, worked, wall, cpu, wait, pulling = totals[key]
         stages.append(
             StageSample(
                 name=name,
@@ -90,6 +92,7 @@ def take_sample(it: DatasetIterator) -> Sample:
                 work_wall=wall,
                 work_cpu=cpu,
                 consumer_wait=wait,
+                input_wall=pulling,
                 buffered_elements=int(m["buffered_elements"]),
                 buffered_bytes=int(m["buffered_bytes"]),
                 buffer_limit=int(limit()) if callable(limit) else 0,
@@ -114,6 +117,7 @@ class StageWindow:
     elements: int
     rate: float  # elements per second
     work_wall_s: float
+    input_wall_s: float
     mean_ms: float  # work time per element worked on
     cpu_share: float | None  # CPU time / wall time of that work; None without work
     consumer_wait_fraction: float  # of the window, its consumer waited for this stage
@@ -143,6 +147,7 @@ class Window:
                 "own_work": s.own_work,
                 "elements": s.elements,
                 "work_wall_s": s.work_wall_s,
+                "input_wall_s": s.input_wall_s,
                 "work_cpu_s": s.work_wall_s * (s.cpu_share or 0.0),
                 "mean_ms": s.mean_ms,
                 "cpu_share": s.cpu_share,
@@ -178,6 +183,7 @@ def between(older: Sample, newer: Sample) -> Window:
                 elements=elements,
                 rate=elements / seconds,
                 work_wall_s=wall,
+                input_wall_s=s.input_wall - (b.input_wall if b else 0.0),
                 # Per element worked on: a full buffer draining delivers with no work.
                 mean_ms=1000 * wall / worked if worked else 0.0,
                 cpu_share=cpu / wall if wall > 0 else None,

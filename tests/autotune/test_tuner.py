@@ -821,3 +821,29 @@ def test_workers_held_behind_the_oldest_element_get_more_calls_in_flight(
     )
     grew = [new for old, new, _ in moves if new > old]
     assert bool(grew) == (consumer_waits > 0.5), moves
+
+
+@pytest.mark.parametrize(("gil_free", "says"), [(True, "waits"), (False, "holds the GIL")])
+def test_the_report_reads_threads_with_little_cpu_as_the_tuner_does(
+    gil_free: bool, says: str
+) -> None:
+    # 96 threads of a fetch whose first call computed: 3% of their time on the CPU, 0.7 cores
+    # together. The tuner saw the process leave the GIL free (or not): waiting (or the GIL).
+    from feedline.observe.stats import find_bottleneck
+
+    fetch = {
+        "name": "map(fetch)",
+        "knobs": {"parallelism": 96},
+        "own_work": True,
+        "elements": 10_000,
+        "work_wall_s": 23.3,
+        "input_wall_s": 0.1,
+        "work_cpu_s": 0.7,
+        "mean_ms": 2.3,
+        "cpu_share": 0.03,
+        "solo_cpu_share": 0.97,
+        "consumer_wait_fraction": 0.5,
+    }
+    consumer = {"elements": 10_000, "elapsed_s": 1.0, "wait_s": 0.5, "stall_fraction": 0.5}
+    stats = {"stages": [fetch], "consumer": consumer, "autotune": {"gil_free": gil_free}}
+    assert says in find_bottleneck(stats)["advice"]

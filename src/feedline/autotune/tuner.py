@@ -864,14 +864,18 @@ class Tuner:
             self._set(w.stage, parallelism, workers, "one worker process per core")
         return True
 
-    def _waits(self, w: StageWindow) -> bool:
-        """The stage's work mostly waits (I/O, latency) rather than computes."""
-        gil_free = (
+    def gil_free(self) -> bool:
+        """Over the last window the process left the GIL free part of the time, on a machine
+        with a core to spare: threads wanting it would have had it."""
+        return (
             self.cores_in_use < GIL_FREE_CORES
             and self.idle_cores is not None
             and self.idle_cores >= FREE_CORES_FOR_PROCESSES
         )
-        return mostly_waits(w.cpu_share, w.cores, w.stage.solo_cpu_share, gil_free)
+
+    def _waits(self, w: StageWindow) -> bool:
+        """The stage's work mostly waits (I/O, latency) rather than computes."""
+        return mostly_waits(w.cpu_share, w.cores, w.stage.solo_cpu_share, self.gil_free())
 
     def _scaled_parallelism(self, w: StageWindow, windows: list[StageWindow]) -> int:
         knob = w.stage.knobs["parallelism"]

@@ -92,6 +92,7 @@ def collect_stats(it: DatasetIterator) -> dict[str, Any]:
             "cpu_budget": tuner.budget.cpu if tuner else None,
             "ram_budget_bytes": tuner.budget.ram if tuner else None,
             "tuner_cpu_s": tuner.cpu_seconds if tuner else 0.0,
+            "gil_free": tuner.gil_free() if tuner else False,
             "history": history,
         },
         "buffered_bytes": it.buffered_bytes(),
@@ -160,7 +161,9 @@ def find_bottleneck(stats: dict[str, Any]) -> dict[str, str]:
             "source faster, read its files in parallel with interleave(num_parallel_calls="
             "AUTOTUNE), or cache() it if it fits in memory"
         )
-    elif cpu is not None and mostly_waits(cpu, cores, worst.get("solo_cpu_share")):
+    elif cpu is not None and mostly_waits(
+        cpu, cores, worst.get("solo_cpu_share"), stats.get("autotune", {}).get("gil_free", False)
+    ):
         advice = (
             f"{worst['name']} waits (CPU {cpu:.0%} of its time): {parallelism} calls in "
             "flight; raise Options.autotune.max_parallelism or ram_budget to allow more"

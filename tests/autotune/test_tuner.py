@@ -416,6 +416,18 @@ class SyntheticStage(Tunable):
         return 0.0
 
 
+def threads_tuner(parallelism: int) -> tuple[SyntheticStage, RootCounters, Any, float]:
+    """A tuner (2 cores, 1 GiB) on one synthetic stage of ``parallelism`` threads that may
+    not move to processes; its root counters, and the tuner's clock, which the test moves on."""
+    synthetic = SyntheticStage()
+    synthetic.knobs["parallelism"].set(parallelism)
+    synthetic.knobs["executor"].tunable = False
+    root = RootCounters()
+    now = time.perf_counter()
+    tuner = tuner_module.Tuner(lambda: [synthetic], root, Budget(cpu=2.0, ram=2**30), now)
+    return synthetic, root, tuner, now
+
+
 def test_an_inline_stage_buffer_does_not_grow(monkeypatch: pytest.MonkeyPatch) -> None:
     # Just sent inline, a stage's window still holds the idle time of the thread it let go
     # and its consumer's waits: neither calls for a buffer nobody fills.
@@ -449,12 +461,7 @@ def test_idle_workers_their_consumer_never_waits_on_are_shed(
     # stage. Its buffer starts full, so the first windows deliver with no work done at all:
     # that must not read as work too cheap for a thread.
     monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)
-    synthetic = SyntheticStage()
-    synthetic.knobs["parallelism"].set(64)
-    synthetic.knobs["executor"].tunable = False
-    root = RootCounters()
-    now = time.perf_counter()
-    tuner = tuner_module.Tuner(lambda: [synthetic], root, Budget(cpu=2.0, ram=2**30), now)
+    synthetic, root, tuner, now = threads_tuner(64)
     m = synthetic.metrics
     m.worked, m.work_wall, m.work_cpu = 64, 64 * 0.005, 64 * 0.00005  # the buffer's fill
     for step in range(24):
@@ -519,12 +526,7 @@ def test_a_served_consumer_keeps_a_decrease_whatever_a_stage_rate_did(
     # a decrease is judged on the stage's own rate, which falls as the buffers after it
     # fill up: that fall is not the decrease's doing while the consumer never waits.
     monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)
-    synthetic = SyntheticStage()
-    synthetic.knobs["parallelism"].set(64)
-    synthetic.knobs["executor"].tunable = False
-    root = RootCounters()
-    now = time.perf_counter()
-    tuner = tuner_module.Tuner(lambda: [synthetic], root, Budget(cpu=2.0, ram=2**30), now)
+    synthetic, root, tuner, now = threads_tuner(64)
     m = synthetic.metrics
     for step in range(24):
         now += 0.25
@@ -755,13 +757,8 @@ def waiting_stage_decisions(
     process_cpu = [0.0]
     monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: idle_clock[0])
     monkeypatch.setattr(tuner_module.time, "process_time", lambda: process_cpu[0])
-    synthetic = SyntheticStage()
-    synthetic.knobs["parallelism"].set(16)
-    synthetic.knobs["executor"].tunable = False
+    synthetic, root, tuner, now = threads_tuner(16)
     synthetic.solo_cpu_share = solo_cpu_share
-    root = RootCounters()
-    now = time.perf_counter()
-    tuner = tuner_module.Tuner(lambda: [synthetic], root, Budget(cpu=2.0, ram=2**30), now)
     m = synthetic.metrics
     for _ in range(8):
         now += 0.25

@@ -511,9 +511,6 @@ class AsyncStage(NodeIterator, Tunable):
                     cpu = time.thread_time() - cpu_started
                     self.metrics.add_work(len(raw), pull_seconds, cpu)
                     self._learn_cost(len(raw), pull_seconds)
-                else:
-                    with self.metrics.lock:
-                        self.metrics.input_wall += pull_seconds
                 self._next_position += len(raw)
                 positions: Sequence[int] = range(start, self._next_position)
                 if self._skip and raw:
@@ -563,7 +560,7 @@ class AsyncStage(NodeIterator, Tunable):
                 )
             wall = time.perf_counter() - started
             cpu = time.thread_time() - cpu_started + elsewhere
-            self.metrics.add_work(len(chunk.outputs), wall, cpu)
+            self.metrics.add_work(len(chunk.outputs), wall, cpu, chunk.pull_seconds)
             # A chunk is as long as its pull and its work: a slow input (a generator that
             # reads) with cheap work would otherwise grow chunks of many seconds, pulled one
             # at a time, each holding back every element after it.

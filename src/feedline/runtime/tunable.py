@@ -151,11 +151,14 @@ class StageMetrics:
             if since is not None:
                 self.worker_idle += time.perf_counter() - since
 
-    def add_work(self, elements: int, wall: float, cpu: float) -> None:
+    def add_work(self, elements: int, wall: float, cpu: float, input_wall: float = 0.0) -> None:
+        """``elements`` worked on in ``wall`` seconds (``cpu`` of CPU), after ``input_wall``
+        seconds taking them from the input."""
         with self.lock:
             self.worked += elements
             self.work_wall += wall
             self.work_cpu += cpu
+            self.input_wall += input_wall
             if elements:
                 self.recent.append(wall / elements)
 

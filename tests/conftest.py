@@ -46,3 +46,14 @@ def describe(threads: list[threading.Thread]) -> str:
     if len(threads) > 4:
         parts.append(f"... and {len(threads) - 4} more: {[t.name for t in threads[4:]]}")
     return "".join(parts)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fault-injection suite's figures: how much it compared, restored and killed."""
+    from tests.reliability.figures import summary_lines
+
+    lines = summary_lines()
+    if lines:
+        terminalreporter.section("reliability figures")
+        for line in lines:
+            terminalreporter.write_line(line)

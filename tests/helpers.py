@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 import feedline as fl
+from feedline.errors import InvalidStateError
 
 
 def assert_element_equal(a: Any, b: Any, where: str = "element") -> None:
@@ -90,3 +91,29 @@ def assert_state_roundtrip(
             take(other, 1)
             other.set_state(restored_state)
             assert_elements_equal(take(other, limit), rest)
+
+
+def saved_state(dataset: fl.Dataset, cut: int = 0) -> dict[str, Any]:
+    """The state of a pass over ``dataset`` after ``cut`` elements, as JSON gives it back."""
+    with dataset.iterator() as it:
+        take(it, cut)
+        state: dict[str, Any] = json.loads(json.dumps(it.get_state()))
+    return state
+
+
+def assert_state_rejected(dataset: fl.Dataset, state: Any, field: str) -> None:
+    """Resuming ``dataset`` from ``state`` raises ``InvalidStateError`` naming ``field``
+    before any element is produced, both for a new iterator and through ``set_state``."""
+    for resume in ("iterator", "set_state"):
+        try:
+            if resume == "iterator":
+                it = dataset.iterator(state)
+            else:
+                it = dataset.iterator()
+                it.set_state(state)
+            with it:
+                got = take(it, 1)
+        except InvalidStateError as e:
+            assert e.field == field, f"{resume}: {e}"
+            continue
+        raise AssertionError(f"{resume}: resumed from a crafted state, yielding {got}")

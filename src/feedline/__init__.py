@@ -8,7 +8,7 @@ Port a tf.data pipeline by changing the import::
 
 from feedline import experimental
 from feedline.dataset import AUTOTUNE, INFINITE_CARDINALITY, UNKNOWN_CARDINALITY, Dataset
-from feedline.errors import StageError
+from feedline.errors import DataLossError, InvalidStateError, StageCrashedError, StageError
 from feedline.io.files import TextLineDataset
 from feedline.ops.cache import CacheFileError
 from feedline.ops.in_memory import DatasetSpec
@@ -22,10 +22,13 @@ __all__ = [
     "UNKNOWN_CARDINALITY",
     "AutotuneOptions",
     "CacheFileError",
+    "DataLossError",
     "Dataset",
     "DatasetIterator",
     "DatasetSpec",
+    "InvalidStateError",
     "Options",
+    "StageCrashedError",
     "StageError",
     "TensorSpec",
     "TextLineDataset",

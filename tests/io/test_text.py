@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import feedline as fl
-from tests.helpers import assert_state_roundtrip
+from tests.helpers import assert_state_rejected, assert_state_roundtrip, saved_state
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -249,3 +249,63 @@ def test_state_roundtrip_uncompressed(tmp_path: Path) -> None:
     ds = fl.TextLineDataset([empty, a, empty, c, e, empty])
     assert_state_roundtrip(ds, cut_points=range(len(SEQUENTIAL) + 1))
     assert_state_roundtrip(ds.repeat(2).shuffle(5, seed=1), cut_points=(0, 4, 11))
+
+
+# -- crafted states -----------------------------------------------------------------------------
+
+
+def _two_files(tmp_path: Path, compression: str = "") -> fl.Dataset:
+    data = [b"one\ntwo\nthree\n", b"four\nfive"]
+    if compression == "GZIP":
+        data = [gzip.compress(d) for d in data]
+    paths = [write(tmp_path, f"{i}.txt", d) for i, d in enumerate(data)]
+    return fl.TextLineDataset(paths, compression_type=compression or None)
+
+
+@pytest.mark.parametrize(
+    "file, line, offset, field",
+    [
+        (2, 1, 4, "line"),  # past the last file, yet inside a file
+        (3, 0, 0, "file"),
+        (0, 1, 3, "offset"),  # inside the first line: read as a line "\ntwo"... before
+        (0, 1, 2, "offset"),
+        (0, 2, 30, "offset"),  # past the file's end
+        (0, 0, 4, "offset"),  # bytes read without a line
+        (0, 5, 4, "offset"),  # more lines than bytes
+        (0, -1, 4, "line"),
+        (0, 1, "4", "offset"),
+    ],
+)
+def test_state_with_a_bad_position_is_rejected(
+    tmp_path: Path, file: int, line: int, offset: int, field: str
+) -> None:
+    ds = _two_files(tmp_path)
+    state = saved_state(ds, 1)
+    assert state["root"] == {"file": 0, "line": 1, "offset": 4}
+    state["root"].update(file=file, line=line, offset=offset)
+    assert_state_rejected(ds, state, field)
+
+
+def test_state_at_a_file_end_without_a_line_ending_resumes(tmp_path: Path) -> None:
+    ds = _two_files(tmp_path)
+    state = saved_state(ds, 5)
+    assert state["root"] == {"file": 1, "line": 2, "offset": 9}
+    assert list(ds.iterator(state)) == []
+
+
+@pytest.mark.parametrize(
+    "line, offset, field",
+    [
+        (4, 14, "line"),  # past the file's end: read the next file's lines before
+        (2, 9, "offset"),  # not where two lines end
+        (2, 3, "offset"),
+    ],
+)
+def test_compressed_state_with_a_bad_position_is_rejected(
+    tmp_path: Path, line: int, offset: int, field: str
+) -> None:
+    ds = _two_files(tmp_path, "GZIP")
+    state = saved_state(ds, 2)
+    assert state["root"] == {"file": 0, "line": 2, "offset": 8}
+    state["root"].update(line=line, offset=offset)
+    assert_state_rejected(ds, state, field)

@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 
 import feedline as fl
-from tests.helpers import assert_elements_equal, assert_state_roundtrip
+from tests.helpers import (
+    assert_elements_equal,
+    assert_state_rejected,
+    assert_state_roundtrip,
+    saved_state,
+)
 
 D = fl.Dataset
 Spec = fl.TensorSpec
@@ -453,3 +458,49 @@ def test_rebatch_cardinality_is_unknown_even_over_an_infinite_input() -> None:
 def test_rebatch_of_scalars_is_an_error() -> None:
     with pytest.raises(fl.StageError, match="cannot unbatch a scalar"):
         list(D.range(3).rebatch(2))
+
+
+# -- crafted states -----------------------------------------------------------------------------
+
+
+def test_batch_state_position_is_checked() -> None:
+    ds = D.range(10).batch(3)
+    state = saved_state(ds, 1)
+    for position in (-3, 11, "3"):
+        state["root"]["position"] = position
+        assert_state_rejected(ds, state, "position")
+    state["root"]["position"] = 3
+    state["root"]["input"] = None  # would restart the input: a silently wrong pass
+    assert_state_rejected(ds, state, "input")
+
+
+def test_unbatch_state_pointing_past_its_batch_is_rejected() -> None:
+    # A row past the batch it points into was silently read as "the next batch".
+    ds = D.range(10).batch(5).unbatch()
+    state = saved_state(ds, 2)
+    assert state["root"]["row"] == 2
+    state["root"]["row"] = 5
+    assert_state_rejected(ds, state, "row")
+    state["root"]["row"] = 2
+    state["root"]["input"]["input"]["index"] = 10  # the batch is not there any more
+    assert_state_rejected(ds, state, "row")
+
+
+@pytest.mark.parametrize(
+    "field, value", [("row", -1), ("batches_read", 0), ("batches_read", 3), ("row", "2")]
+)
+def test_unbatch_state_counters_are_checked(field: str, value: Any) -> None:
+    ds = D.range(10).batch(5).unbatch()
+    state = saved_state(ds, 2)
+    state["root"][field] = value
+    assert_state_rejected(ds, state, field)
+
+
+def test_rebatch_state_counters_are_checked() -> None:
+    ds = D.range(10).batch(5).rebatch(3)
+    state = saved_state(ds, 2)
+    state["root"]["emitted"] = state["root"]["position"] + 1  # each batch has a row
+    assert_state_rejected(ds, state, "emitted")
+    state = saved_state(ds, 2)
+    state["root"]["rows"]["row"] = 9
+    assert_state_rejected(ds, state, "row")

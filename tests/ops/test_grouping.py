@@ -5,14 +5,19 @@ Expected values were checked against tf.data 2.21.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 
 import feedline as fl
-from tests.helpers import assert_elements_equal, assert_state_roundtrip
+from tests.helpers import (
+    assert_elements_equal,
+    assert_state_rejected,
+    assert_state_roundtrip,
+    saved_state,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -342,3 +347,93 @@ def test_unique_state_roundtrip() -> None:
     ds = D.from_tensor_slices(["a", "b", "a", "c", "b", "d", "a", "e"]).repeat(2).unique()
     assert_state_roundtrip(ds)
     assert_state_roundtrip(D.range(50).map(lambda x: x * 7 % 13).unique())
+
+
+# -- crafted states -----------------------------------------------------------------------------
+
+
+def _grouped() -> fl.Dataset:
+    return D.range(20).group_by_window(lambda x: x % 3, lambda k, w: w.batch(2), window_size=4)
+
+
+def _encoded(value: Any) -> list[dict[str, Any]]:
+    """One element (a single leaf) as a state holds it."""
+    from feedline.ops.in_memory import encode_elements
+
+    return encode_elements([value])[0]
+
+
+def _edit_groups(state: dict[str, Any], edit: Callable[[list[Any]], None]) -> dict[str, Any]:
+    edit(state["root"]["groups"])
+    return state
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        # An element of another dtype than the input's (a state of another pipeline).
+        (lambda g: g[0][1].append(_encoded(np.float32(1.5))), "groups"),
+        # An element whose leaf is not an encoded value at all.
+        (lambda g: g[0][1].append([{"dtype": "<i8", "shape": [], "data": "AQ=="}]), "groups"),
+        (
+            lambda g: g[0][1].append([{"dtype": "<i8", "shape": [], "data": "??", "scalar": True}]),
+            "groups",
+        ),
+        (
+            lambda g: g[0][1].append([{"dtype": "O", "shape": [], "data": "", "scalar": True}]),
+            "groups",
+        ),
+        (
+            lambda g: g[0][1].append(
+                [{"dtype": "<i8", "shape": [9], "data": "AQ==", "scalar": False}]
+            ),
+            "groups",
+        ),
+        # Two leaves where the input's elements have one.
+        (lambda g: g[0][1].append(_encoded(np.int64(1)) * 2), "groups"),
+        # A key without a window size, a key twice, a full group.
+        (lambda g: g.append([7, []]), "groups"),
+        (lambda g: g.append(list(g[0])), "groups"),
+        (lambda g: g[0][1].extend(g[0][1]), "groups"),
+        (lambda g: g.append([2**63, []]), "groups"),
+        (lambda g: g[0].pop(), "groups"),
+    ],
+)
+def test_group_by_window_state_with_bad_groups_is_rejected(
+    edit: Callable[[list[Any]], None], field: str
+) -> None:
+    ds = _grouped()
+    state = _edit_groups(saved_state(ds, 2), edit)
+    assert_state_rejected(ds, state, field)
+
+
+@pytest.mark.parametrize(
+    "field, edit",
+    [
+        ("position", lambda r: r.update(position=3)),  # fewer than the elements held
+        ("sizes", lambda r: r["sizes"][0].__setitem__(1, 0)),
+        ("groups", lambda r: r.update(sizes=[])),  # keys held without their window size
+        ("input_done", lambda r: r.update(input_done=0)),
+        ("current", lambda r: r["current"].update(key="0")),
+        ("current", lambda r: r["current"]["window"].clear()),
+        ("state", lambda r: r["current"].update(state=None)),
+        ("index", lambda r: r["current"]["state"]["input"].update(index=5)),  # past the window
+        ("key", lambda r: r["current"].pop("key")),
+    ],
+)
+def test_group_by_window_state_with_bad_counters_is_rejected(
+    field: str, edit: Callable[[dict[str, Any]], None]
+) -> None:
+    ds = _grouped()
+    state = saved_state(ds, 2)
+    edit(state["root"])
+    assert_state_rejected(ds, state, field)
+
+
+def test_unique_state_with_elements_of_another_spec_is_rejected() -> None:
+    ds = D.range(20).map(lambda x: x % 5).unique()
+    state = saved_state(ds, 2)
+    state["root"]["seen"].append(_encoded(b"text"))
+    assert_state_rejected(ds, state, "seen")
+    state["root"]["seen"] = {"0": []}
+    assert_state_rejected(ds, state, "seen")

@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 
 import feedline as fl
-from tests.helpers import assert_elements_equal, assert_state_roundtrip, take
+from tests.helpers import (
+    assert_elements_equal,
+    assert_state_rejected,
+    assert_state_roundtrip,
+    saved_state,
+    take,
+)
 
 D = fl.Dataset
 Spec = fl.TensorSpec
@@ -334,3 +340,52 @@ def test_ignore_errors_cardinality_of_a_finite_input_is_unknown() -> None:
 
 def test_ignore_errors_of_an_infinite_input_has_unknown_cardinality() -> None:
     assert D.range(3).repeat().ignore_errors().cardinality() == fl.UNKNOWN_CARDINALITY
+
+
+# -- crafted states -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        # A chunk reaching past the input's end: read before as an ended pass.
+        (lambda r: r["cursor"].update(consumed=30), "consumed"),
+        (lambda r: r["cursor"].update(consumed=-1), "consumed"),
+        (lambda r: r["cursor"].update(input=None), "input"),
+        (lambda r: r.update(cursor=None), "cursor"),
+        (lambda r: r.update(position="4"), "position"),
+    ],
+)
+def test_filter_state_with_a_bad_field_is_rejected(
+    edit: Callable[[dict[str, Any]], None], field: str
+) -> None:
+    ds = D.range(20).filter(lambda x: x % 3 == 0)
+    state = saved_state(ds, 2)
+    edit(state["root"])
+    assert_state_rejected(ds, state, field)
+
+
+@pytest.mark.parametrize("field, value", [("done", 1), ("position", -1), ("input", None)])
+def test_take_while_state_with_a_bad_field_is_rejected(field: str, value: Any) -> None:
+    ds = D.range(20).take_while(lambda x: x < 9)
+    state = saved_state(ds, 2)
+    state["root"][field] = value
+    assert_state_rejected(ds, state, field)
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda r: r["pass"].update(seed=3), "seed"),  # not the seed given
+        (lambda r: r["pass"].update(epoch=-1), "epoch"),
+        (lambda r: r.update(stage=None), "stage"),
+        (lambda r: r.pop("pass"), "pass"),
+    ],
+)
+def test_random_map_state_with_a_bad_pass_is_rejected(
+    edit: Callable[[dict[str, Any]], None], field: str
+) -> None:
+    ds = D.range(20).random_map(lambda x, rng: x + rng.integers(10), seed=2)
+    state = saved_state(ds, 2)
+    edit(state["root"])
+    assert_state_rejected(ds, state, field)

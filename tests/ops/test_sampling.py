@@ -7,13 +7,14 @@ deterministic cases (one-hot weights, choose_from_datasets).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
 
 import feedline as fl
-from tests.helpers import assert_state_roundtrip, take
+from tests.helpers import assert_state_rejected, assert_state_roundtrip, saved_state, take
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -258,3 +259,54 @@ def test_choose_state_roundtrip() -> None:
     picks = choices(*([0, 1, 1, 2, 0, 1] * 3))
     inputs = [D.range(10), D.range(50, 60), D.range(2)]
     assert_state_roundtrip(D.choose_from_datasets(inputs, picks, stop_on_empty_dataset=False))
+
+
+# -- crafted states -----------------------------------------------------------------------------
+
+
+def _sampled(stop_on_empty_dataset: bool = False) -> fl.Dataset:
+    inputs = [D.range(5), D.range(10, 15)]
+    return D.sample_from_datasets(
+        inputs, weights=[0.5, 0.5], seed=3, stop_on_empty_dataset=stop_on_empty_dataset
+    )
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda r: r.update(picks=-1), "picks"),
+        (lambda r: r.update(done=0), "done"),
+        (lambda r: r["inputs"].pop(), "inputs"),  # another number of datasets
+        (lambda r: r["inputs"].append({"index": 0}), "inputs"),
+        (lambda r: r["inputs"].__setitem__(0, [0]), "inputs"),
+        (lambda r: r.update(inputs=[None, None]), "done"),  # all done, yet not done
+        (lambda r: r.update(selector=None), "selector"),
+        (lambda r: r["selector"].update(drawn=-5), "drawn"),
+        (lambda r: r["selector"].update(seed=4), "seed"),  # not the seed given
+        (lambda r: r["selector"].pop("run"), "run"),
+    ],
+)
+def test_sample_state_with_a_bad_field_is_rejected(
+    edit: Callable[[dict[str, Any]], None], field: str
+) -> None:
+    ds = _sampled()
+    state = saved_state(ds, 2)
+    edit(state["root"])
+    assert_state_rejected(ds, state, field)
+
+
+def test_sample_state_with_an_input_done_must_be_done_when_that_ends_it() -> None:
+    ds = _sampled(stop_on_empty_dataset=True)
+    state = saved_state(ds, 2)
+    state["root"]["inputs"][1] = None
+    assert_state_rejected(ds, state, "done")
+
+
+def test_random_state_is_checked() -> None:
+    ds = D.random(seed=5).take(10)
+    state = saved_state(ds, 2)
+    state["root"]["input"]["drawn"] = 2**70
+    assert_state_rejected(ds, state, "drawn")
+    state["root"]["input"]["drawn"] = 2
+    state["root"]["input"]["epoch"] = 1  # a seeded random repeats its first pass only
+    assert_state_rejected(ds, state, "epoch")

@@ -5,13 +5,20 @@ Expected values were checked against tf.data 2.21.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
 
 import feedline as fl
-from tests.helpers import assert_elements_equal, assert_state_roundtrip, take
+from tests.helpers import (
+    assert_elements_equal,
+    assert_state_rejected,
+    assert_state_roundtrip,
+    saved_state,
+    take,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -189,3 +196,44 @@ def test_get_single_element() -> None:
 def test_get_single_element_errors(make: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make().get_single_element()
+
+
+# -- crafted states -----------------------------------------------------------------------------
+
+
+def _running_sum() -> fl.Dataset:
+    return D.range(10).scan((np.int64(0), b""), lambda s, x: ((s[0] + x, s[1] + b"."), s[0]))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        # Another dtype than the initial state's (a state of another scan).
+        lambda s: s[0].update(dtype="<i4", data="AQAAAA=="),
+        lambda s: s.pop(),  # a leaf short
+        lambda s: s.append(s[0]),  # a leaf too many
+        lambda s: s[1].update(bytes=7),
+        lambda s: s.clear(),
+    ],
+)
+def test_state_with_a_bad_running_state_is_rejected(edit: Callable[[list[Any]], None]) -> None:
+    ds = _running_sum()
+    state = saved_state(ds, 3)
+    edit(state["root"]["state"])
+    assert_state_rejected(ds, state, "state")
+
+
+def test_state_running_state_may_change_shape() -> None:
+    # As a new state may: only the dtypes are the initial state's.
+    ds = D.range(4).scan(np.zeros(0, np.int64), lambda s, x: (np.append(s, x), s.sum()))
+    assert_state_roundtrip(ds)
+
+
+def test_state_position_and_input_are_checked() -> None:
+    ds = _running_sum()
+    state = saved_state(ds, 3)
+    state["root"]["position"] = -1
+    assert_state_rejected(ds, state, "position")
+    state = saved_state(ds, 3)
+    state["root"]["input"] = None
+    assert_state_rejected(ds, state, "input")

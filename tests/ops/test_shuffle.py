@@ -6,12 +6,13 @@ import json
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import numpy as np
 import pytest
 
 import feedline as fl
-from tests.helpers import assert_state_roundtrip, take
+from tests.helpers import assert_state_rejected, assert_state_roundtrip, saved_state, take
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -164,3 +165,46 @@ def test_first_order_does_not_depend_on_spec_inference() -> None:
     probed = build()
     _ = probed.element_spec
     assert values(probed) == plain
+
+
+# -- crafted states -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("produced", N + 1),  # past the end of a pass of known length
+        ("produced", -1),
+        ("produced", "2"),
+        ("seed", 99),  # another seed than the one given: another pipeline's state
+        ("seed", -1),
+        ("run", -2),
+        ("epoch", 1.5),
+        ("input_start", None),  # would restart the input: a silently wrong pass
+        ("input_start", []),
+    ],
+)
+def test_state_with_a_bad_field_is_rejected(field: str, value: Any) -> None:
+    ds = fl.Dataset.range(N).shuffle(10, seed=7)
+    state = saved_state(ds, 3)
+    state["root"][field] = value
+    assert_state_rejected(ds, state, field)
+    del state["root"][field]
+    assert_state_rejected(ds, state, field)
+
+
+def test_state_past_the_end_of_an_input_of_unknown_length_is_rejected() -> None:
+    # Replaying it ran off the end of the input: silently an empty rest of the pass before.
+    ds = fl.Dataset.range(N).filter(lambda x: x % 2 == 0).shuffle(10, seed=7)
+    state = saved_state(ds, 3)
+    state["root"]["produced"] = N // 2 + 1
+    assert_state_rejected(ds, state, "produced")
+    state["root"]["produced"] = N // 2  # the whole pass: resumes at its end
+    assert list(ds.iterator(state)) == []
+
+
+def test_a_shuffle_that_never_reshuffles_only_has_the_first_pass() -> None:
+    ds = fl.Dataset.range(N).shuffle(10, seed=7, reshuffle_each_iteration=False)
+    state = saved_state(ds, 3)
+    state["root"]["run"] = 1
+    assert_state_rejected(ds, state, "run")

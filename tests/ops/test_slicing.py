@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 
 import feedline as fl
-from tests.helpers import assert_elements_equal, assert_state_roundtrip
+from tests.helpers import (
+    assert_elements_equal,
+    assert_state_rejected,
+    assert_state_roundtrip,
+    saved_state,
+)
 
 D = fl.Dataset
 Spec = fl.TensorSpec
@@ -274,3 +279,60 @@ def test_enumerate_of_an_infinite_input() -> None:
     assert ds.cardinality() == INFINITE
     assert [(int(i), int(x)) for i, x in ds.take(3)] == [(0, 0), (1, 1), (2, 0)]
     assert_state_roundtrip(ds.batch(3), cut_points=(1, 2), limit=20)
+
+
+# -- crafted states -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make, field, value",
+    [
+        (lambda: D.range(10).take(4), "taken", 5),
+        (lambda: D.range(10).take(4), "taken", -1),
+        (lambda: D.range(3).take(8), "taken", 4),  # past the input's end
+        (lambda: D.range(10).skip(2), "skipped", 1),
+        (lambda: D.range(10).shard(3, 1), "started", "yes"),
+        (lambda: D.range(10).enumerate(5), "index", 4),  # below the start
+        (lambda: D.range(10).enumerate(5), "index", 16),  # past the end
+        (lambda: D.range(4).repeat(2), "epoch", 2),  # no epoch left, yet not done
+        (lambda: D.range(4).repeat(2), "epoch", 3),
+        (lambda: D.range(4).repeat(2), "epoch_produced", 5),
+        (lambda: D.range(4).repeat(2), "done", True),  # done with an input still open
+        (lambda: D.range(4).repeat(2), "input", None),  # an open input's state dropped
+    ],
+)
+def test_state_with_a_bad_field_is_rejected(
+    make: Callable[[], fl.Dataset], field: str, value: Any
+) -> None:
+    ds = make()
+    state = saved_state(ds, 1)
+    state["root"][field] = value
+    assert_state_rejected(ds, state, field)
+    del state["root"][field]
+    assert_state_rejected(ds, state, field)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: D.range(10).take(4),
+        lambda: D.range(10).skip(2),
+        lambda: D.range(10).shard(3, 1),
+        lambda: D.range(10).enumerate(),
+        lambda: D.range(10).repeat(2),
+    ],
+)
+def test_an_input_state_replaced_by_none_is_rejected(make: Callable[[], fl.Dataset]) -> None:
+    # None would have restarted the input from its beginning: a silently wrong pass.
+    ds = make()
+    state = saved_state(ds, 3)
+    state["root"]["input"] = None
+    assert_state_rejected(ds, state, "input")
+
+
+def test_a_finished_repeat_state_must_hold_no_input() -> None:
+    ds = D.range(3).repeat(2)
+    state = saved_state(ds, 7)
+    assert list(ds.iterator(state)) == []
+    state["root"]["input"] = {"index": 0}
+    assert_state_rejected(ds, state, "done")

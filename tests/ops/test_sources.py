@@ -14,7 +14,13 @@ import pytest
 
 import feedline as fl
 from feedline.structure import flatten
-from tests.helpers import assert_element_equal, assert_elements_equal, assert_state_roundtrip
+from tests.helpers import (
+    assert_element_equal,
+    assert_elements_equal,
+    assert_state_rejected,
+    assert_state_roundtrip,
+    saved_state,
+)
 
 D = fl.Dataset
 Spec = fl.TensorSpec
@@ -459,3 +465,63 @@ def test_from_generator_state_roundtrip(repeat: int | None) -> None:
     if repeat is not None:
         ds = ds.repeat(repeat)
     assert_state_roundtrip(ds, cut_points=(0, 1, 7, 8, 9, 16))
+
+
+# -- crafted states -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("index", [-5, -1, 11, 2**40, "3", 2.0, True, None, [1]])
+def test_range_state_with_a_bad_index_is_rejected(index: Any) -> None:
+    # The reported case: index -5 yielded values before the start.
+    ds = D.range(10)
+    state = saved_state(ds, 3)
+    state["root"]["index"] = index
+    assert_state_rejected(ds, state, "index")
+
+
+def test_range_state_at_its_end_resumes_an_ended_pass() -> None:
+    ds = D.range(0, 10, 3)
+    state = saved_state(ds)
+    state["root"]["index"] = 4  # 4 values: 0, 3, 6, 9
+    assert list(ds.iterator(state)) == []
+    state["root"]["index"] = 5
+    assert_state_rejected(ds, state, "index")
+
+
+def test_range_state_without_its_field_is_rejected() -> None:
+    ds = D.range(10)
+    state = saved_state(ds, 2)
+    del state["root"]["index"]
+    assert_state_rejected(ds, state, "index")
+    state["root"] = [3]
+    assert_state_rejected(ds, state, "root")
+
+
+@pytest.mark.parametrize("index", [-1, 5, "0"])
+def test_slices_state_with_a_bad_index_is_rejected(index: Any) -> None:
+    ds = D.from_tensor_slices({"a": np.arange(4), "b": strings("w", "x", "y", "z")})
+    state = saved_state(ds, 1)
+    state["root"]["index"] = index
+    assert_state_rejected(ds, state, "index")
+
+
+@pytest.mark.parametrize("done", [1, "yes", None])
+def test_from_tensors_state_done_must_be_a_bool(done: Any) -> None:
+    ds = D.from_tensors((1, b"x"))
+    state = saved_state(ds)
+    state["root"]["done"] = done
+    assert_state_rejected(ds, state, "done")
+    del state["root"]["done"]
+    assert_state_rejected(ds, state, "done")
+
+
+def test_generator_state_past_its_end_is_rejected_when_resumed() -> None:
+    # Silently an empty rest of the pass before: the state is another generator's.
+    ds = D.from_generator(lambda: iter(range(5)), output_signature=Spec((), I64))
+    state = saved_state(ds, 2)
+    state["root"]["produced"] = 6
+    assert_state_rejected(ds, state, "produced")
+    state["root"]["produced"] = 5  # all of it: the end of the pass
+    assert list(ds.iterator(state)) == []
+    state["root"]["produced"] = -1
+    assert_state_rejected(ds, state, "produced")

@@ -14,7 +14,13 @@ import pytest
 
 import feedline as fl
 from feedline.ops.in_memory import DatasetSpec
-from tests.helpers import assert_elements_equal, assert_state_roundtrip, take
+from tests.helpers import (
+    assert_elements_equal,
+    assert_state_rejected,
+    assert_state_roundtrip,
+    saved_state,
+    take,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -181,3 +187,60 @@ def test_windows_read_each_input_element_once() -> None:
     ds = D.from_generator(numbers, output_signature=signature).window(3, 1)
     assert len(windows(ds)) == 6
     assert reads == list(range(6))
+
+
+# -- crafted states -----------------------------------------------------------------------------
+
+
+def _window_state(ds: fl.Dataset) -> dict[str, Any]:
+    state = saved_state(ds, 2)
+    assert state["root"]["buffer"], "the state holds elements of the next window"
+    return state
+
+
+def test_state_holding_more_than_a_window_is_rejected() -> None:
+    ds = D.range(20).window(4, 3)
+    state = _window_state(ds)
+    state["root"]["buffer"] *= 5
+    assert_state_rejected(ds, state, "buffer")
+
+
+@pytest.mark.parametrize(
+    "leaf",
+    [
+        {"dtype": "<f4", "shape": [], "data": "AAAAAA==", "scalar": True},  # another dtype
+        {"dtype": "<i8", "shape": [1], "data": "AQAAAAAAAAA=", "scalar": False},  # another rank
+        {"dtype": "<i8", "shape": [], "data": "AQAAAAAAAA", "scalar": True},  # bad base64
+        {"dtype": "<i8", "shape": [], "data": "AQAAAAAAAAA=", "scalar": 1},
+        {"dtype": "<i8", "shape": [-1], "data": "", "scalar": False},
+        {"dtype": "(2,)i4", "shape": [], "data": "AQAAAAAAAAA=", "scalar": True},
+        {"dtype": "nonsense", "shape": [], "data": "", "scalar": True},
+        {"strings": ["eA=="], "shape": [2]},
+        {"raw": 5},
+        {"bytes": 5},
+        "AQAAAAAAAAA=",
+    ],
+)
+def test_state_holding_a_bad_element_is_rejected(leaf: Any) -> None:
+    ds = D.range(20).window(4, 3)
+    state = _window_state(ds)
+    state["root"]["buffer"][0] = [leaf]
+    assert_state_rejected(ds, state, "buffer")
+
+
+@pytest.mark.parametrize(
+    "field, value", [("skip", 1), ("skip", -1), ("exhausted", "no"), ("input", None)]
+)
+def test_state_with_a_bad_field_is_rejected(field: str, value: Any) -> None:
+    ds = D.range(20).window(4, 3)
+    state = _window_state(ds)
+    state["root"][field] = value  # skip: only once the buffer was handed out whole
+    assert_state_rejected(ds, state, field)
+
+
+def test_state_skip_is_less_than_the_shift() -> None:
+    ds = D.range(20).window(2, 5)
+    state = saved_state(ds, 1)
+    assert state["root"] == {**state["root"], "buffer": [], "skip": 3}
+    state["root"]["skip"] = 5
+    assert_state_rejected(ds, state, "skip")

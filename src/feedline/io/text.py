@@ -9,10 +9,12 @@ import zlib
 from collections.abc import Sequence
 from typing import IO, Any
 
+from feedline.errors import InvalidStateError
 from feedline.ops.base import UNKNOWN, Op
 from feedline.ops.combine import InterleaveOp
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import NodeIterator, State
+from feedline.runtime.states import state_int
 from feedline.structure import STRING_DTYPE, TensorSpec
 
 COMPRESSIONS = ("", "GZIP", "ZLIB")
@@ -53,19 +55,63 @@ class TextLineIterator(NodeIterator):
 
     def __init__(self, op: TextLineOp, state: State | None) -> None:
         self.op = op
-        self.file_index = 0 if state is None else state["file"]
+        self.file_index = 0
         self.line = 0
         self.offset = 0
         self.handle: IO[bytes] | None = None
-        if state is not None and self.file_index < len(op.paths):
-            self._open()
-            if self.op.compression == "" and self.handle is not None:
-                self.handle.seek(state["offset"])
-                self.offset = state["offset"]
-                self.line = state["line"]
+        if state is not None:
+            self._restore(state)
+
+    def _restore(self, state: State) -> None:
+        name = self.op.name
+        self.file_index = state_int(state, "file", name, 0, len(self.op.paths))
+        line = state_int(state, "line", name)
+        offset = state_int(state, "offset", name)
+        if self.file_index == len(self.op.paths):
+            if line or offset:
+                raise InvalidStateError(name, "line", f"is {line}, past the last file")
+            return
+        # Every line read is at least one byte (its line ending at least).
+        if (line == 0) != (offset == 0) or line > offset:
+            raise InvalidStateError(name, "offset", f"is {offset} after {line} lines")
+        self._open()
+        try:
+            if self.op.compression == "":
+                self._seek(offset)
+                self.line = line
             else:
-                while self.line < state["line"] and self._readline() is not None:
-                    pass
+                self._replay(line, offset)
+        except BaseException:
+            self.close()
+            raise
+
+    def _seek(self, offset: int) -> None:
+        """Go to ``offset``, which must be where a line of the file starts (or its end)."""
+        assert self.handle is not None
+        size = os.fstat(self.handle.fileno()).st_size
+        if offset > size:
+            raise InvalidStateError(self.op.name, "offset", f"is {offset}, past the file's end")
+        if 0 < offset < size:
+            self.handle.seek(offset - 1)
+            if self.handle.read(1) != b"\n":
+                raise InvalidStateError(self.op.name, "offset", f"is {offset}, inside a line")
+        self.handle.seek(offset)
+        self.offset = offset
+
+    def _replay(self, lines: int, offset: int) -> None:
+        """Read ``lines`` lines again (a compressed file cannot seek), which must end at
+        ``offset`` bytes of the decompressed file."""
+        assert self.handle is not None
+        while self.line < lines:
+            raw = self.handle.readline()
+            if not raw:
+                raise InvalidStateError(self.op.name, "line", f"is {lines}, past the file's end")
+            self.line += 1
+            self.offset += len(raw)
+        if self.offset != offset:
+            raise InvalidStateError(
+                self.op.name, "offset", f"is {offset}, but {lines} lines end at {self.offset}"
+            )
 
     def _open(self) -> None:
         path = self.op.paths[self.file_index]

@@ -6,10 +6,11 @@ from typing import Any
 
 import numpy as np
 
-from feedline.errors import StageError
+from feedline.errors import InvalidStateError, StageError
 from feedline.ops.base import UNKNOWN, Op, UnobservableSpec
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import NodeIterator, State
+from feedline.runtime.states import known_end, state_int, state_nested
 from feedline.structure import (
     STRING_DTYPE,
     TensorSpec,
@@ -136,9 +137,14 @@ class BatchIterator(NodeIterator):
 
     def __init__(self, op: BatchOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
-        self.input = op.input.make_iterator(ctx, None if state is None else state["input"])
+        self.position = 0
+        input_state = None
+        if state is not None:
+            end = known_end(op.input.cardinality())
+            self.position = state_int(state, "position", op.name, 0, end)
+            input_state = state_nested(state, "input", op.name)
+        self.input = op.input.make_iterator(ctx, input_state)
         self.inputs = (self.input,)
-        self.position = 0 if state is None else state["position"]
 
     def collect(self) -> list[Any]:
         """The next batch's elements (fewer at the end); the input is read in chunks."""
@@ -355,15 +361,33 @@ def split_rows(batch: Any, stage: str, position: int) -> list[Any]:
 class UnbatchIterator(NodeIterator):
     def __init__(self, op: UnbatchOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
-        self.input = op.input.make_iterator(ctx, None if state is None else state["input"])
-        self.inputs = (self.input,)
         self.rows: list[Any] = []
         self.row_index = 0
         self.batches_read = 0
         self._before_batch: State | None = None
-        if state is not None and state["row"]:
-            self._load_batch(state["batches_read"] - 1)
-            self.row_index = state["row"]
+        row, input_state = 0, None
+        if state is not None:
+            # Mid-batch (row > 0), the input's state is the one before that batch.
+            row = state_int(state, "row", op.name)
+            end = known_end(op.input.cardinality())
+            self.batches_read = state_int(state, "batches_read", op.name, min(row, 1), end)
+            input_state = state_nested(state, "input", op.name)
+        self.input = op.input.make_iterator(ctx, input_state)
+        self.inputs = (self.input,)
+        if row:
+            try:
+                self._reload_batch(row)
+            except BaseException:
+                self.input.close()
+                raise
+
+    def _reload_batch(self, row: int) -> None:
+        """Split the batch a mid-batch state is in again and stand at ``row`` in it."""
+        if not self._load_batch(self.batches_read - 1) or row >= len(self.rows):
+            raise InvalidStateError(
+                self.op.name, "row", f"is {row}: the batch it points into has {len(self.rows)} rows"
+            )
+        self.row_index = row
 
     def _load_batch(self, position: int) -> bool:
         self._before_batch = self.input.get_state()
@@ -435,11 +459,15 @@ class RebatchIterator(NodeIterator):
 
     def __init__(self, op: RebatchOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
-        unbatch_state = None if state is None else state["rows"]
-        self.rows = UnbatchOp(op.input, name=op.name).make_iterator(ctx, unbatch_state)
+        self.emitted = self.position = 0
+        rows_state = None
+        if state is not None:
+            # Each batch made has at least a row.
+            self.position = state_int(state, "position", op.name)
+            self.emitted = state_int(state, "emitted", op.name, 0, self.position)
+            rows_state = state_nested(state, "rows", op.name)
+        self.rows = UnbatchOp(op.input, name=op.name).make_iterator(ctx, rows_state)
         self.inputs = (self.rows,)
-        self.emitted = 0 if state is None else state["emitted"]
-        self.position = 0 if state is None else state["position"]
 
     def __next__(self) -> Any:
         size = self.op.batch_sizes[self.emitted % len(self.op.batch_sizes)]

@@ -8,16 +8,27 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from feedline.errors import StageError, wrap_user_error
+from feedline.errors import InvalidStateError, StageError, wrap_user_error
 from feedline.ops.base import INFINITE, UNKNOWN, Op, UnobservableSpec, call_with_element
 from feedline.ops.in_memory import (
     ElementsOp,
     as_dataset,
-    decode_elements,
+    check_elements,
     encode_elements,
+    state_elements,
 )
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import ChunkedIterator, NodeIterator, State
+from feedline.runtime.states import (
+    INT64_MAX,
+    INT64_MIN,
+    check_int,
+    state_bool,
+    state_dict,
+    state_int,
+    state_list,
+    state_nested,
+)
 from feedline.structure import STRING_DTYPE, TensorSpec, flatten, map_structure
 
 if TYPE_CHECKING:
@@ -82,6 +93,18 @@ def reduced_dataset(result: Any, stage: str, position: int | None) -> Dataset:
     return result
 
 
+def _keyed(state: State, field: str, owner: str) -> list[tuple[int, Any]]:
+    """A state's list of ``[key, value]`` pairs, one per int64 key."""
+    pairs = []
+    for pair in state_list(state, field, owner):
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise InvalidStateError(owner, field, f"holds {pair!r}, not a [key, value] pair")
+        pairs.append((check_int(pair[0], field, owner, INT64_MIN, INT64_MAX), pair[1]))
+    if len({key for key, _ in pairs}) < len(pairs):
+        raise InvalidStateError(owner, field, "holds a key twice")
+    return pairs
+
+
 def _int64_scalar(value: Any, what: str, stage: str, position: int) -> np.int64:
     arr = np.asarray(value)
     if arr.shape != () or arr.dtype.kind not in "iu":
@@ -101,8 +124,6 @@ class GroupByWindowIterator(NodeIterator):
     def __init__(self, op: GroupByWindowOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
         self.ctx = ctx
-        self.input = op.input.make_iterator(ctx, None if state is None else state["input"])
-        self.inputs = (self.input,)
         self.groups: dict[int, list[Any]] = {}
         self.sizes: dict[int, int] = {}
         self.current: NodeIterator | None = None
@@ -110,19 +131,55 @@ class GroupByWindowIterator(NodeIterator):
         self.current_window: list[Any] = []
         self.input_done = False
         self.position = 0
+        input_state = current = None
         if state is not None:
-            self._restore(state)
-
-    def _restore(self, state: State) -> None:
-        spec = self.op.input.element_spec()
-        self.groups = {k: decode_elements(g, spec) for k, g in state["groups"]}
-        self.sizes = {k: s for k, s in state["sizes"]}
-        self.input_done = state["input_done"]
-        self.position = state["position"]
-        current = state["current"]
+            input_state = state_nested(state, "input", op.name)
+            current = self._restore(state)
+        self.input = op.input.make_iterator(ctx, input_state)
+        self.inputs = (self.input,)
         if current is not None:
-            window = decode_elements(current["window"], spec)
-            self._start_reduce(current["key"], window, current["state"])
+            try:
+                self._start_reduce(*current)
+            except BaseException:
+                self.input.close()
+                raise
+
+    def _restore(self, state: State) -> tuple[int, list[Any], State] | None:
+        """Reads the groups and counters of ``state``; returns the group being reduced (its
+        key, its window and its dataset's state), if any."""
+        name = self.op.name
+        self.position = state_int(state, "position", name)
+        self.input_done = state_bool(state, "input_done", name)
+        for key, size in _keyed(state, "sizes", name):
+            self.sizes[key] = check_int(size, "sizes", name, 1, INT64_MAX)
+        for key, encoded in _keyed(state, "groups", name):
+            group = self._group(key, encoded, "groups")
+            if len(group) >= self.sizes[key]:
+                raise InvalidStateError(name, "groups", f"holds a full window of key {key}")
+            self.groups[key] = group
+        current = state_dict(state, name, "current")["current"]
+        restored = None
+        if current is not None:
+            current = state_dict(current, name, "key", "window", "state")
+            key = check_int(current["key"], "current", name, INT64_MIN, INT64_MAX)
+            window = self._group(key, current["window"], "current")
+            if not window or len(window) > self.sizes[key]:
+                raise InvalidStateError(name, "current", f"holds {len(window)} elements")
+            restored = key, window, state_nested(current, "state", name)
+        # Every element held came from the input, which counted it.
+        held = sum(map(len, self.groups.values())) + (len(restored[1]) if restored else 0)
+        if held > self.position:
+            raise InvalidStateError(
+                name, "position", f"is {self.position}, fewer than the {held} elements held"
+            )
+        return restored
+
+    def _group(self, key: int, encoded: Any, field: str) -> list[Any]:
+        """The elements of group ``key``, which must fit the input's spec."""
+        name = self.op.name
+        if key not in self.sizes:
+            raise InvalidStateError(name, field, f"holds key {key}, whose window size is unknown")
+        return check_elements(encoded, field, name, self.op.input.element_spec)
 
     def _start_reduce(self, key: int, window: list[Any], state: State | None) -> None:
         op = self.op
@@ -342,12 +399,15 @@ class UniqueIterator(ChunkedIterator):
 
     def __init__(self, op: UniqueOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
-        self.input = op.input.make_iterator(ctx, None if state is None else state["input"])
-        self.inputs = (self.input,)
         self.seen_elements: list[Any] = []
+        input_state = None
         if state is not None:
-            self.seen_elements = decode_elements(state["seen"], op.input.element_spec())
+            spec = op.input.element_spec
+            self.seen_elements = state_elements(state, "seen", op.name, spec)
+            input_state = state_nested(state, "input", op.name)
         self.seen = {_identity(flatten(e)[0]) for e in self.seen_elements}
+        self.input = op.input.make_iterator(ctx, input_state)
+        self.inputs = (self.input,)
 
     def next_chunk(self, max_n: int) -> list[Any]:
         while True:

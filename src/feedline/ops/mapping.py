@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from feedline.errors import StageError, wrap_user_error
+from feedline.errors import StageCrashedError, StageError, wrap_user_error
 from feedline.ops.base import (
     AUTOTUNE,
     UNKNOWN,
@@ -28,6 +28,7 @@ from feedline.runtime.parallel import (
     Transform,
     default_parallelism,
 )
+from feedline.runtime.states import state_bool, state_int, state_nested
 from feedline.structure import normalize_output, sole_type
 
 logger = logging.getLogger("feedline")
@@ -96,8 +97,12 @@ class MapOp(Op):
     def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
         if not self.random:
             return self._stage(ctx, state, None)
-        key = self.passes.key(ctx, None if state is None else state["pass"])
-        stage = self._stage(ctx, None if state is None else state["stage"], key)
+        pass_state = stage_state = None
+        if state is not None:
+            pass_state = state_nested(state, "pass", self.name)
+            stage_state = state_nested(state, "stage", self.name)
+        key = self.passes.key(ctx, pass_state, self.name)
+        stage = self._stage(ctx, stage_state, key)
         return PassStateIterator(stage, key)
 
     def _stage(self, ctx: IterContext, state: State | None, key: PassKey | None) -> AsyncStage:
@@ -274,12 +279,16 @@ class CursorStage(ChunkedIterator):
     """A one-input stage that reads its input through a cursor and reports a failing element
     after delivering the elements before it (so an error surfaces at its own position)."""
 
-    def __init__(self, input_op: Op, ctx: IterContext, state: State | None) -> None:
+    def __init__(self, op: Op, ctx: IterContext, state: State | None) -> None:
+        self.position = 0
+        cursor_state = None
+        if state is not None:
+            self.position = state_int(state, "position", op.name)
+            cursor_state = state_nested(state, "cursor", op.name)
         self.cursor = InputCursor.restore(
-            lambda s: input_op.make_iterator(ctx, s), None if state is None else state["cursor"]
+            lambda s: op.inputs[0].make_iterator(ctx, s), cursor_state, op.name
         )
         self.inputs = (self.cursor.input,)
-        self.position = 0 if state is None else state["position"]
         self._pending: StageError | None = None
 
     def fail_at_cursor(self, error: StageError, delivered: list[Any]) -> list[Any]:
@@ -332,7 +341,7 @@ def _as_bool(value: Any, stage: str) -> bool:
 
 class FilterIterator(CursorStage):
     def __init__(self, op: FilterOp, ctx: IterContext, state: State | None) -> None:
-        super().__init__(op.input, ctx, state)
+        super().__init__(op, ctx, state)
         self.op = op
 
     def next_chunk(self, max_n: int) -> list[Any]:
@@ -377,10 +386,13 @@ class TakeWhileOp(Op):
 class TakeWhileIterator(NodeIterator):
     def __init__(self, op: TakeWhileOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
-        self.input = op.input.make_iterator(ctx, None if state is None else state["input"])
+        self.done, self.position, input_state = False, 0, None
+        if state is not None:
+            self.done = state_bool(state, "done", op.name)
+            self.position = state_int(state, "position", op.name)
+            input_state = state_nested(state, "input", op.name)
+        self.input = op.input.make_iterator(ctx, input_state)
         self.inputs = (self.input,)
-        self.done = False if state is None else state["done"]
-        self.position = 0 if state is None else state["position"]
 
     def __next__(self) -> Any:
         if self.done:
@@ -432,6 +444,8 @@ class IgnoreErrorsIterator(ChunkedIterator):
         while True:
             try:
                 return self.input.next_chunk(max_n)
+            except StageCrashedError:
+                raise  # not an element's error: the input can make no more, and ends
             except Exception as e:
                 self.ignored += 1
                 if self.op.log_warning:

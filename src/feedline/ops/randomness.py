@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from feedline.errors import InvalidStateError
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import State
+from feedline.runtime.states import state_int
 
 _SEED_MASK = 2**64 - 1
 PassKey = tuple[int, int, int]
@@ -42,6 +44,8 @@ class PassKeys:
     """Hands out the (seed, run, epoch) of each pass over one op."""
 
     def __init__(self, seed: int | None, vary_per_pass: bool) -> None:
+        # A seed the user gave is part of the pipeline: a state with another one is not its.
+        self.seeded = seed is not None
         self.seed = fresh_seed() if seed is None else as_seed(seed)
         self.vary_per_pass = vary_per_pass
         self._runs = itertools.count()
@@ -62,11 +66,12 @@ class PassKeys:
         self._next_epoch = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
-    def key(self, ctx: IterContext, state: State | None) -> PassKey:
-        """The key of a new pass in ``ctx``, or of the pass a saved ``state`` resumes."""
+    def key(self, ctx: IterContext, state: State | None, owner: str) -> PassKey:
+        """The key of a new pass in ``ctx``, or of the pass a saved ``state`` (of the op
+        ``owner``) resumes."""
         restored: PassKey | None = None
         if state is not None:
-            restored = (state["seed"], state["run"], state["epoch"])
+            restored = self.restored_key(state, owner)
         elif ctx.probe or not self.vary_per_pass:
             return (self.seed, 0, 0)
         if not self.vary_per_pass:
@@ -78,6 +83,19 @@ class PassKeys:
             if known is None or known[:2] != key[:2] or known[2] <= key[2]:
                 self._next_epoch[ctx] = (key[0], key[1], key[2] + 1)
         return key
+
+    def restored_key(self, state: State, owner: str) -> PassKey:
+        """The key a state names, which must be one of this op's keys."""
+        seed = state_int(state, "seed", owner, 0, _SEED_MASK)
+        if self.seeded and seed != self.seed:
+            raise InvalidStateError(owner, "seed", f"is {seed}, not this op's seed {self.seed}")
+        # Passes that do not vary all use run 0 and epoch 0.
+        most = None if self.vary_per_pass else 0
+        return (
+            seed,
+            state_int(state, "run", owner, 0, most),
+            state_int(state, "epoch", owner, 0, most),
+        )
 
     @staticmethod
     def as_state(key: PassKey) -> State:

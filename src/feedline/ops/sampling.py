@@ -9,11 +9,18 @@ from typing import Any
 
 import numpy as np
 
-from feedline.errors import StageError
+from feedline.errors import InvalidStateError, StageError
 from feedline.ops.base import INFINITE, UNKNOWN, Op, UnobservableSpec
 from feedline.ops.randomness import PassKey, PassKeys
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import NodeIterator, State
+from feedline.runtime.states import (
+    check_nested,
+    state_bool,
+    state_int,
+    state_list,
+    state_nested,
+)
 from feedline.structure import TensorSpec, flatten, merge_specs, to_array
 
 _INT64_SCALAR = TensorSpec((), np.dtype(np.int64))
@@ -24,10 +31,11 @@ _BLOCK = 256
 class RandomStream:
     """Raw 64-bit draws of one pass, counted so that a restore skips them in O(1)."""
 
-    def __init__(self, key: PassKey, state: State | None) -> None:
+    def __init__(self, key: PassKey, state: State | None, owner: str) -> None:
         bits = PassKeys.generator(key).bit_generator
         assert isinstance(bits, np.random.PCG64)  # default_rng's: it can jump ahead
-        self.drawn = 0 if state is None else state["drawn"]
+        # PCG64's period is 2**128 draws; no pass comes near 2**64.
+        self.drawn = 0 if state is None else state_int(state, "drawn", owner, 0, 2**64)
         bits.advance(self.drawn)
         self.bits = bits
         self.key = key
@@ -93,10 +101,10 @@ class RandomOp(Op):
         return _INT64_SCALAR
 
     def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
-        key = self.passes.key(ctx, state)
+        key = self.passes.key(ctx, state, self.name)
         if not self.per_epoch:
             key = (key[0], key[1], 0)
-        return DrawIterator(RandomStream(key, state), _uint32)
+        return DrawIterator(RandomStream(key, state, self.name), _uint32)
 
 
 class CategoricalOp(Op):
@@ -130,7 +138,7 @@ class CategoricalOp(Op):
         if self.weights_input is None:
             assert self.thresholds is not None
             thresholds = self.thresholds
-            stream = RandomStream(self.passes.key(ctx, state), state)
+            stream = RandomStream(self.passes.key(ctx, state, self.name), state, self.name)
             return DrawIterator(stream, lambda raw: _picks(thresholds, raw))
         return WeightsInputIterator(self, self.weights_input, ctx, state)
 
@@ -162,9 +170,12 @@ class WeightsInputIterator(NodeIterator):
         self, op: CategoricalOp, weights_input: Op, ctx: IterContext, state: State | None
     ) -> None:
         self.op = op
-        pass_state = None if state is None else state["pass"]
-        self.stream = RandomStream(op.passes.key(ctx, pass_state), pass_state)
-        self.weights = weights_input.make_iterator(ctx, None if state is None else state["input"])
+        pass_state = input_state = None
+        if state is not None:
+            pass_state = state_nested(state, "pass", op.name)
+            input_state = state_nested(state, "input", op.name)
+        self.stream = RandomStream(op.passes.key(ctx, pass_state, op.name), pass_state, op.name)
+        self.weights = weights_input.make_iterator(ctx, input_state)
         self.inputs = (self.weights,)
 
     def __next__(self) -> Any:
@@ -232,16 +243,38 @@ class DirectedInterleaveOp(Op):
 class DirectedInterleaveIterator(NodeIterator):
     def __init__(self, op: DirectedInterleaveOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
-        self.done = state is not None and state["done"]
-        self.selector = op.selector.make_iterator(ctx, None if state is None else state["selector"])
-        states = [None] * len(op.data_inputs) if state is None else state["inputs"]
+        self.done = False
+        self.picks = 0
+        selector_state = None
+        states: list[State | None] = [None] * len(op.data_inputs)
+        if state is not None:
+            selector_state, states = self._restore(state)
+        self.selector = op.selector.make_iterator(ctx, selector_state)
         # None marks an exhausted input (its state is then None too).
-        self.data: list[NodeIterator | None] = [
-            None if state is not None and s is None else data_op.make_iterator(ctx, s)
-            for data_op, s in zip(op.data_inputs, states)
-        ]
+        self.data: list[NodeIterator | None] = []
+        try:
+            for data_op, s in zip(op.data_inputs, states):
+                exhausted = state is not None and s is None
+                self.data.append(None if exhausted else data_op.make_iterator(ctx, s))
+        except BaseException:
+            for it in (self.selector, *self.data):
+                if it is not None:
+                    it.close()
+            raise
         self.inputs = (self.selector, *(it for it in self.data if it is not None))
-        self.picks = 0 if state is None else state["picks"]
+
+    def _restore(self, state: State) -> tuple[State, list[State | None]]:
+        """Reads the counters of ``state``; returns the selector's and the inputs' states."""
+        name = self.op.name
+        self.done = state_bool(state, "done", name)
+        self.picks = state_int(state, "picks", name)
+        selector = state_nested(state, "selector", name)
+        listed = state_list(state, "inputs", name, length=len(self.op.data_inputs))
+        states = [None if s is None else check_nested(s, "inputs", name) for s in listed]
+        exhausted = [s is None for s in states]
+        if not self.done and (all(exhausted) or (self.op.stop_on_empty_dataset and any(exhausted))):
+            raise InvalidStateError(name, "done", "is False, yet the inputs that end it are done")
+        return selector, states
 
     def __next__(self) -> Any:
         while not self.done:

@@ -10,13 +10,15 @@ import numpy as np
 
 from feedline.errors import StageError, wrap_user_error
 from feedline.ops.base import Op, function_name
-from feedline.ops.in_memory import decode_elements, encode_elements
+from feedline.ops.in_memory import check_elements, encode_elements
 from feedline.ops.sources import owned_array
 from feedline.ops.tracing import REAL_ELEMENTS, first_elements, traced_spec
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import NodeIterator, State
+from feedline.runtime.states import state_dict, state_int, state_nested
 from feedline.structure import (
     STRING_DTYPE,
+    TensorSpec,
     flatten,
     leaf_spec,
     map_structure,
@@ -76,12 +78,24 @@ class ScanOp(Op):
 class ScanIterator(NodeIterator):
     def __init__(self, op: ScanOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
-        self.input = op.input.make_iterator(ctx, None if state is None else state["input"])
-        self.inputs = (self.input,)
-        self.position = 0 if state is None else state["position"]
+        self.position = 0
         self.state = op.initial_state
+        input_state = None
         if state is not None:
-            self.state = decode_elements([state["state"]], op.initial_state)[0]
+            self.position = state_int(state, "position", op.name)
+            self.state = self._restored_state(state)
+            input_state = state_nested(state, "input", op.name)
+        self.input = op.input.make_iterator(ctx, input_state)
+        self.inputs = (self.input,)
+
+    def _restored_state(self, state: State) -> Any:
+        """The running state saved in ``state``: the initial state's nesting and dtypes, any
+        shapes (a new state may change them)."""
+        op = self.op
+        spec = map_structure(lambda leaf: TensorSpec(None, leaf_spec(leaf).dtype), op.initial_state)
+        encoded = state_dict(state, op.name, "state")["state"]
+        (running,) = check_elements([encoded], "state", op.name, lambda: spec)
+        return running
 
     def __next__(self) -> Any:
         element = next(self.input)

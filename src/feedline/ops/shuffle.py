@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from feedline.errors import InvalidStateError
 from feedline.ops.base import Op
 from feedline.ops.randomness import PassKeys
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import NodeIterator, State, skip_elements
+from feedline.runtime.states import known_end, state_int, state_nested
 
 _UNIFORM_BLOCK = 256
 
@@ -46,21 +48,35 @@ class ShuffleIterator(NodeIterator):
 
     def __init__(self, op: ShuffleOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
-        self.pass_key = op.passes.key(ctx, state)
-        if state is None:
-            self.input = op.input.make_iterator(ctx, None)
-            self.input_start = self.input.get_state()
-        else:
-            self.input_start = state["input_start"]
-            self.input = op.input.make_iterator(ctx, self.input_start)
+        produced = 0
+        if state is not None:
+            produced = state_int(state, "produced", op.name, 0, known_end(op.cardinality()))
+            self.input_start = state_nested(state, "input_start", op.name)
+        self.pass_key = op.passes.key(ctx, state, op.name)
+        self.input = op.input.make_iterator(ctx, None if state is None else self.input_start)
+        # Taken from the input even when restored: the saved one is a frozen copy, and an
+        # input that delivers in finishing order records its order only in the live one.
+        self.input_start = self.input.get_state()
         self.inputs = (self.input,)
         self.rng = PassKeys.generator(self.pass_key)
         self.buffer: list[Any] = []
         self.exhausted = False
         self.produced = 0
         self._uniforms: list[float] = []
-        if state is not None and state["produced"]:
-            skip_elements(self, state["produced"])
+        if produced:
+            try:
+                self._replay(produced)
+            except BaseException:
+                self.input.close()
+                raise
+
+    def _replay(self, produced: int) -> None:
+        if skip_elements(self, produced) < produced:
+            raise InvalidStateError(
+                self.op.name,
+                "produced",
+                f"is {produced}: the pass it resumes has only {self.produced} elements",
+            )
 
     def _fill(self) -> None:
         missing = self.op.buffer_size - len(self.buffer)

@@ -6,9 +6,18 @@ from typing import Any
 
 import numpy as np
 
+from feedline.errors import InvalidStateError
 from feedline.ops.base import INFINITE, UNKNOWN, Op
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import ChunkedIterator, NodeIterator, State, skip_elements
+from feedline.runtime.states import (
+    INT64_MAX,
+    known_end,
+    state_bool,
+    state_int,
+    state_nested,
+    state_optional_nested,
+)
 from feedline.structure import TensorSpec
 
 
@@ -21,6 +30,11 @@ class _OneInputOp(Op):
 
     def compute_spec(self) -> Any:
         return self.input.element_spec()
+
+
+def _input_state(state: State | None, op: Op) -> State | None:
+    """The input's part of ``state`` (None for a fresh pass)."""
+    return None if state is None else state_nested(state, "input", op.name)
 
 
 class TakeOp(_OneInputOp):
@@ -44,8 +58,13 @@ class TakeOp(_OneInputOp):
 class TakeIterator(NodeIterator):
     def __init__(self, op: TakeOp, ctx: IterContext, state: State | None) -> None:
         self.limit = op.count
-        self.taken = 0 if state is None else state["taken"]
-        self.input = op.input.make_iterator(ctx, None if state is None else state["input"])
+        self.taken = 0
+        if state is not None:
+            most = known_end(op.cardinality())
+            if most is None and op.count >= 0:  # an input of unknown length
+                most = op.count
+            self.taken = state_int(state, "taken", op.name, 0, most)
+        self.input = op.input.make_iterator(ctx, _input_state(state, op))
         self.inputs = (self.input,)
 
     def __next__(self) -> Any:
@@ -87,8 +106,8 @@ class SkipOp(_OneInputOp):
 class SkipIterator(NodeIterator):
     def __init__(self, op: SkipOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
-        self.skipped = state is not None and state["skipped"]
-        self.input = op.input.make_iterator(ctx, None if state is None else state["input"])
+        self.skipped = state is not None and state_bool(state, "skipped", op.name)
+        self.input = op.input.make_iterator(ctx, _input_state(state, op))
         self.inputs = (self.input,)
 
     def _skip_once(self) -> None:
@@ -131,9 +150,9 @@ class ShardOp(_OneInputOp):
 class ShardIterator(NodeIterator):
     def __init__(self, op: ShardOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
-        self.input = op.input.make_iterator(ctx, None if state is None else state["input"])
+        self.started = state is not None and state_bool(state, "started", op.name)
+        self.input = op.input.make_iterator(ctx, _input_state(state, op))
         self.inputs = (self.input,)
-        self.started = state is not None and state["started"]
 
     def __next__(self) -> Any:
         # Position the input on this shard's next element: skip index first, then the others.
@@ -174,12 +193,36 @@ class RepeatIterator(ChunkedIterator):
     def __init__(self, op: RepeatOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
         self.ctx = ctx
-        self.epoch = 0 if state is None else state["epoch"]
-        self.epoch_produced = 0 if state is None else state["epoch_produced"]
+        self.epoch = self.epoch_produced = 0
         self.input: NodeIterator | None = None
-        if op.count != 0 and not (state is not None and state["done"]):
-            self.input = op.input.make_iterator(ctx, None if state is None else state["input"])
+        if state is None:
+            if op.count != 0:
+                self.input = op.input.make_iterator(ctx, None)
+        else:
+            input_state = self._restore(state)
+            if input_state is not None:
+                self.input = op.input.make_iterator(ctx, input_state)
         self.inputs = (self.input,) if self.input is not None else ()
+
+    def _restore(self, state: State) -> State | None:
+        """Reads the counters of ``state``; returns the input's state, None once done."""
+        op, name = self.op, self.op.name
+        last_epoch = None if op.count < 0 else op.count
+        self.epoch = state_int(state, "epoch", name, 0, last_epoch)
+        self.epoch_produced = state_int(
+            state, "epoch_produced", name, 0, known_end(op.input.cardinality())
+        )
+        done = state_bool(state, "done", name)
+        input_state = state_optional_nested(state, "input", name)
+        if done and input_state is not None:
+            raise InvalidStateError(name, "done", "is True, yet the input's state is there")
+        if not done and input_state is None:
+            raise InvalidStateError(name, "input", "is None, yet the repetition goes on")
+        if done and self.epoch_produced:
+            raise InvalidStateError(name, "epoch_produced", "counts elements of a finished pass")
+        if not done and self.epoch == last_epoch:
+            raise InvalidStateError(name, "epoch", f"is {self.epoch}: every epoch is done")
+        return input_state
 
     def next_chunk(self, max_n: int) -> list[Any]:
         while self.input is not None:
@@ -224,8 +267,12 @@ class EnumerateOp(_OneInputOp):
 
 class EnumerateIterator(NodeIterator):
     def __init__(self, op: EnumerateOp, ctx: IterContext, state: State | None) -> None:
-        self.index = op.start if state is None else state["index"]
-        self.input = op.input.make_iterator(ctx, None if state is None else state["input"])
+        self.index = op.start
+        if state is not None:
+            end = known_end(op.cardinality())
+            last = INT64_MAX if end is None else op.start + end
+            self.index = state_int(state, "index", op.name, op.start, last)
+        self.input = op.input.make_iterator(ctx, _input_state(state, op))
         self.inputs = (self.input,)
 
     def __next__(self) -> Any:

@@ -7,10 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from feedline.errors import StageError, wrap_user_error
+from feedline.errors import InvalidStateError, StageError, wrap_user_error
 from feedline.ops.base import UNKNOWN, Op
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import NodeIterator, State
+from feedline.runtime.states import state_bool, state_int
 from feedline.structure import (
     STRING_DTYPE,
     TensorSpec,
@@ -44,7 +45,9 @@ class RangeOp(Op):
         return TensorSpec((), self.dtype)
 
     def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
-        return RangeIterator(self, 0 if state is None else state["index"])
+        # The index of the next value: at most the count, where the pass has ended.
+        index = 0 if state is None else state_int(state, "index", self.name, 0, self.cardinality())
+        return RangeIterator(self, index)
 
 
 class RangeIterator(NodeIterator):
@@ -136,7 +139,8 @@ class TensorSlicesOp(Op):
         return map_structure(lambda a: leaf_spec(a).without_leading(), self.structure)
 
     def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
-        return SlicesIterator(self, 0 if state is None else state["index"])
+        index = 0 if state is None else state_int(state, "index", self.name, 0, self.length)
+        return SlicesIterator(self, index)
 
 
 class SlicesIterator(NodeIterator):
@@ -193,7 +197,8 @@ class TensorsOp(Op):
         return spec_of(self.value)
 
     def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
-        return SingleElementIterator(self.value, done=bool(state and state["done"]))
+        done = state is not None and state_bool(state, "done", self.name)
+        return SingleElementIterator(self.value, done)
 
 
 class SingleElementIterator(NodeIterator):
@@ -240,19 +245,27 @@ class GeneratorOp(Op):
         return self.observed_spec()
 
     def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
-        return GeneratorIterator(self, 0 if state is None else state["produced"])
+        if state is None:
+            return GeneratorIterator(self, 0)
+        produced = state_int(state, "produced", self.name)
+        it = GeneratorIterator(self, produced)
+        if produced:
+            # Replayed now, so a state that does not fit this generator fails where it is
+            # given (raised at a first next(), ignore_errors would take it for an element's).
+            it.start()
+        return it
 
 
 class GeneratorIterator(NodeIterator):
     def __init__(self, op: GeneratorOp, skip: int) -> None:
         self.op = op
         self.produced = 0
-        # Created on the first request, as tf.data does, so a failing call to the generator
-        # function is reported like any other error of the pass.
+        # Created on the first request of a fresh pass, as tf.data does, so a failing call to
+        # the generator function is reported like any other error of the pass.
         self._source: Iterator[Any] | None = None
         self._skip = skip
 
-    def _start(self) -> Iterator[Any]:
+    def start(self) -> Iterator[Any]:
         try:
             source = iter(self.op.generator(*self.op.args))
         except Exception as e:
@@ -263,14 +276,20 @@ class GeneratorIterator(NodeIterator):
             try:
                 next(source)
             except StopIteration:
-                break
+                # The state counts values this generator does not have: a state of another
+                # pipeline (or generator), which must not pass for the end of this one.
+                raise InvalidStateError(
+                    self.op.name,
+                    "produced",
+                    f"is {self._skip}: the generator yields only {self.produced} values",
+                ) from None
             except Exception as e:
                 raise wrap_user_error(self.op.name, self.produced, e) from e
             self.produced += 1
         return source
 
     def __next__(self) -> Any:
-        source = self._source if self._source is not None else self._start()
+        source = self._source if self._source is not None else self.start()
         try:
             value = next(source)
         except StopIteration:

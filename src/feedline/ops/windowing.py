@@ -9,11 +9,12 @@ from feedline.ops.in_memory import (
     DatasetSpec,
     ElementsOp,
     as_dataset,
-    decode_elements,
     encode_elements,
+    state_elements,
 )
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import NodeIterator, State, skip_elements
+from feedline.runtime.states import state_bool, state_int, state_nested
 from feedline.structure import flatten, map_structure, pack_like
 
 
@@ -59,16 +60,25 @@ class WindowIterator(NodeIterator):
 
     def __init__(self, op: WindowOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
-        self.input = op.input.make_iterator(ctx, None if state is None else state["input"])
-        self.inputs = (self.input,)
         self.buffer: list[Any] = []
         # Input elements to pass over before the next window starts (when shift > span).
         self.skip = 0
         self.exhausted = False
+        input_state = None
         if state is not None:
-            self.buffer = decode_elements(state["buffer"], op.input.element_spec())
-            self.skip = state["skip"]
-            self.exhausted = state["exhausted"]
+            input_state = self._restore(state)
+        self.input = op.input.make_iterator(ctx, input_state)
+        self.inputs = (self.input,)
+
+    def _restore(self, state: State) -> State:
+        """Reads the buffer and counters of ``state``; returns the input's state."""
+        op = self.op
+        spec = op.input.element_spec
+        self.buffer = state_elements(state, "buffer", op.name, spec, op.span)
+        # What is left to pass over once a window took all it held (see __next__).
+        self.skip = state_int(state, "skip", op.name, 0, 0 if self.buffer else op.shift - 1)
+        self.exhausted = state_bool(state, "exhausted", op.name)
+        return state_nested(state, "input", op.name)
 
     def _fill(self) -> None:
         if self.skip and not self.exhausted:

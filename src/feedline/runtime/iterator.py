@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from feedline.errors import InvalidStateError
+
 State = dict[str, Any]
 
 
@@ -83,11 +85,15 @@ class EmptyIterator(NodeIterator):
         return {}
 
 
+# The most elements skipping holds at once: a count read from a state may be huge.
+_SKIP_CHUNK = 4096
+
+
 def skip_elements(it: NodeIterator, count: int) -> int:
     """Pull and drop ``count`` elements; returns how many were actually there."""
     skipped = 0
     while skipped < count:
-        chunk = it.next_chunk(count - skipped)
+        chunk = it.next_chunk(min(count - skipped, _SKIP_CHUNK))
         if not chunk:
             break
         skipped += len(chunk)
@@ -104,28 +110,36 @@ class InputCursor:
 
     __slots__ = ("_chunk", "_chunk_start_state", "_exhausted", "_index", "input")
 
-    def __init__(self, input_iterator: NodeIterator, skip: int = 0) -> None:
+    def __init__(self, input_iterator: NodeIterator) -> None:
         self.input = input_iterator
         self._chunk: list[Any] = []
         self._index = 0
         self._chunk_start_state: State | None = None
         self._exhausted = False
-        if skip:
-            self._chunk_start_state = input_iterator.get_state()
-            self._chunk = input_iterator.next_chunk(skip)
-            while len(self._chunk) < skip:
-                more = input_iterator.next_chunk(skip - len(self._chunk))
-                if not more:
-                    break
-                self._chunk.extend(more)
-            self._index = len(self._chunk)
 
     @classmethod
-    def restore(cls, make_input: Any, state: State | None) -> InputCursor:
-        """A cursor over ``make_input(input_state)``, positioned as ``state`` (or at the start)."""
+    def restore(cls, make_input: Any, state: State | None, owner: str) -> InputCursor:
+        """A cursor over ``make_input(input_state)``, positioned as ``state`` (or at the start).
+
+        The state's chunk had at least ``consumed`` elements: an input that ends before them
+        means the state is not this pipeline's (``owner`` is named in the error).
+        """
+        # states.py reads ``State`` from here: imported late to keep the modules acyclic.
+        from feedline.runtime.states import state_int, state_nested
+
         if state is None:
             return cls(make_input(None))
-        return cls(make_input(state["input"]), skip=state["consumed"])
+        consumed = state_int(state, "consumed", owner)
+        cursor = cls(make_input(state_nested(state, "input", owner)))
+        try:
+            if skip_elements(cursor.input, consumed) < consumed:
+                raise InvalidStateError(
+                    owner, "consumed", f"is {consumed}: the input ends before that"
+                )
+        except BaseException:
+            cursor.close()
+            raise
+        return cursor
 
     def peek(self, max_n: int) -> list[Any]:
         """Up to ``max_n`` unconsumed elements (at least one unless the input is done)."""

@@ -8,9 +8,11 @@ from typing import Any
 
 from feedline.autotune.budget import budget_for
 from feedline.autotune.tuner import RootCounters, Tuner
+from feedline.errors import InvalidStateError
 from feedline.options import Options
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import EmptyIterator, NodeIterator, State
+from feedline.runtime.states import frozen, state_dict, state_nested
 
 STATE_VERSION = 1
 
@@ -69,15 +71,25 @@ class DatasetIterator:
         return names
 
     def _check_state(self, state: State) -> State:
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise ValueError("not an iterator state from this version of feedline")
-        if state.get("pipeline") != self._pipeline():
-            raise ValueError(
-                "the state was saved from a different pipeline: "
-                f"{state.get('pipeline')} vs {self._pipeline()}"
+        """The root op's state, once the envelope shows ``state`` was saved from a pipeline
+        of these ops by this version of feedline (each op then checks its own part)."""
+        owner = "the pipeline"
+        version = state_dict(state, owner, "version")["version"]
+        if isinstance(version, bool) or version != STATE_VERSION:
+            raise InvalidStateError(
+                owner,
+                "version",
+                f"is {version!r}: not a state of this version of feedline ({STATE_VERSION})",
             )
-        root: State = state["root"]
-        return root
+        names = state_dict(state, owner, "pipeline")["pipeline"]
+        if names != self._pipeline():
+            raise InvalidStateError(
+                owner,
+                "pipeline",
+                f"is {names!r}: the state was saved from a different pipeline "
+                f"than {self._pipeline()}",
+            )
+        return state_nested(state, "root", owner)
 
     def __iter__(self) -> DatasetIterator:
         return self
@@ -134,7 +146,7 @@ class DatasetIterator:
         return {
             "version": STATE_VERSION,
             "pipeline": self._pipeline(),
-            "root": self._root.get_state(),
+            "root": frozen(self._root.get_state()),
         }
 
     def set_state(self, state: State) -> None:

@@ -1,35 +1,72 @@
 """cache: keep the elements of one complete pass, in memory or in a file.
 
 A pass that stops early (``take``, ``break``, an error) publishes nothing, so a cache never
-holds a partial dataset. A file cache is written to a temporary name and renamed when its pass
-completes; a new process reuses it. Every record carries a CRC32 and the file ends in a trailer
-with the record count, so a corrupt or truncated file raises an error instead of yielding wrong
-or missing data.
+holds a partial dataset. A writer's state is where its pass began and how many elements it
+delivered: a restored writer reads those again and records them, so it publishes what the
+uninterrupted pass would have, and later passes read the same cache. A memory cache reader's
+state keeps where the pass that wrote the cache began, so a process that does not hold the
+cache makes it again from there.
+
+A cache file is data, never code. Each record holds one element's leaves as raw bytes with
+their dtypes and shapes (``records.py``), checked against the dataset's element spec when
+read, and a CRC32. The records are followed by metadata: their count, the element spec, and
+what wrote them (the names of the input's ops, a digest of the code of their functions, its
+cardinality). A file that is damaged or truncated, or that another pipeline wrote, raises
+``CacheFileError`` naming the file and the place: it is never read as this pipeline's data,
+and never silently replaced, since it may be the only copy of what it holds.
+
+Layout: ``MAGIC``, the records, an end record holding the metadata (JSON), the metadata's
+length and ``TRAILER_MAGIC``. A record is (index u64, length u64, CRC32 u32) and its payload;
+the CRC covers the index, the length and the payload.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
-import pickle
 import struct
 import threading
 import uuid
 import zlib
 from typing import Any, BinaryIO
 
-from feedline.ops.base import Op
+import numpy as np
+
+from feedline.errors import DataLossError, InvalidStateError
+from feedline.ops.base import Op, UnobservableSpec
 from feedline.ops.in_memory import ElementsIterator
+from feedline.ops.records import (
+    RecordError,
+    decode_leaves,
+    encode_leaves,
+    leaves_of,
+    pipeline_identity,
+    spec_from_json,
+    spec_outline,
+    spec_to_json,
+)
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import ChunkedIterator, NodeIterator, State
+from feedline.runtime.states import frozen, known_end, state_dict, state_int, state_nested
+from feedline.structure import flatten, pack_like, spec_of
 
-MAGIC = b"FLCACHE\x01"
+MAGIC = b"FLCACHE\x02"
+# Files of format 1 held pickles, which run code when loaded: they are refused, never read.
+_MAGIC_1 = b"FLCACHE\x01"
 TRAILER_MAGIC = b"FLCACHE-END"
-_RECORD = struct.Struct("<II")
-_END_MARK = 0xFFFFFFFF
+FORMAT = "feedline-cache"
+VERSION = 2
+_RECORD = struct.Struct("<QQI")
+_RECORD_HEAD = struct.Struct("<QQ")  # the part of a record's header its CRC covers
+_TAIL = struct.Struct("<Q")
+_END_MARK = 2**64 - 1
+# A restored writer reads its pass again in chunks of at most this many elements.
+_REPLAY_CHUNK = 4096
 
 
-class CacheFileError(RuntimeError):
-    pass
+class CacheFileError(DataLossError):
+    """A cache file that is damaged, truncated, or was written by another pipeline."""
 
 
 class CacheOp(Op):
@@ -40,13 +77,15 @@ class CacheOp(Op):
         self.filename = os.fspath(filename)
         self.name = f"cache({self.filename!r})" if self.filename else "cache"
         self._memory: list[Any] | None = None
+        self._memory_start: State | None = None
+        self._identity: dict[str, Any] | None = None
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy in another process fills its own cache, as a new run would.
         state = super().__getstate__()
         del state["_lock"]
-        state["_memory"] = None
+        state["_memory"] = state["_memory_start"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -59,165 +98,395 @@ class CacheOp(Op):
     def compute_spec(self) -> Any:
         return self.input.element_spec()
 
-    def publish_memory(self, elements: list[Any]) -> None:
+    def declared_spec(self) -> Any | None:
+        """The input's element spec, or None where there is no element to find it from."""
+        try:
+            return self.input.element_spec()
+        except UnobservableSpec:
+            return None
+
+    def identity(self) -> dict[str, Any]:
+        """What a cache file records of the pipeline that wrote it (see ``pipeline_identity``)."""
+        if self._identity is None:
+            self._identity = pipeline_identity(self.input)
+        return self._identity
+
+    def publish_memory(self, elements: list[Any], start: State) -> None:
         with self._lock:
             if self._memory is None:
-                self._memory = elements
+                self._memory, self._memory_start = elements, start
 
     def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
-        mode = None if state is None else state["mode"]
-        if self.filename:
-            if mode == "read" or (mode is None and os.path.exists(self.filename)):
-                return FileCacheReader(self.filename, 0 if state is None else state["index"])
+        if state is None:
+            if self.filename and os.path.exists(self.filename):
+                return FileCacheReader(self, None)
+            with self._lock:
+                memory, start = self._memory, self._memory_start
+            if memory is not None and start is not None:
+                return MemoryCacheReader(memory, 0, start)
+            return CacheWriter(self, ctx, None)
+        mode = state_dict(state, self.name, "mode")["mode"]
+        if mode == "read" and self.filename:
+            return FileCacheReader(self, state)
+        if mode == "read":
+            start = state_nested(state, "start", self.name)
+            with self._lock:
+                memory, memory_start = self._memory, self._memory_start
+            if memory is not None and memory_start == start:
+                index = state_int(state, "index", self.name, 0, len(memory))
+                return MemoryCacheReader(memory, index, start)
+            # This process does not hold that pass's cache: make it again from where it began.
             return CacheWriter(self, ctx, state)
-        with self._lock:
-            memory = self._memory
-        if mode == "read" or (mode is None and memory is not None):
-            if memory is None:
-                raise ValueError(f"{self.name}: cannot resume reading a cache that is gone")
-            return MemoryCacheReader(memory, 0 if state is None else state["index"])
-        return CacheWriter(self, ctx, state)
+        if mode in ("write", "pass"):
+            return CacheWriter(self, ctx, state)
+        raise InvalidStateError(
+            self.name, "mode", f"is {mode!r:.60}, not 'read', 'write' or 'pass'"
+        )
 
 
 class MemoryCacheReader(ElementsIterator):
-    """Replays a published cache; its state says it was reading, not writing."""
+    """Replays a published cache; its state says it was reading, and where the pass that
+    wrote the cache began."""
+
+    def __init__(self, elements: list[Any], index: int, start: State) -> None:
+        super().__init__(elements, index)
+        self.start = start
 
     def get_state(self) -> State:
-        return {"mode": "read", "index": self.index}
+        return {"mode": "read", "index": self.index, "start": self.start}
+
+
+class _MemorySink:
+    def __init__(self, op: CacheOp) -> None:
+        self.op = op
+        self.elements: list[Any] = []
+
+    def add(self, chunk: list[Any]) -> None:
+        self.elements.extend(chunk)
+
+    def publish(self, start: State) -> None:
+        self.op.publish_memory(self.elements, start)
+
+    def discard(self) -> None:
+        self.elements = []
+
+
+class _FileSink:
+    """Records elements in a private temporary file, moved into place when published."""
+
+    def __init__(self, op: CacheOp) -> None:
+        self.op = op
+        self.spec = op.declared_spec()
+        # Refuses elements that cannot be stored (datasets, objects) before writing anything.
+        self.spec_json = None if self.spec is None else spec_to_json(self.spec, op.name)
+        self.leaf_specs = [] if self.spec is None else flatten(self.spec)
+        self.count = 0
+        directory = os.path.dirname(os.path.abspath(op.filename))
+        os.makedirs(directory, exist_ok=True)
+        self.tmp_path = f"{op.filename}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.file: BinaryIO | None = open(self.tmp_path, "wb")  # noqa: SIM115 - see discard
+        self.file.write(MAGIC)
+
+    def add(self, chunk: list[Any]) -> None:
+        assert self.file is not None
+        for element in chunk:
+            if self.spec is None:  # no spec to be found from the input: the first element's
+                self.spec = spec_of(element)
+                self.spec_json = spec_to_json(self.spec, self.op.name)
+                self.leaf_specs = flatten(self.spec)
+            try:
+                leaves = leaves_of(element, self.spec, self.leaf_specs)
+            except TypeError as e:
+                raise TypeError(
+                    f"{self.op.name} cannot store element {self.count}: {e} "
+                    f"(the element spec is {self.spec})"
+                ) from None
+            buffers, size = encode_leaves(leaves)
+            head = _RECORD_HEAD.pack(self.count, size)
+            crc = zlib.crc32(head)
+            for buffer in buffers:
+                crc = zlib.crc32(buffer, crc)
+            self.file.write(head + struct.pack("<I", crc))
+            for buffer in buffers:
+                self.file.write(buffer)
+            self.count += 1
+
+    def publish(self, start: State) -> None:
+        assert self.file is not None
+        metadata = {
+            "format": FORMAT,
+            "version": VERSION,
+            "count": self.count,
+            "element_spec": self.spec_json,
+            **self.op.identity(),
+        }
+        meta = json.dumps(metadata).encode("utf-8")
+        self.file.write(_RECORD.pack(_END_MARK, len(meta), zlib.crc32(meta)) + meta)
+        self.file.write(_TAIL.pack(len(meta)) + TRAILER_MAGIC)
+        self.file.close()
+        self.file = None
+        os.replace(self.tmp_path, self.op.filename)
+
+    def discard(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        if os.path.exists(self.tmp_path):
+            os.unlink(self.tmp_path)
 
 
 class CacheWriter(ChunkedIterator):
     """Reads the input and records it; publishes only when the pass completes.
 
-    Resuming a writer mid-pass continues the pass without caching it: the elements before the
-    saved point are not in this process any more, and a partial cache must never be published.
+    Once it stops recording (an error broke the pass, or a probe pass just looks at an element),
+    it passes the input on, and its state is the input's.
     """
 
     def __init__(self, op: CacheOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
-        self.input = op.input.make_iterator(ctx, None if state is None else state["input"])
+        self.delivered = 0
+        self.published = False
+        replay = 0
+        record = True
+        if state is None:
+            self.input = op.input.make_iterator(ctx, None)
+            self.start = frozen(self.input.get_state())
+            record = not ctx.probe
+        elif state["mode"] == "pass":
+            self.input = op.input.make_iterator(ctx, state_nested(state, "input", op.name))
+            self.start = {}  # never recorded: this pass will not be cached
+            record = False
+        else:  # "write", or "read" of a memory cache this process does not hold
+            replay = state_int(state, "index", op.name, 0, known_end(op.cardinality()))
+            self.start = state_nested(state, "start", op.name)
+            self.input = op.input.make_iterator(ctx, self.start)
         self.inputs = (self.input,)
-        self.recording = state is None
-        self.elements: list[Any] = []
-        self.file: BinaryIO | None = None
-        self.tmp_path = ""
-        self.records = 0
-        if self.recording and op.filename:
-            directory = os.path.dirname(os.path.abspath(op.filename))
-            os.makedirs(directory, exist_ok=True)
-            self.tmp_path = f"{op.filename}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            self.file = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in _finish/close
-            self.file.write(MAGIC)
+        self.sink: _MemorySink | _FileSink | None = None
+        try:
+            if record:
+                self.sink = _FileSink(op) if op.filename else _MemorySink(op)
+            self._replay(replay)
+        except BaseException:
+            self.close()
+            raise
+
+    def _replay(self, count: int) -> None:
+        """Read and record the ``count`` elements the saved pass had delivered."""
+        while self.delivered < count:
+            chunk = self.input.next_chunk(min(count - self.delivered, _REPLAY_CHUNK))
+            if not chunk:
+                raise InvalidStateError(
+                    self.op.name,
+                    "index",
+                    f"is {count}: the pass it resumes has only {self.delivered} elements",
+                )
+            self._record(chunk)
+            self.delivered += len(chunk)
 
     def next_chunk(self, max_n: int) -> list[Any]:
         try:
             chunk = self.input.next_chunk(max_n)
         except BaseException:
             # The consumer may go on past an error, but the pass is no longer complete.
-            self._abandon()
+            self._stop_recording()
             raise
-        if not self.recording:
-            return chunk
-        if not chunk:
-            self._finish()
-            return chunk
-        if self.file is not None:
-            for element in chunk:
-                write_record(self.file, element)
-            self.records += len(chunk)
-        else:
-            self.elements.extend(chunk)
+        if self.sink is not None:
+            if chunk:
+                self._record(chunk)
+            else:
+                self._publish()
+        self.delivered += len(chunk)
         return chunk
 
-    def _finish(self) -> None:
-        self.recording = False
-        if self.file is not None:
-            self.file.write(_RECORD.pack(_END_MARK, self.records) + TRAILER_MAGIC)
-            self.file.close()
-            self.file = None
-            os.replace(self.tmp_path, self.op.filename)
-        else:
-            self.op.publish_memory(self.elements)
-            self.elements = []
+    def _record(self, chunk: list[Any]) -> None:
+        assert self.sink is not None
+        try:
+            self.sink.add(chunk)
+        except BaseException:
+            self._stop_recording()
+            raise
+
+    def _publish(self) -> None:
+        sink, self.sink = self.sink, None
+        assert sink is not None
+        try:
+            sink.publish(self.start)
+        except BaseException:
+            sink.discard()
+            raise
+        self.published = True
 
     def get_state(self) -> State:
-        return {"mode": "write", "input": self.input.get_state()}
+        if self.sink is not None:
+            return {"mode": "write", "start": self.start, "index": self.delivered}
+        if self.published and self.op.filename:
+            return {"mode": "read", "index": self.delivered}
+        if self.published:
+            return {"mode": "read", "start": self.start, "index": self.delivered}
+        return {"mode": "pass", "input": self.input.get_state()}
 
-    def _abandon(self) -> None:
-        self.recording = False
-        self.elements = []
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-            os.unlink(self.tmp_path)
+    def _stop_recording(self) -> None:
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.discard()
 
     def close(self) -> None:
         self.input.close()
-        self._abandon()
-
-
-def write_record(f: BinaryIO, element: Any) -> None:
-    payload = pickle.dumps(element, protocol=pickle.HIGHEST_PROTOCOL)
-    f.write(_RECORD.pack(len(payload), zlib.crc32(payload)))
-    f.write(payload)
+        self._stop_recording()
 
 
 class FileCacheReader(NodeIterator):
-    def __init__(self, path: str, index: int) -> None:
-        self.path = path
+    """Reads a cache file's records in order; its state is the index of the next one."""
+
+    def __init__(self, op: CacheOp, state: State | None) -> None:
+        self.op = op
+        self.path = op.filename
+        index = 0 if state is None else state_int(state, "index", op.name)
         self.index = 0
-        self.file: BinaryIO | None = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self.pos = len(MAGIC)
         try:
-            self.count, self.records_end = self._check_file()
-            while self.index < index:
-                self._read(decode=False)
+            self.file: io.BufferedReader | None = open(self.path, "rb")  # noqa: SIM115 - see close
+        except FileNotFoundError:
+            raise CacheFileError(f"cache file {self.path!r} is gone") from None
+        try:
+            self._open(index)
         except BaseException:
             self.close()
             raise
 
-    def _corrupt(self, why: str) -> CacheFileError:
+    def _corrupt(self, pos: int, why: str) -> CacheFileError:
         return CacheFileError(
-            f"cache file {self.path!r} is corrupt or truncated ({why}); "
+            f"cache file {self.path!r} is corrupt or truncated at byte {pos} ({why}); "
             "delete it and the next complete pass will write it again"
         )
 
-    def _check_file(self) -> tuple[int, int]:
-        """The record count the trailer promises, and where the records must end."""
-        assert self.file is not None
-        if self.file.read(len(MAGIC)) != MAGIC:
-            raise self._corrupt("bad header")
-        tail = _RECORD.size + len(TRAILER_MAGIC)
-        size = os.fstat(self.file.fileno()).st_size
-        if size < len(MAGIC) + tail:
-            raise self._corrupt("no trailer")
-        self.file.seek(size - tail)
-        mark, count = _RECORD.unpack(self.file.read(_RECORD.size))
-        if mark != _END_MARK or self.file.read(len(TRAILER_MAGIC)) != TRAILER_MAGIC:
-            raise self._corrupt("no trailer")
-        self.file.seek(len(MAGIC))
-        return int(count), size - tail
+    def _foreign(self, why: str) -> CacheFileError:
+        return CacheFileError(
+            f"cache file {self.path!r} was not written by this pipeline ({why}); delete it "
+            "and the next complete pass will write this pipeline's cache"
+        )
 
-    def _read(self, decode: bool = True) -> Any:
+    def _open(self, index: int) -> None:
+        metadata = self._metadata()
+        self.count: int = metadata["count"]
+        mine = self.op.identity()
+        for field, what in (("pipeline", "ops"), ("cardinality", "cardinality")):
+            if metadata[field] != mine[field]:
+                raise self._foreign(f"its {what}: {metadata[field]!r:.300}, here: {mine[field]!r}")
+        if metadata["code"] != mine["code"]:
+            raise self._foreign("the code of the functions of its ops differs")
+        if mine["cardinality"] >= 0 and self.count != mine["cardinality"]:
+            why = f"{self.count} records, where the dataset has {mine['cardinality']} elements"
+            raise self._corrupt(self.records_end, why)
+        self.template = self._template(metadata["element_spec"])
+        self.leaf_specs = [] if self.template is None else flatten(self.template)
+        if index > self.count:
+            raise InvalidStateError(
+                self.op.name, "index", f"is {index}: the cache file holds {self.count} elements"
+            )
         assert self.file is not None
-        header = self.file.read(_RECORD.size)
-        if len(header) < _RECORD.size:
-            raise self._corrupt(f"record {self.index} is cut short")
-        length, crc = _RECORD.unpack(header)
-        if length == _END_MARK:
-            raise self._corrupt(f"trailer after {self.index} of {self.count} records")
-        payload = self.file.read(length)
-        if len(payload) < length or zlib.crc32(payload) != crc:
-            raise self._corrupt(f"record {self.index} fails its checksum")
-        self.index += 1
-        return pickle.loads(payload) if decode else None
+        self.file.seek(self.pos)
+        while self.index < index:
+            length = self._record_header()[0]
+            self.pos += _RECORD.size + length
+            self.file.seek(self.pos)
+            self.index += 1
+
+    def _metadata(self) -> dict[str, Any]:
+        """The file's metadata, once its layout and checksum are checked."""
+        assert self.file is not None
+        magic = self.file.read(len(MAGIC))
+        if magic == _MAGIC_1:
+            raise self._foreign("an older feedline wrote it, in a format that is not read")
+        if magic != MAGIC:
+            raise self._corrupt(0, "not a cache file's header")
+        size = os.fstat(self.file.fileno()).st_size
+        tail = _TAIL.size + len(TRAILER_MAGIC)
+        if size < len(MAGIC) + _RECORD.size + tail:
+            raise self._corrupt(size, "no trailer")
+        self.file.seek(size - tail)
+        (meta_len,) = _TAIL.unpack(self.file.read(_TAIL.size))
+        if self.file.read(len(TRAILER_MAGIC)) != TRAILER_MAGIC:
+            raise self._corrupt(size - len(TRAILER_MAGIC), "no trailer")
+        end = size - tail - meta_len - _RECORD.size
+        if end < len(MAGIC):
+            raise self._corrupt(size - tail, "the trailer's metadata length is wrong")
+        self.file.seek(end)
+        mark, length, crc = _RECORD.unpack(self.file.read(_RECORD.size))
+        meta = self.file.read(meta_len)
+        if mark != _END_MARK or length != meta_len or zlib.crc32(meta) != crc:
+            raise self._corrupt(end, "the metadata fails its checksum")
+        self.records_end = end
+        try:
+            metadata = json.loads(meta)
+        except (ValueError, RecursionError):
+            metadata = None
+        if not isinstance(metadata, dict) or set(metadata) != _METADATA_FIELDS:
+            raise self._corrupt(end, "the metadata is not a cache file's")
+        if metadata["format"] != FORMAT or metadata["version"] != VERSION:
+            raise self._foreign(f"its format is {metadata['format']!r} {metadata['version']!r}")
+        count = metadata["count"]
+        if type(count) is not int or count < 0:
+            raise self._corrupt(end, f"a record count of {count!r}")
+        return metadata
+
+    def _template(self, stored: Any) -> Any:
+        """The spec records are read with: the dataset's, where the input gives one, after
+        checking that the file's agrees with it; the file's otherwise."""
+        declared = self.op.declared_spec()
+        if stored is None:
+            if self.count:
+                raise self._corrupt(self.records_end, "records without an element spec")
+            return declared
+        try:
+            stored_spec = spec_from_json(stored)
+        except RecordError as e:
+            raise self._corrupt(self.records_end, str(e)) from None
+        if declared is None:
+            return stored_spec
+        try:
+            agree = spec_outline(spec_to_json(declared, self.op.name)) == spec_outline(stored)
+        except TypeError:  # this dataset's elements cannot be stored: no file holds them
+            agree = False
+        if not agree:
+            raise self._foreign(f"it holds elements of {stored_spec}, this dataset {declared}")
+        return declared
+
+    def _record_header(self) -> tuple[int, int, bytes]:
+        """The length, CRC and header of the record at ``pos`` (the file is past its header)."""
+        assert self.file is not None
+        if self.pos >= self.records_end:
+            raise self._corrupt(self.pos, f"the records end after {self.index} of {self.count}")
+        head = self.file.read(_RECORD.size)
+        if len(head) < _RECORD.size:
+            raise self._corrupt(self.pos, f"record {self.index} is cut short")
+        index, length, crc = _RECORD.unpack(head)
+        if index != self.index:
+            raise self._corrupt(self.pos, f"record {self.index} is not where it belongs")
+        if length > self.records_end - self.pos - _RECORD.size:
+            raise self._corrupt(self.pos, f"record {self.index} runs past the records' end")
+        return length, crc, head
 
     def __next__(self) -> Any:
         if self.index >= self.count:
-            # A damaged count in the trailer would otherwise end the data early, silently.
-            if self.file is not None and self.file.tell() != self.records_end:
-                raise self._corrupt(f"records go on past the {self.count} the trailer counts")
+            # A damaged count would otherwise end the data early, silently.
+            if self.pos != self.records_end:
+                raise self._corrupt(self.pos, f"records go on past the {self.count} counted")
             raise StopIteration
-        return self._read()
+        assert self.file is not None
+        length, crc, head = self._record_header()
+        payload = np.empty(length, dtype=np.uint8)
+        if self.file.readinto(payload.data) != length:
+            raise self._corrupt(self.pos, f"record {self.index} is cut short")
+        if zlib.crc32(payload.data, zlib.crc32(head[: _RECORD_HEAD.size])) != crc:
+            raise self._corrupt(self.pos, f"record {self.index} fails its checksum")
+        try:
+            leaves = decode_leaves(payload, self.leaf_specs)
+        except RecordError as e:
+            raise self._corrupt(self.pos, f"record {self.index}: {e}") from None
+        self.pos += _RECORD.size + length
+        self.index += 1
+        return pack_like(self.template, leaves)
 
     def get_state(self) -> State:
         return {"mode": "read", "index": self.index}
@@ -226,3 +495,6 @@ class FileCacheReader(NodeIterator):
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+_METADATA_FIELDS = {"format", "version", "count", "element_spec", "pipeline", "code", "cardinality"}

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 import feedline as fl
-from tests.helpers import assert_elements_equal, assert_state_roundtrip, take
+from tests.helpers import (
+    assert_elements_equal,
+    assert_state_rejected,
+    assert_state_roundtrip,
+    saved_state,
+    take,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -300,3 +306,188 @@ def test_interleave_of_an_infinite_input_over_finite_datasets() -> None:
     ds = D.range(3).repeat().interleave(lambda n: D.range(n), cycle_length=2, block_length=1)
     # Inputs 0, 1, 2, 0, 1, 2, ... open range(0), range(1), range(2), ...
     assert ints(ds.take(6)) == [0, 0, 1, 0, 0, 1]
+
+
+# -- errors, crashes and states -----------------------------------------------------------------
+
+
+class Stop(BaseException):
+    """Stops the worker thread that meets it, as a crash would (a StageCrashedError)."""
+
+
+def crash_once(at: int) -> Any:
+    """A function for a map on worker threads that crashes its stage at element ``at``, the
+    first pass only."""
+    fired: list[bool] = []
+
+    def fn(x: Any) -> Any:
+        if int(x) == at and not fired:
+            fired.append(True)
+            raise Stop
+        return x
+
+    return fn
+
+
+def fails_at(*bad: int) -> Any:
+    def fn(x: Any) -> Any:
+        if int(x) in bad:
+            raise ValueError(f"bad {int(x)}")
+        return x
+
+    return fn
+
+
+def untuned(ds: fl.Dataset) -> fl.Dataset:
+    options = fl.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
+
+
+def pairs(ds: fl.Dataset) -> list[tuple[int, ...]]:
+    return [tuple(int(v) for v in row) for row in ds]
+
+
+@pytest.mark.parametrize("failing", [0, 1, 2])
+def test_zip_inputs_stay_in_step_after_an_element_error(failing: int) -> None:
+    # Whichever input fails, its row is the error and the next row is aligned again.
+    inputs = [D.range(100 * k, 100 * k + 10) for k in range(3)]
+    inputs[failing] = inputs[failing].map(fails_at(100 * failing + 4, 100 * failing + 7))
+    ds = D.zip(tuple(inputs))
+    want = [(x, 100 + x, 200 + x) for x in range(10) if x not in (4, 7)]
+    assert pairs(ds.ignore_errors()) == want
+    with ds.iterator() as it:
+        assert len(take(it, 4)) == 4
+        with pytest.raises(fl.StageError, match="bad"):
+            next(it)
+        state = it.get_state()
+    with ds.iterator(state) as rest:
+        assert rows_skipping_errors(rest) == want[4:]
+
+
+def rows_skipping_errors(it: Any) -> list[tuple[int, ...]]:
+    rows = []
+    while True:
+        try:
+            rows.append(tuple(int(v) for v in next(it)))
+        except StopIteration:
+            return rows
+        except fl.StageError:
+            continue
+
+
+def test_zip_errors_in_several_inputs_of_one_row_fail_that_row_once() -> None:
+    ds = D.zip(D.range(6).map(fails_at(2)), D.range(6).map(fails_at(2, 3)))
+    assert pairs(ds.ignore_errors()) == [(0, 0), (1, 1), (4, 4), (5, 5)]
+
+
+def test_zip_state_after_a_crash_resumes_in_step() -> None:
+    def build() -> fl.Dataset:
+        crashing = D.range(30).map(crash_once(13), num_parallel_calls=2)
+        return untuned(D.zip(D.range(30), crashing, D.range(100, 130)))
+
+    ds = build()
+    got: list[tuple[int, ...]] = []
+    with ds.iterator() as it:
+        with pytest.raises(fl.StageCrashedError):
+            for row in it:
+                got.append(tuple(int(v) for v in row))
+        state = it.get_state()
+    with ds.iterator(state) as rest:
+        got += pairs(rest)
+    assert got == [(x, x, 100 + x) for x in range(30)]
+
+
+def test_concatenate_that_fails_to_start_its_second_input_tries_again() -> None:
+    second = D.range(10, 13)
+    ds = D.range(3).concatenate(second)
+    make_iterator = second._op.make_iterator
+    failures = [OSError("not yet")]
+
+    def failing_once(ctx: Any, state: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return make_iterator(ctx, state)
+
+    second._op.make_iterator = failing_once  # type: ignore[method-assign]
+    with ds.iterator() as it:
+        assert [int(x) for x in take(it, 3)] == [0, 1, 2]
+        with pytest.raises(OSError, match="not yet"):
+            next(it)
+        assert [int(x) for x in it] == [10, 11, 12]
+
+
+def test_interleave_after_a_crash_ends_the_pass_and_resumes_with_the_rest() -> None:
+    def build() -> fl.Dataset:
+        crash = crash_once(15)
+        return untuned(
+            D.range(5).interleave(
+                lambda i: D.range(10 * i, 10 * i + 10).map(crash, num_parallel_calls=2),
+                cycle_length=2,
+            )
+        )
+
+    ds = build()
+    got: list[int] = []
+    with ds.iterator() as it:
+        with pytest.raises(fl.StageCrashedError):
+            for x in it:
+                got.append(int(x))
+        state = it.get_state()
+        # The crashed slot must not pass for one that ended: nothing more comes.
+        assert list(it) == []
+    with ds.iterator(state) as rest:
+        got += ints_of(rest)
+    assert sorted(got) == list(range(50))
+
+
+def ints_of(it: Any) -> list[int]:
+    return [int(x) for x in it]
+
+
+def test_interleave_state_after_an_opening_cut_short_opens_that_element_again() -> None:
+    interrupted: list[bool] = []
+
+    def opener(i: Any) -> fl.Dataset:
+        if int(i) == 2 and not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt
+        return D.range(10 * int(i), 10 * int(i) + 3)
+
+    ds = D.range(4).interleave(opener, cycle_length=2)
+    with ds.iterator() as it:
+        got = ints_of(take(it, 6))  # 0, 10, 1, 11, 2, 12: input element 2 opens next
+        with pytest.raises(KeyboardInterrupt):
+            next(it)
+        state = it.get_state()
+    with ds.iterator(state) as resumed:
+        got += ints_of(resumed)
+    assert got == ints(D.range(4).interleave(lambda i: D.range(10 * i, 10 * i + 3), cycle_length=2))
+
+
+@pytest.mark.parametrize(
+    "make, field, value",
+    [
+        (lambda: D.zip(D.range(5), D.range(5)), "inputs", []),
+        (lambda: D.zip(D.range(5), D.range(5)), "owed", [2]),
+        (lambda: D.zip(D.range(5), D.range(5)), "owed", [1, 1]),
+        (lambda: D.range(3).concatenate(D.range(3)), "which", 3),
+        (lambda: D.range(3).concatenate(D.range(3)), "input", None),
+        (lambda: lengths_interleave(2, 1), "read", 8),  # past the input's end
+        (lambda: lengths_interleave(2, 1), "read", -1),
+        (lambda: lengths_interleave(2, 1), "input_done", 0),
+        (lambda: lengths_interleave(2, 1), "cycle_index", 2),
+        (lambda: lengths_interleave(2, 1), "block_index", 2),
+        (lambda: lengths_interleave(2, 1), "slots", [[0, None]]),  # one slot for two
+        (lambda: lengths_interleave(2, 1), "slots", [[5, {}], [None, None]]),  # not read yet
+        (lambda: lengths_interleave(2, 1), "slots", [[0, {}], [0, {}]]),  # opened twice
+        (lambda: lengths_interleave(2, 1), "input_start", None),
+    ],
+)
+def test_state_with_a_bad_field_is_rejected(make: Any, field: str, value: Any) -> None:
+    ds = make()
+    state = saved_state(ds, 2)
+    state["root"][field] = value
+    assert_state_rejected(ds, state, field)
+    del state["root"][field]
+    assert_state_rejected(ds, state, field)

@@ -3,6 +3,7 @@ once per iterator, follow the parallelism knob, and leave no process or shared m
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
 import os
@@ -29,8 +30,18 @@ D = fl.Dataset
 BIG = process.SHM_MIN_BYTES // 8 + 1  # float64 elements: a buffer that goes through /dev/shm
 
 
-def our_segments() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith(f"fl-{os.getpid()}-")}
+def our_shared_memory() -> list[str]:
+    """Shared memory feedline made that this process still maps or holds open, and anything
+    of ours in /dev/shm (where feedline puts nothing: its shared memory has no name)."""
+    found = [n for n in os.listdir("/dev/shm") if n.startswith("fl-")]
+    with open("/proc/self/maps") as maps:
+        found += [line.split(maxsplit=5)[-1] for line in maps if "/memfd:feedline" in line]
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the directory's own descriptor, closed by now
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("/memfd:feedline"):
+                found.append(target)
+    return found
 
 
 def wait_for(condition: Any, seconds: float = 5.0) -> bool:
@@ -50,11 +61,11 @@ def no_workers() -> bool:
 
 @pytest.fixture(autouse=True)
 def nothing_left_behind() -> Iterator[None]:
-    """Every test ends with no worker process and no shared-memory segment of ours."""
+    """Every test ends with no worker process and no shared memory of ours."""
     assert wait_for(no_workers), "worker processes from an earlier test are still running"
     yield
     assert wait_for(no_workers), "worker processes left running"
-    assert wait_for(lambda: not our_segments()), f"/dev/shm left behind: {our_segments()}"
+    assert wait_for(lambda: not our_shared_memory()), f"left behind: {our_shared_memory()}"
 
 
 def untuned(ds: fl.Dataset) -> fl.Dataset:
@@ -166,7 +177,7 @@ def test_results_arrive_as_writable_arrays_over_shared_memory() -> None:
         first = next(it)
         assert first.flags.writeable
         first[0] = -1.0
-        assert not our_segments()  # the name goes once mapped; the memory goes with the array
+        assert our_shared_memory()  # mapped here, and the memory goes with the array
 
 
 @pytest.mark.timeout(30)
@@ -288,11 +299,76 @@ def test_upstream_errors_pass_through_at_their_position() -> None:
     assert [int(x) for x in it] == [13, 14]
 
 
+def outcomes(ds: fl.Dataset, limit: int = 500) -> list[Any]:
+    """Each (int) element, or for an error (type, stage, position, type of its cause), in
+    order."""
+    with ds.iterator() as it:
+        return outcomes_of(it, limit)
+
+
+def outcomes_of(it: fl.DatasetIterator, limit: int = 500) -> list[Any]:
+    """``outcomes`` of what is left of a pass."""
+    seen: list[Any] = []
+    while len(seen) < limit:
+        try:
+            seen.append(int(next(it)))
+        except StopIteration:
+            break
+        except Exception as e:
+            cause = type(e.__cause__).__name__ if e.__cause__ is not None else None
+            seen.append(
+                (
+                    type(e).__name__,
+                    getattr(e, "stage", None),
+                    getattr(e, "position", None),
+                    cause,
+                )
+            )
+    return seen
+
+
+def lock_every_7th(x: Any) -> Any:
+    return threading.Lock() if x % 7 == 3 else x
+
+
 @pytest.mark.timeout(30)
-def test_results_that_cannot_come_back_fail_the_stage() -> None:
-    ds = D.range(5).map(lambda x: threading.Lock(), num_parallel_calls=2, executor="process")
-    with pytest.raises(fl.StageError, match="a worker process failed"), ds.iterator() as it:
-        list(it)
+@pytest.mark.parametrize("calls", [None, 2])
+def test_results_that_cannot_come_back_fail_only_their_element(calls: int | None) -> None:
+    ds = D.range(60).map(lock_every_7th, num_parallel_calls=calls, executor="process")
+    failed = ("StageError", "map(lock_every_7th)")
+    assert outcomes(ds) == [(*failed, x, "TypeError") if x % 7 == 3 else x for x in range(60)]
+    with ds.iterator() as it:
+        take(it, 3)
+        with pytest.raises(fl.StageError, match="its result cannot be sent") as info:
+            next(it)
+    assert "cannot pickle '_thread.lock'" in str(info.value.__cause__)
+
+
+@pytest.mark.timeout(30)
+def test_elements_that_cannot_be_sent_fail_only_their_element() -> None:
+    ds = D.range(60).map(lock_every_7th).map(lambda x: x, num_parallel_calls=2, executor="process")
+    failed = ("StageError", "map(<lambda>)")
+    assert outcomes(ds) == [(*failed, x, "TypeError") if x % 7 == 3 else x for x in range(60)]
+
+
+class Unpicklable(Exception):
+    """An exception holding what cannot be pickled."""
+
+    def __init__(self, x: int) -> None:
+        super().__init__(f"element {x}")
+        self.lock = threading.Lock()
+
+
+@pytest.mark.timeout(30)
+def test_unpicklable_exceptions_fail_only_their_element() -> None:
+    def fn(x: Any) -> Any:
+        if x % 7 == 3:
+            raise Unpicklable(int(x))
+        return x
+
+    ds = D.range(60).map(fn, num_parallel_calls=2, executor="process")
+    failed = ("StageError", "map(fn)")
+    assert outcomes(ds) == [(*failed, x, "RemoteError") if x % 7 == 3 else x for x in range(60)]
 
 
 @pytest.mark.timeout(30)
@@ -307,12 +383,12 @@ def test_killed_worker_is_a_stage_error_and_stops_every_worker(calls: int | None
 
 def assert_killing_a_worker_fails_the_stage(ds: fl.Dataset, stage: str, names: str) -> None:
     """SIGKILL the worker that made the first element (a (pid, ...) tuple): the pass fails
-    with a StageError of ``stage`` whose message says ``names``, no worker is left, and the
-    stage stays failed."""
+    with a StageCrashedError of ``stage`` whose message says ``names``, no worker is left,
+    and the pass ends there."""
     it = iter(ds)
     victim = int(next(it)[0])
     os.kill(victim, signal.SIGKILL)
-    with pytest.raises(fl.StageError) as info:
+    with pytest.raises(fl.StageCrashedError) as info:
         for _ in range(10_000):
             next(it)
     message = str(info.value)
@@ -322,7 +398,7 @@ def assert_killing_a_worker_fails_the_stage(ds: fl.Dataset, stage: str, names: s
     assert wait_for(no_workers)
     with pytest.raises(ProcessLookupError):
         os.kill(victim, 0)
-    with pytest.raises(fl.StageError):  # the stage stays failed
+    with pytest.raises(StopIteration):  # the pass ended with the crash
         next(it)
     it.close()
 
@@ -339,6 +415,28 @@ def test_no_shared_memory_left_after_normal_end_and_early_break() -> None:
         take(it, 2)
     assert wait_for(no_workers)
     assert set(os.listdir("/dev/shm")) <= set(before)
+
+
+@pytest.mark.timeout(60)
+def test_arrays_kept_after_the_pass_keep_only_their_own_memory() -> None:
+    ds = untuned(D.range(200).map(row, num_parallel_calls=2, executor="process").batch(16))
+
+    def a_batch() -> np.ndarray:
+        with ds.iterator() as it:
+            batch: np.ndarray = take(it, 10)[-1]
+        return batch
+
+    kept = a_batch()  # the others' segments went back to the workers, then away with them
+    assert wait_for(no_workers)
+    assert wait_for(lambda: len(mapped_here()) == 1), mapped_here()
+    assert kept.sum() > 0
+    del kept
+    assert wait_for(lambda: not our_shared_memory())
+
+
+def mapped_here() -> list[str]:
+    with open("/proc/self/maps") as maps:
+        return [line for line in maps if "/memfd:feedline" in line]
 
 
 @pytest.mark.timeout(60)
@@ -462,7 +560,7 @@ def test_reply_segments_are_reused_once_batches_are_dropped() -> None:
 
 @pytest.mark.timeout(60)
 def test_results_fall_back_to_the_pickle_when_shared_memory_is_full() -> None:
-    arena = process.ReplyArena(f"fl-{os.getpid()}-test-")
+    arena = process.ReplyArena()
 
     def full(fd: int, offset: int, length: int) -> None:
         raise OSError(28, "No space left on device")
@@ -476,28 +574,27 @@ def test_results_fall_back_to_the_pickle_when_shared_memory_is_full() -> None:
     finally:
         os.posix_fallocate = real
     arena.end_message(sent=False)
-    remove_test_segments()
+    close_arena(arena)
 
 
-def remove_test_segments() -> None:
-    """What a stopping pool does for its workers' segments: remove every name left."""
-    for name in our_segments():
-        if "-test-" in name:
-            process._unlink(name)
+def close_arena(arena: process.ReplyArena) -> None:
+    """What a worker's exit does: its segments' descriptors closed (mappings go with it)."""
+    for fd in arena._fds.values():
+        os.close(fd)
 
 
 def test_reply_segments_go_back_and_forth_and_few_stay_free() -> None:
-    arena = process.ReplyArena(f"fl-{os.getpid()}-test-")  # a worker's side
+    arena = process.ReplyArena()  # a worker's side
     replies = process.ReplySegments()  # the parent's
     sizes = [ROW, 2 * ROW, 3 * ROW, 4 * ROW]
     arrays = [arena.empty((n // 8,), np.dtype(np.float64)) for n in sizes]
     for i, a in enumerate(arrays):
         a[:] = i
         assert arena.place(memoryview(a).cast("B"))
-    segments, layout, _ = arena.end_message()
-    assert all(name is not None for _, name, _ in segments)  # new: named, this once
-    leases = [replies.lease(key, name, size) for key, name, size in segments]
-    assert not [n for n in our_segments() if "-test-" in n]  # mapped: names removed
+    (segments, layout, _), fds = arena.end_message()
+    assert all(new for _, _, new in segments)  # new: their descriptors go along, this once
+    assert len(fds) == len(segments) == 4
+    leases = [replies.lease(key, fd, size) for (key, size, _), fd in zip(segments, fds)]
     views = [
         lease[offset : offset + n].view(np.float64) for lease, (_, offset, n) in zip(leases, layout)
     ]
@@ -509,15 +606,18 @@ def test_reply_segments_go_back_and_forth_and_few_stay_free() -> None:
     assert sorted(returned) == sorted(key for key, _, _ in segments)
     arena.take_back(returned)  # all four free: the smallest beyond the limit are let go
     assert arena.segments == process.MAX_FREE_REPLY_SEGMENTS
-    # The next reply reuses a kept segment (already mapped: no name), and says which went.
+    # The next reply reuses a kept segment (mapped already: no descriptor), and says which
+    # went.
     again = arena.empty((ROW // 8,), np.dtype(np.float64))
     assert arena.place(memoryview(again).cast("B"))
-    segments_again, _, dropped = arena.end_message()
-    key, name, _ = segments_again[0]
-    assert name is None and key in returned
+    (segments_again, _, dropped), fds_again = arena.end_message()
+    key, _, new = segments_again[0]
+    assert not new and not fds_again and key in returned
     assert sorted(dropped) == sorted(key for key, _, _ in segments[:2])
     replies.forget(dropped)
     assert len(replies._maps) == process.MAX_FREE_REPLY_SEGMENTS
+    del again
+    close_arena(arena)
 
 
 def test_worker_heap_keeps_twice_the_largest_chunk() -> None:

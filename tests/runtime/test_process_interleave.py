@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +24,9 @@ from tests.runtime.test_process import (  # noqa: F401 (nothing_left_behind: an 
     assert_killing_a_worker_fails_the_stage,
     no_workers,
     nothing_left_behind,
-    our_segments,
+    our_shared_memory,
+    outcomes,
+    outcomes_of,
     wait_for,
 )
 
@@ -59,29 +62,6 @@ def interleaved(
     make: Callable[[Any], fl.Dataset], executor: str, files: int = 7, **kwargs: Any
 ) -> fl.Dataset:
     return D.range(files).interleave(make, executor=executor, **kwargs)
-
-
-def outcomes(ds: fl.Dataset, limit: int = 500) -> list[Any]:
-    """Each (int) element, or for an error (type, stage, position, type of its cause), in
-    order."""
-    seen: list[Any] = []
-    with ds.iterator() as it:
-        while len(seen) < limit:
-            try:
-                seen.append(int(next(it)))
-            except StopIteration:
-                break
-            except Exception as e:
-                cause = type(e.__cause__).__name__ if e.__cause__ is not None else None
-                seen.append(
-                    (
-                        type(e).__name__,
-                        getattr(e, "stage", None),
-                        getattr(e, "position", None),
-                        cause,
-                    )
-                )
-    return seen
 
 
 # -- same outputs as threads --------------------------------------------------------------------
@@ -217,7 +197,9 @@ def test_a_probe_pass_starts_no_worker() -> None:
 @pytest.mark.timeout(60)
 def test_nested_autotune_runs_inline_in_the_workers() -> None:
     def feedline_threads(x: Any) -> int:
-        return sum(t.name.startswith("feedline-") for t in threading.enumerate())
+        # Stage threads; the worker's own thread watching for its parent's end is not one.
+        names = [t.name for t in threading.enumerate()]
+        return sum(n.startswith("feedline-") and n != "feedline-parent-watch" for n in names)
 
     def threads_seen(i: Any) -> fl.Dataset:
         return (
@@ -394,16 +376,58 @@ def test_unpicklable_function_names_the_stage() -> None:
     assert info.value.stage == "interleave(locked)"
 
 
+def some_locks(i: Any) -> fl.Dataset:
+    """A "file" whose third and fifth records cannot be pickled."""
+    i = int(i)
+    return D.range(6).map(lambda x: threading.Lock() if x in (2, 4) else i * 10 + x)
+
+
+def some_failing(i: Any) -> fl.Dataset:
+    """``some_locks`` failing where it has locks: what threads do with an error there."""
+    i = int(i)
+
+    def record(x: Any) -> Any:
+        if x in (2, 4):
+            raise ValueError(i)
+        return i * 10 + x
+
+    return D.range(6).map(record)
+
+
 @pytest.mark.timeout(60)
-def test_elements_that_cannot_come_back_fail_the_slot() -> None:
-    ds = interleaved(
-        lambda i: D.range(3).map(lambda x: threading.Lock()), "process", cycle_length=2
-    )
-    with ds.iterator() as it:
-        with pytest.raises(fl.StageError, match="a worker process failed"):
-            next(it)
-        with pytest.raises(fl.StageError, match="a worker process failed"):  # and stays failed
-            next(it)
+@pytest.mark.parametrize("calls", [None, 2])
+def test_elements_that_cannot_come_back_fail_only_themselves(calls: int | None) -> None:
+    ds = interleaved(some_locks, "process", files=5, cycle_length=2, num_parallel_calls=calls)
+    expected: list[Any] = []
+    with interleaved(some_failing, "thread", files=5, cycle_length=2).iterator() as it:
+        while True:
+            try:
+                expected.append(int(next(it)))
+            except StopIteration:
+                break
+            except fl.StageError as e:  # a lock: an error at the input position of its file
+                file = int(str(e.__cause__))
+                expected.append(("StageError", "interleave(some_locks)", file, "TypeError"))
+    assert outcomes(ds) == expected
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("calls", [None, 2])
+def test_state_after_an_element_that_cannot_come_back_resumes_exactly(calls: int | None) -> None:
+    ds = interleaved(some_locks, "process", files=5, cycle_length=2, num_parallel_calls=calls)
+    everything = outcomes(ds)
+    for errors_before in range(1, 4):
+        with ds.iterator() as it:
+            seen = 0
+            while seen < errors_before:
+                try:
+                    next(it)
+                except fl.StageError:
+                    seen += 1
+            state = it.get_state()
+        with ds.iterator(state) as resumed:
+            cut = [i for i, x in enumerate(everything) if isinstance(x, tuple)][errors_before - 1]
+            assert outcomes_of(resumed) == everything[cut + 1 :]
 
 
 @pytest.mark.timeout(60)
@@ -422,6 +446,57 @@ def test_killed_worker_is_a_stage_error_and_stops_every_worker(calls: int | None
     )
 
 
+def dying_once(marker: str, file: int, at: int | None) -> Callable[[Any], fl.Dataset]:
+    """Files of 30 records; the worker opening ``file`` (``at`` None) or reading its record
+    ``at`` is killed, the first time only (``marker`` says it happened)."""
+
+    def die_once() -> None:
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def records(i: Any) -> fl.Dataset:
+        i = int(i)
+        if i == file and at is None:
+            die_once()
+
+        def record(x: Any) -> Any:
+            if i == file and x == at:
+                die_once()
+            return i * 100 + x
+
+        return D.range(30).map(record)
+
+    return records
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("calls", [None, 2])
+@pytest.mark.parametrize("at", [None, 17], ids=["opening", "reading"])
+def test_state_after_a_killed_worker_resumes_with_every_element(
+    tmp_path: Any, calls: int | None, at: int | None
+) -> None:
+    ds = interleaved(
+        dying_once(str(tmp_path / "died"), 3, at),
+        "process",
+        files=8,
+        cycle_length=2,
+        block_length=3,
+        num_parallel_calls=calls,
+    )
+    got: list[int] = []
+    with ds.iterator() as it:
+        with pytest.raises(fl.StageCrashedError, match="SIGKILL"):
+            while True:
+                got.append(int(next(it)))
+        state = it.get_state()
+        assert list(it) == []  # the pass ended with the crash
+    with ds.iterator(state) as resumed:
+        got += [int(x) for x in resumed]
+    # None lost, none twice.
+    assert sorted(got) == [i * 100 + x for i in range(8) for x in range(30)]
+
+
 # -- shutdown and lifetime ----------------------------------------------------------------------
 
 
@@ -431,17 +506,23 @@ def test_nothing_left_after_early_break_close_or_drop(calls: int | None) -> None
     def arrays(i: Any) -> fl.Dataset:
         return D.range(1000).map(lambda x: np.full(BIG, float(x)))
 
+    def break_early() -> None:
+        for i, _ in enumerate(ds):
+            if i == 3:
+                break
+
+    def close() -> None:
+        with ds.iterator() as it:
+            take(it, 2)
+
+    def drop() -> None:
+        take(iter(ds), 2)
+
     ds = interleaved(arrays, "process", files=6, cycle_length=3, num_parallel_calls=calls)
-    for i, _ in enumerate(ds):
-        if i == 3:
-            break
-    with ds.iterator() as it:
-        take(it, 2)
-    dropped = iter(ds)
-    take(dropped, 2)
-    del dropped
-    assert wait_for(no_workers)
-    assert wait_for(lambda: not our_segments())
+    for leave in (break_early, close, drop):
+        leave()
+        assert wait_for(no_workers), leave
+        assert wait_for(lambda: not our_shared_memory()), leave
 
 
 @pytest.mark.timeout(60)

@@ -7,7 +7,7 @@ import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from feedline.errors import StageError, wrap_user_error
+from feedline.errors import InvalidStateError, StageCrashedError, StageError, wrap_user_error
 from feedline.ops.base import (
     AUTOTUNE,
     INFINITE,
@@ -19,8 +19,17 @@ from feedline.ops.base import (
 )
 from feedline.ops.tracing import traced_spec
 from feedline.runtime.context import IterContext
-from feedline.runtime.iterator import ChunkedIterator, NodeIterator, State
+from feedline.runtime.iterator import ChunkedIterator, InputCursor, NodeIterator, State
 from feedline.runtime.parallel import AsyncStage, default_parallelism
+from feedline.runtime.states import (
+    check_int,
+    check_nested,
+    known_end,
+    state_bool,
+    state_int,
+    state_list,
+    state_nested,
+)
 from feedline.structure import flatten, map_structure, merge_specs, pack_like
 
 if TYPE_CHECKING:
@@ -51,17 +60,77 @@ class ZipOp(Op):
         return ZipIterator(self, ctx, state)
 
 
-class ZipIterator(NodeIterator):
+class ZipIterator(ChunkedIterator):
+    """Its inputs stay in step whatever fails. Each is read through a cursor, and moves on
+    only once a whole row is made, so a crash (or Ctrl-C) while reading one input leaves none
+    ahead. An input whose element is an error makes that row the error: the others' elements
+    of the row are owed, dropped before the next row (and a state counts them as owed)."""
+
     def __init__(self, op: ZipOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
-        states = [None] * len(op.inputs) if state is None else state["inputs"]
-        self.inputs = tuple(i.make_iterator(ctx, s) for i, s in zip(op.inputs, states))
+        n = len(op.inputs)
+        cursor_states: list[State | None] = [None] * n
+        self.owed: list[int] = []  # inputs whose element of an erroneous row is still to drop
+        if state is not None:
+            cursor_states = [
+                check_nested(s, "inputs", op.name) for s in state_list(state, "inputs", op.name, n)
+            ]
+            self.owed = [
+                check_int(i, "owed", op.name, 0, n - 1) for i in state_list(state, "owed", op.name)
+            ]
+            if len(set(self.owed)) < len(self.owed):
+                raise InvalidStateError(op.name, "owed", "names an input twice")
+        self.cursors: list[InputCursor] = []
+        try:
+            for input_op, cursor_state in zip(op.inputs, cursor_states):
+                self.cursors.append(
+                    InputCursor.restore(
+                        functools.partial(input_op.make_iterator, ctx), cursor_state, op.name
+                    )
+                )
+        except BaseException:
+            for cursor in self.cursors:
+                cursor.close()
+            raise
+        self.inputs = tuple(cursor.input for cursor in self.cursors)
 
-    def __next__(self) -> Any:
-        return pack_like(self.op.structure, [next(it) for it in self.inputs])
+    def next_chunk(self, max_n: int) -> list[Any]:
+        self._drop_owed()
+        parts: list[list[Any]] = []
+        last = len(self.cursors) - 1
+        for i, cursor in enumerate(self.cursors):
+            try:
+                # The last input is read straight: its part, the shortest, is taken whole, so
+                # it never holds elements back and needs no state from before it.
+                part = cursor.peek(max_n) if i < last else cursor.input.next_chunk(max_n)
+            except StageCrashedError:
+                raise  # nothing moved: the state still points at this row
+            except Exception:
+                # This input's element of the row is the error (the elements before it were
+                # delivered first): the row fails, and the others owe their element of it.
+                self.owed = [j for j in range(len(self.cursors)) if j != i]
+                raise
+            if not part:
+                return []
+            parts.append(part)
+            max_n = len(part)
+        for cursor in self.cursors[:last]:
+            cursor.advance(max_n)
+        structure = self.op.structure
+        return [pack_like(structure, [part[k] for part in parts]) for k in range(max_n)]
+
+    def _drop_owed(self) -> None:
+        while self.owed:
+            try:
+                self.cursors[self.owed[0]].take(1)
+            except StageCrashedError:
+                raise
+            except Exception:
+                pass  # its element of that row was an error too: dropped all the same
+            self.owed.pop(0)
 
     def get_state(self) -> State:
-        return {"inputs": [it.get_state() for it in self.inputs]}
+        return {"inputs": [cursor.get_state() for cursor in self.cursors], "owed": list(self.owed)}
 
 
 class ConcatenateOp(Op):
@@ -106,12 +175,15 @@ class ConcatenateIterator(ChunkedIterator):
     def __init__(self, op: ConcatenateOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
         self.ctx = ctx
-        self.which = 0 if state is None else state["which"]
+        self.which = 0
+        input_state = None
+        if state is not None:
+            self.which = state_int(state, "which", op.name, 0, 2)
+            if self.which < 2:
+                input_state = state_nested(state, "input", op.name)
         self.current: NodeIterator | None = None
         if self.which < 2:
-            self.current = op.inputs[self.which].make_iterator(
-                ctx, None if state is None else state["input"]
-            )
+            self.current = op.inputs[self.which].make_iterator(ctx, input_state)
         self.inputs = (self.current,) if self.current else ()
 
     def next_chunk(self, max_n: int) -> list[Any]:
@@ -119,11 +191,12 @@ class ConcatenateIterator(ChunkedIterator):
             chunk = self.current.next_chunk(max_n)
             if chunk:
                 return chunk
+            # The second input is made before the first is let go: if making it fails, the
+            # next call tries again, rather than find the first closed and skip the second.
+            following = self.op.inputs[1].make_iterator(self.ctx, None) if self.which == 0 else None
             self.current.close()
             self.which += 1
-            self.current = (
-                self.op.inputs[1].make_iterator(self.ctx, None) if self.which == 1 else None
-            )
+            self.current = following
             self.inputs = (self.current,) if self.current else ()
         return []
 
@@ -225,6 +298,12 @@ class InterleaveIterator(NodeIterator):
     With worker processes a slot's dataset runs in a worker (``RemoteIterator``), and a thread
     reads ahead from it in any case; without ``num_parallel_calls`` all slots share one worker,
     so one slot is read at a time, as on threads, but while the consumer works.
+
+    An input element counts as read once its dataset is open, or has failed to open on its own
+    account (that error is its turn in the pass). One whose opening was cut short (Ctrl-C) is
+    opened again by the next call; after a ``StageCrashedError`` (a worker process died, while
+    opening or reading a slot) the pass ends, and its state resumes with every element not
+    yet delivered.
     """
 
     def __init__(self, op: InterleaveOp, ctx: IterContext, state: State | None) -> None:
@@ -235,35 +314,74 @@ class InterleaveIterator(NodeIterator):
         self.deterministic = not self.parallel or (
             ctx.options.deterministic if op.deterministic is None else op.deterministic
         )
-        self.input_start = None if state is None else state["input_start"]
-        self.input = op.input.make_iterator(ctx, self.input_start)
-        if state is None:
-            self.input_start = self.input.get_state()
-        self.inputs = (self.input,)
-        self.remote = self._remote_slots()
         self.slots: list[NodeIterator | None] = [None] * op.cycle_length
         self.slot_origin: list[int | None] = [None] * op.cycle_length
         self.read = 0
         self.input_done = False
         self.cycle_index = 0
         self.block_index = 0
+        self.crashed = False
+        self.pending: tuple[Any] | None = None  # an input element read, its opening cut short
+        wanted: dict[int, State] = {}
         if state is not None:
-            self._restore(state)
+            wanted = self._check_state(state)
+            self.input_start = state["input_start"]
+        self.input = op.input.make_iterator(ctx, None if state is None else self.input_start)
+        # Taken from the input even when restored: the saved one is a frozen copy, and an
+        # input that delivers in finishing order records its order only in the live one.
+        self.input_start = self.input.get_state()
+        self.inputs = (self.input,)
+        self.remote: RemoteSlots | None = None
+        try:
+            self.remote = self._remote_slots()
+            if state is not None:
+                self._reopen(wanted)
+        except BaseException:
+            self.close()
+            raise
 
-    def _restore(self, state: State) -> None:
-        wanted = {pos: s for pos, s in state["slots"] if pos is not None}
-        origins = [pos for pos, _ in state["slots"]]
-        opened: dict[int, NodeIterator] = {}
-        for pos in range(state["read"]):
-            element = next(self.input)
-            if pos in wanted:
-                opened[pos] = self._open(element, pos, wanted[pos])
-        self.read = state["read"]
-        self.input_done = state["input_done"]
+    def _check_state(self, state: State) -> dict[int, State]:
+        """Read ``state`` into this iterator's fields; the states of the open slots, by input
+        position."""
+        op, owner = self.op, self.op.name
+        state_nested(state, "input_start", owner)
+        self.read = state_int(state, "read", owner, 0, known_end(op.input.cardinality()))
+        self.input_done = state_bool(state, "input_done", owner)
+        self.cycle_index = state_int(state, "cycle_index", owner, 0, op.cycle_length - 1)
+        self.block_index = state_int(state, "block_index", owner, 0, op.block_length)
+        wanted: dict[int, State] = {}
+        origins: list[int | None] = []
+        for pair in state_list(state, "slots", owner, op.cycle_length):
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise InvalidStateError(owner, "slots", f"holds {pair!r}, not a [position, state]")
+            position, slot_state = pair
+            if position is not None:
+                position = check_int(position, "slots", owner, 0, self.read - 1)
+                if position in wanted:
+                    raise InvalidStateError(owner, "slots", f"opens position {position} twice")
+                wanted[position] = check_nested(slot_state, "slots", owner)
+            origins.append(position)
         self.slot_origin = origins
-        self.slots = [None if pos is None else opened[pos] for pos in origins]
-        self.cycle_index = state["cycle_index"]
-        self.block_index = state["block_index"]
+        return wanted
+
+    def _reopen(self, wanted: dict[int, State]) -> None:
+        """Read the input up to where the state was, opening its open slots again."""
+        opened: dict[int, NodeIterator] = {}
+        try:
+            for position in range(self.read):
+                try:
+                    element = next(self.input)
+                except StopIteration:
+                    raise InvalidStateError(
+                        self.op.name, "read", f"is {self.read}: the input ends before that"
+                    ) from None
+                if position in wanted:
+                    opened[position] = self._open(element, position, wanted[position])
+        except BaseException:
+            for slot in opened.values():
+                slot.close()
+            raise
+        self.slots = [None if pos is None else opened[pos] for pos in self.slot_origin]
 
     def _remote_slots(self) -> RemoteSlots | None:
         """A hold on worker processes for the slots, if they run there."""
@@ -333,6 +451,15 @@ class InterleaveIterator(NodeIterator):
                 return
 
     def __next__(self) -> Any:
+        if self.crashed:
+            raise StopIteration  # the pass ended with the crash
+        try:
+            return self._next()
+        except StageCrashedError:
+            self.crashed = True
+            raise
+
+    def _next(self) -> Any:
         while True:
             if not self.deterministic:
                 self._ready_slot()
@@ -349,20 +476,36 @@ class InterleaveIterator(NodeIterator):
                         self.block_index += 1
                         return element
                 self._advance_cycle()
-            elif not self.input_done:
-                try:
-                    element = next(self.input)
-                except StopIteration:
-                    self.input_done = True
-                    continue
-                position = self.read
-                self.read += 1
-                self.slots[self.cycle_index] = self._open(element, position, None)
-                self.slot_origin[self.cycle_index] = position
+            elif self.pending is not None or not self.input_done:
+                if self.pending is None:
+                    try:
+                        self.pending = (next(self.input),)
+                    except StopIteration:
+                        self.input_done = True
+                        continue
+                self._open_pending()
             elif any(s is not None for s in self.slots):
                 self._advance_cycle()
             else:
                 raise StopIteration
+
+    def _open_pending(self) -> None:
+        """Open the pending input element's dataset in the current slot."""
+        assert self.pending is not None
+        (element,) = self.pending
+        position = self.read
+        try:
+            slot = self._open(element, position, None)
+        except StageCrashedError:
+            raise  # not read: the pass ends, and its state opens this element again
+        except Exception:
+            self.pending = None  # its failure is its turn
+            self.read += 1
+            raise
+        self.pending = None
+        self.read += 1
+        self.slots[self.cycle_index] = slot
+        self.slot_origin[self.cycle_index] = position
 
     def get_state(self) -> State:
         return {
@@ -384,6 +527,7 @@ class InterleaveIterator(NodeIterator):
                 slot.close()
         if self.remote is not None:
             self.remote.close()
+        self.pending = None
 
 
 def zip_structure(datasets: Any) -> tuple[Any, list[Op]]:

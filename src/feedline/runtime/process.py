@@ -14,25 +14,28 @@ errors at their positions and the ``parallelism`` knob work exactly as on thread
   with each request) goes to each worker once, pickled with cloudpickle so lambdas and
   closures work; requests to one worker are answered one at a time, in order.
 - Elements travel pickled (protocol 5). Array buffers of ``SHM_MIN_BYTES`` or more travel
-  out of band, through shared memory. To a worker: one segment per message, which the worker
-  maps and unlinks at once. Back from a worker: its *reply segments* (``ReplyArena``), which
-  the parent maps once and lends to the arrays of each reply; when the last array using one
-  is collected, it goes back to the worker with the next request and is written again, its
-  pages already in both page tables. Results of one shape are stacked in the worker straight
-  into a segment, and a ``batch`` right after the map takes whole batches as slices of it
-  (``AsyncStage.next_block``): no copy in the parent at all. Nothing is left in ``/dev/shm``
-  when a worker dies mid-message either: segment names carry the pool's prefix, and a
-  stopping pool removes whatever is left under it.
+  out of band, through shared memory with no name (memfd), whose descriptors go over the
+  worker's socket: whoever dies when, the kernel frees it, and nothing is ever left in
+  ``/dev/shm``. To a worker: one segment per message, which the worker maps at once. Back
+  from a worker: its *reply segments* (``ReplyArena``), which the parent maps once and lends
+  to the arrays of each reply; when the last array using one is collected, it goes back to
+  the worker with the next request and is written again, its pages already in both page
+  tables. Results of one shape are stacked in the worker straight into a segment, and a
+  ``batch`` right after the map takes whole batches as slices of it (``AsyncStage.next_block``):
+  no copy in the parent at all.
+- An element or a result that cannot be pickled fails at its position, as a ``StageError``
+  wrapping the pickling error; the others go on.
 - A worker that dies (killed, segfault, out of memory) breaks its pool: the stage fails with a
-  ``StageError`` naming the positions of the chunk it was running, and every worker is stopped.
+  ``StageCrashedError`` naming the positions of the chunk it was running, and every worker is
+  stopped. A worker ends as soon as its parent is gone, even in the middle of a request.
 """
 
 from __future__ import annotations
 
+import array
 import atexit
 import contextlib
 import functools
-import glob
 import io
 import itertools
 import logging
@@ -40,7 +43,9 @@ import mmap
 import multiprocessing
 import os
 import pickle
+import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -50,12 +55,12 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar, cast
 
 import numpy as np
 
 from feedline.autotune.budget import rss_of
-from feedline.errors import StageError
+from feedline.errors import StageCrashedError, StageError
 from feedline.runtime.parallel import Failed, RowList, Transform, element_nbytes
 from feedline.structure import sole_type
 
@@ -86,10 +91,7 @@ STOP_SECONDS = 2.0
 # Reply segments a worker keeps for reuse once the parent has given them back: enough for the
 # replies of a steady pipeline to find one, few enough that idle ones do not pile up.
 MAX_FREE_REPLY_SEGMENTS = 2
-_SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
 _ALIGN = 64  # array buffers start at cache-line boundaries in a segment
-_segment_serial = itertools.count()
-_pool_serial = itertools.count()
 
 
 def require_cloudpickle() -> ModuleType:
@@ -180,13 +182,42 @@ def _main_not_reimported() -> Iterator[None]:
 
 # -- transport --------------------------------------------------------------------------------
 
-# Where a message's out-of-band buffers are: the segments they lie in, as (key, name, size),
+# Large buffers travel in anonymous shared memory (memfd): files with no name, in /dev/shm or
+# anywhere, whose descriptors go over the worker's socket (SCM_RIGHTS). The kernel frees one
+# with its last descriptor or mapping, those still in flight in a socket included, so nothing
+# can be left behind whoever dies when. (Named segments had to be removed by whoever held the
+# name last: a parent killed while workers sent it 4-8 MiB arrays left 22-104 MiB in
+# /dev/shm.) Elsewhere (no memfd), everything travels inside the pickle.
+_SHARED_MEMORY = hasattr(os, "memfd_create") and hasattr(socket, "send_fds")
+
+# Where a message's out-of-band buffers are: the segments they lie in, as (key, size, new),
 # and each buffer as (index in that list, offset, length). A key of None is a one-shot segment
-# (the receiver maps it, unlinks its name, and the mapping goes with the last view of it); an
-# int is one of the sending worker's reply segments (see ``ReplyArena``), named only the first
-# time it travels. ``keys``: requests carry the reply segments the parent gave back, replies
-# those the worker let go of.
-Header = tuple[list[tuple[int | None, str | None, int]], list[tuple[int, int, int]], list[int]]
+# (the receiver maps it, and the memory goes with the last view of it); an int is one of the
+# sending worker's reply segments (see ``ReplyArena``). ``new``: the segment's descriptor
+# follows the message (always for a one-shot segment; for a reply segment, the first time it
+# travels). ``keys``: requests carry the reply segments the parent gave back, replies those
+# the worker let go of.
+Segment = tuple[int | None, int, bool]
+Header = tuple[list[Segment], list[tuple[int, int, int]], list[int]]
+
+
+class Message(NamedTuple):
+    """A message ready to send: header and body pickled, and the descriptors of the new
+    segments it uses; ``owned``: they are the sender's to close once sent (a one-shot
+    segment's; a worker keeps those of its reply segments)."""
+
+    header: bytes
+    body: bytes
+    fds: list[int]
+    owned: bool
+
+
+class Unsendable(Exception):
+    """An object could not be pickled (``error`` says why); nothing was sent."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
 
 
 def _dumps(obj: Any, keep_out: Callable[[pickle.PickleBuffer], bool]) -> bytes:
@@ -195,6 +226,28 @@ def _dumps(obj: Any, keep_out: Callable[[pickle.PickleBuffer], bool]) -> bytes:
     except (pickle.PicklingError, TypeError, AttributeError):
         # The standard pickler is faster; cloudpickle also takes lambdas inside elements.
         return cloudpickle_dumps(obj, buffer_callback=keep_out)
+
+
+def unpicklable(obj: Any) -> Exception | None:
+    """Why ``obj`` cannot be sent to another process, or None if it can. Its buffers are
+    left out of band, so checking copies none of them."""
+    try:
+        _dumps(obj, lambda _: False)
+    except Exception as e:
+        return e
+    return None
+
+
+def cannot_send(stage: str, position: int, error: Exception, what: str) -> StageError:
+    """The per-element error for ``what`` (an element, a result) that could not be pickled."""
+    wrapped = StageError(
+        stage,
+        position,
+        f"{what} cannot be sent between processes ({type(error).__name__}: {error}); "
+        "use executor='thread'",
+    )
+    wrapped.__cause__ = error
+    return wrapped
 
 
 def cloudpickle_dumps(
@@ -237,20 +290,17 @@ def _big_buffer(buffer: pickle.PickleBuffer) -> memoryview | None:
     return raw if raw.nbytes >= SHM_MIN_BYTES else None
 
 
-def _send(
-    conn: Connection,
-    obj: Any,
-    shm_prefix: str | None,
-    arena: ReplyArena | None = None,
-    keys: Sequence[int] = (),
-) -> None:
-    """Send ``obj``; its large array buffers go through shared memory: the worker's reply
-    segments when ``arena`` is given, else one one-shot segment. ``keys`` go in the header."""
+def _pack(
+    obj: Any, shared: bool, arena: ReplyArena | None = None, keys: Sequence[int] = ()
+) -> Message:
+    """``obj`` pickled for ``_post``; ``Unsendable`` if it cannot be. With ``shared``, its
+    large array buffers go through shared memory: the worker's reply segments when ``arena``
+    is given, else one one-shot segment. ``keys`` go in the header."""
     big: list[memoryview] = []
 
     def keep_out(buffer: pickle.PickleBuffer) -> bool:
         """False (out of band) for a large contiguous buffer, which is then kept aside."""
-        if shm_prefix is None:
+        if not shared:
             return True
         raw = _big_buffer(buffer)
         if raw is None:
@@ -260,43 +310,38 @@ def _send(
         big.append(raw)
         return False
 
-    header: Header = ([], [], list(keys))
-    if arena is not None:
-        try:
-            body = _dumps(obj, keep_out)
-        except BaseException:
-            arena.end_message(sent=False)
-            raise
-        header = arena.end_message()
-    else:
-        body = _dumps(obj, keep_out)
-        if big:
-            assert shm_prefix is not None
-            try:
-                header = _write_segment(f"{shm_prefix}{next(_segment_serial)}", big, header[2])
-            except OSError:  # /dev/shm full or unavailable: everything inside the pickle
-                body = _dumps(obj, lambda _: True)
     try:
-        conn.send_bytes(pickle.dumps(header))
-        conn.send_bytes(body)
-    except BaseException:
-        if arena is None and header[0]:  # the receiver never saw it: remove it here
-            name = header[0][0][1]
-            assert name is not None
-            _unlink(name)
+        body = _dumps(obj, keep_out)
+    except BaseException as e:
+        if arena is not None:
+            arena.end_message(sent=False)
+        if isinstance(e, Exception):
+            raise Unsendable(e) from e
         raise
+    if arena is not None:
+        header, fds = arena.end_message()
+        return Message(pickle.dumps(header), body, fds, owned=False)
+    header = ([], [], list(keys))
+    fds = []
+    if big:
+        try:
+            fd, header = _write_segment(big, header[2])
+            fds.append(fd)
+        except OSError:  # no memory for it: everything inside the pickle
+            body = _dumps(obj, lambda _: True)
+    return Message(pickle.dumps(header), body, fds, owned=True)
 
 
-def _write_segment(name: str, buffers: list[memoryview], keys: list[int]) -> Header:
+def _write_segment(buffers: list[memoryview], keys: list[int]) -> tuple[int, Header]:
+    """A one-shot segment holding ``buffers``: its descriptor, and the message header."""
     layout: list[tuple[int, int, int]] = []
     size = 0
     for raw in buffers:
         layout.append((0, size, raw.nbytes))
         size += -(-raw.nbytes // _ALIGN) * _ALIGN
-    assert _SHM_DIR is not None
     # pwrite rather than writing through a mapping: the kernel allocates the pages in bulk,
-    # and a full /dev/shm is an OSError here rather than a SIGBUS.
-    fd = os.open(os.path.join(_SHM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    # and running out of memory is an OSError here rather than a SIGBUS.
+    fd = os.memfd_create("feedline-message", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, size)  # the padding after the last buffer too
         for (_, offset, _), raw in zip(layout, buffers):
@@ -304,55 +349,102 @@ def _write_segment(name: str, buffers: list[memoryview], keys: list[int]) -> Hea
             while written < raw.nbytes:
                 written += os.pwrite(fd, raw[written:], offset + written)
     except BaseException:
-        _unlink(name)
+        os.close(fd)
         raise
-    finally:
-        os.close(fd)
-    return [(None, name, size)], layout, keys
+    return fd, ([(None, size, True)], layout, keys)
 
 
-def _map_segment(name: str, size: int, populate: bool) -> mmap.mmap:
-    """Map a segment another process made, and remove its name (the mapping lives on).
-    ``populate``: map every page at once (of a segment read once, all of it written)."""
-    assert _SHM_DIR is not None
-    path = os.path.join(_SHM_DIR, name)
-    fd = os.open(path, os.O_RDWR)
+@contextlib.contextmanager
+def _socket_of(conn: Connection) -> Iterator[socket.socket]:
+    """The socket under ``conn`` (a Unix socket pair), to pass descriptors over it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, conn.fileno())
     try:
-        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
-        return mmap.mmap(fd, size, flags=flags)
+        if sock.gettimeout() is not None:  # socket.setdefaulttimeout made it non-blocking
+            sock.settimeout(None)
+        yield sock
     finally:
-        os.close(fd)
-        os.unlink(path)
+        sock.detach()  # the descriptor stays the connection's
 
 
-def _receive(
-    conn: Connection, replies: ReplySegments | None = None, arena: ReplyArena | None = None
-) -> Any:
-    """Receive what ``_send`` sent; large arrays come as views of shared mappings. A reply's
-    segments are leased from ``replies``; the keys a request carries go back to ``arena``."""
-    segments, layout, keys = cast(Header, pickle.loads(conn.recv_bytes()))
+def _post(conn: Connection, message: Message) -> None:
+    """Send a packed message; ``OSError`` when the other end is gone."""
+    try:
+        conn.send_bytes(message.header)
+        conn.send_bytes(message.body)
+        if message.fds:
+            with _socket_of(conn) as sock:
+                socket.send_fds(sock, [b"\0"], message.fds)
+    finally:
+        if message.owned:
+            for fd in message.fds:
+                os.close(fd)
+
+
+def _read(conn: Connection) -> tuple[Header, bytes, list[int]]:
+    """A message ``_post`` sent: its header, its body and the descriptors of its new segments
+    (to hand to ``_load``, which closes them). ``EOFError`` or ``OSError`` when the other end
+    is gone, even part-way."""
+    header = cast(Header, pickle.loads(conn.recv_bytes()))
     body = conn.recv_bytes()
-    if arena is not None:
-        arena.take_back(keys)
-    elif replies is not None:
-        replies.forget(keys)
-    if not segments:
-        return pickle.loads(body)
-    views: list[memoryview] = []
-    for key, name, size in segments:
-        if key is None:
-            assert name is not None
-            views.append(memoryview(_map_segment(name, size, populate=True)))
-        else:
-            assert replies is not None, "reply segments travel only to the parent"
-            views.append(replies.lease(key, name, size).data)
+    new = sum(1 for _, _, is_new in header[0] if is_new)
+    if not new:
+        return header, body, []
+    fds = array.array("i")
+    with _socket_of(conn) as sock:
+        # Not socket.recv_fds: it drops its flags argument, and descriptors received without
+        # close-on-exec would leak into any process the parent starts meanwhile.
+        data, ancillary, _, _ = sock.recvmsg(
+            1, socket.CMSG_SPACE(new * fds.itemsize), getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+        )
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    if not data or len(fds) != new:  # the sender died part-way
+        for fd in fds:
+            os.close(fd)
+        raise EOFError("the shared memory of a message did not arrive")
+    return header, body, list(fds)
+
+
+def _load(
+    header: Header,
+    body: bytes,
+    fds: list[int],
+    replies: ReplySegments | None = None,
+    arena: ReplyArena | None = None,
+) -> Any:
+    """Unpickle what ``_read`` read; large arrays come as views of shared mappings. A reply's
+    segments are leased from ``replies``; the keys a request carries go back to ``arena``.
+    Closes ``fds`` (a mapping keeps what it needs)."""
+    segments, layout, keys = header
+    try:
+        if arena is not None:
+            arena.take_back(keys)
+        elif replies is not None:
+            replies.forget(keys)
+        if not segments:
+            return pickle.loads(body)
+        views: list[memoryview] = []
+        new = iter(fds)
+        for key, size, is_new in segments:
+            fd = next(new) if is_new else None
+            if key is None:
+                assert fd is not None, "a one-shot segment always comes with its descriptor"
+                views.append(memoryview(_map(fd, size, populate=True)))
+            else:
+                assert replies is not None, "reply segments travel only to the parent"
+                views.append(replies.lease(key, fd, size).data)
+    finally:
+        for fd in fds:
+            os.close(fd)
     return pickle.loads(body, buffers=[views[i][offset : offset + n] for i, offset, n in layout])
 
 
-def _unlink(name: str) -> None:
-    assert _SHM_DIR is not None
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(_SHM_DIR, name))
+def _map(fd: int, size: int, populate: bool) -> mmap.mmap:
+    """Map a segment; ``populate``: every page at once (of a segment read once, all of it
+    written)."""
+    flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+    return mmap.mmap(fd, size, flags=flags)
 
 
 class ReplyArena:
@@ -370,23 +462,23 @@ class ReplyArena:
     parent told), so the memory follows what is in flight.
     """
 
-    def __init__(self, prefix: str) -> None:
-        self._prefix = prefix
+    def __init__(self) -> None:
         self._serial = itertools.count()
         self._maps: dict[int, mmap.mmap] = {}
         self._fds: dict[int, int] = {}  # open, to reserve more of a segment when reused
         self._reserved: dict[int, int] = {}  # bytes with pages reserved, from the start
         self._free: set[int] = set()
         self._lent: set[int] = set()
-        self._unnamed: set[int] = set()  # made, not yet named to the parent
+        self._unsent: set[int] = set()  # made, descriptor not yet sent to the parent
         self._dropped: list[int] = []  # let go, not yet told
-        # The message being built: segments taken for it, arrays made in them (by id), and
-        # its header.
+        # The message being built: segments taken for it, arrays made in them (by id), its
+        # header, and the descriptors it sends.
         self._taken: set[int] = set()
         self._made: dict[int, int] = {}
-        self._segments: list[tuple[int | None, str | None, int]] = []
+        self._segments: list[Segment] = []
         self._index: dict[int, int] = {}
         self._layout: list[tuple[int, int, int]] = []
+        self._message_fds: list[int] = []
 
     @property
     def segments(self) -> int:
@@ -394,10 +486,10 @@ class ReplyArena:
 
     def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """An array to build a result in: inside a segment when it is large enough to travel
-        out of band (a plain one otherwise, or when /dev/shm is full)."""
+        out of band (a plain one otherwise, or when no memory can be reserved for it)."""
         count = int(np.prod(shape))
         nbytes = count * dtype.itemsize
-        if nbytes < SHM_MIN_BYTES or _SHM_DIR is None:
+        if nbytes < SHM_MIN_BYTES or not _SHARED_MEMORY:
             return np.empty(shape, dtype)
         try:
             key = self._take(nbytes)
@@ -409,8 +501,8 @@ class ReplyArena:
 
     def _take(self, nbytes: int) -> int:
         """The smallest free segment that holds ``nbytes``, or a new one; its pages for
-        ``nbytes`` reserved (a full /dev/shm is then an OSError here, not a SIGBUS when the
-        pages are written)."""
+        ``nbytes`` reserved (running out of memory is then an OSError here, not a SIGBUS
+        when the pages are written)."""
         fits = [key for key in self._free if len(self._maps[key]) >= nbytes]
         key = min(fits, key=lambda k: len(self._maps[k])) if fits else self._make(nbytes)
         self._free.discard(key)
@@ -427,30 +519,24 @@ class ReplyArena:
     def _make(self, nbytes: int) -> int:
         """A new segment, free, with room for ``nbytes`` and more (see ``_segment_size``) of
         which only what is used gets pages."""
-        assert _SHM_DIR is not None
         key = next(self._serial)
         size = _segment_size(nbytes)
-        path = os.path.join(_SHM_DIR, self._name(key))
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.memfd_create("feedline-reply", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, size)
             self._maps[key] = mmap.mmap(fd, size)
         except BaseException:
             os.close(fd)
-            os.unlink(path)
             raise
         self._fds[key] = fd
         self._reserved[key] = 0
-        self._unnamed.add(key)
+        self._unsent.add(key)
         self._free.add(key)
         return key
 
-    def _name(self, key: int) -> str:
-        return f"{self._prefix}r{key}"
-
     def place(self, raw: memoryview) -> bool:
         """Put a buffer being pickled in a segment (it may be in one already); False when
-        /dev/shm has no room for it (it then stays in the pickle)."""
+        no memory can be reserved for it (it then stays in the pickle)."""
         key = self._made.get(id(raw.obj))
         if key is None:
             try:
@@ -461,24 +547,27 @@ class ReplyArena:
         index = self._index.get(key)
         if index is None:
             index = self._index[key] = len(self._segments)
-            name = self._name(key) if key in self._unnamed else None
-            self._segments.append((key, name, len(self._maps[key])))
+            new = key in self._unsent
+            if new:
+                self._message_fds.append(self._fds[key])
+            self._segments.append((key, len(self._maps[key]), new))
         self._layout.append((index, 0, raw.nbytes))
         return True
 
-    def end_message(self, sent: bool = True) -> Header:
-        """The header of the message just pickled, whose segments are lent from now on (or,
-        when it could not be sent, free again)."""
+    def end_message(self, sent: bool = True) -> tuple[Header, list[int]]:
+        """The header of the message just pickled and the descriptors it sends; its segments
+        are lent from now on (or, when it could not be sent, free again)."""
         header: Header = (self._segments, self._layout, self._dropped if sent else [])
+        fds = self._message_fds if sent else []
         sent_keys = set(self._index) if sent else set()
         self._lent |= sent_keys
-        self._unnamed -= sent_keys
+        self._unsent -= sent_keys
         self._free |= self._taken - sent_keys  # taken for a result that did not travel
         self._taken, self._made, self._index = set(), {}, {}
-        self._segments, self._layout = [], []
+        self._segments, self._layout, self._message_fds = [], [], []
         if sent:
             self._dropped = []
-        return header
+        return header, fds
 
     def take_back(self, keys: Sequence[int]) -> None:
         """The parent holds no view of these any more."""
@@ -493,9 +582,8 @@ class ReplyArena:
             del self._reserved[key]
             with contextlib.suppress(BufferError):  # an array still uses it: freed with it
                 mapping.close()
-            if key in self._unnamed:
-                self._unnamed.discard(key)
-                _unlink(self._name(key))
+            if key in self._unsent:
+                self._unsent.discard(key)  # the parent never had it
             else:
                 self._dropped.append(key)
 
@@ -521,11 +609,12 @@ class ReplySegments:
         self._lock = threading.Lock()
         self._returned: list[int] = []
 
-    def lease(self, key: int, name: str | None, size: int) -> np.ndarray:
-        """The segment's memory, as an object the reply's arrays keep alive."""
-        if name is not None:
+    def lease(self, key: int, fd: int | None, size: int) -> np.ndarray:
+        """The segment's memory, as an object the reply's arrays keep alive; ``fd``: the
+        descriptor of a segment new here."""
+        if fd is not None:
             # Not populated: only what replies use of it has pages (see ReplyArena._take).
-            self._maps[key] = _map_segment(name, size, populate=False)
+            self._maps[key] = _map(fd, size, populate=False)
         lease = np.frombuffer(self._maps[key], np.uint8)
         weakref.finalize(lease, self.give_back, [key])
         return lease
@@ -545,6 +634,10 @@ class ReplySegments:
         """The worker let these go: unmapped here too once nothing refers to them."""
         for key in keys:
             self._maps.pop(key, None)
+
+    def close(self) -> None:
+        """The worker is gone: each segment stays mapped only while an array uses it."""
+        self._maps.clear()
 
 
 # -- errors crossing the process boundary ----------------------------------------------------
@@ -605,8 +698,16 @@ def _portable(error: BaseException) -> BaseException:
 
 # -- the worker side --------------------------------------------------------------------------
 
-# What a worker runs: called with each request, it returns the reply.
-Service = Callable[[Any], Any]
+
+class Service(Protocol):
+    """What a worker runs: called with each request, it returns the reply."""
+
+    def __call__(self, request: Any) -> Any: ...
+
+    def unsendable(self, reply: Any, error: Exception) -> Any:
+        """A reply to send instead of ``reply``, which could not be pickled (``error``): what
+        of it can be sent, with per-element errors for what cannot."""
+        ...
 
 
 # This process's reply segments and heap, when it is a worker.
@@ -659,15 +760,16 @@ class WorkerHeap:
             self._mallopt(_M_TRIM_THRESHOLD, keep)
 
 
-def _worker_main(conn: Connection, service_blob: bytes, shm_prefix: str | None) -> None:
-    """A worker's loop: receive a request, send back what the service replies."""
+def _worker_main(conn: Connection, service_blob: bytes, parent_pid: int) -> None:
+    """A worker's loop: receive a request, send back what the service replies; end when the
+    parent closes the pipe or is gone."""
     # Ctrl-C reaches the whole process group; the parent decides what stops, and stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _end_with_parent(conn, parent_pid)
     global _arena, _heap
     _heap = WorkerHeap.of_this_process()
-    if shm_prefix is not None:  # segment names unique to this worker, under the pool's prefix
-        shm_prefix = f"{shm_prefix}w{os.getpid()}-"
-        _arena = ReplyArena(shm_prefix)
+    if _SHARED_MEMORY:
+        _arena = ReplyArena()
     service: Service | None = None
     load_error = ""
     try:
@@ -677,36 +779,76 @@ def _worker_main(conn: Connection, service_blob: bytes, shm_prefix: str | None) 
     del service_blob
     while True:
         try:
+            header, body, fds = _read(conn)
+        except (EOFError, OSError):
+            return  # the parent closed the pipe (stop), or is gone
+        try:
             # Elements that cannot be unpickled here (say, of a class only the parent has) are
-            # an error reply like any other: both parts of the message were read by then.
-            request = _receive(conn, arena=_arena)
+            # an error reply like any other: the whole message was read by then.
+            request = _load(header, body, fds, arena=_arena)
+            del body
             if service is None:
                 raise RuntimeError(load_error)
-            if request is None:  # the parent asks whether the function is loaded: it is
-                _send(conn, ("ok", None), None, _arena)
-                continue
-            reply = service(request)
+            # None: the parent asks whether the function is loaded (it is).
+            reply = None if request is None else service(request)
             del request  # the elements it carried: not kept while the reply is sent
-            _send(conn, ("ok", reply), shm_prefix, _arena)
-            del reply  # nor these while waiting for the next request
-        except EOFError:
-            return  # the parent closed the pipe: stop
+            try:
+                message = _pack(("ok", reply), _SHARED_MEMORY, _arena)
+            except Unsendable as e:
+                message = _pack(("ok", service.unsendable(reply, e.error)), _SHARED_MEMORY, _arena)
+            del reply
         except Exception:
-            _send(conn, ("error", traceback.format_exc()), None, _arena)
+            message = _pack(("error", traceback.format_exc()), False, _arena)
+        try:
+            _post(conn, message)
+        except OSError:
+            return  # the parent is gone: what the reply held goes with this process
+        del message  # nor the reply while waiting for the next request
+
+
+def _end_with_parent(conn: Connection, parent_pid: int) -> None:
+    """End this process as soon as its parent is gone, or has closed the pipe, even in the
+    middle of a request: a worker must not run on (nor hold its memory) for a parent that
+    stopped it or was killed. Watched from a thread: the pipe's hang-up (the parent's end
+    closed) and, where the kernel has pidfds, the parent's exit itself (its end of the pipe
+    may live on in a process it forked)."""
+    if not hasattr(select, "poll"):  # Windows: the pipe's end tells, once the call returns
+        return
+    poller = select.poll()
+    # Hang-ups only (always reported): the requests on the pipe stay for the main thread.
+    poller.register(conn.fileno(), getattr(select, "POLLRDHUP", 0))
+    try:
+        pidfd = os.pidfd_open(parent_pid)
+    except ProcessLookupError:
+        os._exit(0)  # gone already
+    except (AttributeError, OSError):  # no pidfds here (not Linux, or too old): the pipe tells
+        pass
+    else:
+        poller.register(pidfd, select.POLLIN)
+
+    def watch() -> None:
+        while not poller.poll():
+            pass
+        os._exit(0)
+
+    threading.Thread(target=watch, name="feedline-parent-watch", daemon=True).start()
 
 
 class _ChunkService:
     """A map-like stage's work in a worker: requests are (argument, elements, positions), and
     ``factory(argument)`` makes the chunk transform (for random_map the argument is the pass's
-    random key, so one pickled function serves every epoch)."""
+    random key, so one pickled function serves every epoch). ``name``: the stage's."""
 
-    def __init__(self, factory: Callable[[Any], Transform]) -> None:
+    def __init__(self, factory: Callable[[Any], Transform], name: str) -> None:
         self.factory = factory
+        self.name = name
         self._argument: Any = None
         self._transform: Transform | None = None
+        self._positions: Sequence[int] = ()  # of the request being answered
 
     def __call__(self, request: tuple[Any, list[Any], Sequence[int]]) -> Any:
         argument, raw, positions = request
+        self._positions = positions
         if self._transform is None or argument != self._argument:
             self._argument = argument
             self._transform = self.factory(argument)
@@ -721,6 +863,19 @@ class _ChunkService:
             failures,
             time.process_time() - started,
         )
+
+    def unsendable(self, reply: Any, error: Exception) -> Any:
+        """Each result that cannot be pickled fails at its position; the others go."""
+        outputs, failures, cpu = reply
+        assert type(outputs) is list, "stacked Rows hold plain arrays, which always pickle"
+        failed = set(failures)
+        for i, output in enumerate(outputs):
+            why = None if i in failed else unpicklable(output)
+            if why is not None:
+                position = self._positions[i]
+                outputs[i] = ExportedError(cannot_send(self.name, position, why, "its result"))
+                failed.add(i)
+        return outputs, sorted(failed), cpu
 
 
 class Rows:
@@ -801,7 +956,8 @@ class WorkerPool:
 
     Stages (or iterators) ``acquire`` the pool and ``release`` it; it stops when nobody has held
     it for ``LINGER_SECONDS``. A worker that dies breaks the pool: every request then fails with
-    the ``StageError`` saying which worker died running what, and every worker is stopped.
+    the ``StageCrashedError`` saying which worker died running what, and every worker is
+    stopped.
     """
 
     def __init__(self, name: str, service_blob: bytes) -> None:
@@ -821,10 +977,8 @@ class WorkerPool:
         self._holders: dict[object, int] = {}  # by holder token: workers it wants
         self._linger: threading.Timer | None = None
         self._closed = False
-        self.broken: StageError | None = None
+        self.broken: StageCrashedError | None = None
         self.starts = 0  # worker processes started, over the pool's life
-        prefix = f"fl-{os.getpid()}-{next(_pool_serial)}-"
-        self._shm_prefix = prefix if _SHM_DIR is not None else None
         self._rss = 0
         self._rss_at = -float("inf")
         _live_pools.add(self)
@@ -862,7 +1016,9 @@ class WorkerPool:
 
     def call(self, worker: WorkerProcess, request: Any, positions: Sequence[int]) -> Any:
         """Send ``request`` to ``worker`` and return the service's reply; ``positions`` (of
-        the elements it is about) go into the errors."""
+        the elements it is about) go into the errors. ``Unsendable`` (and nothing sent) when
+        the request cannot be pickled; ``StageCrashedError`` when the worker died or its reply
+        could not be read."""
         with worker.lock:
             with self._lock:
                 error = self._stopped(positions)
@@ -870,38 +1026,52 @@ class WorkerPool:
                     raise error
                 self._busy.add(worker)
             try:
-                worker.in_sync = False
                 returned = worker.replies.returned()
                 try:
-                    _send(worker.conn, request, self._shm_prefix, keys=returned)
-                except (pickle.PicklingError, TypeError, AttributeError) as e:
-                    worker.in_sync = True  # nothing was sent
+                    message = _pack(request, _SHARED_MEMORY, keys=returned)
+                except BaseException:
                     worker.replies.give_back(returned)  # with the next request, then
-                    raise StageError(
+                    raise
+                try:
+                    worker.in_sync = False
+                    _post(worker.conn, message)
+                    header, body, fds = _read(worker.conn)
+                    worker.in_sync = True
+                except (EOFError, OSError):
+                    raise self._lost(worker, positions) from None
+                except BaseException:
+                    if not worker.in_sync:  # cut short (say, by Ctrl-C): the pipe is unusable
+                        self._cut_short(worker)
+                    raise
+                try:
+                    # Still busy: a worker stopped meanwhile lets go of its segments after this.
+                    reply = _load(header, body, fds, replies=worker.replies)
+                except Exception as e:  # say, an object of a class the parent cannot import
+                    raise StageCrashedError(
                         self.name,
                         positions[0],
-                        f"cannot send elements to a worker process ({type(e).__name__}: {e}); "
-                        "use executor='thread'",
+                        f"a reply from a worker process could not be loaded "
+                        f"({type(e).__name__}: {e})",
                     ) from e
-                reply = _receive(worker.conn, worker.replies)
-                worker.in_sync = True
-            except (EOFError, OSError):
-                raise self._lost(worker, positions) from None
             finally:
                 with self._lock:
                     self._busy.discard(worker)
-        if reply[0] == "error":
-            raise StageError(
+        if reply[0] == "error":  # not the function's (its errors are per element): the worker's
+            raise StageCrashedError(
                 self.name, positions[0], f"a worker process failed:\n{reply[1]}"
             ) from None
         return reply[1]
 
-    def _stopped(self, positions: Sequence[int]) -> StageError | None:
+    def _cut_short(self, worker: WorkerProcess) -> None:
+        """An exchange with ``worker`` was cut short (called before anyone else can use it).
+        A map-like pool stops it once checked in; see ``SlotPool`` for the other."""
+
+    def _stopped(self, positions: Sequence[int]) -> StageCrashedError | None:
         """Why the pool cannot run ``positions``, if it has stopped (caller holds the lock)."""
         if self.broken is not None:
             return self.broken
         if self._closed:
-            return StageError(self.name, positions[0], "its worker processes were stopped")
+            return StageCrashedError(self.name, positions[0], "its worker processes were stopped")
         return None
 
     def _start_worker(self, positions: Sequence[int]) -> WorkerProcess:
@@ -911,13 +1081,22 @@ class WorkerPool:
         parent_end, child_end = ctx.Pipe()
         process = ctx.Process(
             target=_worker_main,
-            args=(child_end, self._blob, self._shm_prefix),
+            args=(child_end, self._blob, os.getpid()),
             name=f"feedline-{self.name}",
             daemon=True,
         )
-        with _main_not_reimported():
-            process.start()
-        child_end.close()  # the worker holds its end: its death is an EOF here
+        try:
+            with _main_not_reimported():
+                process.start()
+        except Exception as e:  # say, no more processes allowed
+            parent_end.close()
+            raise StageCrashedError(
+                self.name,
+                positions[0],
+                f"could not start a worker process ({type(e).__name__}: {e})",
+            ) from e
+        finally:
+            child_end.close()  # the worker holds its end: its death is an EOF here
         worker = WorkerProcess(process, parent_end)
         with self._lock:
             self.starts += 1
@@ -932,14 +1111,14 @@ class WorkerPool:
         """What ``worker`` was doing, for the error when it dies (caller holds the lock)."""
         return f"given the elements at positions {_span(positions)}"
 
-    def _lost(self, worker: WorkerProcess, positions: Sequence[int]) -> StageError:
+    def _lost(self, worker: WorkerProcess, positions: Sequence[int]) -> StageCrashedError:
         """The error for a worker that died while running ``positions``; breaks the pool."""
         worker.process.join(STOP_SECONDS)
         with self._lock:
             stopped = self._stopped(positions)
             if stopped is not None:  # stopped on purpose, or after another worker died
                 return stopped
-            self.broken = StageError(
+            self.broken = StageCrashedError(
                 self.name,
                 positions[0],
                 f"worker process {worker.process.pid} {_how_it_ended(worker.process)}; "
@@ -964,9 +1143,10 @@ class WorkerPool:
             process.kill()
             process.join()
         worker.conn.close()
+        worker.replies.close()
 
     def close(self) -> None:
-        """Stop every worker (busy ones are terminated) and remove leftover segments."""
+        """Stop every worker (busy ones are terminated)."""
         with self._lock:
             if self._closed:
                 return
@@ -987,10 +1167,6 @@ class WorkerPool:
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join()
-        if self._shm_prefix is not None:
-            assert _SHM_DIR is not None
-            for path in glob.glob(os.path.join(_SHM_DIR, glob.escape(self._shm_prefix) + "*")):
-                _unlink(os.path.basename(path))
         _live_pools.discard(self)
 
     @property
@@ -1055,7 +1231,31 @@ class ProcessPool(WorkerPool):
     def submit(
         self, argument: Any, raw: list[Any], positions: Sequence[int]
     ) -> tuple[list[Any], list[int], float]:
-        """Run a chunk on a worker: (outputs, failure indexes, the worker's CPU seconds)."""
+        """Run a chunk on a worker: (outputs, failure indexes, the worker's CPU seconds). An
+        element that cannot be pickled fails at its position; the others run."""
+        try:
+            return self._run_chunk(argument, raw, positions)
+        except Unsendable:
+            pass
+        failed = {i: why for i, e in enumerate(raw) if (why := unpicklable(e)) is not None}
+        sendable = [i for i in range(len(raw)) if i not in failed]
+        outputs: list[Any] = [None] * len(raw)
+        failures: list[int] = []
+        cpu = 0.0
+        if sendable:
+            sent, sent_failures, cpu = self._run_chunk(
+                argument, [raw[i] for i in sendable], [positions[i] for i in sendable]
+            )
+            for i, output in zip(sendable, sent):
+                outputs[i] = output
+            failures = [sendable[j] for j in sent_failures]
+        for i, why in failed.items():
+            outputs[i] = Failed(cannot_send(self.name, positions[i], why, "its element"))
+        return outputs, sorted(failures + list(failed)), cpu
+
+    def _run_chunk(
+        self, argument: Any, raw: list[Any], positions: Sequence[int]
+    ) -> tuple[list[Any], list[int], float]:
         worker = self._checkout(positions)
         try:
             outputs, failures, cpu = self.call(worker, (argument, raw, positions), positions)
@@ -1230,7 +1430,7 @@ def process_executor(
     pool = shared_pool(
         ctx,
         key,
-        lambda: ProcessPool(name, pickled_service(_ChunkService(factory), name)),
+        lambda: ProcessPool(name, pickled_service(_ChunkService(factory, name), name)),
         token,
     )
     return ProcessExecutor(pool, token, argument)

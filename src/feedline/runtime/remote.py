@@ -25,16 +25,19 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from feedline.errors import StageError
+from feedline.errors import StageCrashedError
 from feedline.options import Options, ResolvedOptions
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import ChunkedIterator, NodeIterator, State
 from feedline.runtime.process import (
     ExportedError,
+    Unsendable,
     WorkerPool,
     WorkerProcess,
+    cannot_send,
     pickled_service,
     shared_pool,
+    unpicklable,
 )
 
 # Makes a slot's iterator in a worker: (input element, its position, context, saved state or
@@ -57,48 +60,115 @@ def worker_options(options: ResolvedOptions) -> Options:
     return worker
 
 
+class _Slot:
+    """A slot in a worker: its iterator and context, what opened it, the state after what
+    the parent has of it, and an error held for the parent's next read (with the state
+    after it)."""
+
+    __slots__ = ("ctx", "element", "held", "it", "position", "state")
+
+    def __init__(self, it: NodeIterator, ctx: IterContext, element: Any, position: int) -> None:
+        self.it = it
+        self.ctx = ctx
+        self.element = element
+        self.position = position
+        self.state = it.get_state()
+        self.held: tuple[ExportedError, State] | None = None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # its errors have no one to go to
+            self.it.close()
+        self.ctx.close()
+
+
 class SlotService:
     """A worker's side: the iterators of the slots given to it, each in a context of its own.
 
-    A slot that ends, or fails to open, is dropped at once.
+    A slot that ends, or fails to open, is dropped at once. ``name``: the interleave's.
     """
 
-    def __init__(self, opener: Opener, options: Options) -> None:
+    def __init__(self, opener: Opener, options: Options, name: str) -> None:
         self.opener = opener
         self.options = options
-        self._slots: dict[int, tuple[NodeIterator, IterContext]] = {}
+        self.name = name
+        self._slots: dict[int, _Slot] = {}
+        self._reading: tuple[_Slot, State] | None = None  # this request's slot, state before
 
     def __call__(self, request: Request) -> Reply:
         drops, slot, opening, max_n = request
         for dropped in drops:
             self._drop(dropped)
+        self._reading = None
         if opening is not None:
             element, position, state = opening
-            ctx = IterContext(self.options)
             try:
-                it = self.opener(element, position, ctx, state)
+                opened = self._open(element, position, state)
             except Exception as e:
-                ctx.close()
                 return [], ExportedError(e), None
-            self._slots[slot] = (it, ctx)
-            return [], None, it.get_state()
-        it, _ = self._slots[slot]
+            self._slots[slot] = opened
+            return [], None, opened.state
+        current = self._slots[slot]
+        if current.held is not None:
+            return self._give_held(current)
+        self._reading = (current, current.state)
         try:
-            elements = it.next_chunk(max_n)
+            elements = current.it.next_chunk(max_n)
         except Exception as e:
-            return [], ExportedError(e), it.get_state()
-        state = it.get_state()
+            current.state = current.it.get_state()
+            return [], ExportedError(e), current.state
+        current.state = current.it.get_state()
         if not elements:
             self._drop(slot)
-        return elements, None, state
+        return elements, None, current.state
+
+    def _open(self, element: Any, position: int, state: State | None) -> _Slot:
+        ctx = IterContext(self.options)
+        try:
+            return _Slot(self.opener(element, position, ctx, state), ctx, element, position)
+        except BaseException:
+            ctx.close()
+            raise
+
+    def unsendable(self, reply: Reply, error: Exception) -> Reply:
+        """Some element read could not be pickled. The read went past them all, and its state
+        comes after the last: read the slot again from where the read started, an element at
+        a time. Those before the first that cannot be pickled go now, its error with the next
+        read, each with the state right after it, so that a restore resumes exactly there."""
+        assert self._reading is not None, "only elements read from a slot can fail to pickle"
+        current, state = self._reading
+        elements, _, _ = reply
+        current.close()
+        reopened = self._open(current.element, current.position, state)
+        current.it, current.ctx = reopened.it, reopened.ctx
+        good: list[Any] = []
+        while len(good) < len(elements):
+            got = current.it.next_chunk(1)
+            if not got:
+                break
+            why = unpicklable(got[0])
+            if why is not None:
+                failure = cannot_send(self.name, current.position, why, "an element of its dataset")
+                current.held = (ExportedError(failure), current.it.get_state())
+                break
+            good.append(got[0])
+            state = current.it.get_state()
+        current.state = state
+        if not good and current.held is not None:  # the first one failed: its error now
+            return self._give_held(current)
+        return good, None, state
+
+    @staticmethod
+    def _give_held(current: _Slot) -> Reply:
+        assert current.held is not None
+        error, current.state = current.held
+        current.held = None
+        return [], error, current.state
 
     def _drop(self, slot: int) -> None:
         # Absent when only the reply to its opening failed: the parent drops it to be sure.
-        it, ctx = self._slots.pop(slot, (None, None))
-        if it is not None and ctx is not None:
-            with contextlib.suppress(Exception):  # its errors have no one to go to
-                it.close()
-            ctx.close()
+        dropped = self._slots.pop(slot, None)
+        if dropped is not None:
+            dropped.close()
 
 
 class SlotPool(WorkerPool):
@@ -136,23 +206,19 @@ class SlotPool(WorkerPool):
     def open(
         self, worker: WorkerProcess, slot: int, element: Any, position: int, state: State | None
     ) -> Reply:
-        return self._request(worker, ([], slot, (element, position, state), 0), position)
+        reply: Reply = self.call(worker, ([], slot, (element, position, state), 0), [position])
+        return reply
 
     def read(self, worker: WorkerProcess, slot: int, position: int, max_n: int) -> Reply:
         # Drops go with reads only: a read cannot fail to be sent (an opening's element can).
         with self._lock:
             drops, self._drops[worker] = self._drops[worker], []
-        return self._request(worker, (drops, slot, None, max_n), position)
-
-    def _request(self, worker: WorkerProcess, request: Request, position: int) -> Reply:
-        try:
-            reply: Reply = self.call(worker, request, [position])
-        finally:
-            if not worker.in_sync:
-                # A message cut short (say, by Ctrl-C): the pipe is unusable, and with it the
-                # slots that live on this worker.
-                self.close()
+        reply: Reply = self.call(worker, (drops, slot, None, max_n), [position])
         return reply
+
+    def _cut_short(self, worker: WorkerProcess) -> None:
+        # The slots that live on the worker go with its pipe: the pass cannot go on.
+        self.close()
 
     def forget(self, worker: WorkerProcess, slot: int, drop: bool) -> None:
         """The slot is done with; ``drop``: the worker may still hold it."""
@@ -169,9 +235,10 @@ class SlotPool(WorkerPool):
 class RemoteIterator(ChunkedIterator):
     """One interleave slot whose dataset is iterated in a worker process.
 
-    Opening it runs the function there, so its errors are raised here, as on threads. A
-    failure of the worker itself (it died, or its elements could not come back) is raised
-    again on every later call, as by a stage on threads whose worker crashed.
+    Opening it runs the function there, so its errors are raised here, as on threads; so are
+    those of elements that cannot be pickled, each at its turn. A failure of the worker itself
+    (it died, or a reply could not be read) is a ``StageCrashedError``, raised again on every
+    later call: the slot can produce no more.
     """
 
     def __init__(self, pool: SlotPool, element: Any, position: int, state: State | None) -> None:
@@ -179,9 +246,12 @@ class RemoteIterator(ChunkedIterator):
         self._position = position
         self._worker, self._slot = pool.place(position)
         self._done = False  # ended, failed to open, or closed: nothing more to ask its worker
-        self._failure: StageError | None = None
+        self._failure: StageCrashedError | None = None
         try:
             _, error, opened = pool.open(self._worker, self._slot, element, position, state)
+        except Unsendable as e:  # nothing was sent: a failure of this element alone
+            self._let_go(drop=False)
+            raise cannot_send(pool.name, position, e.error, "its element") from e.error
         except BaseException:
             self.close()  # the worker may have opened it: only the reply failed
             raise
@@ -199,7 +269,7 @@ class RemoteIterator(ChunkedIterator):
             elements, error, self._state = self._pool.read(
                 self._worker, self._slot, self._position, max_n
             )
-        except StageError as e:
+        except StageCrashedError as e:
             self._failure = e
             raise
         if error is not None:
@@ -242,7 +312,7 @@ def remote_slots(
     """A hold on the pool of interleave op ``key`` in run ``ctx``: up to ``workers`` processes,
     which make slots' iterators with ``opener`` (pickled once per pool)."""
     token = object()
-    service = SlotService(opener, worker_options(ctx.options))
+    service = SlotService(opener, worker_options(ctx.options), name)
     pool = shared_pool(
         ctx, key, lambda: SlotPool(name, pickled_service(service, name), workers), token
     )

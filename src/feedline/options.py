@@ -14,6 +14,11 @@ from typing import Any
 # Threads one tuned stage may use: enough calls in flight to hide object-store latency
 # (tens of ms each); the tuner's RAM budget usually stops it well before this.
 DEFAULT_MAX_PARALLELISM = 256
+# Worker threads one pass may run, all its stages together. Past a few hundred threads that
+# wait, GIL hand-offs cost more than the waits they hide: on 2 cores, a map of 20 ms waits
+# delivered 6.2k elements/s on 128 threads, 12.6k on 256, then 10.2k on 512 and 11.9k on 1024;
+# one of 2 ms waits peaked at 64-512 threads (22-27k/s, the GIL's limit).
+DEFAULT_THREAD_BUDGET = 256
 # Where map-like stages run their function: "thread", "process", or "auto" (feedline picks).
 EXECUTORS = ("auto", "thread", "process")
 
@@ -28,12 +33,16 @@ def check_executor(value: Any, what: str = "executor") -> str:
 
 @dataclass
 class AutotuneOptions:
-    """What the tuner may use. ``None`` means "measure it" (cores, available RAM)."""
+    """What the tuner may use. ``None`` means "measure it" (cores, available RAM), or the
+    default: ``max_parallelism`` threads for one stage, ``max_threads`` for the worker threads
+    of all the pass's stages together (stages the user gave a fixed ``num_parallel_calls``
+    get it, and leave the tuned ones what remains)."""
 
     enabled: bool | None = None
     cpu_budget: int | None = None
     ram_budget: int | None = None
     max_parallelism: int | None = None
+    max_threads: int | None = None
 
 
 @dataclass
@@ -69,6 +78,7 @@ class ResolvedOptions:
     executor: str
     autotune_enabled: bool
     max_parallelism: int
+    thread_budget: int
     autotune: AutotuneOptions
 
     @staticmethod
@@ -83,5 +93,6 @@ class ResolvedOptions:
             max_parallelism=(
                 DEFAULT_MAX_PARALLELISM if tune.max_parallelism is None else tune.max_parallelism
             ),
+            thread_budget=DEFAULT_THREAD_BUDGET if tune.max_threads is None else tune.max_threads,
             autotune=copy.deepcopy(tune),
         )

@@ -1,7 +1,9 @@
 """The direction of AUTOTUNE's decisions on synthetic stages, and what users see of them.
 
-These tests drive real pipelines for a second or two and check where the knobs went, never
-how fast anything ran.
+These tests drive real pipelines and check where the knobs went, never how fast anything ran.
+How soon the tuner gets there depends on the machine and what else runs on it: tests wait for
+a decision (``consume_until``, with a generous limit) rather than look after a fixed time, and
+whether a change pays is judged on synthetic measurements, where the test sets what it gains.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,6 +30,7 @@ from feedline.runtime.tunable import (
     Knob,
     StageMetrics,
     StartChoice,
+    ThreadBudget,
     Tunable,
 )
 from tests.helpers import assert_elements_equal
@@ -50,6 +54,31 @@ def consume_for(it: fl.DatasetIterator, seconds: float, step: float = 0.0) -> in
     return n
 
 
+def consume_until(
+    it: fl.DatasetIterator, condition: Callable[[], bool], seconds: float = 30.0, step: float = 0.0
+) -> bool:
+    """Pull from ``it`` (sleeping ``step`` after each element) until ``condition()`` holds, for
+    at most ``seconds``; whether it then holds."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        for _ in range(8):
+            next(it)
+            if step:
+                time.sleep(step)
+    return True
+
+
+def decisions(it: fl.DatasetIterator, stage_prefix: str, knob: str) -> list[tuple[int, int]]:
+    """The (old, new) of each change AUTOTUNE made to a knob of a stage so far."""
+    return [
+        (d["old"], d["new"])
+        for d in it.stats()["autotune"]["history"]
+        if d["stage"].startswith(stage_prefix) and d["knob"] == knob and d["old"] != d["new"]
+    ]
+
+
 def latency(seconds: float, size: int = 1024) -> Any:
     def fetch(x: Any) -> Any:
         time.sleep(seconds)
@@ -69,11 +98,13 @@ def with_autotune(ds: fl.Dataset, **settings: Any) -> fl.Dataset:
 def test_latency_bound_map_gets_parallelism_above_the_core_count() -> None:
     ds = D.range(10**6).map(latency(0.01), num_parallel_calls=fl.AUTOTUNE).batch(8)
     with ds.prefetch(fl.AUTOTUNE).iterator() as it:
-        consume_for(it, 3.0)
-        parallelism = stage(it, "map").knobs["parallelism"].value
-        history = it.stats()["autotune"]["history"]
-    assert parallelism > usable_cores()
-    assert any(d["knob"] == "parallelism" and d["new"] > d["old"] for d in history)
+        knob = stage(it, "map").knobs["parallelism"]
+
+        def above_the_cores() -> bool:
+            raised = any(new > old for old, new in decisions(it, "map", "parallelism"))
+            return raised and knob.value > usable_cores()  # and in the history
+
+        assert consume_until(it, above_the_cores), it.stats()["autotune"]["history"]
 
 
 @pytest.mark.timeout(60)
@@ -108,27 +139,51 @@ def test_a_slow_consumer_leads_to_small_buffers_and_few_workers() -> None:
 def test_a_consumer_that_speeds_up_gets_more_parallelism() -> None:
     ds = D.range(10**6).map(latency(0.005), num_parallel_calls=fl.AUTOTUNE).batch(4)
     with ds.iterator() as it:
-        consume_for(it, 2.5, step=0.05)  # slow training step: few workers suffice
-        slow_phase = stage(it, "map").knobs["parallelism"].value
-        consume_for(it, 3.0)  # the step got fast: the pipeline is now the bottleneck
-        fast_phase = stage(it, "map").knobs["parallelism"].value
-        history = it.stats()["autotune"]["history"]
-    assert fast_phase > slow_phase, history
+
+        def parallelism() -> int:
+            return int(stage(it, "map").knobs["parallelism"].value)
+
+        # A slow training step: few workers suffice, and the tuner sheds what it started with.
+        shed = consume_until(
+            it,
+            lambda: any(new < old for old, new in decisions(it, "map", "parallelism")),
+            step=0.05,
+        )
+        assert shed, it.stats()["autotune"]["history"]
+        slow_phase = parallelism()
+        # The step got fast: the pipeline is now the bottleneck.
+        grew = consume_until(it, lambda: parallelism() > slow_phase)
+        assert grew, it.stats()["autotune"]["history"]
 
 
-@pytest.mark.timeout(90)
-def test_cpu_budget_caps_computing_stages() -> None:
-    def compute(x: Any) -> Any:
-        a = np.arange(20_000, dtype=np.float64)
-        for _ in range(20):
-            a = np.sqrt(a + 1.0)
-        return a[:4]
-
-    ds = D.range(10**6).map(compute, num_parallel_calls=fl.AUTOTUNE).batch(16)
-    with with_autotune(ds, cpu_budget=1).iterator() as it:
-        consume_for(it, 2.5)
-        parallelism = stage(it, "map").knobs["parallelism"].value
-    assert parallelism <= usable_cores()
+@pytest.mark.parametrize("cpu_budget", [1.0, 2.0])
+def test_cpu_budget_caps_computing_stages(
+    monkeypatch: pytest.MonkeyPatch, cpu_budget: float
+) -> None:
+    # Synthetic measurements: a live run reads computing threads starved of CPU by other
+    # processes as threads that wait. Each worker computes (95% of its time on the CPU) and
+    # adds as much rate again, its consumer always waiting: only the budget stops it.
+    monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)
+    process_cpu = [0.0]
+    monkeypatch.setattr(tuner_module.time, "process_time", lambda: process_cpu[0])
+    synthetic, root, tuner, now = threads_tuner(1, cpu=cpu_budget)
+    m = synthetic.metrics
+    most = 1
+    for _ in range(24):
+        now += 0.25
+        workers = synthetic.knobs["parallelism"].value
+        most = max(most, workers)
+        done = 250 * workers
+        process_cpu[0] += 0.25 * 0.95 * workers
+        root.delivered += done
+        root.wait += 0.25 * 0.95
+        m.elements += done
+        m.worked += done
+        m.work_wall += 0.25 * workers
+        m.work_cpu += 0.25 * workers * 0.95
+        m.consumer_wait += 0.25 * 0.95
+        tuner.step(now)
+    assert most == int(cpu_budget), tuner.history
 
 
 @pytest.mark.timeout(60)
@@ -153,12 +208,12 @@ def test_prefetch_reads_ahead_when_the_consumer_works_between_batches() -> None:
 
     ds = D.range(10**6).map(produce).batch(4).prefetch(fl.AUTOTUNE)
     with ds.iterator() as it:
-        consume_for(it, 2.0, step=0.01)  # a training step as long as a batch takes
-        prefetch = stage(it, "prefetch")
-        history = it.stats()["autotune"]["history"]
-        parallelism = prefetch.knobs["parallelism"].value
-    assert parallelism == 1, history
-    assert any(d["stage"] == "prefetch" and d["new"] == 1 for d in history)
+        # A training step as long as a batch takes. (Whether reading ahead is kept depends on
+        # what it gains: see the synthetic test below.)
+        tried = consume_until(
+            it, lambda: (0, 1) in decisions(it, "prefetch", "parallelism"), step=0.01
+        )
+        assert tried, it.stats()["autotune"]["history"]
 
 
 @pytest.mark.timeout(60)
@@ -169,14 +224,16 @@ def test_a_read_ahead_thread_goes_inline_once_the_consumer_stops_working() -> No
 
     ds = D.range(10**6).map(produce).batch(4).prefetch(fl.AUTOTUNE)
     with ds.iterator() as it:
-        consume_for(it, 3.0, step=0.006)  # long enough to judge reading ahead (~2 s)
-        assert stage(it, "prefetch").knobs["parallelism"].value == 1
-        consume_for(it, 2.0)  # the consumer now takes batches as fast as they come
-        history = it.stats()["autotune"]["history"]
-    # Inline with no hand-offs (kept, unless a noisy window made it look slower: then it tried).
-    assert any(
-        d["stage"] == "prefetch" and d["knob"] == "parallelism" and d["new"] == 0 for d in history
-    ), history
+        prefetch = stage(it, "prefetch").knobs["parallelism"]
+        reading_ahead = consume_until(it, lambda: prefetch.value == 1, step=0.006)
+        assert reading_ahead, it.stats()["autotune"]["history"]
+        before = len(decisions(it, "prefetch", "parallelism"))
+        # The consumer now takes batches as fast as they come: inline, with no hand-offs
+        # (kept, unless a noisy window made it look slower: then it tried).
+        inline = consume_until(
+            it, lambda: (1, 0) in decisions(it, "prefetch", "parallelism")[before:]
+        )
+        assert inline, it.stats()["autotune"]["history"]
 
 
 @pytest.mark.timeout(60)
@@ -339,12 +396,17 @@ needs_two_cores = pytest.mark.skipif(usable_cores() < 2, reason="processes need 
 
 
 @needs_two_cores
-@pytest.mark.timeout(90)
-def test_a_gil_bound_map_moves_to_processes_on_its_own() -> None:
+@pytest.mark.timeout(120)
+def test_a_gil_bound_map_moves_to_processes_on_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("cloudpickle")
-    executor, history = tuned_executor(python_work, 5.0)
-    assert executor == PROCESSES, history
-    assert any(d["knob"] == "executor" and d["new"] == PROCESSES for d in history)
+    # Other processes (other tests, on a shared machine) may keep the cores busy, which
+    # rightly stops the move: here the machine's cores count as free. Whether the move is kept
+    # depends on what it gains on the machine: synthetic tests judge that.
+    monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)
+    ds = D.range(10**6).map(python_work, num_parallel_calls=fl.AUTOTUNE).batch(16)
+    with ds.prefetch(fl.AUTOTUNE).iterator() as it:
+        moved = consume_until(it, lambda: (THREADS, PROCESSES) in decisions(it, "map", "executor"))
+        assert moved, it.stats()["autotune"]["history"]
 
 
 @needs_two_cores
@@ -416,16 +478,67 @@ class SyntheticStage(Tunable):
         return 0.0
 
 
-def threads_tuner(parallelism: int) -> tuple[SyntheticStage, RootCounters, Any, float]:
-    """A tuner (2 cores, 1 GiB) on one synthetic stage of ``parallelism`` threads that may
-    not move to processes; its root counters, and the tuner's clock, which the test moves on."""
+def threads_tuner(
+    parallelism: int, cpu: float = 2.0
+) -> tuple[SyntheticStage, RootCounters, Any, float]:
+    """A tuner (``cpu`` cores, 1 GiB) on one synthetic stage of ``parallelism`` threads that
+    may not move to processes; its root counters, and the tuner's clock, which the test moves
+    on."""
     synthetic = SyntheticStage()
     synthetic.knobs["parallelism"].set(parallelism)
     synthetic.knobs["executor"].tunable = False
     root = RootCounters()
     now = time.perf_counter()
-    tuner = tuner_module.Tuner(lambda: [synthetic], root, Budget(cpu=2.0, ram=2**30), now)
+    tuner = tuner_module.Tuner(lambda: [synthetic], root, Budget(cpu=cpu, ram=2**30), now)
     return synthetic, root, tuner, now
+
+
+def read_ahead_history(
+    monkeypatch: pytest.MonkeyPatch, speedup: float, others: list[Tunable] | None = None
+) -> list[tuple[int, int, str]]:
+    """The tuner's decisions on a synthetic prefetch whose consumer works half the time, 5 ms
+    an element, and waits the other half for its input pulled inline. On a thread, the two
+    overlap: the rate rises by ``speedup`` (the consumer then waits less). ``others``: more
+    stages of the pass, which share a thread budget of 1 with it."""
+    monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)
+    prefetch = SyntheticStage()
+    prefetch.name = "prefetch"
+    prefetch.has_own_work = False
+    prefetch.knobs = {
+        "parallelism": Knob("parallelism", 0, 0, 1, True),
+        "buffer_size": Knob("buffer_size", 2, 1, 64, True),
+    }
+    if others is not None:
+        budget = ThreadBudget(1, lambda: [prefetch, *others])
+        for s in (prefetch, *others):
+            budget.attach(s)
+    root = RootCounters()
+    now = time.perf_counter()
+    tuner = tuner_module.Tuner(lambda: [prefetch], root, Budget(cpu=2.0, ram=2**30), now)
+    m = prefetch.metrics
+    for _ in range(24):
+        now += 0.25
+        ahead = prefetch.knobs["parallelism"].value == 1
+        rate = 100 * (speedup if ahead else 1.0)
+        waits = 1 - rate * 0.005  # the consumer's own 5 ms per element, the rest waiting
+        done = int(rate * 0.25)
+        root.delivered += done
+        root.wait += 0.25 * waits
+        m.elements += done
+        m.worked += done
+        m.work_wall += done * 0.0025
+        m.work_cpu += done * 0.0025
+        m.consumer_wait += 0.25 * waits
+        tuner.step(now)
+    return [(d.old, d.new, d.reason) for d in tuner.history if d.knob == "parallelism"]
+
+
+@pytest.mark.parametrize("speedup", [1.8, 1.0])
+def test_reading_ahead_is_kept_when_it_overlaps_the_consumer_and_taken_back_when_not(
+    monkeypatch: pytest.MonkeyPatch, speedup: float
+) -> None:
+    moves = [(old, new) for old, new, _ in read_ahead_history(monkeypatch, speedup)]
+    assert moves == ([(0, 1)] if speedup > 1 else [(0, 1), (1, 0)]), moves
 
 
 def test_an_inline_stage_buffer_does_not_grow(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -560,6 +673,11 @@ def test_a_move_to_processes_that_did_not_pay_is_tried_again_ever_later(
     assert 2 <= len(tries) <= 3, moves
 
 
+def test_a_move_to_processes_that_pays_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    moves = gil_bound_decisions(monkeypatch, 2**32, [], processes_speedup=1.8)
+    assert [(old, new) for old, new, _ in moves] == [(THREADS, PROCESSES)], moves
+
+
 def test_worker_processes_count_in_the_ram_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     # Other worker processes of the run already hold most of the budget: one per core more,
     # each expected to hold as much, would not fit.
@@ -571,13 +689,29 @@ def test_worker_processes_count_in_the_ram_budget(monkeypatch: pytest.MonkeyPatc
     assert gil_bound_decisions(monkeypatch, 250 * 2**20, [])[0][:2] == (THREADS, PROCESSES)
 
 
-@pytest.mark.timeout(60)
 def test_the_report_names_the_gil_and_says_to_use_processes() -> None:
-    ds = D.range(10**6).map(python_work, num_parallel_calls=2, executor="thread").batch(8)
-    with ds.iterator() as it:
-        consume_for(it, 1.0)
-        advice = it.stats()["bottleneck"]["advice"]
-    assert "holds the GIL" in advice and "executor='process'" in advice
+    # What two threads of pure Python measure (a live run on a machine other processes keep
+    # busy gets less CPU, and reads as waiting): 95% of their time on the CPU, one core
+    # between them.
+    from feedline.observe.stats import find_bottleneck
+
+    work = {
+        "name": "map(python_work)",
+        "knobs": {"parallelism": 2, "executor": THREADS},
+        "own_work": True,
+        "elements": 1000,
+        "work_wall_s": 2.0,
+        "input_wall_s": 0.01,
+        "work_cpu_s": 1.9,
+        "mean_ms": 2.0,
+        "cpu_share": 0.95,
+        "solo_cpu_share": None,
+        "consumer_wait_fraction": 0.9,
+    }
+    consumer = {"elements": 1000, "elapsed_s": 2.0, "wait_s": 1.8, "stall_fraction": 0.9}
+    stats = {"stages": [work], "consumer": consumer, "autotune": {"gil_free": False}}
+    advice = find_bottleneck(stats)["advice"]
+    assert "holds the GIL" in advice and "executor='process'" in advice, advice
 
 
 @pytest.mark.parametrize("process_cores", [1.7, 1.8])
@@ -626,6 +760,7 @@ def gil_bound_decisions(
     seconds: float = 10.0,
     forgetful: bool = False,
     slow_moments: dict[int, float] | None = None,
+    processes_speedup: float = 1.0,
 ) -> list[tuple[int, int, str]]:
     """The executor decisions on a synthetic stage with the GIL's signature (the consumer
     always waits; the stage computes one core's worth at 1000 elements/s, on threads and on
@@ -635,8 +770,8 @@ def gil_bound_decisions(
     with; ``solo_cpu_share``: what its first call, run alone, showed; ``processes``: whether
     it may move to processes; ``forgetful``: the tuner forgets what did not help at every step
     (as when the consumer keeps changing speed); ``slow_moments``: the cores the process uses
-    at some steps (of 0.25 s), if not ``process_cores``. Returns the decisions on ``knob`` over
-    ``seconds``."""
+    at some steps (of 0.25 s), if not ``process_cores``; ``processes_speedup``: how much faster
+    it delivers on processes. Returns the decisions on ``knob`` over ``seconds``."""
     monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)  # cores count as free
     process_cpu = [0.0]
     if process_cores is not None:
@@ -657,10 +792,12 @@ def gil_bound_decisions(
         now += 0.25
         cores = (slow_moments or {}).get(step, process_cores)
         process_cpu[0] += 0.25 * (cores or 0.0)
-        root.delivered += 250
+        on_processes = synthetic.knobs["executor"].value == PROCESSES
+        delivered = int(250 * (processes_speedup if on_processes else 1.0))
+        root.delivered += delivered
         root.wait += 0.25
         m = synthetic.metrics
-        m.elements += 250
+        m.elements += delivered
         m.work_wall += 0.5
         m.work_cpu += 0.5 * cpu
         m.consumer_wait += 0.25

@@ -99,6 +99,15 @@ def rss_of(pid: int | None = None) -> int:
         return 0
 
 
+def format_bytes(n: float) -> str:
+    """``n`` bytes for people: B, KiB, MiB or GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
 def budget_for(options: AutotuneOptions) -> Budget:
     cpu = float(options.cpu_budget) if options.cpu_budget else usable_cores()
     ram = (

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from feedline.autotune.budget import Budget, idle_cpu_seconds, rss_of
+from feedline.autotune.budget import Budget, format_bytes, idle_cpu_seconds, rss_of
 from feedline.runtime.context import WorkerMemory
 from feedline.runtime.tunable import (
     CHEAP_WORK_SECONDS,
@@ -46,6 +46,8 @@ from feedline.runtime.tunable import (
 )
 
 logger = logging.getLogger("feedline.autotune")
+# What users must see even with the tuner's own log quiet: a budget that cannot be kept.
+warnings_logger = logging.getLogger("feedline")
 
 FIRST_INTERVAL = 0.05
 MAX_INTERVAL = 1.0
@@ -223,6 +225,30 @@ def mostly_waits(
     return cores < (MANY_WAITING_CORES if alone_waits else WAITING_CORES)
 
 
+def least_bytes(stage: Tunable, bytes_per_element: float, worker_rss: float) -> float:
+    """What ``stage`` may hold with one worker and its buffer at its smallest (the chunk
+    being made, those made, the one being delivered), plus the element its consumer holds,
+    and ``worker_rss`` (a worker process's resident memory) on processes."""
+    buffer = stage.knobs["buffer_size"]
+    held = stage.projected_bytes(1, buffer.minimum if buffer.tunable else None)
+    held += bytes_per_element
+    executor = stage.knobs.get("executor")
+    if executor is not None and executor.value == PROCESSES:
+        held += worker_rss
+    return held
+
+
+def thread_budget_words(knob: Knob, wanted: int) -> str:
+    """Why ``knob`` stops short of ``wanted``: the pass's thread budget, in words."""
+    budget = knob.budget
+    if budget is None:
+        return f"at most {knob.maximum}"
+    return (
+        f"the pass's thread budget allows {knob.most()} of {wanted}: "
+        f"{budget.in_use()} of its {budget.limit} threads in use"
+    )
+
+
 @dataclass
 class RootCounters:
     """The consumer's side of the pipeline, counted by the public iterator."""
@@ -267,6 +293,11 @@ class Tuner:
         self._started = started
         self.state = TunerState()
         self._start_choices_recorded: set[object] = set()
+        # (stage key, parallelism) at which the thread budget stopped a scale-up, said once.
+        self._budget_noted: set[tuple[object, int]] = set()
+        # Budgets that cannot be kept, said once per stage: in stats() and on the log.
+        self.warnings: list[str] = []
+        self._warned: set[object] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._experiment: Experiment | None = None
@@ -293,10 +324,13 @@ class Tuner:
         self._thread = threading.Thread(target=self._run, name="feedline-autotune", daemon=True)
 
     def start(self) -> None:
-        # The budget is also a hard cap per stage, whatever the tuner later decides.
         for stage in self._stages():
-            stage.max_buffer_bytes = min(stage.max_buffer_bytes, self.budget.ram)
+            self._cap_buffers(stage)
         self._thread.start()
+
+    def _cap_buffers(self, stage: Tunable) -> None:
+        """The RAM budget is also a hard cap per stage, whatever the tuner later decides."""
+        stage.max_buffer_bytes = min(stage.max_buffer_bytes, self.budget.ram)
 
     def stop(self) -> None:
         self._stop.set()
@@ -328,6 +362,7 @@ class Tuner:
         snapshots = {stage.key: (stage, stage.metrics.snapshot()) for stage in self._stages()}
         self._follow_remade_stages(snapshots)
         self._record_start_choices(snapshots)
+        self._check_ram_floor(snapshots)
         if not self._window_complete(dt, delivered - self._previous_root[0], snapshots):
             return  # windows (before and after a change) must be long enough to compare
         windows = self._windows(dt, snapshots)  # the same window as the root's
@@ -397,6 +432,8 @@ class Tuner:
         counters from zero and inherits the knobs' values: measure it from its start, and
         carry an experiment on the old one over to it, measured afresh."""
         for key, (stage, _) in snapshots.items():
+            if self._stage_objects.get(key) is not stage:
+                self._cap_buffers(stage)  # made after the tuner started (an epoch, a slot)
             if self._stage_objects.get(key, stage) is not stage:
                 self._previous.pop(key, None)
                 self._remade.add(key)
@@ -432,6 +469,32 @@ class Tuner:
                     choice.reason,
                 )
             )
+
+    def _check_ram_floor(self, snapshots: dict[object, tuple[Tunable, dict[str, float]]]) -> None:
+        """Say once, for each stage running on workers, if even one worker holds more than
+        the RAM budget: the tuner cannot keep to it, and the user would not know."""
+        for key, (stage, now) in snapshots.items():
+            per_element = now["bytes_per_element"]
+            if key in self._warned or not per_element or stage.knobs["parallelism"].value < 1:
+                continue
+            worker_rss = self.workers_rss / self.process_workers if self.process_workers else 0
+            least = least_bytes(stage, per_element, worker_rss)
+            if least <= self.budget.ram:
+                continue
+            self._warned.add(key)
+            on_processes = stage.knobs.get("executor")
+            held = "its smallest buffer and the element its consumer holds"
+            if on_processes is not None and on_processes.value == PROCESSES:
+                held += ", and a worker process"
+            warning = (
+                f"{stage.name} may hold {format_bytes(least)} with even one worker ({held}, "
+                f"{format_bytes(per_element)} an element): more than the RAM budget of "
+                f"{format_bytes(self.budget.ram)}, which cannot be kept; raise "
+                "Options.autotune.ram_budget or make the elements smaller"
+            )
+            with self._lock:
+                self.warnings.append(warning)
+            warnings_logger.warning("%s", warning)
 
     def _window_complete(
         self, dt: float, root_moved: int, snapshots: dict[object, tuple[Tunable, dict[str, float]]]
@@ -617,7 +680,7 @@ class Tuner:
                 or w.consumer_wait < e.baseline_waits.get(w.stage.key, 0.0) + STALL
             ):
                 continue
-            target = self._scaled_parallelism(w, windows)
+            target, _ = self._scaled_parallelism(w, windows)
             if target <= parallelism.value:
                 continue
             old = parallelism.value
@@ -719,6 +782,9 @@ class Tuner:
                 and w.consumer_wait >= NO_STALL
                 and (key, knob.name) not in self.state.saturated
             ):
+                if knob.most() < 1:  # no thread left for it: other stages' turn
+                    self._note_thread_budget(w.stage, knob, 1)
+                    continue
                 reason = (
                     f"its consumer works {own:.0%} of the time and waits {w.consumer_wait:.0%} "
                     "for it: read ahead on a thread to overlap the two"
@@ -758,17 +824,21 @@ class Tuner:
                 and not (parallelism.value == 0 and w.seconds_per_element < CHEAP_WORK)
                 and (saturated_at is None or parallelism.value < saturated_at)
             ):
-                target = self._scaled_parallelism(w, windows)
+                target, wanted = self._scaled_parallelism(w, windows)
                 if target <= parallelism.value:
                     # At a bound: no more threads. If the process cannot use its cores, the
                     # GIL is the bound: processes may be.
                     self.state.saturated[(key, "parallelism")] = parallelism.value
+                    if wanted > target:
+                        self._note_thread_budget(w.stage, parallelism, wanted)
                 else:
                     reason = (
                         f"consumer waits {w.consumer_wait:.0%} of the time; workers "
                         f"{'wait' if self._waits(w) else 'compute'} "
                         f"(cpu {w.cpu_share:.0%} of wall, {w.cores:.2f} cores)"
                     )
+                    if wanted > target:
+                        reason += f"; {thread_budget_words(parallelism, wanted)}"
                     self._try(w.stage, parallelism, target, +1, rate, stall, now, reason)
                     return True
             buffer = w.stage.knobs["buffer_size"]
@@ -877,11 +947,13 @@ class Tuner:
         """The stage's work mostly waits (I/O, latency) rather than computes."""
         return mostly_waits(w.cpu_share, w.cores, w.stage.solo_cpu_share, self.gil_free())
 
-    def _scaled_parallelism(self, w: StageWindow, windows: list[StageWindow]) -> int:
+    def _scaled_parallelism(self, w: StageWindow, windows: list[StageWindow]) -> tuple[int, int]:
+        """The parallelism to try next for ``w``, and what it would be were it not for the
+        pass's thread budget."""
         knob = w.stage.knobs["parallelism"]
         current = knob.value
         if current == 0:
-            return 1
+            return min(1, knob.most()), 1
         cores_taken = self.cores_in_use >= CPU_FULL * self.budget.cpu
         # With every core busy, threads that get little CPU are starved, not waiting: more of
         # them would only add contention.
@@ -893,11 +965,12 @@ class Tuner:
             # Computing work never gets more workers than the budget has cores, whatever the
             # measured load says (a busy machine can make the cores look free).
             if cores_taken or current + 1 > self.budget.cpu:
-                return current
+                return current, current
             target = current + 1
         while target > current and not self._ram_allows(windows, w, parallelism=target):
             target = current + (target - current) // 2
-        return min(target, knob.maximum)
+        wanted = min(target, knob.maximum)
+        return min(wanted, knob.most()), wanted
 
     def _scale_down(
         self,
@@ -976,6 +1049,23 @@ class Tuner:
         if self.process_workers:
             return self.workers_rss // self.process_workers
         return rss_of()
+
+    def _note_thread_budget(self, stage: Tunable, knob: Knob, wanted: int) -> None:
+        """Record, once at each value, that the thread budget stopped a scale-up of ``knob``."""
+        noted = (stage.key, knob.value)
+        if noted not in self._budget_noted:
+            self._budget_noted.add(noted)
+            reason = f"no more workers: {thread_budget_words(knob, wanted)}"
+            self._record(
+                Decision(
+                    time.perf_counter() - self._started,
+                    stage.name,
+                    knob.name,
+                    knob.value,
+                    knob.value,
+                    reason,
+                )
+            )
 
     def _try(
         self,

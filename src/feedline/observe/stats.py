@@ -8,6 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+# (``_size`` serves the live view too.)
+from feedline.autotune.budget import format_bytes as _size
+
 # The report names a bottleneck by the same signs the tuner acts on.
 from feedline.autotune.tuner import GIL_CORES, mostly_waits
 from feedline.runtime.tunable import PROCESSES
@@ -95,6 +98,8 @@ def collect_stats(it: DatasetIterator) -> dict[str, Any]:
             "gil_free": tuner.gil_free() if tuner else False,
             "history": history,
         },
+        # Budgets the pipeline cannot keep (each said once, also on the "feedline" logger).
+        "warnings": list(tuner.warnings) if tuner is not None else [],
         "buffered_bytes": it.buffered_bytes(),
         # Worker processes' memory is outside the buffers: the RAM budget counts both.
         "worker_processes": [asdict(w) for w in workers],
@@ -166,7 +171,8 @@ def find_bottleneck(stats: dict[str, Any]) -> dict[str, str]:
     ):
         advice = (
             f"{worst['name']} waits (CPU {cpu:.0%} of its time): {parallelism} calls in "
-            "flight; raise Options.autotune.max_parallelism or ram_budget to allow more"
+            "flight; raise Options.autotune.max_parallelism, max_threads or ram_budget to "
+            "allow more"
         )
     elif worst["knobs"].get("executor") == PROCESSES:
         advice = (
@@ -199,14 +205,6 @@ def _pipeline_seconds_per_element(stages: list[dict[str, Any]], consumer: dict[s
     return worst
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def format_report(stats: dict[str, Any]) -> str:
     consumer = stats["consumer"]
     lines = [
@@ -237,6 +235,7 @@ def format_report(stats: dict[str, Any]) -> str:
     lines += ["", f"bottleneck: {bottleneck['stage']} — {bottleneck['why']}"]
     if bottleneck["advice"]:
         lines.append(f"advice: {bottleneck['advice']}")
+    lines += [f"warning: {warning}" for warning in stats["warnings"]]
     tune = stats["autotune"]
     if tune["enabled"]:
         lines += [

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from feedline.options import Options, ResolvedOptions
+from feedline.runtime.tunable import ThreadBudget
 
 if TYPE_CHECKING:
     from feedline.runtime.tunable import Tunable
@@ -52,10 +53,13 @@ class IterContext:
         self._closers: list[Callable[[], None]] = []
         self._worker_pools: list[WorkerPoolView] = []
         self._lock = threading.Lock()
+        # One budget for every stage of the pass, nested ones (an interleave's) included.
+        self.threads = ThreadBudget(self.options.thread_budget, self.stages)
 
     def register(self, stage: Tunable) -> None:
         with self._lock:
             self._stages.append(stage)
+        self.threads.attach(stage)
 
     def unregister(self, stage: Tunable) -> None:
         """A closed stage leaves the tuner's view; what it measured stays in ``retired``."""

@@ -3,7 +3,9 @@
 Every asynchronous stage exposes the same things: its knobs (``parallelism``, ``buffer_size``),
 each with bounds and a thread-safe setter that takes effect while the stage runs, and a
 ``StageMetrics`` record the stage updates as it works. The tuner reads metrics and writes knobs;
-it never touches a stage otherwise, and stages never import the tuner.
+it never touches a stage otherwise, and stages never import the tuner. A tuned ``parallelism``
+also draws from the pass's ``ThreadBudget``, whoever raises it (the stage's start choice or
+the tuner).
 """
 
 from __future__ import annotations
@@ -42,22 +44,124 @@ class Knob:
         self.tunable = tunable
         self._value = max(minimum, min(maximum, value))
         self._on_change = on_change
+        # Set for a tuned stage's parallelism: raising it draws from the pass's threads.
+        self.budget: ThreadBudget | None = None
 
     @property
     def value(self) -> int:
         return self._value
 
     def set(self, value: int) -> int:
-        """Clamp ``value`` to the bounds, apply it, and return what was applied."""
+        """Clamp ``value`` to the bounds (a raise, also to what the thread budget leaves),
+        apply it, and return what was applied."""
         value = max(self.minimum, min(self.maximum, int(value)))
-        if value != self._value:
+        old = self._value
+        if value > old and self.budget is not None:
+            value = self.budget.raise_to(self, value)
+        else:
             self._value = value
-            if self._on_change is not None:
-                self._on_change()
+        if value != old and self._on_change is not None:
+            self._on_change()
         return value
+
+    def most(self) -> int:
+        """The highest value ``set`` would apply now."""
+        if self.budget is None:
+            return self.maximum
+        return max(self._value, min(self.maximum, self.budget.room(self)))
 
     def __repr__(self) -> str:
         return f"Knob({self.name}={self._value} in [{self.minimum}, {self.maximum}])"
+
+
+class ThreadBudget:
+    """The worker threads one pass may run, all its stages together.
+
+    A stage holds its ``parallelism`` in threads, or more while workers it let go are still
+    alive (parked, to be taken back). Raising a tuned stage's parallelism (a knob given this
+    budget) applies at most what the other stages leave, read and applied under one lock, so
+    stages choosing at once (an interleave's datasets, each on a thread of its own) cannot
+    overdraw it. A stage whose parallelism the user fixed runs what was asked for, and leaves
+    the tuned ones that much less.
+    """
+
+    def __init__(self, limit: int, stages: Callable[[], list[Tunable]]) -> None:
+        self.limit = limit
+        self._stages = stages  # the pass's stages now
+        self._threads: dict[Tunable, list[threading.Thread]] = {}
+        self._lock = threading.Lock()
+
+    def attach(self, stage: Tunable) -> None:
+        """``stage`` joins the pass: a tuned parallelism draws from the budget from now on,
+        and keeps a value it starts with (what an earlier stage of its op reached) only as far
+        as it fits."""
+        knob = stage.knobs.get("parallelism")
+        if knob is None or not knob.tunable:
+            return
+        with self._lock:
+            knob.budget = self
+            knob._value = max(knob.minimum, min(knob._value, self._room(knob)))
+
+    def track(self, stage: Tunable, thread: threading.Thread) -> None:
+        """``thread`` works for ``stage``: it counts until it ends, the stage closed or not."""
+        with self._lock:
+            self._threads.setdefault(stage, []).append(thread)
+
+    def in_use(self) -> int:
+        with self._lock:
+            return sum(self._held().values())
+
+    def room(self, knob: Knob) -> int:
+        """The most threads the stage of ``knob`` may hold: what the other stages leave."""
+        with self._lock:
+            return self._room(knob)
+
+    def start_share(self, stage: Tunable) -> int:
+        """What a tuned stage choosing its first parallelism may take: an equal part of what
+        is left with the stages still to choose, keeping as much again for the tuner and for
+        stages made later (an interleave opens its datasets' stages as it goes)."""
+        with self._lock:
+            choosing = sum(1 for s in self._stages() if _choosing(s)) or 1
+            return self._room(stage.knobs["parallelism"]) // (choosing + 1)
+
+    def raise_to(self, knob: Knob, value: int) -> int:
+        """Raise ``knob`` towards ``value`` as far as the budget allows; what was applied."""
+        with self._lock:
+            value = max(knob._value, min(value, self._room(knob)))
+            knob._value = value
+            return value
+
+    def _held(self) -> dict[Tunable, int]:
+        held: dict[Tunable, int] = {}
+        for stage, threads in list(self._threads.items()):
+            alive = [t for t in threads if t.is_alive()]
+            if alive:
+                self._threads[stage] = alive
+                held[stage] = len(alive)
+            else:
+                del self._threads[stage]
+        for stage in self._stages():
+            knob = stage.knobs.get("parallelism")
+            if knob is not None:
+                held[stage] = max(held.get(stage, 0), knob.value)
+        return held
+
+    def _room(self, knob: Knob) -> int:
+        held = self._held().items()
+        others = sum(n for stage, n in held if stage.knobs.get("parallelism") is not knob)
+        return max(0, self.limit - others)
+
+
+def _choosing(stage: Tunable) -> bool:
+    """A tuned stage that may run many workers and has not chosen how many to start with."""
+    knob = stage.knobs.get("parallelism")
+    return (
+        knob is not None
+        and knob.tunable
+        and knob.maximum > 1
+        and knob.value == 0
+        and stage.start_choice is None
+    )
 
 
 @dataclass

@@ -16,22 +16,35 @@ State: the consumer's position is the oldest chunk not fully delivered — its i
 start position — plus the positions already delivered after that point. Restoring reopens
 the input there and drops those positions before transforming, so a resumed pass yields
 exactly what the original would have, in either order mode.
+
+A stage that delivers in finishing order cannot replay its own order from an old state, yet a
+stage reading from it replays by position. So a state it gives out (``Journal``) keeps
+recording, while alive, the positions it delivers next, in order; restored, the stage delivers
+those positions first and in that order (its ``then`` field). A reader's replay then meets the
+same elements at the same positions: the resumed pass is the same multiset as one pass.
+
+A stage that crashed (a worker died, a ``BaseException`` stopped the work) raises a
+``StageCrashedError`` once, after the chunks made before it, and then ends; its state still
+points at the work that was lost, so a restore makes exactly that again.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
-from feedline.errors import StageError
+from feedline.errors import InvalidStateError, StageCrashedError, StageError
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import NodeIterator, State
+from feedline.runtime.states import state_dict, state_int, state_ranges
 from feedline.runtime.tunable import (
     CHEAP_WORK_SECONDS,
     PROCESSES,
@@ -121,6 +134,24 @@ class RowList(list[Any]):
         self.stacked = stacked
 
 
+class Journal(dict[str, Any]):
+    """A state of a stage that delivers in finishing order, which goes on recording (in
+    ``then``) the positions the stage delivers after it was taken, while anything holds it.
+
+    The first ``pending`` positions delivered are already in ``then``: a restored stage's
+    forced order, which it delivers before anything else."""
+
+    __slots__ = ("__weakref__", "pending")
+    pending: int
+
+    def record(self, positions: Sequence[int]) -> None:
+        if self.pending:
+            already = min(self.pending, len(positions))
+            self.pending -= already
+            positions = positions[already:]
+        self["then"].extend(positions)
+
+
 class _Chunk:
     """Elements pulled together: input positions [start, end), of which ``positions`` were
     kept (a restored state may have dropped some), and their outputs once transformed."""
@@ -195,14 +226,17 @@ class AsyncStage(NodeIterator, Tunable):
         # stage belongs to, from that very thread.
         self._input_lock = threading.RLock()
 
+        then: list[int] = []
         if state is None:
             self._input = make_input(None)
             self._next_position = 0
             self._skip: list[list[int]] = []
         else:
+            state = state_dict(state, name, "input", "start", "skip")
+            self._next_position = state_int(state, "start", name)
+            self._skip = state_ranges(state, "skip", name)
+            then = _forced_order(state, name, self._next_position, self._skip)
             self._input = make_input(state["input"])
-            self._next_position = state["start"]
-            self._skip = [list(r) for r in state["skip"]]
         self.inputs = (self._input,)
 
         self.knobs = {
@@ -264,7 +298,17 @@ class AsyncStage(NodeIterator, Tunable):
         self._workers: list[threading.Thread] = []
         self._closing = False
         self._closed = False
+        self._crash: StageCrashedError | None = None
+        self._crash_raised = False
+        # States given out in finishing-order mode, still recording what is delivered.
+        self._journals: list[weakref.ref[Journal]] = []
+        # Restored from a state with a forced order: chunks pulled for it, issued before any
+        # other pull, and the chunk that must be delivered before any other.
+        self._prepared: list[_Chunk] = []
+        self._forced: _Chunk | None = None
         ctx.register(self)
+        if then:
+            self._prepare_forced(then)
 
     # -- sizing ------------------------------------------------------------------------------
 
@@ -422,6 +466,7 @@ class AsyncStage(NodeIterator, Tunable):
                     )
                     self._workers.append(thread)
                     thread.start()
+                    self.ctx.threads.track(self, thread)
 
     def _has_room(self, size: int) -> bool:
         if self._reserved == 0:
@@ -471,13 +516,20 @@ class AsyncStage(NodeIterator, Tunable):
                 logger.exception("feedline worker %s crashed", self.name)
             self._record_crash(e)
 
-    _crash: BaseException | None = None
-
     def _record_crash(self, error: BaseException) -> None:
-        """End the stage: the consumer raises ``error`` after the chunks made before it."""
+        """End the stage: the consumer raises a ``StageCrashedError`` once, after the chunks
+        made before it. The chunks the crash stopped stay open, so the state still says to
+        make them again."""
+        if not isinstance(error, StageCrashedError):
+            crash = StageCrashedError(
+                self.name, None, f"a worker crashed: {type(error).__name__}: {error}"
+            )
+            crash.__cause__ = error
+            error = crash
         with self._lock:
             self._end_seq = self._end_seq if self._end_seq is not None else self._issued
-            self._crash = error
+            if self._crash is None:
+                self._crash = error
             self._wake_all()
 
     def _issue(self, size: int) -> _Chunk | None:
@@ -492,6 +544,11 @@ class AsyncStage(NodeIterator, Tunable):
                     with self._lock:
                         self._reserved -= size
                     return None
+                if self._prepared:
+                    chunk = self._prepared.pop(0)
+                    with self._lock:
+                        self._reserved += len(chunk.outputs) - size
+                    return chunk
                 start_state = self._input.get_state()
                 start = self._next_position
                 started = time.perf_counter()
@@ -504,6 +561,13 @@ class AsyncStage(NodeIterator, Tunable):
                     wanted = max(end - end % block, start - start % block + block) - start
                 try:
                     raw: list[Any] = self._input.next_chunk(wanted)
+                except StageCrashedError as e:
+                    # Not an element: the input can make no more. This stage ends after what
+                    # it made, and the input's state still holds the lost work.
+                    with self._lock:
+                        self._reserved -= size
+                    self._record_crash(e)
+                    return None
                 except Exception as e:
                     raw, failed = [Failed(e)], True
                 pull_seconds = time.perf_counter() - started
@@ -535,7 +599,8 @@ class AsyncStage(NodeIterator, Tunable):
     def _drop_skipped(
         self, raw: list[Any], positions: Sequence[int]
     ) -> tuple[list[Any], list[int]]:
-        """Drop elements a restored state says were already delivered."""
+        """Drop elements a restored state says were already delivered. (``get_state`` counts
+        every position pulled and not open as done, so ranges passed need not be kept.)"""
         kept, kept_positions = [], []
         for element, position in zip(raw, positions):
             if not any(a <= position < b for a, b in self._skip):
@@ -544,6 +609,54 @@ class AsyncStage(NodeIterator, Tunable):
         last = positions[-1]
         self._skip = [r for r in self._skip if r[1] > last + 1]
         return kept, kept_positions
+
+    def _prepare_forced(self, then: list[int]) -> None:
+        """Restored with a forced order: pull the input up to its last position, and issue
+        first a chunk of those positions in that order, then one of the others pulled on the
+        way (in finishing-order mode they were in flight; they may come in any order)."""
+        resumed_at = self._next_position
+        # The restored input's own state, not the saved copy: an input that delivers in
+        # finishing order records its order only in a live one.
+        start_state = self._input.get_state()
+        wanted = set(then)
+        pulled: dict[int, Any] = {}
+        others: list[int] = []
+        last = max(then)
+        while self._next_position <= last:
+            start = self._next_position
+            raw = self._input.next_chunk(last + 1 - start)
+            if not raw:
+                raise InvalidStateError(
+                    self.name, "then", f"names position {last}, past the end of the input"
+                )
+            self._next_position += len(raw)
+            positions = range(start, self._next_position)
+            if self._skip:
+                raw, positions = self._drop_skipped(raw, positions)  # type: ignore[assignment]
+            for element, position in zip(raw, positions):
+                pulled[position] = element
+                if position not in wanted:
+                    others.append(position)
+        missing = wanted - pulled.keys()
+        if missing:
+            raise InvalidStateError(
+                self.name, "then", f"names positions the state skips: {sorted(missing)[:5]}"
+            )
+        # Both chunks start where the restored input does.
+        self._forced = self._prepared_chunk(start_state, resumed_at, then, pulled)
+        if others:
+            self._prepared_chunk(start_state, resumed_at, others, pulled)
+
+    def _prepared_chunk(
+        self, start_state: State, start: int, positions: list[int], pulled: dict[int, Any]
+    ) -> _Chunk:
+        seq = self._issued
+        self._issued += 1
+        chunk = _Chunk(seq, start_state, start, self._next_position, positions)
+        chunk.outputs = [pulled[p] for p in positions]
+        self._open[seq] = chunk
+        self._prepared.append(chunk)
+        return chunk
 
     def _run(self, chunk: _Chunk) -> None:
         """Transform a chunk (if this stage has a transform) and hand it to the consumer."""
@@ -609,20 +722,25 @@ class AsyncStage(NodeIterator, Tunable):
                     chunk = self._pick_ready()
                     if chunk is not None or self._closing:
                         return chunk
-                    if isinstance(self._crash, StageError):
-                        # Already names the stage and what failed (e.g. a dead worker
-                        # process); raised afresh so tracebacks do not pile up on it.
-                        raise self._crash.with_traceback(None)
                     if self._crash is not None:
-                        raise StageError(
-                            self.name, None, "a worker thread crashed"
-                        ) from self._crash
+                        if self._crash_raised:
+                            return None  # the pass ended with the crash
+                        self._crash_raised = True
+                        # A copy: raised, it holds the consumer's frames, and the stage
+                        # (which its threads keep alive) must not, or a dropped iterator
+                        # could never be collected.
+                        raised = copy.copy(self._crash)
+                        raised.__cause__ = self._crash.__cause__
+                        raise raised
                     if self._end_seq is not None and not self._open:
                         if self.executor is not None:
                             # Nothing more to run: let go of the worker processes now.
                             self.executor.close()
                         return None
-                    inline = self.parallelism == 0 and all(c.ready for c in self._open.values())
+                    # Chunks pulled for a restore's forced order are made like new ones.
+                    inline = self.parallelism == 0 and all(
+                        c.ready or c in self._prepared for c in self._open.values()
+                    )
                     if not inline:
                         self._results_ready.wait()
                         continue
@@ -636,11 +754,16 @@ class AsyncStage(NodeIterator, Tunable):
         if chunk is not None and chunk.delivered < len(chunk.outputs):
             return True
         with self._lock:
-            return self._pick_ready(peek=True) is not None or (
-                self._end_seq is not None and not self._open
+            return (
+                self._pick_ready(peek=True) is not None
+                or self._crash is not None
+                or (self._end_seq is not None and not self._open)
             )
 
     def _pick_ready(self, peek: bool = False) -> _Chunk | None:
+        forced = self._forced
+        if forced is not None:
+            return forced if forced.ready else None
         if self.deterministic:
             chunk = self._open.get(self._deliver_seq)
             if chunk is None or not chunk.ready:
@@ -660,12 +783,18 @@ class AsyncStage(NodeIterator, Tunable):
         with self._lock:
             size = self._next_chunk_size()
             self._reserved += size
-        chunk = self._issue(size)
-        if chunk is not None:
-            try:
+        try:
+            chunk = self._issue(size)
+            if chunk is not None:
                 self._run(chunk)
-            except Exception as e:  # work sent elsewhere can fail whole (a worker died)
-                self._record_crash(e)
+        except Exception as e:  # work sent elsewhere can fail whole (a worker died)
+            self._record_crash(e)
+        except BaseException as e:
+            # SystemExit or KeyboardInterrupt from the function, in the consumer's thread:
+            # it goes on up, and the chunk it stopped can never finish: a later next() must
+            # not wait for it.
+            self._record_crash(e)
+            raise
         if self._start_parallelism is not None and self._seconds_per_element > 0:
             share = 1.0 if self.solo_cpu_share is None else self.solo_cpu_share
             waits = share < PURE_WAITING_SHARE
@@ -684,23 +813,30 @@ class AsyncStage(NodeIterator, Tunable):
                 # Waiting is not bound by the cores: as many calls in flight as would keep
                 # them busy were every call like this one. The tuner sees the calls after it,
                 # and takes threads that turn out to compute down or to processes.
-                most = self.knobs["parallelism"].maximum
+                # The pass's other stages need threads too: those still to choose, and those
+                # made later.
+                most = min(self.knobs["parallelism"].maximum, self.ctx.threads.start_share(self))
                 cores = start
-                start = int(min(most, cores / max(share, 1 / most)))
+                start = most if most * share <= cores else int(cores / share)
                 while start > 1 and self.projected_bytes(start) > self.max_buffer_bytes:
                     start //= 2
                 reason = (
                     f"its first calls wait (cpu {share:.1%} of wall): workers to keep "
-                    f"{cores} cores busy, within the maximum and the buffer's bytes"
+                    f"{cores} cores busy, within the maximum, the buffer's bytes and a share "
+                    "of the pass's threads"
                 )
             else:
                 reason = f"its first call computes (cpu {share:.0%} of wall): a worker per core"
             applied = self.knobs["parallelism"].set(start)
+            if applied < start:
+                reason += f"; the pass's thread budget ({self.ctx.threads.limit}) left {applied}"
             self.start_choice = StartChoice(time.perf_counter(), "parallelism", 0, applied, reason)
 
     def _retire(self, chunk: _Chunk) -> None:
         with self._lock:
             del self._open[chunk.seq]
+            if chunk is self._forced:
+                self._forced = None
             self._reserved -= len(chunk.outputs)
             with self.metrics.lock:
                 self.metrics.elements += len(chunk.outputs)
@@ -726,6 +862,8 @@ class AsyncStage(NodeIterator, Tunable):
             outputs = chunk.outputs
             if i + 1 < len(outputs) and not (chunk.failures and chunk.failures[0] == i):
                 chunk.delivered = i + 1
+                if self._journals:
+                    self._journal(chunk.positions[i : i + 1])
                 return outputs[i]
         taken = self.next_chunk(1)
         if not taken:
@@ -762,6 +900,8 @@ class AsyncStage(NodeIterator, Tunable):
             if failure == start:
                 chunk.failures.pop(0)
                 chunk.delivered += 1
+                if self._journals:
+                    self._journal(chunk.positions[start : start + 1])
                 error = outputs[start].error
                 # Once raised, the error's traceback reaches the consumer's frames: if this
                 # stage (which its worker threads keep alive) held on to it, a dropped iterator
@@ -774,6 +914,8 @@ class AsyncStage(NodeIterator, Tunable):
             stop = min(stop, failure)
         taken = outputs if start == 0 and stop == len(outputs) else outputs[start:stop]
         chunk.delivered = stop
+        if self._journals:
+            self._journal(chunk.positions[start:stop])
         self._retire_if_done(chunk)
         return taken
 
@@ -793,6 +935,8 @@ class AsyncStage(NodeIterator, Tunable):
         ):
             return None
         chunk.delivered = start + n
+        if self._journals:
+            self._journal(chunk.positions[start : start + n])
         self._retire_if_done(chunk)
         # Rows nothing else was given: the batch can be them in place.
         return outputs.stacked[start : start + n]
@@ -813,6 +957,8 @@ class AsyncStage(NodeIterator, Tunable):
                 with self.metrics.lock:
                     self.metrics.errors += 1
                 raise  # nothing is in flight: the error is the next thing to deliver
+            if self._journals:
+                self._journal(range(self._next_position, self._next_position + len(taken)))
             self._next_position += len(taken)
             # The consumer's wait was this stage's work: one update for both.
             self.metrics.end_wait(started, len(taken), time.thread_time() - cpu_started)
@@ -828,25 +974,63 @@ class AsyncStage(NodeIterator, Tunable):
 
     # -- state -------------------------------------------------------------------------------
 
+    def _journal(self, positions: Sequence[int]) -> None:
+        """Record delivered positions in every state given out that is still held."""
+        with self._lock:
+            alive = []
+            for ref in self._journals:
+                journal = ref()
+                if journal is not None:
+                    journal.record(positions)
+                    alive.append(ref)
+            self._journals = alive
+
     def get_state(self) -> State:
         with self._input_lock, self._lock:
-            if not self._open:
-                return {
-                    "input": self._input.get_state(),
-                    "start": self._next_position,
-                    "skip": [list(r) for r in self._skip],
-                }
-            oldest = self._open[min(self._open)]
-            done: list[list[int]] = [list(r) for r in self._skip]
-            done += [r for r in self._retired_ranges if r[0] >= oldest.start]
-            for chunk in self._open.values():
-                if isinstance(chunk.positions, range):  # the usual case: nothing dropped
-                    if chunk.delivered:
-                        done.append([chunk.start, chunk.start + chunk.delivered])
-                    continue
-                kept = set(chunk.positions[chunk.delivered :])
-                done += [[p, p + 1] for p in range(chunk.start, chunk.end) if p not in kept]
-            return {"input": oldest.start_state, "start": oldest.start, "skip": _merge_ranges(done)}
+            state = self._state()
+            if self.deterministic:
+                return state
+            journal = Journal(state)
+            forced = self._forced
+            journal["then"] = [] if forced is None else list(forced.positions[forced.delivered :])
+            journal.pending = len(journal["then"])
+            self._journals.append(weakref.ref(journal))
+            return journal
+
+    def _state(self) -> State:
+        """Where the input resumes, and every position from there on already delivered:
+        all those pulled and not still to deliver in an open chunk, and the restored state's
+        skips not yet reached."""
+        later_skips = [[max(a, self._next_position), b] for a, b in self._skip]
+        later_skips = [r for r in later_skips if r[0] < r[1]]
+        if not self._open:
+            return {
+                "input": self._input.get_state(),
+                "start": self._next_position,
+                "skip": later_skips,
+            }
+        oldest = min(self._open.values(), key=lambda c: c.start)
+        to_deliver: list[list[int]] = []
+        for chunk in self._open.values():
+            rest = chunk.positions[chunk.delivered :]
+            if isinstance(rest, range):
+                if len(rest):
+                    to_deliver.append([rest.start, rest.stop])
+            else:
+                to_deliver += [[p, p + 1] for p in rest]
+        done: list[list[int]] = []
+        at = oldest.start
+        for a, b in _merge_ranges(to_deliver):
+            if a > at:
+                done.append([at, a])
+            at = max(at, b)
+        if at < self._next_position:
+            done.append([at, self._next_position])
+        return {
+            "input": oldest.start_state,
+            "start": oldest.start,
+            "skip": _merge_ranges(done + later_skips),
+        }
 
     # -- shutdown ----------------------------------------------------------------------------
 
@@ -881,6 +1065,21 @@ class AsyncStage(NodeIterator, Tunable):
             self._input.close()
         self._open.clear()
         self.ctx.unregister(self)
+
+
+def _forced_order(state: State, name: str, start: int, skip: list[list[int]]) -> list[int]:
+    """A state's ``then``: positions to deliver first, in this order (see ``Journal``)."""
+    then = state.get("then", [])
+    if not isinstance(then, list) or not all(
+        isinstance(p, int) and not isinstance(p, bool) for p in then
+    ):
+        raise InvalidStateError(name, "then", "is not a list of positions")
+    if len(set(then)) != len(then):
+        raise InvalidStateError(name, "then", "names a position twice")
+    for p in then:
+        if p < start or any(a <= p < b for a, b in skip):
+            raise InvalidStateError(name, "then", f"names position {p}, already delivered")
+    return then
 
 
 def _merge_ranges(ranges: list[list[int]]) -> list[list[int]]:

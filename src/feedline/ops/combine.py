@@ -17,6 +17,7 @@ from feedline.ops.base import (
     call_with_element,
     function_name,
 )
+from feedline.ops.choices import ChoiceLog
 from feedline.ops.tracing import traced_spec
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import ChunkedIterator, InputCursor, NodeIterator, State
@@ -322,9 +323,11 @@ class InterleaveIterator(NodeIterator):
         self.block_index = 0
         self.crashed = False
         self.pending: tuple[Any] | None = None  # an input element read, its opening cut short
+        self.choices = ChoiceLog()
         wanted: dict[int, State] = {}
         if state is not None:
             wanted = self._check_state(state)
+            self.choices.restore(state, op.name, op.cycle_length)
             self.input_start = state["input_start"]
         self.input = op.input.make_iterator(ctx, None if state is None else self.input_start)
         # Taken from the input even when restored: the saved one is a frozen copy, and an
@@ -450,6 +453,21 @@ class InterleaveIterator(NodeIterator):
                 self.block_index = 0
                 return
 
+    def _choose_slot(self) -> None:
+        """Finishing order: the slot a restored state replays, else one with an element ready
+        (a jump, recorded for the states given out)."""
+        choices = self.choices
+        choices.steps += 1
+        if choices.forced:
+            slot = choices.forced_jump()
+            if slot is not None:
+                self.cycle_index, self.block_index = slot, 0
+            return
+        before = self.cycle_index
+        self._ready_slot()
+        if self.cycle_index != before:
+            choices.record_jump(self.cycle_index)
+
     def __next__(self) -> Any:
         if self.crashed:
             raise StopIteration  # the pass ended with the crash
@@ -462,7 +480,7 @@ class InterleaveIterator(NodeIterator):
     def _next(self) -> Any:
         while True:
             if not self.deterministic:
-                self._ready_slot()
+                self._choose_slot()
             slot = self.slots[self.cycle_index]
             if slot is not None:
                 if self.block_index < self.op.block_length:
@@ -474,6 +492,7 @@ class InterleaveIterator(NodeIterator):
                         self.slot_origin[self.cycle_index] = None
                     else:
                         self.block_index += 1
+                        self.choices.deliveries += 1
                         return element
                 self._advance_cycle()
             elif self.pending is not None or not self.input_done:
@@ -508,7 +527,7 @@ class InterleaveIterator(NodeIterator):
         self.slot_origin[self.cycle_index] = position
 
     def get_state(self) -> State:
-        return {
+        state = {
             "input_start": self.input_start,
             "read": self.read,
             "input_done": self.input_done,
@@ -519,6 +538,7 @@ class InterleaveIterator(NodeIterator):
             "cycle_index": self.cycle_index,
             "block_index": self.block_index,
         }
+        return state if self.deterministic else self.choices.state(state)
 
     def close(self) -> None:
         self.input.close()

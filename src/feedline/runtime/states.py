@@ -115,6 +115,8 @@ def state_ranges(state: State, field: str, owner: str) -> list[list[int]]:
 def frozen(state: Any) -> Any:
     """A copy of ``state`` in plain dicts and lists, as a user keeps it: states that stages
     hold go on changing (a ``Journal`` records what is delivered after it was taken)."""
+    if isinstance(state, LiveState):
+        state = state.current()
     if isinstance(state, dict):
         return {key: frozen(value) for key, value in state.items()}
     if isinstance(state, list):
@@ -126,3 +128,14 @@ def known_end(cardinality: int) -> int | None:
     """The most elements a count read from a state may be, where the op's cardinality (its
     number of elements, or a negative code for infinite or unknown) sets one."""
     return cardinality if cardinality >= 0 else None
+
+
+class LiveState(dict[str, Any]):
+    """A state an iterator gave out whose full content is known only when the user takes
+    it: ``frozen`` reads ``current()`` then. Until then it may be held inside other states
+    (a reader's record of where its input was), as any state is."""
+
+    __slots__ = ("__weakref__",)
+
+    def current(self) -> State:
+        raise NotImplementedError

@@ -63,6 +63,14 @@ def _parallelism(value: Any, what: str) -> int | None:
     return require_positive_int(value, what)
 
 
+def _timeout(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"timeout must be None or a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
 def _executor(value: Any) -> str | None:
     """``None`` (the pipeline's ``Options.executor``) or a valid executor name; "process"
     needs cloudpickle, which is checked now rather than at the first element."""
@@ -223,18 +231,32 @@ class Dataset:
         deterministic: bool | None = None,
         name: str | None = None,
         executor: str | None = None,
+        timeout: float | None = None,
     ) -> Dataset:
         """Apply ``map_func`` to every element (a tuple's parts are separate arguments).
 
         ``executor`` says where ``map_func`` runs: "thread", "process" (worker processes, for
         pure-Python work that holds the GIL; needs ``feedline[process]``) or "auto"; None
         takes ``Options.executor``.
+
+        ``timeout``: seconds one call may take; a call that takes longer fails its element
+        (a ``StageError`` naming it, caused by ``CallTimeout``), which ``ignore_errors`` can
+        skip. In worker processes the call is stopped then (a worker stuck in native code
+        is killed); on a thread it cannot be, so it fails once it returns, with a warning.
         """
         map_func = snapshot(require_callable(map_func, "map_func"))
         calls = _parallelism(num_parallel_calls, "num_parallel_calls")
         op_name = f"map({name})" if name else None
         return self._wrap(
-            MapOp(self._op, map_func, op_name, calls, deterministic, executor=_executor(executor))
+            MapOp(
+                self._op,
+                map_func,
+                op_name,
+                calls,
+                deterministic,
+                executor=_executor(executor),
+                timeout=_timeout(timeout),
+            )
         )
 
     def random_map(
@@ -245,6 +267,7 @@ class Dataset:
         deterministic: bool | None = None,
         name: str | None = None,
         executor: str | None = None,
+        timeout: float | None = None,
     ) -> Dataset:
         """Like ``map``, but ``map_func(element, rng)`` also gets a ``numpy.random.Generator``.
 
@@ -266,6 +289,7 @@ class Dataset:
                 random=True,
                 seed=seed,
                 executor=_executor(executor),
+                timeout=_timeout(timeout),
             )
         )
 

@@ -29,6 +29,7 @@ from feedline.runtime.parallel import (
     default_parallelism,
 )
 from feedline.runtime.states import state_bool, state_int, state_nested
+from feedline.runtime.timeouts import call_within
 from feedline.structure import normalize_output, sole_type
 
 logger = logging.getLogger("feedline")
@@ -63,12 +64,14 @@ class MapOp(Op):
         random: bool = False,
         seed: int | None = None,
         executor: str | None = None,
+        timeout: float | None = None,
     ) -> None:
         super().__init__()
         self.input = input_op
         self.inputs = (input_op,)
         self.fn = fn
         self.executor = executor  # None: the pipeline's Options.executor
+        self.timeout = timeout  # seconds a call may take (runtime/timeouts.py)
         self.num_parallel_calls = num_parallel_calls
         self.deterministic = deterministic
         self.random = random
@@ -117,8 +120,8 @@ class MapOp(Op):
 
                 # One pickled function serves every pass: the worker makes each pass's
                 # transform from its random key.
-                factory = functools.partial(map_transform, self.fn, self.name)
-                return process_executor(ctx, self, self.name, factory, key)
+                factory = functools.partial(map_transform, self.fn, self.name, timeout=self.timeout)
+                return process_executor(ctx, self, self.name, factory, key, self.timeout)
 
             if choice == "process":
                 executor, make_process_executor = make_process_executor(), None
@@ -129,7 +132,7 @@ class MapOp(Op):
             key=self,
             ctx=ctx,
             make_input=lambda s: self.input.make_iterator(ctx, s),
-            transform=map_transform(self.fn, self.name, key),
+            transform=map_transform(self.fn, self.name, key, self.timeout),
             state=state,
             num_parallel_calls=self.num_parallel_calls,
             deterministic=self.deterministic,
@@ -138,18 +141,29 @@ class MapOp(Op):
         )
 
 
-def map_transform(fn: Callable[..., Any], name: str, key: PassKey | None) -> Transform:
-    """The chunk transform of a map (``key`` None) or of one pass of a random_map."""
-    if key is None:
+def map_transform(
+    fn: Callable[..., Any], name: str, key: PassKey | None, timeout: float | None = None
+) -> Transform:
+    """The chunk transform of a map (``key`` None) or of one pass of a random_map; each call
+    limited to ``timeout`` seconds if given."""
+    if key is None and timeout is None:
         return lambda raw, positions: map_chunk(fn, raw, positions, name)
 
-    def with_rng(element: Any, position: int) -> Any:
+    def call(element: Any, position: int) -> Any:
+        if key is None:
+            return fn(*element) if type(element) is tuple else fn(element)
         # The generator depends only on (pass key, position): the same at any parallelism,
         # on any worker (thread or process), and after a restore.
         rng = PassKeys.generator(key, position)
         return fn(*element, rng) if type(element) is tuple else fn(element, rng)
 
-    return lambda raw, positions: map_chunk_with_positions(with_rng, raw, positions, name)
+    if timeout is None:
+        return lambda raw, positions: map_chunk_with_positions(call, raw, positions, name)
+
+    def within(element: Any, position: int) -> Any:
+        return call_within(timeout, call, element, position)
+
+    return lambda raw, positions: map_chunk_with_positions(within, raw, positions, name)
 
 
 def map_chunk(

@@ -62,6 +62,7 @@ import numpy as np
 from feedline.autotune.budget import rss_of
 from feedline.errors import StageCrashedError, StageError
 from feedline.runtime.parallel import Failed, RowList, Transform, element_nbytes
+from feedline.runtime.timeouts import stop_calls_in_this_process
 from feedline.structure import sole_type
 
 if TYPE_CHECKING:
@@ -88,6 +89,8 @@ LINGER_SECONDS = 0.5
 RSS_SAMPLE_SECONDS = 0.5
 # How long a worker asked to stop may take before it is terminated, then killed.
 STOP_SECONDS = 2.0
+# Past a chunk's calls' timeouts, how long a worker may take to stop them and reply.
+OVERDUE_GRACE_SECONDS = 2.0
 # Reply segments a worker keeps for reuse once the parent has given them back: enough for the
 # replies of a steady pipeline to find one, few enough that idle ones do not pile up.
 MAX_FREE_REPLY_SEGMENTS = 2
@@ -765,6 +768,7 @@ def _worker_main(conn: Connection, service_blob: bytes, parent_pid: int) -> None
     parent closes the pipe or is gone."""
     # Ctrl-C reaches the whole process group; the parent decides what stops, and stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stop_calls_in_this_process()
     _end_with_parent(conn, parent_pid)
     global _arena, _heap
     _heap = WorkerHeap.of_this_process()
@@ -1035,6 +1039,7 @@ class WorkerPool:
                 try:
                     worker.in_sync = False
                     _post(worker.conn, message)
+                    self._await_reply(worker, positions)
                     header, body, fds = _read(worker.conn)
                     worker.in_sync = True
                 except (EOFError, OSError):
@@ -1110,6 +1115,23 @@ class WorkerPool:
     def _work_of(self, worker: WorkerProcess, positions: Sequence[int]) -> str:
         """What ``worker`` was doing, for the error when it dies (caller holds the lock)."""
         return f"given the elements at positions {_span(positions)}"
+
+    call_timeout: float | None = None
+
+    def _await_reply(self, worker: WorkerProcess, positions: Sequence[int]) -> None:
+        """Kill a worker whose calls went on past their timeout without being stopped."""
+        if self.call_timeout is None:
+            return
+        allowed = self.call_timeout * len(positions) + OVERDUE_GRACE_SECONDS
+        if not worker.conn.poll(allowed):
+            logger.warning(
+                "%s: worker process %s went %.3g s past the timeout of its calls (%s); killed",
+                self.name,
+                worker.process.pid,
+                allowed,
+                self._work_of(worker, positions),
+            )
+            worker.process.kill()
 
     def _lost(self, worker: WorkerProcess, positions: Sequence[int]) -> StageCrashedError:
         """The error for a worker that died while running ``positions``; breaks the pool."""
@@ -1199,8 +1221,11 @@ class ProcessPool(WorkerPool):
     back).
     """
 
-    def __init__(self, name: str, service_blob: bytes) -> None:
+    def __init__(self, name: str, service_blob: bytes, call_timeout: float | None = None) -> None:
         super().__init__(name, service_blob)
+        # The worker stops a call past its map's timeout; one that ignores the signal (native
+        # code) is ended with its worker once the whole chunk is this late.
+        self.call_timeout = call_timeout
         self._idle: list[WorkerProcess] = []
         self._starting = 0
 
@@ -1419,7 +1444,12 @@ class ProcessExecutor:
 
 
 def process_executor(
-    ctx: IterContext, key: object, name: str, factory: Callable[[Any], Transform], argument: Any
+    ctx: IterContext,
+    key: object,
+    name: str,
+    factory: Callable[[Any], Transform],
+    argument: Any,
+    call_timeout: float | None = None,
 ) -> ProcessExecutor:
     """An executor on the pool of op ``key`` in run ``ctx`` (made on first use).
 
@@ -1430,7 +1460,9 @@ def process_executor(
     pool = shared_pool(
         ctx,
         key,
-        lambda: ProcessPool(name, pickled_service(_ChunkService(factory, name), name)),
+        lambda: ProcessPool(
+            name, pickled_service(_ChunkService(factory, name), name), call_timeout
+        ),
         token,
     )
     return ProcessExecutor(pool, token, argument)

@@ -304,13 +304,53 @@ def test_a_damaged_forced_order_is_refused() -> None:
 
     damaged: list[Callable[[dict[str, Any]], Any]] = [
         lambda s: s.__setitem__("then", "x"),
-        lambda s: s.__setitem__("then", [s["start"] - 1] if s["start"] else [10**6]),
-        lambda s: s.__setitem__("then", [49, 49]),
+        lambda s: s.__setitem__("then", [[0, 1]]),  # delivered before the state
+        lambda s: s.__setitem__("then", [[40, 45], [44, 46]]),  # a position twice
+        lambda s: s.__setitem__("then", [[45, 44]]),
+        lambda s: s.__setitem__("then", [[10**6, 10**6 + 1]]),  # past the end: met on replay
     ]
     import copy
 
     for damage in damaged:
         bad = copy.deepcopy(state)
         damage(inner(bad))
-        with pytest.raises(fl.InvalidStateError, match="then"):
+        with pytest.raises((fl.InvalidStateError, fl.StageCrashedError), match="then"):
             list(ds.iterator(bad))
+
+
+@pytest.mark.timeout(60)
+def test_a_long_recorded_order_is_replayed_holding_only_what_arrives_early() -> None:
+    """A shuffle keeps its input's state from the start of the pass: restored, the stage
+    under it replays the whole pass's order, a chunk at a time, not the pass at once."""
+    n = 3000
+    ds = (
+        D.range(n)
+        .map(jitter, num_parallel_calls=3, deterministic=False)
+        .shuffle(64, seed=5, reshuffle_each_iteration=False)
+    )
+    with ds.iterator() as it:
+        first = [int(next(it)) for _ in range(n - 100)]
+        state = it.get_state()
+    most_held = 0
+    with ds.iterator(state) as it:
+        (stage,) = [s for s in it._ctx.stages() if s.name.startswith("map")]
+        rest = []
+        for x in it:
+            rest.append(int(x))
+            replay = stage._replay
+            most_held = max(most_held, 0 if replay is None else len(replay.held))
+    assert sorted(first + rest) == list(range(n))
+    assert most_held < n // 4, f"held {most_held} elements at once to replay {n}"
+
+
+@pytest.mark.timeout(60)
+def test_a_refused_state_leaves_the_pass_where_it_was() -> None:
+    ds = D.range(20).map(scaled, num_parallel_calls=2)
+    with ds.iterator() as it:
+        first = [int(next(it)) for _ in range(5)]
+        state = it.get_state()
+        bad = {**state, "root": {**state["root"], "start": -3}}
+        with pytest.raises(fl.InvalidStateError, match="start"):
+            it.set_state(bad)
+        rest = [int(x) for x in it]
+    assert first + rest == [x * 3 + 1 for x in range(20)]

@@ -163,6 +163,85 @@ def test_a_crashing_worker_is_reported_not_hung() -> None:
         list(D.range(100).map(fn, num_parallel_calls=2))
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("calls", [2, None])
+def test_ignore_errors_does_not_spin_on_a_crashed_stage(calls: int | None) -> None:
+    """A crash (a BaseException on a worker thread, or inline) is raised once through
+    ignore_errors, and the pass ends: it used to be skipped on every next(), forever."""
+
+    def fn(x: Any) -> Any:
+        if int(x) == 7:
+            raise Fatal()
+        return x
+
+    ds = D.range(100).map(fn, num_parallel_calls=calls).ignore_errors()
+    got, crashes, raised_as_is = [], 0, 0
+    with ds.iterator() as it:
+        for _ in range(200):  # a spinning stage would raise on every one of these
+            try:
+                got.append(int(next(it)))
+            except StopIteration:
+                break
+            except fl.StageCrashedError:
+                crashes += 1
+            except Fatal:  # inline, the function's own BaseException reaches the caller first
+                raised_as_is += 1
+    assert crashes == 1
+    assert raised_as_is == (1 if calls is None else 0)
+    assert got == list(range(len(got))) and len(got) <= 7
+
+
+@pytest.mark.timeout(30)
+def test_system_exit_from_an_inline_map_then_next_does_not_block() -> None:
+    def fn(x: Any) -> Any:
+        if int(x) == 3:
+            raise SystemExit(2)
+        return x
+
+    with D.range(10).map(fn).iterator() as it:
+        assert [int(next(it)) for _ in range(3)] == [0, 1, 2]
+        with pytest.raises(SystemExit):
+            next(it)
+        with pytest.raises(fl.StageCrashedError, match="SystemExit"):
+            next(it)
+        with pytest.raises(StopIteration):
+            next(it)
+        state = it.get_state()
+
+    # The state still holds the work the exit stopped: a restore makes it again.
+    def fine(x: Any) -> Any:
+        return x
+
+    resumed = D.range(10).map(fine, name="fn")
+    with resumed.iterator(state) as it:
+        assert [int(x) for x in it] == list(range(3, 10))
+
+
+@pytest.mark.timeout(30)
+def test_a_crash_upstream_ends_a_downstream_stage_without_losing_its_place() -> None:
+    """A stage whose input crashed delivers what it made, the crash once, then ends; its
+    state resumes with every element not delivered."""
+
+    def fn(x: Any) -> Any:
+        if int(x) == 40:
+            raise Fatal()
+        return x
+
+    ds = D.range(60).map(fn, num_parallel_calls=2).prefetch(3).map(lambda x: x)
+    got = []
+    with ds.iterator() as it:
+        with pytest.raises(fl.StageCrashedError):
+            for x in it:
+                got.append(int(x))
+        assert list(it) == []
+        state = it.get_state()
+    assert got == list(range(len(got)))
+    resumed = D.range(60).map(lambda x: x, num_parallel_calls=2, name="fn")
+    resumed = resumed.prefetch(3).map(lambda x: x)
+    with resumed.iterator(state) as it:
+        assert got + [int(x) for x in it] == list(range(60))
+
+
 @pytest.mark.timeout(60)
 def test_knobs_change_while_running_without_losing_or_repeating() -> None:
     ds = untuned(D.range(3000).map(jittery(5, 0.0002), num_parallel_calls=fl.AUTOTUNE).prefetch(4))

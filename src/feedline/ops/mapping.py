@@ -450,9 +450,10 @@ class IgnoreErrorsOp(Op):
 class IgnoreErrorsIterator(ChunkedIterator):
     def __init__(self, op: IgnoreErrorsOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
-        self.input = op.input.make_iterator(ctx, None if state is None else state["input"])
+        self.ignored = 0 if state is None else state_int(state, "ignored", op.name)
+        input_state = None if state is None else state_nested(state, "input", op.name)
+        self.input = op.input.make_iterator(ctx, input_state)
         self.inputs = (self.input,)
-        self.ignored = 0 if state is None else state["ignored"]
 
     def next_chunk(self, max_n: int) -> list[Any]:
         while True:

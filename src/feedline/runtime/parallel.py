@@ -17,11 +17,9 @@ start position — plus the positions already delivered after that point. Restor
 the input there and drops those positions before transforming, so a resumed pass yields
 exactly what the original would have, in either order mode.
 
-A stage that delivers in finishing order cannot replay its own order from an old state, yet a
-stage reading from it replays by position. So a state it gives out (``Journal``) keeps
-recording, while alive, the positions it delivers next, in order; restored, the stage delivers
-those positions first and in that order (its ``then`` field). A reader's replay then meets the
-same elements at the same positions: the resumed pass is the same multiset as one pass.
+A stage that delivers in finishing order records in the states it gives out the order it
+delivers in after them, and restored, delivers in that order first (``runtime/replay.py``), so
+a reader that replays it by position meets the same elements: the same multiset as one pass.
 
 A stage that crashed (a worker died, a ``BaseException`` stopped the work) raises a
 ``StageCrashedError`` once, after the chunks made before it, and then ends; its state still
@@ -35,15 +33,17 @@ import logging
 import os
 import threading
 import time
+import traceback
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
-from feedline.errors import InvalidStateError, StageCrashedError, StageError
+from feedline.errors import StageCrashedError, StageError
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import NodeIterator, State
+from feedline.runtime.replay import ForcedOrder, Journal, read_forced_order
 from feedline.runtime.states import state_dict, state_int, state_ranges
 from feedline.runtime.tunable import (
     CHEAP_WORK_SECONDS,
@@ -134,22 +134,11 @@ class RowList(list[Any]):
         self.stacked = stacked
 
 
-class Journal(dict[str, Any]):
-    """A state of a stage that delivers in finishing order, which goes on recording (in
-    ``then``) the positions the stage delivers after it was taken, while anything holds it.
+class CrashTraceback(Exception):
+    """Where a stage's crash happened (the ``__cause__`` of its ``StageCrashedError``)."""
 
-    The first ``pending`` positions delivered are already in ``then``: a restored stage's
-    forced order, which it delivers before anything else."""
-
-    __slots__ = ("__weakref__", "pending")
-    pending: int
-
-    def record(self, positions: Sequence[int]) -> None:
-        if self.pending:
-            already = min(self.pending, len(positions))
-            self.pending -= already
-            positions = positions[already:]
-        self["then"].extend(positions)
+    def __str__(self) -> str:
+        return f'\n"""\n{self.args[0]}"""'
 
 
 class _Chunk:
@@ -226,7 +215,7 @@ class AsyncStage(NodeIterator, Tunable):
         # stage belongs to, from that very thread.
         self._input_lock = threading.RLock()
 
-        then: list[int] = []
+        then: list[list[int]] = []
         if state is None:
             self._input = make_input(None)
             self._next_position = 0
@@ -235,7 +224,7 @@ class AsyncStage(NodeIterator, Tunable):
             state = state_dict(state, name, "input", "start", "skip")
             self._next_position = state_int(state, "start", name)
             self._skip = state_ranges(state, "skip", name)
-            then = _forced_order(state, name, self._next_position, self._skip)
+            then = read_forced_order(state, name, self._next_position, self._skip)
             self._input = make_input(state["input"])
         self.inputs = (self._input,)
 
@@ -302,13 +291,11 @@ class AsyncStage(NodeIterator, Tunable):
         self._crash_raised = False
         # States given out in finishing-order mode, still recording what is delivered.
         self._journals: list[weakref.ref[Journal]] = []
-        # Restored from a state with a forced order: chunks pulled for it, issued before any
-        # other pull, and the chunk that must be delivered before any other.
-        self._prepared: list[_Chunk] = []
-        self._forced: _Chunk | None = None
-        ctx.register(self)
+        # Restored from a state with an order to deliver first.
+        self._replay: ForcedOrder | None = None
         if then:
-            self._prepare_forced(then)
+            self._replay = ForcedOrder(then, self._input.get_state(), self._next_position, name)
+        ctx.register(self)
 
     # -- sizing ------------------------------------------------------------------------------
 
@@ -520,16 +507,20 @@ class AsyncStage(NodeIterator, Tunable):
         """End the stage: the consumer raises a ``StageCrashedError`` once, after the chunks
         made before it. The chunks the crash stopped stay open, so the state still says to
         make them again."""
-        if not isinstance(error, StageCrashedError):
+        if isinstance(error, StageCrashedError):
+            crash = StageCrashedError(error.stage, error.position, error.message)
+        else:
             crash = StageCrashedError(
                 self.name, None, f"a worker crashed: {type(error).__name__}: {error}"
             )
-            crash.__cause__ = error
-            error = crash
+        # The stage keeps the traceback as text: raised in the consumer's thread (inline), it
+        # holds the consumer's frames, and the threads that keep this stage alive would keep
+        # a dropped iterator from ever being collected.
+        crash.__cause__ = CrashTraceback("".join(traceback.format_exception(error)))
         with self._lock:
             self._end_seq = self._end_seq if self._end_seq is not None else self._issued
             if self._crash is None:
-                self._crash = error
+                self._crash = crash
             self._wake_all()
 
     def _issue(self, size: int) -> _Chunk | None:
@@ -544,11 +535,8 @@ class AsyncStage(NodeIterator, Tunable):
                     with self._lock:
                         self._reserved -= size
                     return None
-                if self._prepared:
-                    chunk = self._prepared.pop(0)
-                    with self._lock:
-                        self._reserved += len(chunk.outputs) - size
-                    return chunk
+                if self._replay is not None and self._replay.replaying:
+                    return self._issue_replayed(size)
                 start_state = self._input.get_state()
                 start = self._next_position
                 started = time.perf_counter()
@@ -610,53 +598,32 @@ class AsyncStage(NodeIterator, Tunable):
         self._skip = [r for r in self._skip if r[1] > last + 1]
         return kept, kept_positions
 
-    def _prepare_forced(self, then: list[int]) -> None:
-        """Restored with a forced order: pull the input up to its last position, and issue
-        first a chunk of those positions in that order, then one of the others pulled on the
-        way (in finishing-order mode they were in flight; they may come in any order)."""
-        resumed_at = self._next_position
-        # The restored input's own state, not the saved copy: an input that delivers in
-        # finishing order records its order only in a live one.
-        start_state = self._input.get_state()
-        wanted = set(then)
-        pulled: dict[int, Any] = {}
-        others: list[int] = []
-        last = max(then)
-        while self._next_position <= last:
-            start = self._next_position
-            raw = self._input.next_chunk(last + 1 - start)
-            if not raw:
-                raise InvalidStateError(
-                    self.name, "then", f"names position {last}, past the end of the input"
-                )
-            self._next_position += len(raw)
-            positions = range(start, self._next_position)
-            if self._skip:
-                raw, positions = self._drop_skipped(raw, positions)  # type: ignore[assignment]
-            for element, position in zip(raw, positions):
-                pulled[position] = element
-                if position not in wanted:
-                    others.append(position)
-        missing = wanted - pulled.keys()
-        if missing:
-            raise InvalidStateError(
-                self.name, "then", f"names positions the state skips: {sorted(missing)[:5]}"
-            )
-        # Both chunks start where the restored input does.
-        self._forced = self._prepared_chunk(start_state, resumed_at, then, pulled)
-        if others:
-            self._prepared_chunk(start_state, resumed_at, others, pulled)
-
-    def _prepared_chunk(
-        self, start_state: State, start: int, positions: list[int], pulled: dict[int, Any]
-    ) -> _Chunk:
-        seq = self._issued
-        self._issued += 1
-        chunk = _Chunk(seq, start_state, start, self._next_position, positions)
-        chunk.outputs = [pulled[p] for p in positions]
-        self._open[seq] = chunk
-        self._prepared.append(chunk)
+    def _issue_replayed(self, size: int) -> _Chunk:
+        """The next chunk of a restored forced order (under the input lock)."""
+        replay = self._replay
+        assert replay is not None
+        raw, positions, forced = replay.next_chunk(size, self._pull_for_replay)
+        with self._lock:
+            seq = self._issued
+            self._issued += 1
+            self._reserved += len(raw) - size
+            # Its state is the restored input's: every position from there on is accounted.
+            chunk = _Chunk(seq, replay.start_state, replay.start, self._next_position, positions)
+            chunk.outputs = raw
+            self._open[seq] = chunk
+            if forced:
+                replay.seqs.append(seq)
         return chunk
+
+    def _pull_for_replay(self, n: int) -> tuple[list[Any], Sequence[int], bool]:
+        start = self._next_position
+        raw: list[Any] = self._input.next_chunk(n)
+        self._next_position += len(raw)
+        positions: Sequence[int] = range(start, self._next_position)
+        if self._skip and raw:
+            kept, positions = self._drop_skipped(raw, positions)
+            return kept, positions, True
+        return raw, positions, bool(raw)
 
     def _run(self, chunk: _Chunk) -> None:
         """Transform a chunk (if this stage has a transform) and hand it to the consumer."""
@@ -737,10 +704,7 @@ class AsyncStage(NodeIterator, Tunable):
                             # Nothing more to run: let go of the worker processes now.
                             self.executor.close()
                         return None
-                    # Chunks pulled for a restore's forced order are made like new ones.
-                    inline = self.parallelism == 0 and all(
-                        c.ready or c in self._prepared for c in self._open.values()
-                    )
+                    inline = self.parallelism == 0 and all(c.ready for c in self._open.values())
                     if not inline:
                         self._results_ready.wait()
                         continue
@@ -761,8 +725,11 @@ class AsyncStage(NodeIterator, Tunable):
             )
 
     def _pick_ready(self, peek: bool = False) -> _Chunk | None:
-        forced = self._forced
-        if forced is not None:
+        replay = self._replay
+        if replay is not None and replay.gates:
+            if not replay.seqs:
+                return None  # the next forced chunk is not issued yet
+            forced = self._open[replay.seqs[0]]
             return forced if forced.ready else None
         if self.deterministic:
             chunk = self._open.get(self._deliver_seq)
@@ -835,8 +802,12 @@ class AsyncStage(NodeIterator, Tunable):
     def _retire(self, chunk: _Chunk) -> None:
         with self._lock:
             del self._open[chunk.seq]
-            if chunk is self._forced:
-                self._forced = None
+            replay = self._replay
+            if replay is not None:
+                if replay.seqs and replay.seqs[0] == chunk.seq:
+                    replay.seqs.popleft()
+                if not replay.replaying and not replay.seqs:
+                    self._replay = None
             self._reserved -= len(chunk.outputs)
             with self.metrics.lock:
                 self.metrics.elements += len(chunk.outputs)
@@ -991,26 +962,36 @@ class AsyncStage(NodeIterator, Tunable):
             if self.deterministic:
                 return state
             journal = Journal(state)
-            forced = self._forced
-            journal["then"] = [] if forced is None else list(forced.positions[forced.delivered :])
-            journal.pending = len(journal["then"])
+            owed = [] if self._replay is None else self._replay.still_forced(self._undelivered)
+            journal["then"] = owed
+            journal.pending = sum(b - a for a, b in owed)
             self._journals.append(weakref.ref(journal))
             return journal
 
+    def _undelivered(self, seq: int) -> Sequence[int]:
+        chunk = self._open[seq]
+        return chunk.positions[chunk.delivered :]
+
     def _state(self) -> State:
         """Where the input resumes, and every position from there on already delivered:
-        all those pulled and not still to deliver in an open chunk, and the restored state's
-        skips not yet reached."""
+        all those pulled and not still to deliver in an open chunk (or held for a forced
+        order), and the restored state's skips not yet reached."""
         later_skips = [[max(a, self._next_position), b] for a, b in self._skip]
         later_skips = [r for r in later_skips if r[0] < r[1]]
-        if not self._open:
+        replay = self._replay
+        held = [] if replay is None else [[p, p + 1] for p in replay.held]
+        if replay is not None and replay.replaying:
+            start_state, start = replay.start_state, replay.start
+        elif self._open:
+            oldest = min(self._open.values(), key=lambda c: c.start)
+            start_state, start = oldest.start_state, oldest.start
+        else:
             return {
                 "input": self._input.get_state(),
                 "start": self._next_position,
                 "skip": later_skips,
             }
-        oldest = min(self._open.values(), key=lambda c: c.start)
-        to_deliver: list[list[int]] = []
+        to_deliver: list[list[int]] = held
         for chunk in self._open.values():
             rest = chunk.positions[chunk.delivered :]
             if isinstance(rest, range):
@@ -1019,18 +1000,14 @@ class AsyncStage(NodeIterator, Tunable):
             else:
                 to_deliver += [[p, p + 1] for p in rest]
         done: list[list[int]] = []
-        at = oldest.start
+        at = start
         for a, b in _merge_ranges(to_deliver):
             if a > at:
                 done.append([at, a])
             at = max(at, b)
         if at < self._next_position:
             done.append([at, self._next_position])
-        return {
-            "input": oldest.start_state,
-            "start": oldest.start,
-            "skip": _merge_ranges(done + later_skips),
-        }
+        return {"input": start_state, "start": start, "skip": _merge_ranges(done + later_skips)}
 
     # -- shutdown ----------------------------------------------------------------------------
 
@@ -1064,22 +1041,9 @@ class AsyncStage(NodeIterator, Tunable):
         with self._input_lock:
             self._input.close()
         self._open.clear()
+        self._current = None  # its results must not outlive the stage
+        self._replay = None
         self.ctx.unregister(self)
-
-
-def _forced_order(state: State, name: str, start: int, skip: list[list[int]]) -> list[int]:
-    """A state's ``then``: positions to deliver first, in this order (see ``Journal``)."""
-    then = state.get("then", [])
-    if not isinstance(then, list) or not all(
-        isinstance(p, int) and not isinstance(p, bool) for p in then
-    ):
-        raise InvalidStateError(name, "then", "is not a list of positions")
-    if len(set(then)) != len(then):
-        raise InvalidStateError(name, "then", "names a position twice")
-    for p in then:
-        if p < start or any(a <= p < b for a, b in skip):
-            raise InvalidStateError(name, "then", f"names position {p}, already delivered")
-    return then
 
 
 def _merge_ranges(ranges: list[list[int]]) -> list[list[int]]:

@@ -30,20 +30,31 @@ class DatasetIterator:
         self._op = op
         self._options = options
         self._root: NodeIterator = EmptyIterator()
-        self._closed = False
+        self._closed = True  # nothing open yet for _start to close
         self._tuner: Tuner | None = None
         self._start(state)
 
     def _start(self, state: State | None) -> None:
+        """Open the pass at ``state``; a state refused leaves this iterator as it was."""
         root_state = None
         if state is not None:
             root_state = self._check_state(state)
-        self._ctx = IterContext(self._options)
+        ctx = IterContext(self._options)
+        try:
+            root = self._op.make_iterator(ctx, root_state)
+        except BaseException:
+            # What the ops opened before one refused its part of the state.
+            for stage in ctx.stages():
+                if isinstance(stage, NodeIterator):
+                    stage.close()
+            ctx.close()
+            raise
+        self.close()
+        self._ctx, self._root = ctx, root
         self._counters = RootCounters()
         self._started = time.perf_counter()
         self._tuner_checked = False
         self._tuner = None
-        self._root = self._op.make_iterator(self._ctx, root_state)
         self._closed = False
 
     def _start_tuner(self) -> None:
@@ -150,7 +161,8 @@ class DatasetIterator:
         }
 
     def set_state(self, state: State) -> None:
-        self.close()
+        """Resume at ``state``; if it is refused (``InvalidStateError``), this pass goes on
+        where it was."""
         self._start(state)
 
     def close(self) -> None:

@@ -312,8 +312,10 @@ class InterleaveIterator(NodeIterator):
         self.ctx = ctx
         self.parallel = op.num_parallel_calls is not None
         # Slots can be passed over only when they are read at once.
-        self.deterministic = not self.parallel or (
-            ctx.options.deterministic if op.deterministic is None else op.deterministic
+        self.deterministic = (
+            not self.parallel
+            or ctx.in_order
+            or (ctx.options.deterministic if op.deterministic is None else op.deterministic)
         )
         self.slots: list[NodeIterator | None] = [None] * op.cycle_length
         self.slot_origin: list[int | None] = [None] * op.cycle_length

@@ -282,7 +282,8 @@ def make_async_stage(
         max_parallelism=ctx.options.max_parallelism if autotune else max(parallelism, 0),
         buffer_size=None,  # sized by the stage from parallelism and chunk size
         buffer_tunable=False,
-        deterministic=ctx.options.deterministic if deterministic is None else deterministic,
+        deterministic=ctx.in_order
+        or (ctx.options.deterministic if deterministic is None else deterministic),
         executor=executor,
         make_process_executor=None if num_parallel_calls is None else make_process_executor,
         start_parallelism=start_parallelism,

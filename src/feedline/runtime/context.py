@@ -42,8 +42,15 @@ class IterContext:
     ``stats()`` find the stages here.
     """
 
-    def __init__(self, options: Options | None = None, probe: bool = False) -> None:
+    def __init__(
+        self, options: Options | None = None, probe: bool = False, in_order: bool = False
+    ) -> None:
         self.options = ResolvedOptions.of(options or Options())
+        # Every stage delivers in input order, even one given deterministic=False (which
+        # allows that order): an interleave slot's dataset in a worker process, whose states
+        # reach the parent as copies that cannot go on recording a finishing order
+        # (runtime/replay.py), so a restore could not replay it.
+        self.in_order = in_order
         # A probe pass only looks (e.g. at the first element, for a spec): it must not use up
         # anything a real pass would see, such as a shuffle's run number.
         self.probe = probe

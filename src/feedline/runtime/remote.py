@@ -122,7 +122,7 @@ class SlotService:
         return elements, None, current.state
 
     def _open(self, element: Any, position: int, state: State | None) -> _Slot:
-        ctx = IterContext(self.options)
+        ctx = IterContext(self.options, in_order=True)
         try:
             return _Slot(self.opener(element, position, ctx, state), ctx, element, position)
         except BaseException:

@@ -244,20 +244,7 @@ class Dataset:
         skip. In worker processes the call is stopped then (a worker stuck in native code
         is killed); on a thread it cannot be, so it fails once it returns, with a warning.
         """
-        map_func = snapshot(require_callable(map_func, "map_func"))
-        calls = _parallelism(num_parallel_calls, "num_parallel_calls")
-        op_name = f"map({name})" if name else None
-        return self._wrap(
-            MapOp(
-                self._op,
-                map_func,
-                op_name,
-                calls,
-                deterministic,
-                executor=_executor(executor),
-                timeout=_timeout(timeout),
-            )
-        )
+        return self._map(map_func, None, num_parallel_calls, deterministic, name, executor, timeout)
 
     def random_map(
         self,
@@ -276,17 +263,32 @@ class Dataset:
         pass (iterator, or epoch under ``repeat``) gets new numbers. With no seed, every pass
         draws a fresh one. ``executor`` as for ``map``: the numbers do not depend on it.
         """
+        return self._map(
+            map_func, seed, num_parallel_calls, deterministic, name, executor, timeout, True
+        )
+
+    def _map(
+        self,
+        map_func: Callable[..., Any],
+        seed: int | None,
+        num_parallel_calls: int | None,
+        deterministic: bool | None,
+        name: str | None,
+        executor: str | None,
+        timeout: float | None,
+        random: bool = False,
+    ) -> Dataset:
         map_func = snapshot(require_callable(map_func, "map_func"))
         calls = _parallelism(num_parallel_calls, "num_parallel_calls")
-        op_name = f"random_map({name})" if name else None
+        kind = "random_map" if random else "map"
         return self._wrap(
             MapOp(
                 self._op,
                 map_func,
-                op_name,
+                f"{kind}({name})" if name else None,
                 calls,
                 deterministic,
-                random=True,
+                random=random,
                 seed=seed,
                 executor=_executor(executor),
                 timeout=_timeout(timeout),

@@ -43,7 +43,7 @@ from feedline.ops.slicing import EnumerateOp, RepeatOp, ShardOp, SkipOp, TakeOp
 from feedline.ops.sources import GeneratorOp, RangeOp, TensorSlicesOp, TensorsOp
 from feedline.ops.windowing import WindowOp
 from feedline.options import Options, check_executor
-from feedline.runtime.pipeline import DatasetIterator
+from feedline.pipeline import DatasetIterator
 from feedline.structure import (
     STRING_DTYPE,
     TensorSpec,
@@ -236,7 +236,7 @@ class Dataset:
         """Apply ``map_func`` to every element (a tuple's parts are separate arguments).
 
         ``executor`` says where ``map_func`` runs: "thread", "process" (worker processes, for
-        pure-Python work that holds the GIL; needs ``feedline[process]``) or "auto"; None
+        pure-Python work that holds the GIL) or "auto"; None
         takes ``Options.executor``.
 
         ``timeout``: seconds one call may take; a call that takes longer fails its element

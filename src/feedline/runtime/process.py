@@ -59,9 +59,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar, cast
 
 import numpy as np
 
-from feedline.autotune.budget import rss_of
 from feedline.errors import StageCrashedError, StageError
-from feedline.runtime.parallel import Failed, RowList, Transform, element_nbytes
+from feedline.runtime.chunks import Failed, RowList, Transform, element_nbytes
+from feedline.runtime.machine import rss_of
 from feedline.runtime.timeouts import stop_calls_in_this_process
 from feedline.structure import sole_type
 
@@ -103,7 +103,7 @@ def require_cloudpickle() -> ModuleType:
         import cloudpickle
     except ImportError as e:
         raise ImportError(
-            "executor='process' needs cloudpickle: pip install 'feedline[process]'"
+            "executor='process' needs cloudpickle, a dependency of feedline: reinstall feedline"
         ) from e
     return cloudpickle
 

@@ -13,7 +13,7 @@ from feedline.io.files import TextLineDataset
 from feedline.ops.cache import CacheFileError
 from feedline.ops.in_memory import DatasetSpec
 from feedline.options import AutotuneOptions, Options
-from feedline.runtime.pipeline import DatasetIterator
+from feedline.pipeline import DatasetIterator
 from feedline.structure import TensorSpec
 
 __all__ = [

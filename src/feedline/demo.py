@@ -376,7 +376,7 @@ def changing_load(phases: Sequence[Phase] = PHASES, watch: Watch | None = None) 
             end = 0.0
             for phase in phases:
                 latency.seconds = phase.io_seconds
-                marks.append((time.perf_counter() - it._started, phase.name))
+                marks.append((time.perf_counter() - it.started, phase.name))
                 end += phase.seconds
                 while (elapsed := time.perf_counter() - start) < end:
                     ids, features = next(it)

@@ -24,7 +24,7 @@ from typing import Any, TextIO
 from feedline.observe.plot import PlotUnavailable, plot_timeline, pyplot
 from feedline.observe.stats import collect_stats, format_report
 from feedline.observe.timeline import Timeline, record
-from feedline.runtime.pipeline import DatasetIterator
+from feedline.pipeline import DatasetIterator
 
 # Set on each iterator created under ``track()``: a weak reference to it would already be
 # cleared when the garbage collector closes an iterator caught in a reference cycle.
@@ -45,7 +45,7 @@ class Tracked:
     def final_stats(self) -> dict[str, Any] | None:
         """The stats as it closed; if it is still open, as of now (and it is closed)."""
         it = self.ref()
-        if it is not None and not it._closed:
+        if it is not None and not it.closed:
             it.close()  # records self.stats, through the wrapped close
         return self.stats
 
@@ -92,7 +92,7 @@ def track(timelines: bool = False) -> Iterator[list[Tracked]]:
 
     @functools.wraps(original_close)
     def close(it: DatasetIterator) -> None:
-        if not it._closed:
+        if not it.closed:
             _record_stats(it)
         original_close(it)
 

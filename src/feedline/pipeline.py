@@ -10,9 +10,10 @@ from feedline.autotune.budget import budget_for
 from feedline.autotune.tuner import RootCounters, Tuner
 from feedline.errors import InvalidStateError
 from feedline.options import Options
-from feedline.runtime.context import IterContext
+from feedline.runtime.context import IterContext, WorkerMemory
 from feedline.runtime.iterator import EmptyIterator, NodeIterator, State
 from feedline.runtime.states import frozen, state_dict, state_nested
+from feedline.runtime.tunable import Tunable
 
 STATE_VERSION = 1
 
@@ -124,6 +125,30 @@ class DatasetIterator:
             counters.waiting_since = None
         counters.delivered += 1
         return element
+
+    # -- the public view observers read (observe/view.py) ------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def started(self) -> float:
+        return self._started
+
+    @property
+    def consumer(self) -> RootCounters:
+        return self._counters
+
+    @property
+    def tuner(self) -> Tuner | None:
+        return self._tuner
+
+    def all_stages(self) -> list[Tunable]:
+        return self._ctx.all_stages()
+
+    def worker_memory(self) -> list[WorkerMemory]:
+        return self._ctx.worker_memory()
 
     def buffered_bytes(self) -> int:
         """Bytes held by this pass's buffers right now (finished, undelivered elements)."""

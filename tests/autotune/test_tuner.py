@@ -21,9 +21,10 @@ import pytest
 
 import feedline as fl
 from feedline.autotune import tuner as tuner_module
-from feedline.autotune.budget import Budget, idle_cpu_seconds, usable_cores
+from feedline.autotune.budget import Budget
 from feedline.autotune.tuner import RootCounters
 from feedline.runtime.context import WorkerMemory
+from feedline.runtime.machine import idle_cpu_seconds, usable_cores
 from feedline.runtime.tunable import (
     PROCESSES,
     THREADS,

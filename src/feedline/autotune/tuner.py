@@ -35,8 +35,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from feedline.autotune.budget import Budget, format_bytes, idle_cpu_seconds, rss_of
+from feedline.autotune.budget import Budget, format_bytes
 from feedline.runtime.context import WorkerMemory
+from feedline.runtime.machine import idle_cpu_seconds, rss_of
 from feedline.runtime.tunable import (
     CHEAP_WORK_SECONDS,
     PROCESSES,

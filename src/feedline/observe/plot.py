@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from feedline.observe.timeline import StageWindow, Timeline, Window, record
 
 if TYPE_CHECKING:
-    from feedline.runtime.pipeline import DatasetIterator
+    from feedline.observe.view import PassView
 
 # 1000 x 900 pixels.
 FIGSIZE = (10.0, 9.0)
@@ -122,6 +122,6 @@ def _stage(window: Window, name: str) -> StageWindow | None:
     return next((s for s in window.stages if s.name == name), None)
 
 
-def plot_iterator(it: DatasetIterator, path: str | Path) -> Path:
+def plot_iterator(it: PassView, path: str | Path) -> Path:
     """``it.plot(path)``: the timeline recorded for ``it`` (started now if none was)."""
     return plot_timeline(record(it), path)

@@ -16,7 +16,7 @@ from feedline.autotune.tuner import GIL_CORES, mostly_waits
 from feedline.runtime.tunable import PROCESSES
 
 if TYPE_CHECKING:
-    from feedline.runtime.pipeline import DatasetIterator
+    from feedline.observe.view import PassView
 
 # Below this stall fraction the consumer is served: a stage waited on less is not blamed.
 SERVED = 0.01
@@ -28,11 +28,10 @@ CONSUMER_BOUND = 0.05
 INPUT_BOUND = 2.0
 
 
-def collect_stats(it: DatasetIterator) -> dict[str, Any]:
-    ctx = it._ctx
-    elapsed = max(time.perf_counter() - it._started, 1e-9)
+def collect_stats(it: PassView) -> dict[str, Any]:
+    elapsed = max(time.perf_counter() - it.started, 1e-9)
     by_key: dict[object, dict[str, Any]] = {}
-    for stage in ctx.all_stages():
+    for stage in it.all_stages():
         m = stage.metrics.snapshot()
         with stage.metrics.lock:
             recent = list(stage.metrics.recent)
@@ -76,7 +75,7 @@ def collect_stats(it: DatasetIterator) -> dict[str, Any]:
         # A wait is booked when it ends, so a window can see more than its own length.
         entry["consumer_wait_fraction"] = min(1.0, entry["consumer_wait_s"] / elapsed)
         stages.append(entry)
-    counters = it._counters
+    counters = it.consumer
     consumer = {
         "elements": counters.delivered,
         "elapsed_s": elapsed,
@@ -84,8 +83,8 @@ def collect_stats(it: DatasetIterator) -> dict[str, Any]:
         "stall_fraction": min(1.0, counters.wait / elapsed),
         "elements_per_s": counters.delivered / elapsed,
     }
-    workers = ctx.worker_memory()
-    tuner = it._tuner
+    workers = it.worker_memory()
+    tuner = it.tuner
     history = [asdict(d) for d in tuner.history] if tuner is not None else []
     stats = {
         "stages": stages,

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from feedline.observe.stats import find_bottleneck
 
 if TYPE_CHECKING:
-    from feedline.runtime.pipeline import DatasetIterator
+    from feedline.observe.view import PassView
 
 DEFAULT_INTERVAL = 0.1
 # Past this many samples every other one is dropped and the interval doubles, so a recording
@@ -59,12 +59,12 @@ class Sample:
     stages: tuple[StageSample, ...]
 
 
-def take_sample(it: DatasetIterator) -> Sample:
+def take_sample(it: PassView) -> Sample:
     # Stages made again for the same op (each epoch under repeat) share its key: counters add
     # up over all of them, knobs and buffers are the latest one's.
     latest: dict[object, Any] = {}
     totals: dict[object, list[float]] = {}
-    for stage in it._ctx.all_stages():
+    for stage in it.all_stages():
         m = stage.metrics.snapshot()
         latest[stage.key] = (stage, m)
         total = totals.setdefault(stage.key, [0, 0, 0.0, 0.0, 0.0, 0.0])
@@ -98,9 +98,9 @@ def take_sample(it: DatasetIterator) -> Sample:
                 buffer_limit=int(limit()) if callable(limit) else 0,
             )
         )
-    counters = it._counters
+    counters = it.consumer
     return Sample(
-        time=time.perf_counter() - it._started,
+        time=time.perf_counter() - it.started,
         delivered=counters.delivered,
         wait=counters.wait,
         stages=tuple(stages),
@@ -257,7 +257,7 @@ class Timeline:
             )
         return between(older, newer)
 
-    def start(self, it: DatasetIterator) -> None:
+    def start(self, it: PassView) -> None:
         """Sample ``it`` now and then every ``interval`` seconds until it closes or is
         collected, or ``stop()`` is called."""
         if self._thread is not None:
@@ -271,12 +271,12 @@ class Timeline:
         )
         self._thread.start()
 
-    def _record(self, ref: weakref.ref[DatasetIterator]) -> None:
+    def _record(self, ref: weakref.ref[PassView]) -> None:
         while not self._stopping.wait(self.interval):
             it = ref()
             if it is None:
                 return
-            closed = it._closed
+            closed = it.closed
             # After close, the sample still has the final counters (closed stages keep theirs).
             self.add(take_sample(it))
             del it  # hold no reference between ticks
@@ -291,19 +291,19 @@ class Timeline:
             thread.join(timeout)
 
 
-_timelines: weakref.WeakKeyDictionary[DatasetIterator, Timeline] = weakref.WeakKeyDictionary()
+_timelines: weakref.WeakKeyDictionary[PassView, Timeline] = weakref.WeakKeyDictionary()
 _timelines_lock = threading.Lock()
 
 
-def record(it: DatasetIterator, interval: float = DEFAULT_INTERVAL) -> Timeline:
+def record(it: PassView, interval: float = DEFAULT_INTERVAL) -> Timeline:
     """The timeline of ``it``: the one recording it, else (once ``it`` is closed) the last
     one, which has the whole run; otherwise a new one, started now."""
     with _timelines_lock:
         timeline = _timelines.get(it)
-        if timeline is not None and (timeline.running or it._closed):
+        if timeline is not None and (timeline.running or it.closed):
             return timeline
         timeline = Timeline(interval)
-        if it._closed:
+        if it.closed:
             # Nothing will happen any more: one sample has it all, and no thread is needed.
             timeline.add(take_sample(it))
         else:

@@ -19,15 +19,10 @@ from feedline.ops.base import (
 )
 from feedline.ops.randomness import PassKey, PassKeys
 from feedline.ops.tracing import outputs_spec, traced_spec
+from feedline.runtime.chunks import ChunkExecutor, Failed, Transform
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import ChunkedIterator, InputCursor, NodeIterator, State
-from feedline.runtime.parallel import (
-    AsyncStage,
-    ChunkExecutor,
-    Failed,
-    Transform,
-    default_parallelism,
-)
+from feedline.runtime.parallel import AsyncStage, default_parallelism
 from feedline.runtime.states import state_bool, state_int, state_nested
 from feedline.runtime.timeouts import call_within
 from feedline.structure import normalize_output, sole_type

@@ -14,8 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from feedline.errors import InvalidStateError
-
-State = dict[str, Any]
+from feedline.runtime.states import State, state_int, state_nested
 
 
 class NodeIterator:
@@ -124,9 +123,6 @@ class InputCursor:
         The state's chunk had at least ``consumed`` elements: an input that ends before them
         means the state is not this pipeline's (``owner`` is named in the error).
         """
-        # states.py reads ``State`` from here: imported late to keep the modules acyclic.
-        from feedline.runtime.states import state_int, state_nested
-
         if state is None:
             return cls(make_input(None))
         consumed = state_int(state, "consumed", owner)

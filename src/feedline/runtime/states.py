@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from feedline.errors import InvalidStateError
-from feedline.runtime.iterator import State
+
+# A stage's saved position: JSON-able nesting of dicts, lists, numbers and strings.
+State = dict[str, Any]
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 

@@ -1,0 +1,41 @@
+"""What observing a pass reads of it: a public view, so stats, report, timeline, live view,
+plots, explain and the demo never reach into an iterator's private fields."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from feedline.autotune.tuner import RootCounters, Tuner
+    from feedline.runtime.context import WorkerMemory
+    from feedline.runtime.tunable import Tunable
+
+
+class PassView(Protocol):
+    """A pass as observers see it (``DatasetIterator`` is one)."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def started(self) -> float:
+        """``time.perf_counter()`` when the pass began."""
+        ...
+
+    @property
+    def consumer(self) -> RootCounters:
+        """What the consumer took and how long it waited."""
+        ...
+
+    @property
+    def tuner(self) -> Tuner | None:
+        """AUTOTUNE's tuner of this pass, once started (its history, budgets, warnings)."""
+        ...
+
+    def all_stages(self) -> list[Tunable]:
+        """Every stage the pass made, closed ones included."""
+        ...
+
+    def worker_memory(self) -> list[WorkerMemory]: ...
+
+    def buffered_bytes(self) -> int: ...

@@ -1,0 +1,88 @@
+"""Readings of this machine for this process: cores it may use (affinity, cgroup quota), idle
+CPU time, available memory, and the resident memory of a process. Used by the runtime (worker
+processes' memory) and the tuner (its budgets) alike."""
+
+from __future__ import annotations
+
+import os
+
+
+def usable_cores() -> float:
+    """Cores this process may run on: its CPU affinity, lowered by a cgroup CPU quota."""
+    try:
+        cores = float(len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - platforms without sched_getaffinity
+        cores = float(os.cpu_count() or 1)
+    quota = cgroup_cpu_quota()
+    return max(1.0, min(cores, quota)) if quota else cores
+
+
+def cgroup_cpu_quota() -> float | None:
+    """The cgroup (v2, else v1) CPU limit in cores, or None when there is none."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            return int(quota) / int(period)
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f:
+            quota_us = int(f.read())
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+            period_us = int(f.read())
+        return quota_us / period_us if quota_us > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def idle_cpu_seconds() -> float | None:
+    """Seconds the CPUs this process may run on have spent idle since boot (all of them
+    together), or None where that cannot be read. Differences over a window tell free cores
+    from cores other processes keep busy."""
+    try:
+        cpus = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+        with open("/proc/stat") as f:
+            lines = [line.split() for line in f if line.startswith("cpu")]
+        ticks = os.sysconf("SC_CLK_TCK")
+    except (AttributeError, OSError, ValueError):
+        return None
+    # Fields after the name: user nice system idle iowait ...; iowait is idle too.
+    idle = sum(int(fields[4]) + int(fields[5]) for fields in lines if fields[0] in cpus)
+    return idle / ticks
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (psutil, else /proc/meminfo)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30  # unknown platform: assume a small machine
+
+
+def rss_of(pid: int | None = None) -> int:
+    """Resident bytes of process ``pid`` (this one by default); 0 if it cannot be read."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        import psutil
+    except ImportError:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return 0

@@ -11,7 +11,7 @@ from feedline.autotune.tuner import RootCounters, Tuner
 from feedline.errors import InvalidStateError
 from feedline.options import Options
 from feedline.runtime.context import IterContext, WorkerMemory
-from feedline.runtime.iterator import EmptyIterator, NodeIterator, State
+from feedline.runtime.iterator import EmptyIterator, StageIterator, State
 from feedline.runtime.states import frozen, state_dict, state_nested
 from feedline.runtime.tunable import Tunable
 
@@ -30,7 +30,7 @@ class DatasetIterator:
     def __init__(self, op: Any, options: Options, state: State | None = None) -> None:
         self._op = op
         self._options = options
-        self._root: NodeIterator = EmptyIterator()
+        self._root: StageIterator = EmptyIterator()
         self._closed = True  # nothing open yet for _start to close
         self._tuner: Tuner | None = None
         self._start(state)
@@ -46,7 +46,7 @@ class DatasetIterator:
         except BaseException:
             # What the ops opened before one refused its part of the state.
             for stage in ctx.stages():
-                if isinstance(stage, NodeIterator):
+                if isinstance(stage, StageIterator):
                     stage.close()
             ctx.close()
             raise

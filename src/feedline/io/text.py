@@ -13,7 +13,7 @@ from feedline.errors import InvalidStateError
 from feedline.ops.base import UNKNOWN, Op
 from feedline.ops.combine import InterleaveOp
 from feedline.runtime.context import IterContext
-from feedline.runtime.iterator import NodeIterator, State
+from feedline.runtime.iterator import StageIterator, State
 from feedline.runtime.states import state_int
 from feedline.structure import STRING_DTYPE, TensorSpec
 
@@ -45,11 +45,11 @@ class TextLineOp(Op):
     def compute_spec(self) -> Any:
         return TensorSpec((), STRING_DTYPE)
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         return TextLineIterator(self, state)
 
 
-class TextLineIterator(NodeIterator):
+class TextLineIterator(StageIterator):
     """State: the file index and the line index in it. Uncompressed files also record the byte
     offset so resuming seeks instead of re-reading."""
 

@@ -1,6 +1,6 @@
 """The op node: one immutable step of a dataset description.
 
-Each op knows its inputs, its cardinality and element spec, and how to make a node iterator for
+Each op knows its inputs, its cardinality and element spec, and how to make a stage iterator for
 one pass (fresh, or resumed from a saved state). It never runs anything at construction time,
 except argument validation, so a bad argument fails where the user wrote it.
 """
@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from feedline.runtime.context import IterContext
-from feedline.runtime.iterator import NodeIterator, State
+from feedline.runtime.iterator import StageIterator, State
+from feedline.runtime.states import state_nested
 from feedline.structure import spec_of
 
 INFINITE = -1
@@ -79,11 +80,38 @@ class Op:
             it.close()
         return spec_of(first)
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         raise NotImplementedError
 
     def __repr__(self) -> str:
         return self.name
+
+
+class UnaryOp(Op):
+    """An op over one input dataset, ``self.input``."""
+
+    def __init__(self, input_op: Op) -> None:
+        super().__init__()
+        self.input = input_op
+        self.inputs = (input_op,)
+
+
+class UnaryIterator(StageIterator):
+    """The iterator of a ``UnaryOp``: owns ``self.input``, a pass over ``op.input`` opened
+    where the state's ``field`` (``"input"`` by default) says, or fresh without a state.
+
+    A subclass reads its own fields of the state first and calls this ``__init__`` last: a
+    state refused there has opened nothing that would need closing.
+    """
+
+    input: StageIterator
+
+    def __init__(
+        self, op: UnaryOp, ctx: IterContext, state: State | None, field: str = "input"
+    ) -> None:
+        input_state = None if state is None else state_nested(state, field, op.name)
+        self.input = op.input.make_iterator(ctx, input_state)
+        self.inputs = (self.input,)
 
 
 def require_positive_int(value: Any, what: str, allow_zero: bool = False) -> int:

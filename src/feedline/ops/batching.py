@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 
 from feedline.errors import InvalidStateError, StageError
-from feedline.ops.base import UNKNOWN, Op, UnobservableSpec
+from feedline.ops.base import UNKNOWN, Op, UnaryIterator, UnaryOp, UnobservableSpec
 from feedline.runtime.context import IterContext
-from feedline.runtime.iterator import NodeIterator, State
+from feedline.runtime.iterator import StageIterator, State
 from feedline.runtime.states import known_end, state_int, state_nested
 from feedline.structure import (
     STRING_DTYPE,
@@ -24,8 +24,6 @@ from feedline.structure import (
     sole_type,
     to_array,
 )
-
-_SCALAR_TYPES = (np.generic, int, float, bool)
 
 
 def batched_cardinality(n: int, batch_size: int, drop_remainder: bool) -> int:
@@ -105,11 +103,9 @@ def stack_elements(elements: list[Any], stage: str, first_position: int) -> Any:
     return pack_like(first, [stack_leaf(list(c), stage, first_position) for c in columns])
 
 
-class BatchOp(Op):
+class BatchOp(UnaryOp):
     def __init__(self, input_op: Op, batch_size: int, drop_remainder: bool) -> None:
-        super().__init__()
-        self.input = input_op
-        self.inputs = (input_op,)
+        super().__init__(input_op)
         self.batch_size = batch_size
         self.drop_remainder = bool(drop_remainder)
         self.name = f"batch({batch_size})"
@@ -127,24 +123,21 @@ class BatchOp(Op):
         # says every batch would be full.
         return self.batch_size if self.drop_remainder else None
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         return BatchIterator(self, ctx, state)
 
 
-class BatchIterator(NodeIterator):
-    # A batch may be a block its input already stacked (see ``NodeIterator.next_block``).
+class BatchIterator(UnaryIterator):
+    # A batch may be a block its input already stacked (see ``StageIterator.next_block``).
     takes_blocks = True
 
     def __init__(self, op: BatchOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
         self.position = 0
-        input_state = None
         if state is not None:
             end = known_end(op.input.cardinality())
             self.position = state_int(state, "position", op.name, 0, end)
-            input_state = state_nested(state, "input", op.name)
-        self.input = op.input.make_iterator(ctx, input_state)
-        self.inputs = (self.input,)
+        super().__init__(op, ctx, state)
 
     def collect(self) -> list[Any]:
         """The next batch's elements (fewer at the end); the input is read in chunks."""
@@ -209,7 +202,7 @@ class PaddedBatchOp(BatchOp):
             return [None] * len(flatten(template))
         return _flatten_up_to(template, self.padded_shapes, "padded_shapes")
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         return PaddedBatchIterator(self, ctx, state)
 
 
@@ -311,11 +304,9 @@ def flatten_padding(values: Any, template: Any) -> list[Any]:
     return _flatten_up_to(template, values, "padding_values")
 
 
-class UnbatchOp(Op):
+class UnbatchOp(UnaryOp):
     def __init__(self, input_op: Op, name: str = "unbatch") -> None:
-        super().__init__()
-        self.input = input_op
-        self.inputs = (input_op,)
+        super().__init__(input_op)
         self.name = name
 
     def cardinality(self) -> int:
@@ -335,7 +326,7 @@ class UnbatchOp(Op):
         specs = self.input.element_spec()
         return map_structure(lambda s: s.without_leading(), specs)
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         return UnbatchIterator(self, ctx, state)
 
 
@@ -358,22 +349,20 @@ def split_rows(batch: Any, stage: str, position: int) -> list[Any]:
     return [pack_like(batch, list(row)) for row in zip(*(list(leaf) for leaf in leaves))]
 
 
-class UnbatchIterator(NodeIterator):
+class UnbatchIterator(UnaryIterator):
     def __init__(self, op: UnbatchOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
         self.rows: list[Any] = []
         self.row_index = 0
         self.batches_read = 0
         self._before_batch: State | None = None
-        row, input_state = 0, None
+        row = 0
         if state is not None:
             # Mid-batch (row > 0), the input's state is the one before that batch.
             row = state_int(state, "row", op.name)
             end = known_end(op.input.cardinality())
             self.batches_read = state_int(state, "batches_read", op.name, min(row, 1), end)
-            input_state = state_nested(state, "input", op.name)
-        self.input = op.input.make_iterator(ctx, input_state)
-        self.inputs = (self.input,)
+        super().__init__(op, ctx, state)
         if row:
             try:
                 self._reload_batch(row)
@@ -429,13 +418,11 @@ class UnbatchIterator(NodeIterator):
         }
 
 
-class RebatchOp(Op):
+class RebatchOp(UnaryOp):
     """Re-slices batches into batches of ``batch_size`` rows (a list cycles through sizes)."""
 
     def __init__(self, input_op: Op, batch_sizes: list[int], drop_remainder: bool) -> None:
-        super().__init__()
-        self.input = input_op
-        self.inputs = (input_op,)
+        super().__init__(input_op)
         self.batch_sizes = batch_sizes
         self.drop_remainder = drop_remainder
         self.name = f"rebatch({batch_sizes[0] if len(batch_sizes) == 1 else batch_sizes})"
@@ -450,11 +437,11 @@ class RebatchOp(Op):
         dim = self.batch_sizes[0] if fixed else None
         return map_structure(lambda s: s.without_leading().with_leading(dim), specs)
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         return RebatchIterator(self, ctx, state)
 
 
-class RebatchIterator(NodeIterator):
+class RebatchIterator(StageIterator):
     """Keeps rows of partly used input batches as array slices, so no row is copied twice."""
 
     def __init__(self, op: RebatchOp, ctx: IterContext, state: State | None) -> None:

@@ -34,7 +34,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from feedline.errors import DataLossError, InvalidStateError
-from feedline.ops.base import Op, UnobservableSpec
+from feedline.ops.base import Op, UnaryOp, UnobservableSpec
 from feedline.ops.in_memory import ElementsIterator
 from feedline.ops.records import (
     RecordError,
@@ -47,7 +47,7 @@ from feedline.ops.records import (
     spec_to_json,
 )
 from feedline.runtime.context import IterContext
-from feedline.runtime.iterator import ChunkedIterator, NodeIterator, State
+from feedline.runtime.iterator import ChunkedIterator, StageIterator, State
 from feedline.runtime.states import frozen, known_end, state_dict, state_int, state_nested
 from feedline.structure import flatten, pack_like, spec_of
 
@@ -69,11 +69,9 @@ class CacheFileError(DataLossError):
     """A cache file that is damaged, truncated, or was written by another pipeline."""
 
 
-class CacheOp(Op):
+class CacheOp(UnaryOp):
     def __init__(self, input_op: Op, filename: str) -> None:
-        super().__init__()
-        self.input = input_op
-        self.inputs = (input_op,)
+        super().__init__(input_op)
         self.filename = os.fspath(filename)
         self.name = f"cache({self.filename!r})" if self.filename else "cache"
         self._memory: list[Any] | None = None
@@ -116,7 +114,7 @@ class CacheOp(Op):
             if self._memory is None:
                 self._memory, self._memory_start = elements, start
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         if state is None:
             if self.filename and os.path.exists(self.filename):
                 return FileCacheReader(self, None)
@@ -335,7 +333,7 @@ class CacheWriter(ChunkedIterator):
         self._stop_recording()
 
 
-class FileCacheReader(NodeIterator):
+class FileCacheReader(StageIterator):
     """Reads a cache file's records in order; its state is the index of the next one."""
 
     def __init__(self, op: CacheOp, state: State | None) -> None:

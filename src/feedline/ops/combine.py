@@ -13,6 +13,8 @@ from feedline.ops.base import (
     INFINITE,
     UNKNOWN,
     Op,
+    UnaryIterator,
+    UnaryOp,
     UnobservableSpec,
     call_with_element,
     function_name,
@@ -20,8 +22,9 @@ from feedline.ops.base import (
 from feedline.ops.choices import ChoiceLog
 from feedline.ops.tracing import traced_spec
 from feedline.runtime.context import IterContext
-from feedline.runtime.iterator import ChunkedIterator, InputCursor, NodeIterator, State
+from feedline.runtime.iterator import ChunkedIterator, InputCursor, StageIterator, State
 from feedline.runtime.parallel import AsyncStage, default_parallelism
+from feedline.runtime.stage_config import StageConfig
 from feedline.runtime.states import (
     check_int,
     check_nested,
@@ -34,7 +37,7 @@ from feedline.runtime.states import (
 from feedline.structure import flatten, map_structure, merge_specs, pack_like
 
 if TYPE_CHECKING:
-    from feedline.runtime.remote import RemoteSlots
+    from feedline.runtime.process.remote import RemoteSlots
 
 
 class ZipOp(Op):
@@ -57,7 +60,7 @@ class ZipOp(Op):
     def compute_spec(self) -> Any:
         return pack_like(self.structure, [op.element_spec() for op in self.inputs])
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         return ZipIterator(self, ctx, state)
 
 
@@ -168,7 +171,7 @@ class ConcatenateOp(Op):
             )
         return merge_specs(known[0], known[1]) if len(known) == 2 else known[0]
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         return ConcatenateIterator(self, ctx, state)
 
 
@@ -182,7 +185,7 @@ class ConcatenateIterator(ChunkedIterator):
             self.which = state_int(state, "which", op.name, 0, 2)
             if self.which < 2:
                 input_state = state_nested(state, "input", op.name)
-        self.current: NodeIterator | None = None
+        self.current: StageIterator | None = None
         if self.which < 2:
             self.current = op.inputs[self.which].make_iterator(ctx, input_state)
         self.inputs = (self.current,) if self.current else ()
@@ -208,13 +211,13 @@ class ConcatenateIterator(ChunkedIterator):
         }
 
 
-class InterleaveOp(Op):
+class InterleaveOp(UnaryOp):
     """tf.data's interleave: ``block_length`` elements in turn from ``cycle_length`` open
     datasets; an exhausted one leaves its slot empty until the cycle comes back to it, which
     then opens the next input element's dataset there.
 
     With the "process" executor each open dataset is made and iterated in a worker process
-    (``runtime/remote.py``); "auto" and "thread" run on threads.
+    (``runtime/process/remote.py``); "auto" and "thread" run on threads.
     """
 
     def __init__(
@@ -228,9 +231,7 @@ class InterleaveOp(Op):
         deterministic: bool | None = None,
         executor: str | None = "thread",
     ) -> None:
-        super().__init__()
-        self.input = input_op
-        self.inputs = (input_op,)
+        super().__init__(input_op)
         self.fn = fn
         # None: the pipeline's Options.executor, as ``Dataset.interleave`` passes unless told.
         # Interleaves made for other ops (flat_map, TextLineDataset) stay on threads, where
@@ -260,7 +261,7 @@ class InterleaveOp(Op):
 
         return traced_spec(self.input, inner_spec, self.name)
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         return InterleaveIterator(self, ctx, state)
 
 
@@ -271,7 +272,7 @@ def open_dataset(
     position: int,
     ctx: IterContext,
     state: State | None,
-) -> NodeIterator:
+) -> StageIterator:
     """The iterator of the dataset ``fn`` returns for the input element at ``position`` (of
     interleave stage ``name``), resumed from ``state``."""
     from feedline.dataset import Dataset
@@ -287,7 +288,7 @@ def open_dataset(
     return dataset._op.make_iterator(ctx, state)
 
 
-class InterleaveIterator(NodeIterator):
+class InterleaveIterator(UnaryIterator):
     """State: the input's state at the start of the pass, how many input elements were read,
     and for each open slot the input position it came from and its own state. Restoring
     re-reads the input (cheap: it is usually a list of files) and reopens those slots.
@@ -317,7 +318,7 @@ class InterleaveIterator(NodeIterator):
             or ctx.in_order
             or (ctx.options.deterministic if op.deterministic is None else op.deterministic)
         )
-        self.slots: list[NodeIterator | None] = [None] * op.cycle_length
+        self.slots: list[StageIterator | None] = [None] * op.cycle_length
         self.slot_origin: list[int | None] = [None] * op.cycle_length
         self.read = 0
         self.input_done = False
@@ -330,12 +331,10 @@ class InterleaveIterator(NodeIterator):
         if state is not None:
             wanted = self._check_state(state)
             self.choices.restore(state, op.name, op.cycle_length)
-            self.input_start = state["input_start"]
-        self.input = op.input.make_iterator(ctx, None if state is None else self.input_start)
+        super().__init__(op, ctx, state, field="input_start")
         # Taken from the input even when restored: the saved one is a frozen copy, and an
         # input that delivers in finishing order records its order only in the live one.
         self.input_start = self.input.get_state()
-        self.inputs = (self.input,)
         self.remote: RemoteSlots | None = None
         try:
             self.remote = self._remote_slots()
@@ -371,7 +370,7 @@ class InterleaveIterator(NodeIterator):
 
     def _reopen(self, wanted: dict[int, State]) -> None:
         """Read the input up to where the state was, opening its open slots again."""
-        opened: dict[int, NodeIterator] = {}
+        opened: dict[int, StageIterator] = {}
         try:
             for position in range(self.read):
                 try:
@@ -394,7 +393,7 @@ class InterleaveIterator(NodeIterator):
         # A probe pass (for an element spec) looks at an element or two: never worth processes.
         if (op.executor or ctx.options.executor) != "process" or ctx.probe:
             return None
-        from feedline.runtime.remote import remote_slots
+        from feedline.runtime.process.remote import remote_slots
 
         # As many as slots are read at once: num_parallel_calls (AUTOTUNE: every slot), up to
         # the cores; without it, one.
@@ -404,16 +403,16 @@ class InterleaveIterator(NodeIterator):
         opener = functools.partial(open_dataset, op.fn, op.name)
         return remote_slots(ctx, op, op.name, opener, workers)
 
-    def _open(self, element: Any, position: int, state: State | None) -> NodeIterator:
+    def _open(self, element: Any, position: int, state: State | None) -> StageIterator:
         remote = self.remote
         if remote is not None:
 
-            def make_input(s: State | None) -> NodeIterator:
+            def make_input(s: State | None) -> StageIterator:
                 return remote.open(element, position, s)
 
         else:
 
-            def make_input(s: State | None) -> NodeIterator:
+            def make_input(s: State | None) -> StageIterator:
                 return open_dataset(self.op.fn, self.op.name, element, position, self.ctx, s)
 
         if not self.parallel and remote is None:
@@ -422,12 +421,8 @@ class InterleaveIterator(NodeIterator):
         # on a thread, with a buffer the stage sizes from the measured cost, a chunk is ~10 ms
         # of work; read one by one, or a block at a time, it is often one element (10x slower
         # on small records).
-        return AsyncStage(
+        config = StageConfig(
             name=f"{self.op.name}[{position}]",
-            ctx=self.ctx,
-            make_input=make_input,
-            transform=None,
-            state=state,
             parallelism=1,
             parallelism_tunable=False,
             max_parallelism=1,
@@ -435,6 +430,7 @@ class InterleaveIterator(NodeIterator):
             buffer_tunable=remote is None and self.op.num_parallel_calls == AUTOTUNE,
             deterministic=True,
         )
+        return AsyncStage(config, ctx=self.ctx, make_input=make_input, transform=None, state=state)
 
     def _advance_cycle(self) -> None:
         self.block_index = 0

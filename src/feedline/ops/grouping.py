@@ -9,7 +9,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from feedline.errors import InvalidStateError, StageError, wrap_user_error
-from feedline.ops.base import INFINITE, UNKNOWN, Op, UnobservableSpec, call_with_element
+from feedline.ops.base import (
+    INFINITE,
+    UNKNOWN,
+    Op,
+    UnaryIterator,
+    UnaryOp,
+    UnobservableSpec,
+    call_with_element,
+)
 from feedline.ops.in_memory import (
     ElementsOp,
     as_dataset,
@@ -18,7 +26,7 @@ from feedline.ops.in_memory import (
     state_elements,
 )
 from feedline.runtime.context import IterContext
-from feedline.runtime.iterator import ChunkedIterator, NodeIterator, State
+from feedline.runtime.iterator import ChunkedIterator, StageIterator, State
 from feedline.runtime.states import (
     INT64_MAX,
     INT64_MIN,
@@ -37,7 +45,7 @@ if TYPE_CHECKING:
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
-class GroupByWindowOp(Op):
+class GroupByWindowOp(UnaryOp):
     """tf.data's group_by_window: elements go to the group of ``key_func(element)``; a group
     reaching ``window_size_func(key)`` elements (asked once per key and pass) is handed, as a
     dataset, to ``reduce_func(key, window)``, whose elements are yielded. At the end of the
@@ -57,9 +65,7 @@ class GroupByWindowOp(Op):
         spec_reduce: Callable[[Dataset], Any],
         name: str = "group_by_window",
     ) -> None:
-        super().__init__()
-        self.input = input_op
-        self.inputs = (input_op,)
+        super().__init__(input_op)
         self.key_func = key_func
         self.reduce_func = reduce_func
         self.window_size_func = window_size_func
@@ -79,7 +85,7 @@ class GroupByWindowOp(Op):
             # learn the spec from a real group instead.
             return self.observed_spec()
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         return GroupByWindowIterator(self, ctx, state)
 
 
@@ -116,7 +122,7 @@ def _int64_scalar(value: Any, what: str, stage: str, position: int) -> np.int64:
     return np.int64(arr)
 
 
-class GroupByWindowIterator(NodeIterator):
+class GroupByWindowIterator(UnaryIterator):
     """State: the input's position, every open group (its elements encoded), the window sizes
     learnt so far, and the group being reduced, whose dataset is rebuilt on restore by calling
     ``reduce_func`` again on the same window, then resumed from its own state."""
@@ -126,17 +132,16 @@ class GroupByWindowIterator(NodeIterator):
         self.ctx = ctx
         self.groups: dict[int, list[Any]] = {}
         self.sizes: dict[int, int] = {}
-        self.current: NodeIterator | None = None
+        self.current: StageIterator | None = None
         self.current_key = 0
         self.current_window: list[Any] = []
         self.input_done = False
         self.position = 0
-        input_state = current = None
+        current = None
         if state is not None:
-            input_state = state_nested(state, "input", op.name)
+            state_nested(state, "input", op.name)  # reported before a bad group
             current = self._restore(state)
-        self.input = op.input.make_iterator(ctx, input_state)
-        self.inputs = (self.input,)
+        super().__init__(op, ctx, state)
         if current is not None:
             try:
                 self._start_reduce(*current)
@@ -349,14 +354,12 @@ def _filled(spec: TensorSpec, filler: int) -> list[int | None] | None:
     return [filler if d is None else d for d in spec.shape[1:]]
 
 
-class UniqueOp(Op):
+class UniqueOp(UnaryOp):
     """Drops elements equal to an earlier one; tf.data allows a single int32, int64 or string
     component of any shape."""
 
     def __init__(self, input_op: Op) -> None:
-        super().__init__()
-        self.input = input_op
-        self.inputs = (input_op,)
+        super().__init__(input_op)
         self.name = "unique"
         try:
             specs = flatten(input_op.element_spec())
@@ -380,7 +383,7 @@ class UniqueOp(Op):
     def compute_spec(self) -> Any:
         return self.input.element_spec()
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         return UniqueIterator(self, ctx, state)
 
 
@@ -394,20 +397,17 @@ def _identity(leaf: Any) -> Any:
     return (arr.shape, arr.tobytes())
 
 
-class UniqueIterator(ChunkedIterator):
+class UniqueIterator(UnaryIterator, ChunkedIterator):
     """State: the input's position and every distinct element seen so far, in order."""
 
     def __init__(self, op: UniqueOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
         self.seen_elements: list[Any] = []
-        input_state = None
         if state is not None:
             spec = op.input.element_spec
             self.seen_elements = state_elements(state, "seen", op.name, spec)
-            input_state = state_nested(state, "input", op.name)
         self.seen = {_identity(flatten(e)[0]) for e in self.seen_elements}
-        self.input = op.input.make_iterator(ctx, input_state)
-        self.inputs = (self.input,)
+        super().__init__(op, ctx, state)
 
     def next_chunk(self, max_n: int) -> list[Any]:
         while True:

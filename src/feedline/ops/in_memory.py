@@ -15,7 +15,7 @@ import numpy as np
 from feedline.errors import InvalidStateError
 from feedline.ops.base import Op
 from feedline.runtime.context import IterContext
-from feedline.runtime.iterator import NodeIterator, State
+from feedline.runtime.iterator import StageIterator, State
 from feedline.runtime.states import state_dict, state_int
 from feedline.structure import (
     STRING_DTYPE,
@@ -78,7 +78,7 @@ class ElementsOp(Op):
     def compute_spec(self) -> Any:
         return self.spec
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         if state is None:
             return ElementsIterator(self.elements, 0)
         return ElementsIterator(
@@ -86,7 +86,7 @@ class ElementsOp(Op):
         )
 
 
-class ElementsIterator(NodeIterator):
+class ElementsIterator(StageIterator):
     def __init__(self, elements: list[Any], index: int) -> None:
         self.elements = elements
         self.index = index

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -14,6 +14,8 @@ from feedline.ops.base import (
     AUTOTUNE,
     UNKNOWN,
     Op,
+    UnaryIterator,
+    UnaryOp,
     call_with_element,
     function_name,
 )
@@ -21,11 +23,15 @@ from feedline.ops.randomness import PassKey, PassKeys
 from feedline.ops.tracing import outputs_spec, traced_spec
 from feedline.runtime.chunks import ChunkExecutor, Failed, Transform
 from feedline.runtime.context import IterContext
-from feedline.runtime.iterator import ChunkedIterator, InputCursor, NodeIterator, State
+from feedline.runtime.iterator import ChunkedIterator, InputCursor, StageIterator, State
 from feedline.runtime.parallel import AsyncStage, default_parallelism
+from feedline.runtime.stage_config import StageConfig
 from feedline.runtime.states import state_bool, state_int, state_nested
 from feedline.runtime.timeouts import call_within
 from feedline.structure import normalize_output, sole_type
+
+if TYPE_CHECKING:
+    from feedline.runtime.process import ExecutorSwitch
 
 logger = logging.getLogger("feedline")
 
@@ -36,17 +42,12 @@ _NO_CONVERSION = frozenset(
 )
 
 
-def apply_fn(fn: Callable[..., Any], element: Any) -> Any:
-    out = fn(*element) if type(element) is tuple else fn(element)
-    return out if type(out) in _NO_CONVERSION else normalize_output(out)
-
-
-class MapOp(Op):
+class MapOp(UnaryOp):
     """map and random_map. Runs on an ``AsyncStage``: inline in the consumer's thread when
     ``num_parallel_calls`` is None, on worker threads otherwise (AUTOTUNE: tuned).
 
     With the "process" executor the stage's threads hand each chunk to a worker process
-    (``runtime/process.py``); without ``num_parallel_calls``, one process runs chunks in turn.
+    (``runtime/process/``); without ``num_parallel_calls``, one process runs chunks in turn.
     """
 
     def __init__(
@@ -61,9 +62,7 @@ class MapOp(Op):
         executor: str | None = None,
         timeout: float | None = None,
     ) -> None:
-        super().__init__()
-        self.input = input_op
-        self.inputs = (input_op,)
+        super().__init__(input_op)
         self.fn = fn
         self.executor = executor  # None: the pipeline's Options.executor
         self.timeout = timeout  # seconds a call may take (runtime/timeouts.py)
@@ -92,7 +91,7 @@ class MapOp(Op):
 
         return traced_spec(self.input, outputs_spec(apply), self.name)
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         if not self.random:
             return self._stage(ctx, state, None)
         pass_state = stage_state = None
@@ -105,7 +104,7 @@ class MapOp(Op):
 
     def _stage(self, ctx: IterContext, state: State | None, key: PassKey | None) -> AsyncStage:
         executor: ChunkExecutor | None = None
-        make_process_executor: Callable[[], ChunkExecutor] | None = None
+        executor_switch: ExecutorSwitch | None = None
         choice = self.executor or ctx.options.executor
         # A probe pass (for an element spec) looks at an element or two: never worth processes.
         if choice in ("process", "auto") and not ctx.probe:
@@ -119,9 +118,12 @@ class MapOp(Op):
                 return process_executor(ctx, self, self.name, factory, key, self.timeout)
 
             if choice == "process":
-                executor, make_process_executor = make_process_executor(), None
-            elif not ctx.options.autotune_enabled:
-                make_process_executor = None  # "auto" moves to processes only when tuned
+                executor = make_process_executor()
+            # "auto" moves to processes only when tuned, and only a stage with threads.
+            elif ctx.options.autotune_enabled and self.num_parallel_calls is not None:
+                from feedline.runtime.process import ExecutorSwitch
+
+                executor_switch = ExecutorSwitch(make_process_executor)
         return make_async_stage(
             name=self.name,
             key=self,
@@ -132,7 +134,7 @@ class MapOp(Op):
             num_parallel_calls=self.num_parallel_calls,
             deterministic=self.deterministic,
             executor=executor,
-            make_process_executor=make_process_executor,
+            executor_switch=executor_switch,
         )
 
 
@@ -221,10 +223,10 @@ def map_chunk_with_positions(
     return _normalized(out), failures
 
 
-class PassStateIterator(NodeIterator):
+class PassStateIterator(StageIterator):
     """Adds what identifies a pass (its random key) to a stage's saved state."""
 
-    def __init__(self, stage: NodeIterator, key: PassKey) -> None:
+    def __init__(self, stage: StageIterator, key: PassKey) -> None:
         self.stage = stage
         self.key = key
         self.inputs = (stage,)
@@ -242,13 +244,13 @@ def make_async_stage(
     name: str,
     key: object,
     ctx: IterContext,
-    make_input: Callable[[State | None], NodeIterator],
+    make_input: Callable[[State | None], StageIterator],
     transform: Transform | None,
     state: State | None,
     num_parallel_calls: int | None,
     deterministic: bool | None,
     executor: ChunkExecutor | None = None,
-    make_process_executor: Callable[[], ChunkExecutor] | None = None,
+    executor_switch: ExecutorSwitch | None = None,
 ) -> AsyncStage:
     """An async stage for a map-like op: inline (None), fixed parallelism (N) or tuned;
     ``executor`` runs its transform elsewhere (worker processes)."""
@@ -265,13 +267,9 @@ def make_async_stage(
         parallelism = default_parallelism()
     else:
         parallelism = num_parallel_calls
-    return AsyncStage(
+    config = StageConfig(
         name=name,
         key=key,
-        ctx=ctx,
-        make_input=make_input,
-        transform=transform,
-        state=state,
         parallelism=parallelism,
         parallelism_tunable=autotune,
         max_parallelism=ctx.options.max_parallelism if autotune else max(parallelism, 0),
@@ -279,9 +277,16 @@ def make_async_stage(
         buffer_tunable=False,
         deterministic=ctx.in_order
         or (ctx.options.deterministic if deterministic is None else deterministic),
-        executor=executor,
-        make_process_executor=None if num_parallel_calls is None else make_process_executor,
         start_parallelism=start_parallelism,
+    )
+    return AsyncStage(
+        config,
+        ctx=ctx,
+        make_input=make_input,
+        transform=transform,
+        state=state,
+        executor=executor,
+        executor_switch=executor_switch,
     )
 
 
@@ -289,14 +294,14 @@ class CursorStage(ChunkedIterator):
     """A one-input stage that reads its input through a cursor and reports a failing element
     after delivering the elements before it (so an error surfaces at its own position)."""
 
-    def __init__(self, op: Op, ctx: IterContext, state: State | None) -> None:
+    def __init__(self, op: UnaryOp, ctx: IterContext, state: State | None) -> None:
         self.position = 0
         cursor_state = None
         if state is not None:
             self.position = state_int(state, "position", op.name)
             cursor_state = state_nested(state, "cursor", op.name)
         self.cursor = InputCursor.restore(
-            lambda s: op.inputs[0].make_iterator(ctx, s), cursor_state, op.name
+            lambda s: op.input.make_iterator(ctx, s), cursor_state, op.name
         )
         self.inputs = (self.cursor.input,)
         self._pending: StageError | None = None
@@ -319,11 +324,9 @@ class CursorStage(ChunkedIterator):
         return {"cursor": self.cursor.get_state(), "position": self.position}
 
 
-class FilterOp(Op):
+class FilterOp(UnaryOp):
     def __init__(self, input_op: Op, predicate: Callable[..., Any]) -> None:
-        super().__init__()
-        self.input = input_op
-        self.inputs = (input_op,)
+        super().__init__(input_op)
         self.predicate = predicate
         self.name = f"filter({function_name(predicate)})"
 
@@ -333,7 +336,7 @@ class FilterOp(Op):
     def compute_spec(self) -> Any:
         return self.input.element_spec()
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         return FilterIterator(self, ctx, state)
 
 
@@ -375,11 +378,9 @@ class FilterIterator(CursorStage):
                 return out
 
 
-class TakeWhileOp(Op):
+class TakeWhileOp(UnaryOp):
     def __init__(self, input_op: Op, predicate: Callable[..., Any]) -> None:
-        super().__init__()
-        self.input = input_op
-        self.inputs = (input_op,)
+        super().__init__(input_op)
         self.predicate = predicate
         self.name = f"take_while({function_name(predicate)})"
 
@@ -389,20 +390,18 @@ class TakeWhileOp(Op):
     def compute_spec(self) -> Any:
         return self.input.element_spec()
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         return TakeWhileIterator(self, ctx, state)
 
 
-class TakeWhileIterator(NodeIterator):
+class TakeWhileIterator(UnaryIterator):
     def __init__(self, op: TakeWhileOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
-        self.done, self.position, input_state = False, 0, None
+        self.done, self.position = False, 0
         if state is not None:
             self.done = state_bool(state, "done", op.name)
             self.position = state_int(state, "position", op.name)
-            input_state = state_nested(state, "input", op.name)
-        self.input = op.input.make_iterator(ctx, input_state)
-        self.inputs = (self.input,)
+        super().__init__(op, ctx, state)
 
     def __next__(self) -> Any:
         if self.done:
@@ -423,13 +422,11 @@ class TakeWhileIterator(NodeIterator):
         return {"input": self.input.get_state(), "done": self.done, "position": self.position}
 
 
-class IgnoreErrorsOp(Op):
+class IgnoreErrorsOp(UnaryOp):
     """Drops elements whose production raised an error upstream, counting them."""
 
     def __init__(self, input_op: Op, log_warning: bool) -> None:
-        super().__init__()
-        self.input = input_op
-        self.inputs = (input_op,)
+        super().__init__(input_op)
         self.log_warning = log_warning
         self.name = "ignore_errors"
 
@@ -439,17 +436,15 @@ class IgnoreErrorsOp(Op):
     def compute_spec(self) -> Any:
         return self.input.element_spec()
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         return IgnoreErrorsIterator(self, ctx, state)
 
 
-class IgnoreErrorsIterator(ChunkedIterator):
+class IgnoreErrorsIterator(UnaryIterator, ChunkedIterator):
     def __init__(self, op: IgnoreErrorsOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
         self.ignored = 0 if state is None else state_int(state, "ignored", op.name)
-        input_state = None if state is None else state_nested(state, "input", op.name)
-        self.input = op.input.make_iterator(ctx, input_state)
-        self.inputs = (self.input,)
+        super().__init__(op, ctx, state)
 
     def next_chunk(self, max_n: int) -> list[Any]:
         while True:

@@ -13,7 +13,7 @@ from feedline.errors import InvalidStateError, StageError
 from feedline.ops.base import INFINITE, UNKNOWN, Op, UnobservableSpec
 from feedline.ops.randomness import PassKey, PassKeys
 from feedline.runtime.context import IterContext
-from feedline.runtime.iterator import NodeIterator, State
+from feedline.runtime.iterator import StageIterator, State
 from feedline.runtime.states import (
     check_nested,
     state_bool,
@@ -49,7 +49,7 @@ class RandomStream:
         return {**PassKeys.as_state(self.key), "drawn": self.drawn}
 
 
-class DrawIterator(NodeIterator):
+class DrawIterator(StageIterator):
     """Endless values, each made from one raw draw by ``transform`` (vectorised). One at a
     time, values are made a block ahead; the state counts only those delivered."""
 
@@ -100,7 +100,7 @@ class RandomOp(Op):
     def compute_spec(self) -> Any:
         return _INT64_SCALAR
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         key = self.passes.key(ctx, state, self.name)
         if not self.per_epoch:
             key = (key[0], key[1], 0)
@@ -134,7 +134,7 @@ class CategoricalOp(Op):
     def compute_spec(self) -> Any:
         return _INT64_SCALAR
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         if self.weights_input is None:
             assert self.thresholds is not None
             thresholds = self.thresholds
@@ -163,7 +163,7 @@ def _picks(thresholds: np.ndarray, raw: np.ndarray) -> np.ndarray:
     return picks
 
 
-class WeightsInputIterator(NodeIterator):
+class WeightsInputIterator(StageIterator):
     """One pick per element of the weights dataset, which may hold a bad weight vector."""
 
     def __init__(
@@ -236,11 +236,11 @@ class DirectedInterleaveOp(Op):
             )
         return spec
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         return DirectedInterleaveIterator(self, ctx, state)
 
 
-class DirectedInterleaveIterator(NodeIterator):
+class DirectedInterleaveIterator(StageIterator):
     def __init__(self, op: DirectedInterleaveOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
         self.done = False
@@ -251,7 +251,7 @@ class DirectedInterleaveIterator(NodeIterator):
             selector_state, states = self._restore(state)
         self.selector = op.selector.make_iterator(ctx, selector_state)
         # None marks an exhausted input (its state is then None too).
-        self.data: list[NodeIterator | None] = []
+        self.data: list[StageIterator | None] = []
         try:
             for data_op, s in zip(op.data_inputs, states):
                 exhausted = state is not None and s is None

@@ -27,7 +27,7 @@ from feedline.ops.base import Op
 from feedline.ops.in_memory import decode_elements, encode_elements
 from feedline.ops.records import RecordError, leaves_of, spec_from_json, spec_to_json
 from feedline.runtime.context import IterContext
-from feedline.runtime.iterator import NodeIterator, State
+from feedline.runtime.iterator import StageIterator, State
 from feedline.runtime.states import state_int
 from feedline.structure import TensorSpec, flatten, same_nesting
 
@@ -165,7 +165,7 @@ class LoadOp(Op):
     def compute_spec(self) -> Any:
         return self.spec
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         return LoadIterator(self, state)
 
 
@@ -177,7 +177,7 @@ def _fits(given: Any, saved: Any) -> bool:
     )
 
 
-class LoadIterator(NodeIterator):
+class LoadIterator(StageIterator):
     """State: the byte offset of the next line (in the decompressed stream with GZIP), and
     the index of its element."""
 

@@ -9,13 +9,13 @@ from typing import Any
 import numpy as np
 
 from feedline.errors import StageError, wrap_user_error
-from feedline.ops.base import Op, function_name
+from feedline.ops.base import Op, UnaryIterator, UnaryOp, function_name
 from feedline.ops.in_memory import check_elements, encode_elements
 from feedline.ops.sources import owned_array
 from feedline.ops.tracing import REAL_ELEMENTS, first_elements, traced_spec
 from feedline.runtime.context import IterContext
-from feedline.runtime.iterator import NodeIterator, State
-from feedline.runtime.states import state_dict, state_int, state_nested
+from feedline.runtime.iterator import State
+from feedline.runtime.states import state_dict, state_int
 from feedline.structure import (
     STRING_DTYPE,
     TensorSpec,
@@ -31,7 +31,7 @@ from feedline.structure import (
 )
 
 
-class ScanOp(Op):
+class ScanOp(UnaryOp):
     """``(state, output) = scan_func(state, element)`` per element; the output is yielded.
 
     As in tf.data, the function gets exactly two arguments (a tuple element is not unpacked),
@@ -40,9 +40,7 @@ class ScanOp(Op):
     """
 
     def __init__(self, input_op: Op, initial_state: Any, fn: Callable[..., Any]) -> None:
-        super().__init__()
-        self.input = input_op
-        self.inputs = (input_op,)
+        super().__init__(input_op)
         # Converted as tf.data converts it (3 -> int32, [1, 2] -> an array), and owned, so
         # later changes to the caller's arrays do not reach the pipeline.
         self.initial_state = map_structure(
@@ -75,18 +73,15 @@ class ScanOp(Op):
         return ScanIterator(self, ctx, state)
 
 
-class ScanIterator(NodeIterator):
+class ScanIterator(UnaryIterator):
     def __init__(self, op: ScanOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
         self.position = 0
         self.state = op.initial_state
-        input_state = None
         if state is not None:
             self.position = state_int(state, "position", op.name)
             self.state = self._restored_state(state)
-            input_state = state_nested(state, "input", op.name)
-        self.input = op.input.make_iterator(ctx, input_state)
-        self.inputs = (self.input,)
+        super().__init__(op, ctx, state)
 
     def _restored_state(self, state: State) -> Any:
         """The running state saved in ``state``: the initial state's nesting and dtypes, any

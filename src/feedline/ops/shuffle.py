@@ -5,25 +5,23 @@ from __future__ import annotations
 from typing import Any
 
 from feedline.errors import InvalidStateError
-from feedline.ops.base import Op
+from feedline.ops.base import Op, UnaryIterator, UnaryOp
 from feedline.ops.randomness import PassKeys
 from feedline.runtime.context import IterContext
-from feedline.runtime.iterator import NodeIterator, State, skip_elements
+from feedline.runtime.iterator import StageIterator, State, skip_elements
 from feedline.runtime.states import known_end, state_int, state_nested
 
 _UNIFORM_BLOCK = 256
 
 
-class ShuffleOp(Op):
+class ShuffleOp(UnaryOp):
     """A random buffer; each pass is seeded by its ``PassKeys`` key (see ops/randomness.py).
     With ``reshuffle_each_iteration=False`` every pass has the same order."""
 
     def __init__(
         self, input_op: Op, buffer_size: int, seed: int | None, reshuffle_each_iteration: bool
     ) -> None:
-        super().__init__()
-        self.input = input_op
-        self.inputs = (input_op,)
+        super().__init__(input_op)
         self.buffer_size = buffer_size
         self.passes = PassKeys(seed, vary_per_pass=bool(reshuffle_each_iteration))
         self.name = f"shuffle({buffer_size})"
@@ -34,11 +32,11 @@ class ShuffleOp(Op):
     def compute_spec(self) -> Any:
         return self.input.element_spec()
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         return ShuffleIterator(self, ctx, state)
 
 
-class ShuffleIterator(NodeIterator):
+class ShuffleIterator(UnaryIterator):
     """Fills the buffer, then repeatedly emits a random slot and refills it from the input.
 
     Its saved state is the input's state at the start of the pass plus a count: restoring
@@ -51,13 +49,12 @@ class ShuffleIterator(NodeIterator):
         produced = 0
         if state is not None:
             produced = state_int(state, "produced", op.name, 0, known_end(op.cardinality()))
-            self.input_start = state_nested(state, "input_start", op.name)
+            state_nested(state, "input_start", op.name)  # reported before a bad key
         self.pass_key = op.passes.key(ctx, state, op.name)
-        self.input = op.input.make_iterator(ctx, None if state is None else self.input_start)
+        super().__init__(op, ctx, state, field="input_start")
         # Taken from the input even when restored: the saved one is a frozen copy, and an
         # input that delivers in finishing order records its order only in the live one.
         self.input_start = self.input.get_state()
-        self.inputs = (self.input,)
         self.rng = PassKeys.generator(self.pass_key)
         self.buffer: list[Any] = []
         self.exhausted = False

@@ -7,34 +7,26 @@ from typing import Any
 import numpy as np
 
 from feedline.errors import InvalidStateError
-from feedline.ops.base import INFINITE, UNKNOWN, Op
+from feedline.ops.base import INFINITE, UNKNOWN, Op, UnaryIterator, UnaryOp
 from feedline.runtime.context import IterContext
-from feedline.runtime.iterator import ChunkedIterator, NodeIterator, State, skip_elements
+from feedline.runtime.iterator import ChunkedIterator, StageIterator, State, skip_elements
 from feedline.runtime.states import (
     INT64_MAX,
     known_end,
     state_bool,
     state_int,
-    state_nested,
     state_optional_nested,
 )
 from feedline.structure import TensorSpec
 
 
-class _OneInputOp(Op):
+class _OneInputOp(UnaryOp):
     def __init__(self, input_op: Op, name: str) -> None:
-        super().__init__()
-        self.input = input_op
-        self.inputs = (input_op,)
+        super().__init__(input_op)
         self.name = name
 
     def compute_spec(self) -> Any:
         return self.input.element_spec()
-
-
-def _input_state(state: State | None, op: Op) -> State | None:
-    """The input's part of ``state`` (None for a fresh pass)."""
-    return None if state is None else state_nested(state, "input", op.name)
 
 
 class TakeOp(_OneInputOp):
@@ -51,11 +43,11 @@ class TakeOp(_OneInputOp):
             return self.count
         return n if self.count < 0 else min(n, self.count)
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         return TakeIterator(self, ctx, state)
 
 
-class TakeIterator(NodeIterator):
+class TakeIterator(UnaryIterator):
     def __init__(self, op: TakeOp, ctx: IterContext, state: State | None) -> None:
         self.limit = op.count
         self.taken = 0
@@ -64,8 +56,7 @@ class TakeIterator(NodeIterator):
             if most is None and op.count >= 0:  # an input of unknown length
                 most = op.count
             self.taken = state_int(state, "taken", op.name, 0, most)
-        self.input = op.input.make_iterator(ctx, _input_state(state, op))
-        self.inputs = (self.input,)
+        super().__init__(op, ctx, state)
 
     def __next__(self) -> Any:
         if 0 <= self.limit <= self.taken:
@@ -99,16 +90,15 @@ class SkipOp(_OneInputOp):
             return n
         return 0 if self.count < 0 else max(0, n - self.count)
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         return SkipIterator(self, ctx, state)
 
 
-class SkipIterator(NodeIterator):
+class SkipIterator(UnaryIterator):
     def __init__(self, op: SkipOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
         self.skipped = state is not None and state_bool(state, "skipped", op.name)
-        self.input = op.input.make_iterator(ctx, _input_state(state, op))
-        self.inputs = (self.input,)
+        super().__init__(op, ctx, state)
 
     def _skip_once(self) -> None:
         if not self.skipped:
@@ -143,16 +133,15 @@ class ShardOp(_OneInputOp):
             return n
         return n // self.num_shards + (1 if self.index < n % self.num_shards else 0)
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         return ShardIterator(self, ctx, state)
 
 
-class ShardIterator(NodeIterator):
+class ShardIterator(UnaryIterator):
     def __init__(self, op: ShardOp, ctx: IterContext, state: State | None) -> None:
         self.op = op
         self.started = state is not None and state_bool(state, "started", op.name)
-        self.input = op.input.make_iterator(ctx, _input_state(state, op))
-        self.inputs = (self.input,)
+        super().__init__(op, ctx, state)
 
     def __next__(self) -> Any:
         # Position the input on this shard's next element: skip index first, then the others.
@@ -182,7 +171,7 @@ class RepeatOp(_OneInputOp):
             return n
         return n * self.count
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         return RepeatIterator(self, ctx, state)
 
 
@@ -194,7 +183,7 @@ class RepeatIterator(ChunkedIterator):
         self.op = op
         self.ctx = ctx
         self.epoch = self.epoch_produced = 0
-        self.input: NodeIterator | None = None
+        self.input: StageIterator | None = None
         if state is None:
             if op.count != 0:
                 self.input = op.input.make_iterator(ctx, None)
@@ -261,19 +250,18 @@ class EnumerateOp(_OneInputOp):
     def compute_spec(self) -> Any:
         return (TensorSpec((), np.dtype(np.int64)), self.input.element_spec())
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         return EnumerateIterator(self, ctx, state)
 
 
-class EnumerateIterator(NodeIterator):
+class EnumerateIterator(UnaryIterator):
     def __init__(self, op: EnumerateOp, ctx: IterContext, state: State | None) -> None:
         self.index = op.start
         if state is not None:
             end = known_end(op.cardinality())
             last = INT64_MAX if end is None else op.start + end
             self.index = state_int(state, "index", op.name, op.start, last)
-        self.input = op.input.make_iterator(ctx, _input_state(state, op))
-        self.inputs = (self.input,)
+        super().__init__(op, ctx, state)
 
     def __next__(self) -> Any:
         element = next(self.input)

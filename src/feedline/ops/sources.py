@@ -10,7 +10,7 @@ import numpy as np
 from feedline.errors import InvalidStateError, StageError, wrap_user_error
 from feedline.ops.base import UNKNOWN, Op
 from feedline.runtime.context import IterContext
-from feedline.runtime.iterator import NodeIterator, State
+from feedline.runtime.iterator import StageIterator, State
 from feedline.runtime.states import state_bool, state_int
 from feedline.structure import (
     STRING_DTYPE,
@@ -44,13 +44,13 @@ class RangeOp(Op):
     def compute_spec(self) -> Any:
         return TensorSpec((), self.dtype)
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         # The index of the next value: at most the count, where the pass has ended.
         index = 0 if state is None else state_int(state, "index", self.name, 0, self.cardinality())
         return RangeIterator(self, index)
 
 
-class RangeIterator(NodeIterator):
+class RangeIterator(StageIterator):
     def __init__(self, op: RangeOp, index: int) -> None:
         self.op = op
         self.index = index
@@ -138,12 +138,12 @@ class TensorSlicesOp(Op):
     def compute_spec(self) -> Any:
         return map_structure(lambda a: leaf_spec(a).without_leading(), self.structure)
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         index = 0 if state is None else state_int(state, "index", self.name, 0, self.length)
         return SlicesIterator(self, index)
 
 
-class SlicesIterator(NodeIterator):
+class SlicesIterator(StageIterator):
     def __init__(self, op: TensorSlicesOp, index: int) -> None:
         self.op = op
         self.index = index
@@ -196,12 +196,12 @@ class TensorsOp(Op):
     def compute_spec(self) -> Any:
         return spec_of(self.value)
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         done = state is not None and state_bool(state, "done", self.name)
         return SingleElementIterator(self.value, done)
 
 
-class SingleElementIterator(NodeIterator):
+class SingleElementIterator(StageIterator):
     def __init__(self, value: Any, done: bool) -> None:
         self.value = value
         self.done = done
@@ -244,7 +244,7 @@ class GeneratorOp(Op):
             return self.signature
         return self.observed_spec()
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         if state is None:
             return GeneratorIterator(self, 0)
         produced = state_int(state, "produced", self.name)
@@ -256,7 +256,7 @@ class GeneratorOp(Op):
         return it
 
 
-class GeneratorIterator(NodeIterator):
+class GeneratorIterator(StageIterator):
     def __init__(self, op: GeneratorOp, skip: int) -> None:
         self.op = op
         self.produced = 0

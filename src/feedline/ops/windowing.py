@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from feedline.ops.base import INFINITE, UNKNOWN, Op
+from feedline.ops.base import INFINITE, UNKNOWN, Op, UnaryIterator, UnaryOp
 from feedline.ops.in_memory import (
     DatasetSpec,
     ElementsOp,
@@ -13,12 +13,12 @@ from feedline.ops.in_memory import (
     state_elements,
 )
 from feedline.runtime.context import IterContext
-from feedline.runtime.iterator import NodeIterator, State, skip_elements
-from feedline.runtime.states import state_bool, state_int, state_nested
+from feedline.runtime.iterator import StageIterator, State, skip_elements
+from feedline.runtime.states import state_bool, state_int
 from feedline.structure import flatten, map_structure, pack_like
 
 
-class WindowOp(Op):
+class WindowOp(UnaryOp):
     """Window ``k`` holds input elements ``k*shift + j*stride`` for ``j < size``; near the end
     windows are shorter (or dropped with ``drop_remainder``), and a window with no element is
     never made. A nested element gives the same nest of datasets, one per component."""
@@ -26,9 +26,7 @@ class WindowOp(Op):
     def __init__(
         self, input_op: Op, size: int, shift: int, stride: int, drop_remainder: bool
     ) -> None:
-        super().__init__()
-        self.input = input_op
-        self.inputs = (input_op,)
+        super().__init__(input_op)
         self.size = size
         self.shift = shift
         self.stride = stride
@@ -50,11 +48,11 @@ class WindowOp(Op):
     def compute_spec(self) -> Any:
         return map_structure(DatasetSpec, self.input.element_spec())
 
-    def make_iterator(self, ctx: IterContext, state: State | None) -> NodeIterator:
+    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         return WindowIterator(self, ctx, state)
 
 
-class WindowIterator(NodeIterator):
+class WindowIterator(UnaryIterator):
     """Holds the input elements from the next window's first one onwards (at most ``span``);
     its state is the input's position plus those elements, so restoring reads nothing twice."""
 
@@ -64,21 +62,18 @@ class WindowIterator(NodeIterator):
         # Input elements to pass over before the next window starts (when shift > span).
         self.skip = 0
         self.exhausted = False
-        input_state = None
         if state is not None:
-            input_state = self._restore(state)
-        self.input = op.input.make_iterator(ctx, input_state)
-        self.inputs = (self.input,)
+            self._restore(state)
+        super().__init__(op, ctx, state)
 
-    def _restore(self, state: State) -> State:
-        """Reads the buffer and counters of ``state``; returns the input's state."""
+    def _restore(self, state: State) -> None:
+        """Reads the buffer and counters of ``state``."""
         op = self.op
         spec = op.input.element_spec
         self.buffer = state_elements(state, "buffer", op.name, spec, op.span)
         # What is left to pass over once a window took all it held (see __next__).
         self.skip = state_int(state, "skip", op.name, 0, 0 if self.buffer else op.shift - 1)
         self.exhausted = state_bool(state, "exhausted", op.name)
-        return state_nested(state, "input", op.name)
 
     def _fill(self) -> None:
         if self.skip and not self.exhausted:

@@ -24,7 +24,7 @@ Transform = Callable[[list[Any], Sequence[int]], tuple[list[Any], list[int]]]
 
 
 class ChunkExecutor(Protocol):
-    """Runs a stage's transform outside the stage's threads (``runtime/process.py``).
+    """Runs a stage's transform outside the stage's threads (``runtime/process/``).
 
     The stage's worker threads call ``run`` instead of the transform and wait for it, so
     ordering, state and errors stay the stage's; ``parallelism`` is then how many chunks run

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 class WorkerPoolView(Protocol):
-    """What the run needs to see of a pool of worker processes (``runtime/process.py``)."""
+    """What the run needs to see of a pool of worker processes (``runtime/process/``)."""
 
     name: str
 

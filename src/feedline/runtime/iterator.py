@@ -1,6 +1,6 @@
 """The contract every op's iterator follows, and the cursor that makes chunked reads resumable.
 
-A node iterator is a Python iterator (``__next__`` raises ``StopIteration`` at the end) with:
+A stage iterator is a Python iterator (``__next__`` raises ``StopIteration`` at the end) with:
 
 - ``next_chunk(n)``: up to ``n`` next elements as a list, ``[]`` only at the end. Passing lists
   between stages amortises Python's per-call cost; it never changes which elements come out.
@@ -17,16 +17,16 @@ from feedline.errors import InvalidStateError
 from feedline.runtime.states import State, state_int, state_nested
 
 
-class NodeIterator:
+class StageIterator:
     """Base class: subclasses implement ``__next__`` and ``get_state``, and override
     ``next_chunk`` where they can produce a list faster than one call per element."""
 
-    inputs: tuple[NodeIterator, ...] = ()
+    inputs: tuple[StageIterator, ...] = ()
     # An error met while filling a chunk, raised on the next call once the elements before it
     # have been delivered (raising at once would drop them).
     _deferred_error: BaseException | None = None
 
-    def __iter__(self) -> NodeIterator:
+    def __iter__(self) -> StageIterator:
         return self
 
     def __next__(self) -> Any:
@@ -63,7 +63,7 @@ class NodeIterator:
             it.close()
 
 
-class ChunkedIterator(NodeIterator):
+class ChunkedIterator(StageIterator):
     """For iterators that produce in chunks: one element is a chunk of one."""
 
     def __next__(self) -> Any:
@@ -73,7 +73,7 @@ class ChunkedIterator(NodeIterator):
         return chunk[0]
 
 
-class EmptyIterator(NodeIterator):
+class EmptyIterator(StageIterator):
     def __next__(self) -> Any:
         raise StopIteration
 
@@ -88,7 +88,7 @@ class EmptyIterator(NodeIterator):
 _SKIP_CHUNK = 4096
 
 
-def skip_elements(it: NodeIterator, count: int) -> int:
+def skip_elements(it: StageIterator, count: int) -> int:
     """Pull and drop ``count`` elements; returns how many were actually there."""
     skipped = 0
     while skipped < count:
@@ -109,7 +109,7 @@ class InputCursor:
 
     __slots__ = ("_chunk", "_chunk_start_state", "_exhausted", "_index", "input")
 
-    def __init__(self, input_iterator: NodeIterator) -> None:
+    def __init__(self, input_iterator: StageIterator) -> None:
         self.input = input_iterator
         self._chunk: list[Any] = []
         self._index = 0

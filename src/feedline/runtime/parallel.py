@@ -36,24 +36,27 @@ import time
 import traceback
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from feedline.errors import StageCrashedError, StageError
 from feedline.runtime.chunks import ChunkExecutor, Failed, RowList, Transform, element_nbytes
 from feedline.runtime.context import IterContext
-from feedline.runtime.iterator import NodeIterator, State
+from feedline.runtime.iterator import StageIterator, State
 from feedline.runtime.replay import ForcedOrder, Journal, read_forced_order
+from feedline.runtime.stage_config import StageConfig
 from feedline.runtime.states import state_dict, state_int, state_ranges
 from feedline.runtime.tunable import (
     CHEAP_WORK_SECONDS,
     PROCESSES,
     PURE_WAITING_SHARE,
-    THREADS,
     Knob,
     StageMetrics,
     StartChoice,
     Tunable,
 )
+
+if TYPE_CHECKING:
+    from feedline.runtime.process.executor import ExecutorSwitch
 
 logger = logging.getLogger("feedline")
 
@@ -109,36 +112,28 @@ class _Chunk:
         self.pull_seconds = 0.0  # taking it from the input, which workers do one at a time
 
 
-class AsyncStage(NodeIterator, Tunable):
+class AsyncStage(StageIterator, Tunable):
     def __init__(
         self,
+        config: StageConfig,
         *,
-        name: str,
         ctx: IterContext,
-        make_input: Callable[[State | None], NodeIterator],
+        make_input: Callable[[State | None], StageIterator],
         transform: Transform | None,
         state: State | None,
-        parallelism: int,
-        parallelism_tunable: bool,
-        max_parallelism: int,
-        buffer_size: int | None,
-        buffer_tunable: bool,
-        deterministic: bool,
-        key: object = None,
         executor: ChunkExecutor | None = None,
-        make_process_executor: Callable[[], ChunkExecutor] | None = None,
-        start_parallelism: int | None = None,
+        executor_switch: ExecutorSwitch | None = None,
     ) -> None:
-        """``make_process_executor``: offered to the tuner as an ``executor`` knob (threads or
-        processes). ``start_parallelism``: run the first chunk inline to learn its cost, then
-        start that many workers unless the work is too cheap to be worth a hand-off."""
+        """``executor_switch``: offered to the tuner as an ``executor`` knob (threads or
+        processes)."""
+        name = config.name
         self.name = name
-        self.key = key if key is not None else object()
+        self.key = config.key if config.key is not None else object()
         self.ctx = ctx
         self.transform = transform
         # Where the transform runs when not on this stage's threads (which then dispatch to it).
         self.executor = executor
-        self.deterministic = deterministic
+        self.deterministic = config.deterministic
         self._lock = threading.Lock()
         self._results_ready = threading.Condition(self._lock)
         self._space_free = threading.Condition(self._lock)
@@ -165,36 +160,36 @@ class AsyncStage(NodeIterator, Tunable):
         self.knobs = {
             "parallelism": Knob(
                 "parallelism",
-                parallelism,
+                config.parallelism,
                 0,
-                max_parallelism,
-                parallelism_tunable,
+                config.max_parallelism,
+                config.parallelism_tunable,
                 self._knobs_changed,
             ),
             "buffer_size": Knob(
-                "buffer_size", buffer_size or 1, 1, 1 << 20, buffer_tunable, self._knobs_changed
+                "buffer_size",
+                config.buffer_size or 1,
+                1,
+                1 << 20,
+                config.buffer_tunable,
+                self._knobs_changed,
             ),
         }
-        self._make_process_executor = make_process_executor
-        self._replaced_executors: list[ChunkExecutor] = []
-        # An executor being started (see _executor_changed), and the thread starting it.
-        self._warming: ChunkExecutor | None = None
-        self._warm_thread: threading.Thread | None = None
-        if make_process_executor is not None:
-            self.knobs["executor"] = Knob(
-                "executor", THREADS, THREADS, PROCESSES, True, self._executor_changed
-            )
+        self._switch = executor_switch
+        if executor_switch is not None:
+            self.knobs["executor"] = executor_switch.attach(self, self._lock, self._knobs_changed)
         # What the tuner chose for this op in an earlier stage of the same run (an earlier epoch
         # under repeat) is where this one starts.
         remembered = ctx.remembered(self.key)
         for knob_name, value in remembered.items():
             self.knobs[knob_name]._value = value
-        self._start_parallelism = None if "parallelism" in remembered else start_parallelism
-        self._auto_buffer = buffer_size is None
+        start = config.start_parallelism
+        self._start_parallelism = None if "parallelism" in remembered else start
+        self._auto_buffer = config.buffer_size is None
         self.max_buffer_bytes = DEFAULT_MAX_BUFFER_BYTES
         self.metrics = StageMetrics()
-        if remembered.get("executor") == PROCESSES:
-            executor = self._new_process_executor()
+        if self._switch is not None and remembered.get("executor") == PROCESSES:
+            executor = self._switch.new_executor()
         self.executor = executor
         if executor is not None:
             executor.resize(self.parallelism)
@@ -296,70 +291,15 @@ class AsyncStage(NodeIterator, Tunable):
         return self.transform is not None
 
     def expect_processes(self) -> None:
-        if self._make_process_executor is not None and self.knobs["executor"].tunable:
-            from feedline.runtime.process import start_forkserver_soon
-
-            start_forkserver_soon()
-
-    def _new_process_executor(self) -> ChunkExecutor | None:
-        assert self._make_process_executor is not None
-        try:
-            return self._make_process_executor()
-        except Exception as e:  # unpicklable function, no cloudpickle: threads it stays
-            logger.info("%s stays on threads: %s", self.name, e)
-            knob = self.knobs["executor"]
-            knob._value, knob.tunable = THREADS, False
-            return None
-
-    def _executor_changed(self) -> None:
-        """The tuner moved the stage between threads and processes. The executor it leaves is
-        closed with the stage, not now: a worker thread may still be running a chunk on it.
-
-        Processes start beside the threads, which go on with the work until the processes
-        have loaded the function: moving image decoding stalled the stage for 0.3-0.5 s (the
-        forkserver and the workers starting), a quarter of a 2,000-image pass. The executor is
-        made on that thread too: pickling the function while GIL-bound threads run took the
-        tuner's thread 0.3 s."""
-        with self._lock:
-            if self.knobs["executor"].value == PROCESSES:
-                starting = self._warm_thread is not None and self._warm_thread.is_alive()
-                if self.executor is None and self._warming is None and not starting:
-                    self._warm_thread = threading.Thread(
-                        target=self._start_processes, name=f"feedline-{self.name}-warm", daemon=True
-                    )
-                    self._warm_thread.start()
-            else:
-                leaving = (self.executor, self._warming)
-                self._replaced_executors += [e for e in leaving if e is not None]
-                self.executor = self._warming = None
-        self._knobs_changed()
-
-    def _start_processes(self) -> None:
-        executor = self._new_process_executor()
-        if executor is None:
-            return  # the function cannot go to processes: threads it stays (said there)
-        with self._lock:
-            wanted = self.knobs["executor"].value == PROCESSES and not self._closing
-            if wanted:
-                self._warming = executor
-        if not wanted:
-            executor.close()
-            return
-        executor.resize(self.parallelism)
-        try:
-            executor.warm()
-        except Exception:  # the first chunk sent there raises it again, at its position
-            logger.debug("%s: starting worker processes failed", self.name, exc_info=True)
-        with self._lock:
-            if self._warming is executor:  # still wanted
-                self._warming = None
-                self.executor = executor
+        if self._switch is not None:
+            self._switch.expect()
 
     def _knobs_changed(self) -> None:
         self.ctx.remember(self.key, {name: knob.value for name, knob in self.knobs.items()})
-        for executor in (self.executor, self._warming):
-            if executor is not None:
-                executor.resize(self.parallelism)
+        if self.executor is not None:
+            self.executor.resize(self.parallelism)
+        if self._switch is not None:
+            self._switch.resize(self.parallelism)
         with self._lock:
             self._wake_all()
         self._ensure_workers()
@@ -952,17 +892,15 @@ class AsyncStage(NodeIterator, Tunable):
         with self._lock:
             self._closing = True
             self._wake_all()
-            warming, self._warming = self._warming, None
-        for replaced in self._replaced_executors:
-            replaced.close()
-        for executor in (self.executor, warming):
-            if executor is not None:
-                # Before joining: a dispatcher still waiting on a worker finishes (or is
-                # stopped with the pool) on its own.
-                executor.close()
+        # Before joining: a dispatcher still waiting on a worker finishes (or is stopped with
+        # the pool) on its own.
+        if self._switch is not None:
+            self._switch.close()
+        if self.executor is not None:
+            self.executor.close()
         current = threading.current_thread()
         deadline = time.monotonic() + JOIN_TIMEOUT_SECONDS
-        threads = self._workers + ([self._warm_thread] if self._warm_thread else [])
+        threads = self._workers + (self._switch.threads if self._switch is not None else [])
         for thread in threads:
             if thread is not current:
                 thread.join(max(0.0, deadline - time.monotonic()))

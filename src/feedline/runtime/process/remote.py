@@ -5,12 +5,12 @@ dataset that returns; the parent only interleaves the elements that come back. A
 the worker that opened it (its iterator lives there); several slots may share a worker, which
 answers their requests in turn.
 
-- ``RemoteIterator`` stands for one slot in the parent: a node iterator whose ``next_chunk``
+- ``RemoteIterator`` stands for one slot in the parent: a stage iterator whose ``next_chunk``
   asks the slot's worker for elements. Each reply also carries the slot's state after them, so
   ``get_state`` needs no round trip. That state is the dataset iterator's own, as on threads:
   a saved state reopens the slot on any worker (or, read ahead, on a thread).
 - ``SlotPool``: the workers of one interleave in one run. Starting them, keeping them across
-  ``repeat`` epochs, stopping them and telling a dead one apart are ``runtime/process.py``'s.
+  ``repeat`` epochs, stopping them and telling a dead one apart are ``pool.py``'s.
 - ``SlotService``: a worker's side. The datasets run untuned, in contexts of the worker's own:
   AUTOTUNE stages inside them run inline, maps on threads (a worker process cannot start worker
   processes of its own), explicit ``num_parallel_calls`` on that many threads.
@@ -28,21 +28,15 @@ from typing import Any
 from feedline.errors import StageCrashedError
 from feedline.options import Options, ResolvedOptions
 from feedline.runtime.context import IterContext
-from feedline.runtime.iterator import ChunkedIterator, NodeIterator, State
-from feedline.runtime.process import (
-    ExportedError,
-    Unsendable,
-    WorkerPool,
-    WorkerProcess,
-    cannot_send,
-    pickled_service,
-    shared_pool,
-    unpicklable,
-)
+from feedline.runtime.iterator import ChunkedIterator, StageIterator, State
+from feedline.runtime.process.pool import WorkerPool, WorkerProcess, shared_pool
+from feedline.runtime.process.shm import Unsendable, cannot_send, unpicklable
+from feedline.runtime.process.spawn import pickled_service
+from feedline.runtime.process.worker import ExportedError
 
 # Makes a slot's iterator in a worker: (input element, its position, context, saved state or
 # None) -> the iterator of the dataset the interleave's function returns for the element.
-Opener = Callable[[Any, int, IterContext, State | None], NodeIterator]
+Opener = Callable[[Any, int, IterContext, State | None], StageIterator]
 # To a worker: (slots to drop, slot, (input element, position, saved state) to open it, or
 # None to read up to max_n elements from it, max_n).
 Request = tuple[list[int], int, tuple[Any, int, State | None] | None, int]
@@ -67,7 +61,7 @@ class _Slot:
 
     __slots__ = ("ctx", "element", "held", "it", "position", "state")
 
-    def __init__(self, it: NodeIterator, ctx: IterContext, element: Any, position: int) -> None:
+    def __init__(self, it: StageIterator, ctx: IterContext, element: Any, position: int) -> None:
         self.it = it
         self.ctx = ctx
         self.element = element

@@ -17,14 +17,13 @@ import pytest
 
 import feedline as fl
 from feedline.autotune import tuner as tuner_module
-from feedline.autotune.budget import Budget
-from feedline.autotune.tuner import RootCounters
 from feedline.options import DEFAULT_THREAD_BUDGET
 from feedline.runtime.tunable import Knob, ThreadBudget, Tunable
-from tests.autotune.test_tuner import (
+from tests.autotune.helpers import (
     SyntheticStage,
     consume_until,
     read_ahead_history,
+    synthetic_tuner,
     with_autotune,
 )
 from tests.conftest import feedline_threads
@@ -172,9 +171,7 @@ def test_the_tuner_takes_a_waiting_stage_to_the_thread_budget_and_says_it_stops_
     budget = ThreadBudget(10, lambda: [synthetic, fixed])
     for stage in (synthetic, fixed):
         budget.attach(stage)
-    root = RootCounters()
-    now = time.perf_counter()
-    tuner = tuner_module.Tuner(lambda: [synthetic], root, Budget(cpu=2.0, ram=2**30), now)
+    root, tuner, now = synthetic_tuner([synthetic])
     m = synthetic.metrics
     for _ in range(24):
         now += 0.25

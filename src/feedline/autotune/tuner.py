@@ -35,96 +35,39 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from feedline.autotune import policy
 from feedline.autotune.budget import Budget, format_bytes
+from feedline.autotune.policy import (
+    ALWAYS_WAITING,
+    FIRST_INTERVAL,
+    GAIN,
+    LATENCIES_PER_WINDOW,
+    LOSS,
+    MAX_INTERVAL,
+    MAX_WINDOW,
+    MIN_WINDOW,
+    NO_STALL,
+    PROCESS_RETRY_SECONDS,
+    SETTLE_ELEMENTS,
+    STALL,
+    STALL_CUT,
+    STALL_JUMP,
+    STALL_RISE,
+    Move,
+    Proposal,
+    Situation,
+    Window,
+    least_bytes,
+    thread_budget_words,
+)
+from feedline.autotune.windows import Reading, StageWindow
 from feedline.runtime.context import WorkerMemory
 from feedline.runtime.machine import idle_cpu_seconds, rss_of
-from feedline.runtime.tunable import (
-    CHEAP_WORK_SECONDS,
-    PROCESSES,
-    PURE_WAITING_SHARE,
-    Knob,
-    Tunable,
-)
+from feedline.runtime.tunable import PROCESSES, Knob, Tunable
 
 logger = logging.getLogger("feedline.autotune")
 # What users must see even with the tuner's own log quiet: a budget that cannot be kept.
 warnings_logger = logging.getLogger("feedline")
-
-FIRST_INTERVAL = 0.05
-MAX_INTERVAL = 1.0
-MIN_WINDOW = 0.15  # a measuring window lasts at least this long ...
-LATENCIES_PER_WINDOW = 3  # ... and this many per-element times of the stage under test ...
-SETTLE_ELEMENTS = 8  # ... and sees this many elements move (at the root or one stage) ...
-MAX_WINDOW = 2.0  # ... unless it has lasted this long: then it is judged on what it saw
-STALL = 0.01  # the consumer stalls when it waits more than this fraction of the time
-NO_STALL = 0.006  # ... and is served comfortably below this (a consumer that sleeps pays
-# some waiting for the GIL on every wake-up, whatever the pipeline does)
-STALL_RISE = 0.005  # a decrease that raises the stall by more than this is taken back
-STALL_CUT = 0.7  # an increase that leaves less than this share of the stall is kept
-# A decrease that makes a consumer already waiting much of the time wait this much more of
-# it is taken back (smaller moves of a large wait are noise).
-STALL_JUMP = 0.05
-ALWAYS_WAITING = 0.9  # a consumer waiting more than this share of the time has no work of its own
-GAIN = 0.08  # a change must raise the rate by this much to be worth its cost
-LOSS = 0.03  # a decrease may cost at most this much rate
-WAITING_WORK = 0.5  # CPU time / wall time below this: the work mostly waits (I/O) ...
-WAITING_CORES = 0.3  # ... if all its workers together also use less than this many cores:
-# threads waiting for the GIL show little CPU each too, but together they keep a core busy.
-# Many threads that wait add up to more cores (each pays its hand-offs): they still wait when
-# the work, run alone, waits too, until together they come near the one core the GIL allows.
-MANY_WAITING_CORES = 0.7
-PURE_WAITING = PURE_WAITING_SHARE  # CPU time / wall time below this: bigger steps
-BUSY = 0.5  # workers spending this fraction of their time on their own work are "busy"
-IDLE = 0.3  # ... and this fraction blocked on a full buffer, idle: fewer would do
-# ... unless their consumer waited on the stage meanwhile, for at least this share of the
-# window: the element it waits for, the oldest, holds the finished ones behind it in the
-# buffer (in order, a slow call among fast ones). More calls in flight then fill the wait.
-HELD_IN_ORDER = 0.15
-CPU_FULL = 0.85  # the process uses this share of its CPU budget: the cores are taken
-# Threads held by the GIL run Python one at a time: together they use about one core. Past
-# this many, they already run in parallel enough that processes would mostly add hand-offs.
-GIL_CORES = 1.5
-# A process using less than this many cores leaves the GIL free a fifth of the time or more:
-# its threads are not held by it.
-GIL_FREE_CORES = 0.8
-# Moving to processes needs at least this many idle cores on the machine to run them on (or
-# half the cores the process leaves unused, if fewer).
-FREE_CORES_FOR_PROCESSES = 0.5
-# Fewer workers can keep the rate only if the cores the stage uses fit in them (a worker uses
-# at most one): threads contending for the GIL, or waiting. Slack for measurement noise.
-FEWER_SLACK = 0.15
-# Work per element below which a hand-off between threads costs about as much as the work:
-# such a stage, its workers idle while its consumer waits, goes inline in one step.
-CHEAP_WORK = CHEAP_WORK_SECONDS
-# CPU time per element above which moving a GIL-bound function to processes can pay for
-# sending elements and results between processes (waiting does not move: only the CPU work).
-PROCESS_WORTH = 100e-6
-# Moving threads that already use most cores to processes costs memory (each worker loads
-# what the function needs): it must raise the rate by this much to stay, above the noise of
-# a busy machine (~10%). Image decoding gained 14-30% over a thread per core, round by round;
-# numpy work that releases the GIL, +3% in one such comparison and +30% in one benchmark run.
-PROCESS_GAIN = 0.15
-# A thread per core that leaves more than this share of the cores unused (while its consumer
-# waits on it) waits on the other threads: processes may run the same work in parallel. They
-# can at best use the cores left, so with fewer unused the move could not gain PROCESS_GAIN.
-# Two threads measured (with the batching and the consumer in the same process): Pillow image
-# decoding used 1.15-1.82 of 2 cores, numpy work that releases the GIL 1.47-1.75; image
-# decoding tried at 1.82 cores lost 21% in its trial, on top of what starting the workers cost.
-THREADS_LEAVE_CORES = 1 - 1 / (1 + PROCESS_GAIN)
-# A move to processes that did not pay is tried again only after this long, doubled at each
-# further failure: a trial costs ~1 s of a slower pipeline (workers starting beside the threads,
-# then the trial window), and a consumer changing speed says little about whether processes pay.
-PROCESS_RETRY_SECONDS = 10.0
-# Settle / measure windows, at least, of changes whose effect is slow to show (processes must
-# start) or small next to the noise of short windows (reading ahead for a consumer that is
-# mostly busy: its rate moves by about the fraction it waits).
-LONG_WINDOW = 1.0
-# A stage with nothing to compute (a prefetch) gains at most the consumer's own share of the
-# time by reading ahead on a thread: below this share, the hand-offs cost more than that.
-OVERLAP_WORTH = GAIN
-# ... and the consumer's own work between two elements must last at least this long: shorter,
-# and the two threads only hand the GIL back and forth (a loop that merely counts batches).
-OVERLAP_MIN_SECONDS = 0.5e-3
 
 
 @dataclass
@@ -143,22 +86,6 @@ class Decision:
             f"{self.time:7.2f}s  {self.stage}.{self.knob}: {self.old} -> {self.new}  "
             f"({self.reason})"
         )
-
-
-@dataclass
-class StageWindow:
-    """What a stage did between two ticks."""
-
-    stage: Tunable
-    rate: float  # elements delivered per second
-    consumer_wait: float  # fraction of the window its consumer spent waiting for it
-    busy: float  # fraction of worker time spent on the stage's own work
-    cpu_share: float  # CPU time / wall time of that work (1: computing; ~0: waiting)
-    cores: float  # CPU seconds per second used by the stage's work, all workers together
-    idle: float  # fraction of worker time spent blocked on a full buffer
-    bytes_per_element: float
-    seconds_per_element: float  # wall time of the stage's own work per element
-    cpu_per_element: float  # CPU time of it: what would move to a worker process
 
 
 @dataclass
@@ -195,59 +122,6 @@ class Experiment:
     @property
     def baseline_stage_wait(self) -> float:
         return self.baseline_waits.get(self.stage.key, 0.0)
-
-
-def held_in_order(w: StageWindow) -> bool:
-    """Workers blocked on a full buffer while the stage's consumer waited on it: both share
-    the window for at least HELD_IN_ORDER of it (each measured as a share of it)."""
-    return w.idle + w.consumer_wait - 1 > HELD_IN_ORDER
-
-
-def computes_under_contention(w: StageWindow) -> bool:
-    """Threads contending for the GIL only spend less of their time on the CPU: work that
-    spends this much of it there computes, whatever its first call did."""
-    return w.cpu_share >= WAITING_WORK
-
-
-def mostly_waits(
-    cpu_share: float, cores: float, solo_cpu_share: float | None, gil_free: bool = False
-) -> bool:
-    """Work whose workers spend ``cpu_share`` of their time on the CPU, ``cores`` together,
-    and ``solo_cpu_share`` when one ran alone, mostly waits (I/O, latency) rather than computes.
-    Threads waiting for the GIL also show a small share each, but keep about a core busy.
-    ``gil_free``: the process left the GIL free part of the time, on a machine with cores to
-    spare; threads wanting it would have taken it, so a small share is waiting on other things
-    (a few slow calls among fast ones make the first call alone a poor guide)."""
-    if cpu_share >= WAITING_WORK:
-        return False
-    if gil_free:
-        return True
-    alone_waits = solo_cpu_share is not None and solo_cpu_share < WAITING_WORK
-    return cores < (MANY_WAITING_CORES if alone_waits else WAITING_CORES)
-
-
-def least_bytes(stage: Tunable, bytes_per_element: float, worker_rss: float) -> float:
-    """What ``stage`` may hold with one worker and its buffer at its smallest (the chunk
-    being made, those made, the one being delivered), plus the element its consumer holds,
-    and ``worker_rss`` (a worker process's resident memory) on processes."""
-    buffer = stage.knobs["buffer_size"]
-    held = stage.projected_bytes(1, buffer.minimum if buffer.tunable else None)
-    held += bytes_per_element
-    executor = stage.knobs.get("executor")
-    if executor is not None and executor.value == PROCESSES:
-        held += worker_rss
-    return held
-
-
-def thread_budget_words(knob: Knob, wanted: int) -> str:
-    """Why ``knob`` stops short of ``wanted``: the pass's thread budget, in words."""
-    budget = knob.budget
-    if budget is None:
-        return f"at most {knob.maximum}"
-    return (
-        f"the pass's thread budget allows {knob.most()} of {wanted}: "
-        f"{budget.in_use()} of its {budget.limit} threads in use"
-    )
 
 
 @dataclass
@@ -526,50 +400,28 @@ class Tuner:
 
     def _windows(
         self, dt: float, snapshots: dict[object, tuple[Tunable, dict[str, float]]]
-    ) -> list[StageWindow]:
-        out = []
+    ) -> list[Window]:
+        out: list[Window] = []
         for key, (stage, now) in snapshots.items():
-            before = self._previous.get(key, {k: 0.0 for k in now})
+            before = self._previous.get(key)
             self._previous[key] = now
             if key in self._remade:
                 continue  # its window began before it existed: no verdict on it yet
-            workers = max(1, stage.knobs["parallelism"].value)
-            work = now["work_wall"] - before["work_wall"]
-            # Elements worked on, not delivered: a full buffer draining delivers with no work.
-            done = now["worked"] - before["worked"]
-            # A window in which no element was worked on says nothing of the cost: the average.
-            if done > 0:
-                per_element = work / done
-                cpu_per_element = (now["work_cpu"] - before["work_cpu"]) / done
-            else:
-                per_element = now["work_wall"] / max(1.0, now["worked"])
-                cpu_per_element = now["work_cpu"] / max(1.0, now["worked"])
             out.append(
-                StageWindow(
-                    stage=stage,
-                    rate=(now["elements"] - before["elements"]) / dt,
-                    # A wait is booked when it ends, so it can exceed this window: clamp.
-                    consumer_wait=min(1.0, (now["consumer_wait"] - before["consumer_wait"]) / dt),
-                    busy=work / (dt * workers),
-                    cpu_share=(now["work_cpu"] - before["work_cpu"]) / work if work > 0 else 1.0,
-                    cores=(now["work_cpu"] - before["work_cpu"]) / dt,
-                    # Workers let go during the window idled in it too: clamp.
-                    idle=min(1.0, (now["worker_idle"] - before["worker_idle"]) / (dt * workers)),
+                StageWindow.between(
+                    stage,
+                    Reading.of(before) if before is not None else Reading(),
+                    Reading.of(now),
+                    dt,
+                    workers=max(1, stage.knobs["parallelism"].value),
                     bytes_per_element=now["bytes_per_element"],
-                    seconds_per_element=per_element,
-                    cpu_per_element=cpu_per_element,
                 )
             )
         return out
 
     def _notice_shift(self, rate: float, stall: float) -> None:
         """The consumer changed speed: what was saturated may not be any more."""
-        if self._last_rate <= 0:
-            return
-        shifted = abs(rate - self._last_rate) > 0.3 * self._last_rate or (
-            (stall > STALL) != (self._last_stall > STALL)
-        )
-        if shifted:
+        if policy.consumer_shifted(rate, stall, self._last_rate, self._last_stall):
             self.state.saturated.clear()
             self.state.floor_reached.clear()
             self.interval = FIRST_INTERVAL
@@ -585,7 +437,7 @@ class Tuner:
         now: float,
         noise: float = 0.0,
         stage_wait: float | None = None,
-        windows: list[StageWindow] | None = None,
+        windows: list[Window] | None = None,
     ) -> bool:
         """Keep or revert ``e`` on what the window after it showed; True when kept (or kept
         for now, while a scale-up chained to it is tried). ``noise``: the relative uncertainty
@@ -662,386 +514,131 @@ class Tuner:
             _, wait = self.state.process_retry.get(e.stage.key, (0.0, PROCESS_RETRY_SECONDS))
             self.state.process_retry[e.stage.key] = (now + wait, 2 * wait)
 
-    def _chain(self, e: Experiment, windows: list[StageWindow], now: float) -> bool:
+    def _chain(self, e: Experiment, windows: list[Window], now: float) -> bool:
         """A scale-up that did not pay may have moved the bottleneck to the stage it reads
-        from: two stages at about the same rate gain nothing when either grows alone (each
-        one's gain tried alone is taken back, and the pipeline stays at their rate). If a
-        stage's reader now waits on it clearly more than before, grow that stage too, keeping
-        ``e`` meanwhile; the pair is judged against the rate before ``e``. True if chained."""
+        from (see ``policy.chain_partner``): grow that stage too, keeping ``e`` meanwhile;
+        the pair is judged against the rate before ``e``. True if chained."""
         if e.chained_from is not None or e.companion is not None or e.knob.name != "parallelism":
             return False
-        for w in sorted(windows, key=lambda w: w.consumer_wait, reverse=True):
-            parallelism = w.stage.knobs.get("parallelism")
-            if (
-                w.stage.key == e.stage.key
-                or parallelism is None
-                or not parallelism.tunable
-                or not w.stage.has_own_work
-                or w.consumer_wait < STALL / 2
-                or w.consumer_wait < e.baseline_waits.get(w.stage.key, 0.0) + STALL
-            ):
-                continue
-            target, _ = self._scaled_parallelism(w, windows)
-            if target <= parallelism.value:
-                continue
-            old = parallelism.value
-            reason = (
-                f"its reader waits on it {w.consumer_wait:.0%} of the time with "
-                f"{e.stage.name}'s {e.knob.name} at {e.new}: tried with it"
-            )
-            applied = self._set(w.stage, parallelism, target, reason)
-            self._experiment = Experiment(
-                w.stage,
-                parallelism,
-                old,
-                applied,
-                +1,
-                e.baseline_rate,
-                e.baseline_stall,
-                now,
-                e.baseline_rates,
-                e.baseline_waits,
-                chained_from=e,
-            )
-            return True
-        return False
-
-    def _decide(self, windows: list[StageWindow], rate: float, stall: float, now: float) -> None:
-        if not windows:
-            return
-        if self._read_ahead(windows, rate, stall, now, inline_only=True):
-            return
-        if stall > STALL:
-            # Stages with work of their own first: reading ahead only overlaps what is left.
-            if self._scale_up(windows, rate, stall, now):
-                return
-            if self._read_ahead(windows, rate, stall, now):
-                return
-            if self._shed_spare(windows, rate, stall, now):
-                return
-            # Where more did not help, or where workers are mostly idle although their consumer
-            # waits (the hand-offs cost more than the work): fewer may then be faster, down to
-            # none, with the work inline in the consumer's thread.
-            # (Idle workers of costly work, while their consumer waits, are a passing moment:
-            # the consumer just sped up and has not yet emptied the buffer.)
-            # So may more computing workers than cores (started for a first call that waited).
-            saturated_keys = {key for key, _ in self.state.saturated}
-            worth_fewer = [
-                w
-                for w in windows
-                if (
-                    w.stage.key in saturated_keys
-                    or (w.busy < BUSY and w.seconds_per_element < CHEAP_WORK)
-                    or self._computes_on_too_many_workers(w)
-                )
-                and self._fewer_may_keep(w)
-            ]
-            self._scale_down(
-                worth_fewer, rate, stall, now, served=False, reason="more workers did not help"
-            )
-        elif stall < NO_STALL:
-            self._scale_down(windows, rate, stall, now, served=True, reason="consumer never waits")
-        else:
-            # Served, but not comfortably: reading ahead may take the last waits away.
-            if not self._shed_spare(windows, rate, stall, now):
-                self._read_ahead(windows, rate, stall, now)
-
-    def _shed_spare(
-        self, windows: list[StageWindow], rate: float, stall: float, now: float
-    ) -> bool:
-        """Fewer workers for a stage whose own consumer never waits on it while they idle,
-        whatever the consumer's waits: those come from elsewhere (a consumer that sleeps
-        between elements waits for the GIL at every wake-up; on a loaded machine, for a core).
-        True if one was tried."""
-        spare = [w for w in windows if w.consumer_wait < NO_STALL / 2 and w.idle > IDLE]
-        return self._scale_down(
-            spare, rate, stall, now, served=True, reason="its consumer never waits on it"
+        move = policy.chain_partner(
+            e.stage, e.knob.name, e.new, e.baseline_waits, windows, self._situation(now)
         )
-
-    def _read_ahead(
-        self,
-        windows: list[StageWindow],
-        rate: float,
-        stall: float,
-        now: float,
-        inline_only: bool = False,
-    ) -> bool:
-        """Put a read-ahead stage (one with no work of its own) on a thread, or back inline,
-        from what its consumer does between calls: a thread overlaps the consumer's own work
-        with pulling the input, and is a pure cost when the consumer has none."""
-        for w in windows:
-            knob = w.stage.knobs["parallelism"]
-            if w.stage.has_own_work or not knob.tunable or knob.maximum != 1:
-                continue
-            own = 1.0 - w.consumer_wait  # the consumer's time away from this stage
-            key = w.stage.key
-            if (
-                not inline_only
-                and knob.value == 0
-                and own >= OVERLAP_WORTH
-                and own / max(w.rate, 1e-9) >= OVERLAP_MIN_SECONDS
-                and w.consumer_wait >= NO_STALL
-                and (key, knob.name) not in self.state.saturated
-            ):
-                if knob.most() < 1:  # no thread left for it: other stages' turn
-                    self._note_thread_budget(w.stage, knob, 1)
-                    continue
-                reason = (
-                    f"its consumer works {own:.0%} of the time and waits {w.consumer_wait:.0%} "
-                    "for it: read ahead on a thread to overlap the two"
-                )
-                self._try(w.stage, knob, 1, +1, rate, stall, now, reason)
-                if self._experiment is not None:
-                    self._experiment.min_window = LONG_WINDOW
-                return True
-            if knob.value == 1 and own < OVERLAP_WORTH / 2 and key not in self.state.floor_reached:
-                reason = (
-                    f"its consumer waits {w.consumer_wait:.0%} of the time, with nothing of its "
-                    "own to overlap: inline, without hand-offs"
-                )
-                self._try(w.stage, knob, 0, -1, rate, stall, now, reason)
-                return True
-        return False
-
-    def _scale_up(self, windows: list[StageWindow], rate: float, stall: float, now: float) -> bool:
-        candidates = sorted(
-            (w for w in windows if w.consumer_wait > STALL / 2),
-            key=lambda w: w.consumer_wait,
-            reverse=True,
+        if move is None:
+            return False
+        parallelism = move.stage.knobs[move.knob]
+        old = parallelism.value
+        applied = self._set(move.stage, parallelism, move.value, move.reason)
+        self._experiment = Experiment(
+            move.stage,
+            parallelism,
+            old,
+            applied,
+            +1,
+            e.baseline_rate,
+            e.baseline_stall,
+            now,
+            e.baseline_rates,
+            e.baseline_waits,
+            chained_from=e,
         )
-        for w in candidates:
-            # A computing stage its consumer waits on while the process leaves cores unused is
-            # held by the GIL: more threads cannot help, processes may.
-            if self._try_processes(w, windows, rate, stall, now):
-                return True
-            key = w.stage.key
-            parallelism = w.stage.knobs["parallelism"]
-            saturated_at = self.state.saturated.get((key, "parallelism"))
-            if (
-                parallelism.tunable
-                and w.stage.has_own_work  # read-ahead stages: see _read_ahead
-                and (w.busy > BUSY or parallelism.value == 0 or held_in_order(w))
-                # Work this cheap runs inline: a hand-off would cost about as much.
-                and not (parallelism.value == 0 and w.seconds_per_element < CHEAP_WORK)
-                and (saturated_at is None or parallelism.value < saturated_at)
-            ):
-                target, wanted = self._scaled_parallelism(w, windows)
-                if target <= parallelism.value:
-                    # At a bound: no more threads. If the process cannot use its cores, the
-                    # GIL is the bound: processes may be.
-                    self.state.saturated[(key, "parallelism")] = parallelism.value
-                    if wanted > target:
-                        self._note_thread_budget(w.stage, parallelism, wanted)
-                else:
-                    reason = (
-                        f"consumer waits {w.consumer_wait:.0%} of the time; workers "
-                        f"{'wait' if self._waits(w) else 'compute'} "
-                        f"(cpu {w.cpu_share:.0%} of wall, {w.cores:.2f} cores)"
-                    )
-                    if wanted > target:
-                        reason += f"; {thread_budget_words(parallelism, wanted)}"
-                    self._try(w.stage, parallelism, target, +1, rate, stall, now, reason)
-                    return True
-            buffer = w.stage.knobs["buffer_size"]
-            buffer_saturated_at = self.state.saturated.get((key, "buffer_size"))
-            if (
-                buffer.tunable
-                # Inline, the stage hands each element straight over: no buffer to grow. (Its
-                # last window may still show the idle time of the workers it just let go.)
-                and parallelism.value > 0
-                and w.idle > 0.05
-                and (buffer_saturated_at is None or buffer.value < buffer_saturated_at)
-                and self._ram_allows(windows, w, buffer_size=2 * buffer.value)
-            ):
-                reason = f"consumer found it empty {w.consumer_wait:.0%} of the time"
-                self._try(w.stage, buffer, buffer.value * 2, +1, rate, stall, now, reason)
-                return True
-        return False
+        return True
 
-    def _try_processes(
-        self, w: StageWindow, windows: list[StageWindow], rate: float, stall: float, now: float
-    ) -> bool:
-        executor = w.stage.knobs.get("executor")
-        if (
-            executor is None
-            or not executor.tunable
-            or executor.value == PROCESSES
-            or (w.stage.key, "executor") in self.state.saturated
-            or now < self.state.process_retry.get(w.stage.key, (0.0, 0.0))[0]
-            or self._waits(w)
-            or w.cpu_per_element < PROCESS_WORTH
-            or self.budget.cpu < 2
-        ):
-            return False
-        if not computes_under_contention(w) and (
-            # Threads that wait (I/O) look GIL-bound when there are many of them: what the
-            # work does alone tells them apart.
-            (w.stage.solo_cpu_share is not None and w.stage.solo_cpu_share < WAITING_WORK)
-            # More workers than cores came from waiting (computing stages stop at the cores):
-            # its calls in flight, not the GIL, set its rate.
-            or w.stage.knobs["parallelism"].value > self.budget.cpu
-        ):
-            return False
-        # The cores are read both in the last window and since the knobs were last set: one
-        # short window can fall in a slow moment of the machine (image decoding's two threads
-        # read 1.33-1.82 cores from one run to the next).
+    # -- decisions ---------------------------------------------------------------------------
+
+    def _situation(self, now: float) -> Situation:
         since, cpu_since = self._knobs_set_at
         span = now - since
         cores = self.cores_in_use
         if span > 0:
             cores = max(cores, (self._previous_process_cpu - cpu_since) / span)
-        unused = self.budget.cpu - cores
-        # Held by the GIL: threads together use about one core.
-        held = cores < min(CPU_FULL * self.budget.cpu, GIL_CORES)
-        # Or a thread per core already, yet the cores are not all used: the threads wait on
-        # each other (the GIL between the native calls of the function) part of the time.
-        waiting_on_each_other = (
-            w.stage.knobs["parallelism"].value >= self.budget.cpu
-            and unused > THREADS_LEAVE_CORES * self.budget.cpu
+        return Situation(
+            budget=self.budget,
+            now=now,
+            cores_in_use=self.cores_in_use,
+            idle_cores=self.idle_cores,
+            knobs_held_for=span,
+            cores_held=cores,
+            workers_rss=self.workers_rss,
+            rss_per_worker=self._rss_per_worker,
+            saturated=self.state.saturated,
+            floor_reached=self.state.floor_reached,
+            process_retry=self.state.process_retry,
         )
-        if not (held or waiting_on_each_other):
+
+    def _decide(self, windows: list[Window], rate: float, stall: float, now: float) -> None:
+        """Run the rules in turn until one acts (see the module's docstring)."""
+        if not windows:
+            return
+        s = self._situation(now)
+
+        def act(proposal: Proposal | Move | None, must_change: bool = False) -> bool:
+            return self._act(proposal, rate, stall, now, must_change)
+
+        if act(policy.read_ahead(windows, s, inline_only=True)):
+            return
+        if stall > STALL:
+            # Stages with work of their own first: reading ahead only overlaps what is left.
+            if act(policy.scale_up(windows, s)):
+                return
+            if act(policy.read_ahead(windows, s)):
+                return
+            if act(policy.shed_spare(windows, s), must_change=True):
+                return
+            act(policy.fewer_after_more_failed(windows, s), must_change=True)
+        elif stall < NO_STALL:
+            move = policy.scale_down(windows, s, served=True, reason="consumer never waits")
+            act(move, must_change=True)
+        # Served, but not comfortably: reading ahead may take the last waits away.
+        elif not act(policy.shed_spare(windows, s), must_change=True):
+            act(policy.read_ahead(windows, s))
+
+    def _act(
+        self,
+        proposal: Proposal | Move | None,
+        rate: float,
+        stall: float,
+        now: float,
+        must_change: bool,
+    ) -> bool:
+        """Take what a rule learned, and try its move; True if the rule acted (with
+        ``must_change``: only if a knob changed)."""
+        if isinstance(proposal, Move):
+            proposal = Proposal(proposal)
+        if proposal is None:
             return False
-        # Cores kept busy by other processes look like the GIL from inside; processes would
-        # not get them either.
-        cores_free = self.idle_cores is None or self.idle_cores >= min(
-            FREE_CORES_FOR_PROCESSES, unused / 2
-        )
-        # A move for a large gain (the GIL holds the threads to one core) on a reading that
-        # held for two windows; one for a small gain (threads leaving a few cores unused) on a
-        # reading over LONG_WINDOW. Until then the knobs stay as they are, to read it.
-        if span < (2 * MIN_WINDOW if held else LONG_WINDOW):
+        for note in proposal.notes:
+            if note.saturated:
+                self.state.saturated[(note.stage.key, note.knob.name)] = note.knob.value
+            if note.wanted is not None:
+                self._note_thread_budget(note.stage, note.knob, note.wanted)
+        if proposal.hold:
             self._reading = True
-            if held and cores_free:  # a move likely: what it needs, started meanwhile
-                w.stage.expect_processes()
+            if proposal.ready is not None:
+                proposal.ready.expect_processes()
             return True
-        if not cores_free:
+        move = proposal.move
+        if move is None:
             return False
-        parallelism = w.stage.knobs["parallelism"]
-        workers = int(self.budget.cpu)  # computing work: one process per core
-        if not self._fits(sum(x.stage.projected_bytes() for x in windows), workers):
-            return False  # the processes would not fit in the RAM budget
-        reason = (
-            f"computes, yet the process uses {cores:.2f} of {self.budget.cpu:.0f} "
-            f"cores{' with a thread per core' if not held else ''}: the GIL; moving the "
-            "function to processes"
+        knob = move.stage.knobs[move.knob]
+        changed = self._try(
+            move.stage, knob, move.value, move.direction, rate, stall, now, move.reason
         )
-        self._try(w.stage, executor, PROCESSES, +1, rate, stall, now, reason)
-        if self._experiment is not None:
-            self._experiment.min_window = LONG_WINDOW
-            if not held:  # threads already near the cores: the gain must be clear
-                self._experiment.min_gain = PROCESS_GAIN
-        if self._experiment is not None and workers != parallelism.value:
-            self._experiment.companion = (parallelism, parallelism.value)
-            self._set(w.stage, parallelism, workers, "one worker process per core")
-        return True
+        experiment = self._experiment
+        if experiment is not None:
+            experiment.min_window = move.min_window
+            experiment.min_gain = move.min_gain
+            if move.companion is not None:
+                name, value, reason = move.companion
+                companion = move.stage.knobs[name]
+                if value != companion.value:
+                    experiment.companion = (companion, companion.value)
+                    self._set(move.stage, companion, value, reason)
+        return changed or not must_change
 
     def gil_free(self) -> bool:
         """Over the last window the process left the GIL free part of the time, on a machine
         with a core to spare: threads wanting it would have had it."""
-        return (
-            self.cores_in_use < GIL_FREE_CORES
-            and self.idle_cores is not None
-            and self.idle_cores >= FREE_CORES_FOR_PROCESSES
-        )
-
-    def _waits(self, w: StageWindow) -> bool:
-        """The stage's work mostly waits (I/O, latency) rather than computes."""
-        return mostly_waits(w.cpu_share, w.cores, w.stage.solo_cpu_share, self.gil_free())
-
-    def _scaled_parallelism(self, w: StageWindow, windows: list[StageWindow]) -> tuple[int, int]:
-        """The parallelism to try next for ``w``, and what it would be were it not for the
-        pass's thread budget."""
-        knob = w.stage.knobs["parallelism"]
-        current = knob.value
-        if current == 0:
-            return min(1, knob.most()), 1
-        cores_taken = self.cores_in_use >= CPU_FULL * self.budget.cpu
-        # With every core busy, threads that get little CPU are starved, not waiting: more of
-        # them would only add contention.
-        if self._waits(w) and not cores_taken:
-            # Latency-bound: calls in flight are cheap; when the work is almost all waiting,
-            # take big steps (x8), since a run may not last long enough for many small ones.
-            target = current * (8 if w.cpu_share < PURE_WAITING else 2)
-        else:
-            # Computing work never gets more workers than the budget has cores, whatever the
-            # measured load says (a busy machine can make the cores look free).
-            if cores_taken or current + 1 > self.budget.cpu:
-                return current, current
-            target = current + 1
-        while target > current and not self._ram_allows(windows, w, parallelism=target):
-            target = current + (target - current) // 2
-        wanted = min(target, knob.maximum)
-        return min(wanted, knob.most()), wanted
-
-    def _scale_down(
-        self,
-        windows: list[StageWindow],
-        rate: float,
-        stall: float,
-        now: float,
-        served: bool,
-        reason: str,
-    ) -> bool:
-        """Try fewer workers, or a smaller buffer, on the first of ``windows`` (most idle
-        first) that can shrink; True if one did. ``served``: the consumer is served (rather
-        than waiting while more workers did not help)."""
-        for w in sorted(windows, key=lambda w: w.idle, reverse=True):
-            key = w.stage.key
-            if key in self.state.floor_reached:
-                continue
-            parallelism = w.stage.knobs["parallelism"]
-            # With the consumer served, shed idle workers but keep at least one (inline work
-            # would add to the consumer's own step); otherwise, after scale-ups failed, fewer
-            # (even none) may be faster.
-            floor = 1 if served else 0
-            if parallelism.tunable and parallelism.value > floor and (not served or w.idle > IDLE):
-                # Steps in proportion: one worker of a hundred waiting ones is noise.
-                step = max(1, parallelism.value // (2 if w.idle > 0.6 else 4))
-                target = max(floor, parallelism.value - step)
-                if not served and w.busy < BUSY and w.seconds_per_element < CHEAP_WORK:
-                    target = 0
-                return self._try(w.stage, parallelism, target, -1, rate, stall, now, reason)
-            buffer = w.stage.knobs["buffer_size"]
-            if buffer.tunable and buffer.value > 1 and served and w.idle > IDLE:
-                return self._try(w.stage, buffer, buffer.value // 2, -1, rate, stall, now, reason)
-        return False
-
-    def _computes_on_too_many_workers(self, w: StageWindow) -> bool:
-        workers = w.stage.knobs["parallelism"].value
-        return workers > self.budget.cpu and computes_under_contention(w)
-
-    @staticmethod
-    def _fewer_may_keep(w: StageWindow) -> bool:
-        """Could one worker less keep this stage's rate? Not when the cores its workers use
-        need all of them (computing threads or processes at the CPU budget). Going inline
-        (from one worker) always may: the consumer's thread then does the work."""
-        workers = w.stage.knobs["parallelism"].value
-        return workers <= 1 or w.cores < workers - 1 + FEWER_SLACK
-
-    def _ram_allows(
-        self,
-        windows: list[StageWindow],
-        w: StageWindow,
-        parallelism: int | None = None,
-        buffer_size: int | None = None,
-    ) -> bool:
-        """Would every stage's buffers, at most, and the worker processes (with any that
-        ``w``'s new parallelism adds) fit in the RAM budget with ``w`` changed?"""
-        others = sum(x.stage.projected_bytes() for x in windows if x.stage is not w.stage)
-        buffers = others + w.stage.projected_bytes(parallelism, buffer_size)
-        added = 0
-        executor = w.stage.knobs.get("executor")
-        if parallelism is not None and executor is not None and executor.value == PROCESSES:
-            added = max(0, parallelism - max(1, w.stage.knobs["parallelism"].value))
-        return self._fits(buffers, added)
-
-    def _fits(self, buffers: float, new_workers: int) -> bool:
-        """Buffers holding ``buffers`` bytes, the running worker processes and
-        ``new_workers`` more: within the RAM budget?"""
-        workers = self.workers_rss
-        if new_workers:  # the estimate may read this process's memory: only when needed
-            workers += new_workers * self._rss_per_worker()
-        return buffers + workers <= self.budget.ram
+        return policy.gil_free(self.cores_in_use, self.idle_cores)
 
     def _rss_per_worker(self) -> int:
         """What one more worker process is expected to hold: as much as those running, or,

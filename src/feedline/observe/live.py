@@ -14,7 +14,7 @@ import time
 from typing import Any, TextIO
 
 from feedline.observe.stats import _size as format_bytes
-from feedline.observe.timeline import StageWindow, Timeline, Window
+from feedline.observe.timeline import SampledWindow, Timeline, Window
 
 # Rates shown are averaged over the last this many seconds.
 SPAN = 1.0
@@ -25,7 +25,7 @@ PLAIN_EVERY = 2.0  # seconds between plain lines (a new phase label prints one a
 COLUMNS = ("stage", "parallelism", "buffer held/limit", "bytes", "elements/s", "waited on")
 
 
-def stage_cells(s: StageWindow) -> dict[str, str]:
+def stage_cells(s: SampledWindow) -> dict[str, str]:
     """A stage's row, by column, shared by both views."""
     parallelism = s.knobs.get("parallelism")
     held = f"{s.buffered_elements}/{s.buffer_limit}" if s.buffer_limit else f"{s.buffered_elements}"

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from feedline.observe.timeline import StageWindow, Timeline, Window, record
+from feedline.observe.timeline import SampledWindow, Timeline, Window, record
 
 if TYPE_CHECKING:
     from feedline.observe.view import PassView
@@ -118,7 +118,7 @@ def plot_timeline(
     return out
 
 
-def _stage(window: Window, name: str) -> StageWindow | None:
+def _stage(window: Window, name: str) -> SampledWindow | None:
     return next((s for s in window.stages if s.name == name), None)
 
 

@@ -12,7 +12,8 @@ import numpy as np
 from feedline.autotune.budget import format_bytes as _size
 
 # The report names a bottleneck by the same signs the tuner acts on.
-from feedline.autotune.tuner import GIL_CORES, mostly_waits
+from feedline.autotune.policy import GIL_CORES, mostly_waits
+from feedline.autotune.windows import Reading, StageWindow
 from feedline.runtime.tunable import PROCESSES
 
 if TYPE_CHECKING:
@@ -31,16 +32,18 @@ INPUT_BOUND = 2.0
 def collect_stats(it: PassView) -> dict[str, Any]:
     elapsed = max(time.perf_counter() - it.started, 1e-9)
     by_key: dict[object, dict[str, Any]] = {}
+    snapshots: dict[object, list[dict[str, float]]] = {}
     for stage in it.all_stages():
         m = stage.metrics.snapshot()
         with stage.metrics.lock:
             recent = list(stage.metrics.recent)
+        snapshots.setdefault(stage.key, []).append(m)
         entry = by_key.setdefault(
             stage.key,
+            # (Counters filled in below, from all the op's stages; the keys in this order.)
             {
                 "name": stage.name,
                 "elements": 0,
-                "worked": 0,
                 "work_wall_s": 0.0,
                 "work_cpu_s": 0.0,
                 "consumer_wait_s": 0.0,
@@ -57,23 +60,23 @@ def collect_stats(it: PassView) -> dict[str, Any]:
         entry["buffered_elements"] = int(m["buffered_elements"])
         entry["buffered_bytes"] = int(m["buffered_bytes"])
         entry["bytes_per_element"] = m["bytes_per_element"]
-        entry["elements"] += int(m["elements"])
-        entry["worked"] += int(m["worked"])
-        entry["work_wall_s"] += m["work_wall"]
-        entry["work_cpu_s"] += m["work_cpu"]
-        entry["consumer_wait_s"] += m["consumer_wait"]
-        entry["input_wall_s"] += m["input_wall"]
         entry["errors"] += int(m["errors"])
         entry["samples"] += recent
     stages = []
-    for entry in by_key.values():
+    for key, entry in by_key.items():
         samples = entry.pop("samples")
-        work = entry["work_wall_s"]
-        entry["mean_ms"] = 1000 * work / max(entry.pop("worked"), 1)
+        total = Reading.total(snapshots[key])
+        # The whole pass so far, as one window.
+        window: StageWindow[str] = StageWindow.between(entry["name"], Reading(), total, elapsed)
+        entry["elements"] = int(total.elements)
+        entry["work_wall_s"] = total.work_wall
+        entry["work_cpu_s"] = total.work_cpu
+        entry["consumer_wait_s"] = total.consumer_wait
+        entry["input_wall_s"] = total.input_wall
+        entry["mean_ms"] = window.mean_ms
         entry["p90_ms"] = 1000 * float(np.percentile(samples, 90)) if samples else 0.0
-        entry["cpu_share"] = entry["work_cpu_s"] / work if work > 0 else None
-        # A wait is booked when it ends, so a window can see more than its own length.
-        entry["consumer_wait_fraction"] = min(1.0, entry["consumer_wait_s"] / elapsed)
+        entry["cpu_share"] = window.cpu_share
+        entry["consumer_wait_fraction"] = window.consumer_wait
         stages.append(entry)
     counters = it.consumer
     consumer = {

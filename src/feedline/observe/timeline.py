@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from feedline.autotune.windows import Reading, StageWindow
 from feedline.observe.stats import find_bottleneck
 
 if TYPE_CHECKING:
@@ -63,17 +64,11 @@ def take_sample(it: PassView) -> Sample:
     # Stages made again for the same op (each epoch under repeat) share its key: counters add
     # up over all of them, knobs and buffers are the latest one's.
     latest: dict[object, Any] = {}
-    totals: dict[object, list[float]] = {}
+    snapshots: dict[object, list[dict[str, float]]] = {}
     for stage in it.all_stages():
         m = stage.metrics.snapshot()
         latest[stage.key] = (stage, m)
-        total = totals.setdefault(stage.key, [0, 0, 0.0, 0.0, 0.0, 0.0])
-        total[0] += m["elements"]
-        total[1] += m["worked"]
-        total[2] += m["work_wall"]
-        total[3] += m["work_cpu"]
-        total[4] += m["consumer_wait"]
-        total[5] += m["input_wall"]
+        snapshots.setdefault(stage.key, []).append(m)
     names: dict[str, int] = {}
     stages = []
     for key, (stage, m) in latest.items():
@@ -81,18 +76,18 @@ def take_sample(it: PassView) -> Sample:
         names[stage.name] = names.get(stage.name, 0) + 1
         name = stage.name if names[stage.name] == 1 else f"{stage.name}#{names[stage.name]}"
         limit = getattr(stage, "buffer_limit", None)
-        elements, worked, wall, cpu, wait, pulling = totals[key]
+        total = Reading.total(snapshots[key])
         stages.append(
             StageSample(
                 name=name,
                 knobs={k: knob.value for k, knob in stage.knobs.items()},
                 own_work=stage.has_own_work,
-                elements=int(elements),
-                worked=int(worked),
-                work_wall=wall,
-                work_cpu=cpu,
-                consumer_wait=wait,
-                input_wall=pulling,
+                elements=int(total.elements),
+                worked=int(total.worked),
+                work_wall=total.work_wall,
+                work_cpu=total.work_cpu,
+                consumer_wait=total.consumer_wait,
+                input_wall=total.input_wall,
                 buffered_elements=int(m["buffered_elements"]),
                 buffered_bytes=int(m["buffered_bytes"]),
                 buffer_limit=int(limit()) if callable(limit) else 0,
@@ -107,23 +102,37 @@ def take_sample(it: PassView) -> Sample:
     )
 
 
-@dataclass(frozen=True)
-class StageWindow:
+class SampledWindow(StageWindow[StageSample]):
     """What one stage did between two samples; knobs and buffers as at the later one."""
 
-    name: str
-    knobs: Mapping[str, int]
-    own_work: bool
-    elements: int
-    rate: float  # elements per second
-    work_wall_s: float
-    input_wall_s: float
-    mean_ms: float  # work time per element worked on
-    cpu_share: float | None  # CPU time / wall time of that work; None without work
-    consumer_wait_fraction: float  # of the window, its consumer waited for this stage
-    buffered_elements: int
-    buffered_bytes: int
-    buffer_limit: int
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+    @property
+    def knobs(self) -> Mapping[str, int]:
+        return self.stage.knobs
+
+    @property
+    def own_work(self) -> bool:
+        return self.stage.own_work
+
+    @property
+    def buffered_elements(self) -> int:
+        return self.stage.buffered_elements
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self.stage.buffered_bytes
+
+    @property
+    def buffer_limit(self) -> int:
+        return self.stage.buffer_limit
+
+    @property
+    def consumer_wait_fraction(self) -> float:
+        """``consumer_wait``, by the name ``stats()`` gives it."""
+        return self.consumer_wait
 
 
 @dataclass(frozen=True)
@@ -135,7 +144,7 @@ class Window:
     delivered: int
     rate: float  # elements per second the consumer received
     wait_fraction: float  # of the window, the consumer spent waiting for data
-    stages: tuple[StageWindow, ...]
+    stages: tuple[SampledWindow, ...]
 
     def bottleneck(self) -> dict[str, str]:
         """``find_bottleneck`` on this window alone, so it follows a pipeline that changes."""
@@ -146,9 +155,9 @@ class Window:
                 "knobs": dict(s.knobs),
                 "own_work": s.own_work,
                 "elements": s.elements,
-                "work_wall_s": s.work_wall_s,
-                "input_wall_s": s.input_wall_s,
-                "work_cpu_s": s.work_wall_s * (s.cpu_share or 0.0),
+                "work_wall_s": s.work_wall,
+                "input_wall_s": s.input_wall,
+                "work_cpu_s": s.work_wall * (s.cpu_share or 0.0),
                 "mean_ms": s.mean_ms,
                 "cpu_share": s.cpu_share,
                 "consumer_wait_fraction": s.consumer_wait_fraction,
@@ -164,36 +173,26 @@ class Window:
         return find_bottleneck({"stages": stages, "consumer": consumer})
 
 
+def reading(s: StageSample) -> Reading:
+    return Reading(
+        elements=s.elements,
+        worked=s.worked,
+        work_wall=s.work_wall,
+        work_cpu=s.work_cpu,
+        consumer_wait=s.consumer_wait,
+        input_wall=s.input_wall,
+    )
+
+
 def between(older: Sample, newer: Sample) -> Window:
     seconds = max(newer.time - older.time, 1e-9)
-    before = {s.name: s for s in older.stages}
-    stages = []
-    for s in newer.stages:
-        b = before.get(s.name)
-        elements = s.elements - (b.elements if b else 0)
-        worked = s.worked - (b.worked if b else 0)
-        wall = s.work_wall - (b.work_wall if b else 0.0)
-        cpu = s.work_cpu - (b.work_cpu if b else 0.0)
-        wait = s.consumer_wait - (b.consumer_wait if b else 0.0)
-        stages.append(
-            StageWindow(
-                name=s.name,
-                knobs=s.knobs,
-                own_work=s.own_work,
-                elements=elements,
-                rate=elements / seconds,
-                work_wall_s=wall,
-                input_wall_s=s.input_wall - (b.input_wall if b else 0.0),
-                # Per element worked on: a full buffer draining delivers with no work.
-                mean_ms=1000 * wall / worked if worked else 0.0,
-                cpu_share=cpu / wall if wall > 0 else None,
-                # A wait is booked when it ends, so a window can see more than its length.
-                consumer_wait_fraction=min(1.0, wait / seconds),
-                buffered_elements=s.buffered_elements,
-                buffered_bytes=s.buffered_bytes,
-                buffer_limit=s.buffer_limit,
-            )
+    before = {s.name: reading(s) for s in older.stages}
+    stages = tuple(
+        SampledWindow.between(
+            s, before.get(s.name, Reading()), reading(s), seconds, average_if_idle=False
         )
+        for s in newer.stages
+    )
     delivered = newer.delivered - older.delivered
     return Window(
         start=older.time,
@@ -201,7 +200,7 @@ def between(older: Sample, newer: Sample) -> Window:
         delivered=delivered,
         rate=delivered / seconds,
         wait_fraction=min(1.0, (newer.wait - older.wait) / seconds),
-        stages=tuple(stages),
+        stages=stages,
     )
 
 

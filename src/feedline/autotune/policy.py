@@ -1,0 +1,566 @@
+"""The tuner's rules: pure functions of what was measured (stage windows, the process's
+cores, budgets, knob bounds, what earlier experiments taught) that propose one move, or none.
+
+The thresholds below come with what was measured to set them. ``tuner.py`` runs the loop that
+applies a move, judges it and keeps it or takes it back; nothing here changes a knob.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
+
+from feedline.autotune.budget import Budget
+from feedline.autotune.windows import StageWindow
+from feedline.runtime.tunable import (
+    CHEAP_WORK_SECONDS,
+    PROCESSES,
+    PURE_WAITING_SHARE,
+    Knob,
+    Tunable,
+)
+
+Window = StageWindow[Tunable]
+
+FIRST_INTERVAL = 0.05
+MAX_INTERVAL = 1.0
+MIN_WINDOW = 0.15  # a measuring window lasts at least this long ...
+LATENCIES_PER_WINDOW = 3  # ... and this many per-element times of the stage under test ...
+SETTLE_ELEMENTS = 8  # ... and sees this many elements move (at the root or one stage) ...
+MAX_WINDOW = 2.0  # ... unless it has lasted this long: then it is judged on what it saw
+STALL = 0.01  # the consumer stalls when it waits more than this fraction of the time
+NO_STALL = 0.006  # ... and is served comfortably below this (a consumer that sleeps pays
+# some waiting for the GIL on every wake-up, whatever the pipeline does)
+STALL_RISE = 0.005  # a decrease that raises the stall by more than this is taken back
+STALL_CUT = 0.7  # an increase that leaves less than this share of the stall is kept
+# A decrease that makes a consumer already waiting much of the time wait this much more of
+# it is taken back (smaller moves of a large wait are noise).
+STALL_JUMP = 0.05
+ALWAYS_WAITING = 0.9  # a consumer waiting more than this share of the time has no work of its own
+GAIN = 0.08  # a change must raise the rate by this much to be worth its cost
+LOSS = 0.03  # a decrease may cost at most this much rate
+WAITING_WORK = 0.5  # CPU time / wall time below this: the work mostly waits (I/O) ...
+WAITING_CORES = 0.3  # ... if all its workers together also use less than this many cores:
+# threads waiting for the GIL show little CPU each too, but together they keep a core busy.
+# Many threads that wait add up to more cores (each pays its hand-offs): they still wait when
+# the work, run alone, waits too, until together they come near the one core the GIL allows.
+MANY_WAITING_CORES = 0.7
+PURE_WAITING = PURE_WAITING_SHARE  # CPU time / wall time below this: bigger steps
+BUSY = 0.5  # workers spending this fraction of their time on their own work are "busy"
+IDLE = 0.3  # ... and this fraction blocked on a full buffer, idle: fewer would do
+# ... unless their consumer waited on the stage meanwhile, for at least this share of the
+# window: the element it waits for, the oldest, holds the finished ones behind it in the
+# buffer (in order, a slow call among fast ones). More calls in flight then fill the wait.
+HELD_IN_ORDER = 0.15
+CPU_FULL = 0.85  # the process uses this share of its CPU budget: the cores are taken
+# Threads held by the GIL run Python one at a time: together they use about one core. Past
+# this many, they already run in parallel enough that processes would mostly add hand-offs.
+GIL_CORES = 1.5
+# A process using less than this many cores leaves the GIL free a fifth of the time or more:
+# its threads are not held by it.
+GIL_FREE_CORES = 0.8
+# Moving to processes needs at least this many idle cores on the machine to run them on (or
+# half the cores the process leaves unused, if fewer).
+FREE_CORES_FOR_PROCESSES = 0.5
+# Fewer workers can keep the rate only if the cores the stage uses fit in them (a worker uses
+# at most one): threads contending for the GIL, or waiting. Slack for measurement noise.
+FEWER_SLACK = 0.15
+# Work per element below which a hand-off between threads costs about as much as the work:
+# such a stage, its workers idle while its consumer waits, goes inline in one step.
+CHEAP_WORK = CHEAP_WORK_SECONDS
+# CPU time per element above which moving a GIL-bound function to processes can pay for
+# sending elements and results between processes (waiting does not move: only the CPU work).
+PROCESS_WORTH = 100e-6
+# Moving threads that already use most cores to processes costs memory (each worker loads
+# what the function needs): it must raise the rate by this much to stay, above the noise of
+# a busy machine (~10%). Image decoding gained 14-30% over a thread per core, round by round;
+# numpy work that releases the GIL, +3% in one such comparison and +30% in one benchmark run.
+PROCESS_GAIN = 0.15
+# A thread per core that leaves more than this share of the cores unused (while its consumer
+# waits on it) waits on the other threads: processes may run the same work in parallel. They
+# can at best use the cores left, so with fewer unused the move could not gain PROCESS_GAIN.
+# Two threads measured (with the batching and the consumer in the same process): Pillow image
+# decoding used 1.15-1.82 of 2 cores, numpy work that releases the GIL 1.47-1.75; image
+# decoding tried at 1.82 cores lost 21% in its trial, on top of what starting the workers cost.
+THREADS_LEAVE_CORES = 1 - 1 / (1 + PROCESS_GAIN)
+# A move to processes that did not pay is tried again only after this long, doubled at each
+# further failure: a trial costs ~1 s of a slower pipeline (workers starting beside the threads,
+# then the trial window), and a consumer changing speed says little about whether processes pay.
+PROCESS_RETRY_SECONDS = 10.0
+# Settle / measure windows, at least, of changes whose effect is slow to show (processes must
+# start) or small next to the noise of short windows (reading ahead for a consumer that is
+# mostly busy: its rate moves by about the fraction it waits).
+LONG_WINDOW = 1.0
+# A stage with nothing to compute (a prefetch) gains at most the consumer's own share of the
+# time by reading ahead on a thread: below this share, the hand-offs cost more than that.
+OVERLAP_WORTH = GAIN
+# ... and the consumer's own work between two elements must last at least this long: shorter,
+# and the two threads only hand the GIL back and forth (a loop that merely counts batches).
+OVERLAP_MIN_SECONDS = 0.5e-3
+
+
+@dataclass(frozen=True)
+class Move:
+    """A knob change to try as an experiment, with the reason for it."""
+
+    stage: Tunable
+    knob: str
+    value: int
+    reason: str
+    direction: int = +1  # +1 scale up, -1 scale down
+    # Shortest settling and measuring windows: longer where the change takes time to show.
+    min_window: float = MIN_WINDOW
+    # The rate must rise this much for a scale-up to be kept.
+    min_gain: float = GAIN
+    # Another knob set with it, if it is not there already (knob name, value, reason), and
+    # restored with it.
+    companion: tuple[str, int, str] | None = None
+
+
+@dataclass(frozen=True)
+class Note:
+    """What a rule learned of a stage's knob on its way: more cannot be had there
+    (``saturated``), and/or the pass's thread budget stopped it short of ``wanted``."""
+
+    stage: Tunable
+    knob: Knob
+    saturated: bool = False
+    wanted: int | None = None
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A rule's answer: at most one move, or a hold (the knobs stay still while a reading
+    goes on; ``ready``: a stage whose worker processes may start meanwhile), and its notes."""
+
+    move: Move | None = None
+    hold: bool = False
+    ready: Tunable | None = None
+    notes: tuple[Note, ...] = ()
+
+
+@dataclass(frozen=True)
+class Situation:
+    """Everything but the stage windows that the rules read, as of the last window."""
+
+    budget: Budget
+    now: float
+    cores_in_use: float  # the whole process's CPU use over the last window
+    idle_cores: float | None  # cores the machine left idle over it, if known
+    # Since the knobs last changed: how long, and the cores the process used (at least as
+    # many as over the last window).
+    knobs_held_for: float
+    cores_held: float
+    workers_rss: int  # resident bytes of the run's worker processes
+    rss_per_worker: Callable[[], int]  # what one more is expected to hold (read when needed)
+    # What earlier experiments taught (read only):
+    saturated: Mapping[tuple[object, str], int]  # (stage key, knob) -> more did not help
+    floor_reached: AbstractSet[object]  # stages that cannot shrink further
+    process_retry: Mapping[object, tuple[float, float]]  # stage key -> (when, next wait)
+
+
+# -- signs -------------------------------------------------------------------------------
+
+
+def held_in_order(w: Window) -> bool:
+    """Workers blocked on a full buffer while the stage's consumer waited on it: both share
+    the window for at least HELD_IN_ORDER of it (each measured as a share of it)."""
+    return w.idle + w.consumer_wait - 1 > HELD_IN_ORDER
+
+
+def computes_under_contention(w: Window) -> bool:
+    """Threads contending for the GIL only spend less of their time on the CPU: work that
+    spends this much of it there computes, whatever its first call did."""
+    return w.computing_share >= WAITING_WORK
+
+
+def mostly_waits(
+    cpu_share: float, cores: float, solo_cpu_share: float | None, gil_free: bool = False
+) -> bool:
+    """Work whose workers spend ``cpu_share`` of their time on the CPU, ``cores`` together,
+    and ``solo_cpu_share`` when one ran alone, mostly waits (I/O, latency) rather than computes.
+    Threads waiting for the GIL also show a small share each, but keep about a core busy.
+    ``gil_free``: the process left the GIL free part of the time, on a machine with cores to
+    spare; threads wanting it would have taken it, so a small share is waiting on other things
+    (a few slow calls among fast ones make the first call alone a poor guide)."""
+    if cpu_share >= WAITING_WORK:
+        return False
+    if gil_free:
+        return True
+    alone_waits = solo_cpu_share is not None and solo_cpu_share < WAITING_WORK
+    return cores < (MANY_WAITING_CORES if alone_waits else WAITING_CORES)
+
+
+def gil_free(cores_in_use: float, idle_cores: float | None) -> bool:
+    """Over the last window the process (using ``cores_in_use``) left the GIL free part of
+    the time, on a machine with a core to spare (``idle_cores``, if known): threads wanting
+    it would have had it."""
+    return (
+        cores_in_use < GIL_FREE_CORES
+        and idle_cores is not None
+        and idle_cores >= FREE_CORES_FOR_PROCESSES
+    )
+
+
+def waits(w: Window, s: Situation) -> bool:
+    """The stage's work mostly waits (I/O, latency) rather than computes."""
+    free = gil_free(s.cores_in_use, s.idle_cores)
+    return mostly_waits(w.computing_share, w.cores, w.stage.solo_cpu_share, free)
+
+
+def consumer_shifted(rate: float, stall: float, last_rate: float, last_stall: float) -> bool:
+    """The consumer changed speed since the last window: what was saturated may not be."""
+    if last_rate <= 0:
+        return False
+    return abs(rate - last_rate) > 0.3 * last_rate or ((stall > STALL) != (last_stall > STALL))
+
+
+def computes_on_too_many_workers(w: Window, s: Situation) -> bool:
+    workers = w.stage.knobs["parallelism"].value
+    return workers > s.budget.cpu and computes_under_contention(w)
+
+
+def fewer_may_keep(w: Window) -> bool:
+    """Could one worker less keep this stage's rate? Not when the cores its workers use
+    need all of them (computing threads or processes at the CPU budget). Going inline
+    (from one worker) always may: the consumer's thread then does the work."""
+    workers = w.stage.knobs["parallelism"].value
+    return workers <= 1 or w.cores < workers - 1 + FEWER_SLACK
+
+
+# -- memory ------------------------------------------------------------------------------
+
+
+def least_bytes(stage: Tunable, bytes_per_element: float, worker_rss: float) -> float:
+    """What ``stage`` may hold with one worker and its buffer at its smallest (the chunk
+    being made, those made, the one being delivered), plus the element its consumer holds,
+    and ``worker_rss`` (a worker process's resident memory) on processes."""
+    buffer = stage.knobs["buffer_size"]
+    held = stage.projected_bytes(1, buffer.minimum if buffer.tunable else None)
+    held += bytes_per_element
+    executor = stage.knobs.get("executor")
+    if executor is not None and executor.value == PROCESSES:
+        held += worker_rss
+    return held
+
+
+def fits(s: Situation, buffers: float, new_workers: int) -> bool:
+    """Buffers holding ``buffers`` bytes, the running worker processes and
+    ``new_workers`` more: within the RAM budget?"""
+    workers = s.workers_rss
+    if new_workers:  # the estimate may read this process's memory: only when needed
+        workers += new_workers * s.rss_per_worker()
+    return buffers + workers <= s.budget.ram
+
+
+def ram_allows(
+    windows: Sequence[Window],
+    w: Window,
+    s: Situation,
+    parallelism: int | None = None,
+    buffer_size: int | None = None,
+) -> bool:
+    """Would every stage's buffers, at most, and the worker processes (with any that
+    ``w``'s new parallelism adds) fit in the RAM budget with ``w`` changed?"""
+    others = sum(x.stage.projected_bytes() for x in windows if x.stage is not w.stage)
+    buffers = others + w.stage.projected_bytes(parallelism, buffer_size)
+    added = 0
+    executor = w.stage.knobs.get("executor")
+    if parallelism is not None and executor is not None and executor.value == PROCESSES:
+        added = max(0, parallelism - max(1, w.stage.knobs["parallelism"].value))
+    return fits(s, buffers, added)
+
+
+def thread_budget_words(knob: Knob, wanted: int) -> str:
+    """Why ``knob`` stops short of ``wanted``: the pass's thread budget, in words."""
+    budget = knob.budget
+    if budget is None:
+        return f"at most {knob.maximum}"
+    return (
+        f"the pass's thread budget allows {knob.most()} of {wanted}: "
+        f"{budget.in_use()} of its {budget.limit} threads in use"
+    )
+
+
+# -- rules -------------------------------------------------------------------------------
+
+
+def scaled_parallelism(w: Window, windows: Sequence[Window], s: Situation) -> tuple[int, int]:
+    """The parallelism to try next for ``w``, and what it would be were it not for the
+    pass's thread budget."""
+    knob = w.stage.knobs["parallelism"]
+    current = knob.value
+    if current == 0:
+        return min(1, knob.most()), 1
+    cores_taken = s.cores_in_use >= CPU_FULL * s.budget.cpu
+    # With every core busy, threads that get little CPU are starved, not waiting: more of
+    # them would only add contention.
+    if waits(w, s) and not cores_taken:
+        # Latency-bound: calls in flight are cheap; when the work is almost all waiting,
+        # take big steps (x8), since a run may not last long enough for many small ones.
+        target = current * (8 if w.computing_share < PURE_WAITING else 2)
+    else:
+        # Computing work never gets more workers than the budget has cores, whatever the
+        # measured load says (a busy machine can make the cores look free).
+        if cores_taken or current + 1 > s.budget.cpu:
+            return current, current
+        target = current + 1
+    while target > current and not ram_allows(windows, w, s, parallelism=target):
+        target = current + (target - current) // 2
+    wanted = min(target, knob.maximum)
+    return min(wanted, knob.most()), wanted
+
+
+def read_ahead(windows: Sequence[Window], s: Situation, inline_only: bool = False) -> Proposal:
+    """Put a read-ahead stage (one with no work of its own) on a thread, or back inline,
+    from what its consumer does between calls: a thread overlaps the consumer's own work
+    with pulling the input, and is a pure cost when the consumer has none."""
+    notes: list[Note] = []
+    for w in windows:
+        knob = w.stage.knobs["parallelism"]
+        if w.stage.has_own_work or not knob.tunable or knob.maximum != 1:
+            continue
+        own = 1.0 - w.consumer_wait  # the consumer's time away from this stage
+        key = w.stage.key
+        if (
+            not inline_only
+            and knob.value == 0
+            and own >= OVERLAP_WORTH
+            and own / max(w.rate, 1e-9) >= OVERLAP_MIN_SECONDS
+            and w.consumer_wait >= NO_STALL
+            and (key, knob.name) not in s.saturated
+        ):
+            if knob.most() < 1:  # no thread left for it: other stages' turn
+                notes.append(Note(w.stage, knob, wanted=1))
+                continue
+            reason = (
+                f"its consumer works {own:.0%} of the time and waits {w.consumer_wait:.0%} "
+                "for it: read ahead on a thread to overlap the two"
+            )
+            move = Move(w.stage, knob.name, 1, reason, min_window=LONG_WINDOW)
+            return Proposal(move, notes=tuple(notes))
+        if knob.value == 1 and own < OVERLAP_WORTH / 2 and key not in s.floor_reached:
+            reason = (
+                f"its consumer waits {w.consumer_wait:.0%} of the time, with nothing of its "
+                "own to overlap: inline, without hand-offs"
+            )
+            return Proposal(Move(w.stage, knob.name, 0, reason, -1), notes=tuple(notes))
+    return Proposal(notes=tuple(notes))
+
+
+def scale_up(windows: Sequence[Window], s: Situation) -> Proposal:
+    """More for the stage its consumer waits on most that can have it: processes for a
+    computing stage held by the GIL, more workers, or a bigger buffer."""
+    candidates = sorted(
+        (w for w in windows if w.consumer_wait > STALL / 2),
+        key=lambda w: w.consumer_wait,
+        reverse=True,
+    )
+    notes: list[Note] = []
+    for w in candidates:
+        # A computing stage its consumer waits on while the process leaves cores unused is
+        # held by the GIL: more threads cannot help, processes may.
+        processes = to_processes(w, windows, s)
+        if processes is not None:
+            return Proposal(processes.move, processes.hold, processes.ready, tuple(notes))
+        key = w.stage.key
+        parallelism = w.stage.knobs["parallelism"]
+        saturated_at = s.saturated.get((key, "parallelism"))
+        if (
+            parallelism.tunable
+            and w.stage.has_own_work  # read-ahead stages: see read_ahead
+            and (w.busy > BUSY or parallelism.value == 0 or held_in_order(w))
+            # Work this cheap runs inline: a hand-off would cost about as much.
+            and not (parallelism.value == 0 and w.seconds_per_element < CHEAP_WORK)
+            and (saturated_at is None or parallelism.value < saturated_at)
+        ):
+            target, wanted = scaled_parallelism(w, windows, s)
+            if target <= parallelism.value:
+                # At a bound: no more threads. If the process cannot use its cores, the
+                # GIL is the bound: processes may be.
+                stopped = wanted if wanted > target else None
+                notes.append(Note(w.stage, parallelism, saturated=True, wanted=stopped))
+            else:
+                reason = (
+                    f"consumer waits {w.consumer_wait:.0%} of the time; workers "
+                    f"{'wait' if waits(w, s) else 'compute'} "
+                    f"(cpu {w.computing_share:.0%} of wall, {w.cores:.2f} cores)"
+                )
+                if wanted > target:
+                    reason += f"; {thread_budget_words(parallelism, wanted)}"
+                return Proposal(Move(w.stage, parallelism.name, target, reason), notes=tuple(notes))
+        buffer = w.stage.knobs["buffer_size"]
+        buffer_saturated_at = s.saturated.get((key, "buffer_size"))
+        if (
+            buffer.tunable
+            # Inline, the stage hands each element straight over: no buffer to grow. (Its
+            # last window may still show the idle time of the workers it just let go.)
+            and parallelism.value > 0
+            and w.idle > 0.05
+            and (buffer_saturated_at is None or buffer.value < buffer_saturated_at)
+            and ram_allows(windows, w, s, buffer_size=2 * buffer.value)
+        ):
+            reason = f"consumer found it empty {w.consumer_wait:.0%} of the time"
+            move = Move(w.stage, buffer.name, buffer.value * 2, reason)
+            return Proposal(move, notes=tuple(notes))
+    return Proposal(notes=tuple(notes))
+
+
+def to_processes(w: Window, windows: Sequence[Window], s: Situation) -> Proposal | None:
+    """Move a computing stage held by the GIL to worker processes (or hold still while the
+    reading that would decide it goes on); None when processes are not for it now."""
+    executor = w.stage.knobs.get("executor")
+    if (
+        executor is None
+        or not executor.tunable
+        or executor.value == PROCESSES
+        or (w.stage.key, "executor") in s.saturated
+        or s.now < s.process_retry.get(w.stage.key, (0.0, 0.0))[0]
+        or waits(w, s)
+        or w.cpu_per_element < PROCESS_WORTH
+        or s.budget.cpu < 2
+    ):
+        return None
+    if not computes_under_contention(w) and (
+        # Threads that wait (I/O) look GIL-bound when there are many of them: what the
+        # work does alone tells them apart.
+        (w.stage.solo_cpu_share is not None and w.stage.solo_cpu_share < WAITING_WORK)
+        # More workers than cores came from waiting (computing stages stop at the cores):
+        # its calls in flight, not the GIL, set its rate.
+        or w.stage.knobs["parallelism"].value > s.budget.cpu
+    ):
+        return None
+    # The cores are read both in the last window and since the knobs were last set: one
+    # short window can fall in a slow moment of the machine (image decoding's two threads
+    # read 1.33-1.82 cores from one run to the next).
+    cores = s.cores_held
+    unused = s.budget.cpu - cores
+    # Held by the GIL: threads together use about one core.
+    held = cores < min(CPU_FULL * s.budget.cpu, GIL_CORES)
+    # Or a thread per core already, yet the cores are not all used: the threads wait on
+    # each other (the GIL between the native calls of the function) part of the time.
+    waiting_on_each_other = (
+        w.stage.knobs["parallelism"].value >= s.budget.cpu
+        and unused > THREADS_LEAVE_CORES * s.budget.cpu
+    )
+    if not (held or waiting_on_each_other):
+        return None
+    # Cores kept busy by other processes look like the GIL from inside; processes would
+    # not get them either.
+    cores_free = s.idle_cores is None or s.idle_cores >= min(FREE_CORES_FOR_PROCESSES, unused / 2)
+    # A move for a large gain (the GIL holds the threads to one core) on a reading that
+    # held for two windows; one for a small gain (threads leaving a few cores unused) on a
+    # reading over LONG_WINDOW. Until then the knobs stay as they are, to read it.
+    if s.knobs_held_for < (2 * MIN_WINDOW if held else LONG_WINDOW):
+        # A move likely: what it needs, started meanwhile.
+        return Proposal(hold=True, ready=w.stage if held and cores_free else None)
+    if not cores_free:
+        return None
+    workers = int(s.budget.cpu)  # computing work: one process per core
+    if not fits(s, sum(x.stage.projected_bytes() for x in windows), workers):
+        return None  # the processes would not fit in the RAM budget
+    reason = (
+        f"computes, yet the process uses {cores:.2f} of {s.budget.cpu:.0f} "
+        f"cores{' with a thread per core' if not held else ''}: the GIL; moving the "
+        "function to processes"
+    )
+    move = Move(
+        w.stage,
+        executor.name,
+        PROCESSES,
+        reason,
+        min_window=LONG_WINDOW,
+        # Threads already near the cores: the gain must be clear.
+        min_gain=GAIN if held else PROCESS_GAIN,
+        companion=("parallelism", workers, "one worker process per core"),
+    )
+    return Proposal(move)
+
+
+def scale_down(windows: Sequence[Window], s: Situation, served: bool, reason: str) -> Move | None:
+    """Fewer workers, or a smaller buffer, for the first of ``windows`` (most idle first)
+    that can shrink. ``served``: the consumer is served (rather than waiting while more
+    workers did not help)."""
+    for w in sorted(windows, key=lambda w: w.idle, reverse=True):
+        if w.stage.key in s.floor_reached:
+            continue
+        parallelism = w.stage.knobs["parallelism"]
+        # With the consumer served, shed idle workers but keep at least one (inline work
+        # would add to the consumer's own step); otherwise, after scale-ups failed, fewer
+        # (even none) may be faster.
+        floor = 1 if served else 0
+        if parallelism.tunable and parallelism.value > floor and (not served or w.idle > IDLE):
+            # Steps in proportion: one worker of a hundred waiting ones is noise.
+            step = max(1, parallelism.value // (2 if w.idle > 0.6 else 4))
+            target = max(floor, parallelism.value - step)
+            if not served and w.busy < BUSY and w.seconds_per_element < CHEAP_WORK:
+                target = 0
+            return Move(w.stage, parallelism.name, target, reason, -1)
+        buffer = w.stage.knobs["buffer_size"]
+        if buffer.tunable and buffer.value > 1 and served and w.idle > IDLE:
+            return Move(w.stage, buffer.name, buffer.value // 2, reason, -1)
+    return None
+
+
+def shed_spare(windows: Sequence[Window], s: Situation) -> Move | None:
+    """Fewer workers for a stage whose own consumer never waits on it while they idle,
+    whatever the consumer's waits: those come from elsewhere (a consumer that sleeps
+    between elements waits for the GIL at every wake-up; on a loaded machine, for a core)."""
+    spare = [w for w in windows if w.consumer_wait < NO_STALL / 2 and w.idle > IDLE]
+    return scale_down(spare, s, served=True, reason="its consumer never waits on it")
+
+
+def fewer_after_more_failed(windows: Sequence[Window], s: Situation) -> Move | None:
+    """The consumer waits, and more did not help: fewer may be faster, down to none, with
+    the work inline in the consumer's thread. So where more was saturated, where workers
+    are mostly idle although their consumer waits (the hand-offs cost more than the work),
+    and where more computing workers than cores run (started for a first call that
+    waited). (Idle workers of costly work, while their consumer waits, are a passing
+    moment: the consumer just sped up and has not yet emptied the buffer.)"""
+    saturated_keys = {key for key, _ in s.saturated}
+    worth_fewer = [
+        w
+        for w in windows
+        if (
+            w.stage.key in saturated_keys
+            or (w.busy < BUSY and w.seconds_per_element < CHEAP_WORK)
+            or computes_on_too_many_workers(w, s)
+        )
+        and fewer_may_keep(w)
+    ]
+    return scale_down(worth_fewer, s, served=False, reason="more workers did not help")
+
+
+def chain_partner(
+    tried: Tunable,
+    knob: str,
+    value: int,
+    baseline_waits: Mapping[object, float],
+    windows: Sequence[Window],
+    s: Situation,
+) -> Move | None:
+    """A scale-up (``tried``'s ``knob`` to ``value``) that did not pay may have moved the
+    bottleneck to the stage it reads from: two stages at about the same rate gain nothing
+    when either grows alone. If a stage's reader now waits on it clearly more than before
+    (``baseline_waits``), grow that stage too, to be tried with it."""
+    for w in sorted(windows, key=lambda w: w.consumer_wait, reverse=True):
+        parallelism = w.stage.knobs.get("parallelism")
+        if (
+            w.stage.key == tried.key
+            or parallelism is None
+            or not parallelism.tunable
+            or not w.stage.has_own_work
+            or w.consumer_wait < STALL / 2
+            or w.consumer_wait < baseline_waits.get(w.stage.key, 0.0) + STALL
+        ):
+            continue
+        target, _ = scaled_parallelism(w, windows, s)
+        if target <= parallelism.value:
+            continue
+        reason = (
+            f"its reader waits on it {w.consumer_wait:.0%} of the time with "
+            f"{tried.name}'s {knob} at {value}: tried with it"
+        )
+        return Move(w.stage, parallelism.name, target, reason)
+    return None

@@ -59,6 +59,7 @@ def situation(**read: Any) -> Situation:
         "now": 100.0,
         "cores_in_use": 1.0,
         "idle_cores": None,
+        "idle_held": None,
         "knobs_held_for": 10.0,
         "cores_held": 1.0,
         "workers_rss": 0,
@@ -225,7 +226,11 @@ def test_scale_up_grows_a_buffer_its_consumer_finds_empty() -> None:
         # A thread per core using nearly all of them: processes could not gain enough.
         ({}, {"cores_held": 1.95}, None),
         # Other processes keep the cores busy.
-        ({}, {"idle_cores": 0.1}, None),
+        ({}, {"idle_cores": 0.1, "idle_held": 0.1}, None),
+        # They paused in the last window only: over the span the cores were not free.
+        ({}, {"idle_cores": 1.5, "idle_held": 0.2}, None),
+        # Free over the whole span.
+        ({}, {"idle_cores": 1.5, "idle_held": 1.2}, ("executor", PROCESSES, +1)),
         # Retried only after a failed move's wait.
         ({}, {"process_retry": "later"}, None),
     ],

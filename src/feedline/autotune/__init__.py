@@ -2,6 +2,8 @@
 
 - budget.py   the CPU and RAM budgets a pass may use, from its options or the machine
 - windows.py  measuring: what a stage did between two readings (rate, CPU share, waits)
-- policy.py   the rules and their thresholds: pure functions of windows -> a proposed move
-- tuner.py    the loop: read windows, try one move at a time, judge it, keep or take back, record
+- constants.py the rules' thresholds, windows and pacing, each with what was measured to set it
+- policy.py   the rules: pure functions of windows -> a proposed move
+- experiments.py  the records (decisions, experiments) and the judging: keep or take back
+- tuner.py    the loop: read windows, try one move at a time, have it judged, record
 """

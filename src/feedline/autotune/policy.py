@@ -1,8 +1,9 @@
 """The tuner's rules: pure functions of what was measured (stage windows, the process's
 cores, budgets, knob bounds, what earlier experiments taught) that propose one move, or none.
 
-The thresholds below come with what was measured to set them. ``tuner.py`` runs the loop that
-applies a move, judges it and keeps it or takes it back; nothing here changes a knob.
+Its thresholds, with what was measured to set them, are in ``constants.py``. ``tuner.py``
+runs the loop that applies a move, judges it and keeps it or takes it back; nothing here
+changes a knob.
 """
 
 from __future__ import annotations
@@ -12,92 +13,35 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from feedline.autotune.budget import Budget
-from feedline.autotune.windows import StageWindow
-from feedline.runtime.tunable import (
-    CHEAP_WORK_SECONDS,
-    PROCESSES,
-    PURE_WAITING_SHARE,
-    Knob,
-    Tunable,
+from feedline.autotune.constants import (
+    BUSY,
+    CHEAP_WORK,
+    CPU_FULL,
+    FEWER_SLACK,
+    FREE_CORES_FOR_PROCESSES,
+    GAIN,
+    GIL_CORES,
+    GIL_FREE_CORES,
+    HELD_IN_ORDER,
+    IDLE,
+    LONG_WINDOW,
+    MANY_WAITING_CORES,
+    MIN_WINDOW,
+    NO_STALL,
+    OVERLAP_MIN_SECONDS,
+    OVERLAP_WORTH,
+    PROCESS_GAIN,
+    PROCESS_WORTH,
+    PURE_WAITING,
+    STALL,
+    THREADS_LEAVE_CORES,
+    WAITING_CORES,
+    WAITING_WORK,
 )
+from feedline.autotune.windows import StageWindow
+from feedline.runtime.tunable import PROCESSES, Knob, Tunable
 
 Window = StageWindow[Tunable]
-
-FIRST_INTERVAL = 0.05
-MAX_INTERVAL = 1.0
-MIN_WINDOW = 0.15  # a measuring window lasts at least this long ...
-LATENCIES_PER_WINDOW = 3  # ... and this many per-element times of the stage under test ...
-SETTLE_ELEMENTS = 8  # ... and sees this many elements move (at the root or one stage) ...
-MAX_WINDOW = 2.0  # ... unless it has lasted this long: then it is judged on what it saw
-STALL = 0.01  # the consumer stalls when it waits more than this fraction of the time
-NO_STALL = 0.006  # ... and is served comfortably below this (a consumer that sleeps pays
-# some waiting for the GIL on every wake-up, whatever the pipeline does)
-STALL_RISE = 0.005  # a decrease that raises the stall by more than this is taken back
-STALL_CUT = 0.7  # an increase that leaves less than this share of the stall is kept
-# A decrease that makes a consumer already waiting much of the time wait this much more of
-# it is taken back (smaller moves of a large wait are noise).
-STALL_JUMP = 0.05
-ALWAYS_WAITING = 0.9  # a consumer waiting more than this share of the time has no work of its own
-GAIN = 0.08  # a change must raise the rate by this much to be worth its cost
-LOSS = 0.03  # a decrease may cost at most this much rate
-WAITING_WORK = 0.5  # CPU time / wall time below this: the work mostly waits (I/O) ...
-WAITING_CORES = 0.3  # ... if all its workers together also use less than this many cores:
-# threads waiting for the GIL show little CPU each too, but together they keep a core busy.
-# Many threads that wait add up to more cores (each pays its hand-offs): they still wait when
-# the work, run alone, waits too, until together they come near the one core the GIL allows.
-MANY_WAITING_CORES = 0.7
-PURE_WAITING = PURE_WAITING_SHARE  # CPU time / wall time below this: bigger steps
-BUSY = 0.5  # workers spending this fraction of their time on their own work are "busy"
-IDLE = 0.3  # ... and this fraction blocked on a full buffer, idle: fewer would do
-# ... unless their consumer waited on the stage meanwhile, for at least this share of the
-# window: the element it waits for, the oldest, holds the finished ones behind it in the
-# buffer (in order, a slow call among fast ones). More calls in flight then fill the wait.
-HELD_IN_ORDER = 0.15
-CPU_FULL = 0.85  # the process uses this share of its CPU budget: the cores are taken
-# Threads held by the GIL run Python one at a time: together they use about one core. Past
-# this many, they already run in parallel enough that processes would mostly add hand-offs.
-GIL_CORES = 1.5
-# A process using less than this many cores leaves the GIL free a fifth of the time or more:
-# its threads are not held by it.
-GIL_FREE_CORES = 0.8
-# Moving to processes needs at least this many idle cores on the machine to run them on (or
-# half the cores the process leaves unused, if fewer).
-FREE_CORES_FOR_PROCESSES = 0.5
-# Fewer workers can keep the rate only if the cores the stage uses fit in them (a worker uses
-# at most one): threads contending for the GIL, or waiting. Slack for measurement noise.
-FEWER_SLACK = 0.15
-# Work per element below which a hand-off between threads costs about as much as the work:
-# such a stage, its workers idle while its consumer waits, goes inline in one step.
-CHEAP_WORK = CHEAP_WORK_SECONDS
-# CPU time per element above which moving a GIL-bound function to processes can pay for
-# sending elements and results between processes (waiting does not move: only the CPU work).
-PROCESS_WORTH = 100e-6
-# Moving threads that already use most cores to processes costs memory (each worker loads
-# what the function needs): it must raise the rate by this much to stay, above the noise of
-# a busy machine (~10%). Image decoding gained 14-30% over a thread per core, round by round;
-# numpy work that releases the GIL, +3% in one such comparison and +30% in one benchmark run.
-PROCESS_GAIN = 0.15
-# A thread per core that leaves more than this share of the cores unused (while its consumer
-# waits on it) waits on the other threads: processes may run the same work in parallel. They
-# can at best use the cores left, so with fewer unused the move could not gain PROCESS_GAIN.
-# Two threads measured (with the batching and the consumer in the same process): Pillow image
-# decoding used 1.15-1.82 of 2 cores, numpy work that releases the GIL 1.47-1.75; image
-# decoding tried at 1.82 cores lost 21% in its trial, on top of what starting the workers cost.
-THREADS_LEAVE_CORES = 1 - 1 / (1 + PROCESS_GAIN)
-# A move to processes that did not pay is tried again only after this long, doubled at each
-# further failure: a trial costs ~1 s of a slower pipeline (workers starting beside the threads,
-# then the trial window), and a consumer changing speed says little about whether processes pay.
-PROCESS_RETRY_SECONDS = 10.0
-# Settle / measure windows, at least, of changes whose effect is slow to show (processes must
-# start) or small next to the noise of short windows (reading ahead for a consumer that is
-# mostly busy: its rate moves by about the fraction it waits).
-LONG_WINDOW = 1.0
-# A stage with nothing to compute (a prefetch) gains at most the consumer's own share of the
-# time by reading ahead on a thread: below this share, the hand-offs cost more than that.
-OVERLAP_WORTH = GAIN
-# ... and the consumer's own work between two elements must last at least this long: shorter,
-# and the two threads only hand the GIL back and forth (a loop that merely counts batches).
-OVERLAP_MIN_SECONDS = 0.5e-3
 
 
 @dataclass(frozen=True)
@@ -148,10 +92,11 @@ class Situation:
     now: float
     cores_in_use: float  # the whole process's CPU use over the last window
     idle_cores: float | None  # cores the machine left idle over it, if known
-    # Since the knobs last changed: how long, and the cores the process used (at least as
-    # many as over the last window).
+    # Since the knobs last changed: how long, the cores the process used (at least as many
+    # as over the last window), and the cores the machine left idle (at most as many).
     knobs_held_for: float
     cores_held: float
+    idle_held: float | None
     workers_rss: int  # resident bytes of the run's worker processes
     rss_per_worker: Callable[[], int]  # what one more is expected to hold (read when needed)
     # What earlier experiments taught (read only):
@@ -448,7 +393,8 @@ def to_processes(w: Window, windows: Sequence[Window], s: Situation) -> Proposal
         return None
     # Cores kept busy by other processes look like the GIL from inside; processes would
     # not get them either.
-    cores_free = s.idle_cores is None or s.idle_cores >= min(FREE_CORES_FOR_PROCESSES, unused / 2)
+    idle = s.idle_held
+    cores_free = idle is None or idle >= min(FREE_CORES_FOR_PROCESSES, unused / 2)
     # A move for a large gain (the GIL holds the threads to one core) on a reading that
     # held for two windows; one for a small gain (threads leaving a few cores unused) on a
     # reading over LONG_WINDOW. Until then the knobs stay as they are, to read it.

@@ -12,12 +12,9 @@ How it decides (every tick; ticks are frequent at first and slow down once nothi
   A stage that mostly *waits* (wall time far above CPU time, e.g. I/O latency) doubles its
   parallelism, past the core count, within the RAM budget; a stage that computes adds one
   worker at a time, within the CPU budget.
-- Each change is an experiment: after a settling window the tuner compares the rate with the
-  rate before. A gain is kept (and, for a scale-up, followed by another step). No gain from a
-  scale-up is reverted, and the stage is marked saturated there — e.g. a pure-Python function
-  holding the GIL — after which the tuner tries *fewer* workers, down to zero (the function
-  then runs inline in the consumer's thread, with no hand-off cost at all), keeping every
-  decrease that does not cost rate.
+- Each change is an experiment, kept or taken back on the window after it (see
+  ``experiments.py``): a scale-up that does not pay marks the stage saturated there, after
+  which the tuner tries *fewer* workers, down to zero (the function then runs inline).
 - When the consumer never stalls, the pipeline is faster than needed: the tuner shrinks
   what sits idle (workers blocked on a full buffer, buffers that stay full), reverting any
   shrink that makes the consumer stall.
@@ -33,26 +30,22 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from feedline.autotune import policy
 from feedline.autotune.budget import Budget, format_bytes
-from feedline.autotune.policy import (
-    ALWAYS_WAITING,
+from feedline.autotune.constants import (
     FIRST_INTERVAL,
-    GAIN,
     LATENCIES_PER_WINDOW,
-    LOSS,
     MAX_INTERVAL,
     MAX_WINDOW,
     MIN_WINDOW,
     NO_STALL,
-    PROCESS_RETRY_SECONDS,
     SETTLE_ELEMENTS,
     STALL,
-    STALL_CUT,
-    STALL_JUMP,
-    STALL_RISE,
+)
+from feedline.autotune.experiments import Decision, Experiment, Judge, TunerState
+from feedline.autotune.policy import (
     Move,
     Proposal,
     Situation,
@@ -71,60 +64,6 @@ warnings_logger = logging.getLogger("feedline")
 
 
 @dataclass
-class Decision:
-    """One knob change (or revert) with the reason for it."""
-
-    time: float  # seconds since the pipeline started
-    stage: str
-    knob: str
-    old: int
-    new: int
-    reason: str
-
-    def __str__(self) -> str:
-        return (
-            f"{self.time:7.2f}s  {self.stage}.{self.knob}: {self.old} -> {self.new}  "
-            f"({self.reason})"
-        )
-
-
-@dataclass
-class Experiment:
-    stage: Tunable
-    knob: Knob
-    old: int
-    new: int
-    direction: int  # +1 scale up, -1 scale down
-    baseline_rate: float
-    baseline_stall: float
-    started: float
-    # Every stage's rate and the share of the time its reader waited on it, before the
-    # change (before the first of a chain), by stage key.
-    baseline_rates: dict[object, float]
-    baseline_waits: dict[object, float]
-    # A scale-up that did not pay alone, kept while this one (of the stage it made the new
-    # bottleneck) is tried with it: both stay or both go.
-    chained_from: Experiment | None = None
-    # A second knob changed with the first (processes come with workers), restored with it.
-    companion: tuple[Knob, int] | None = None
-    # Shortest settling and measuring windows: longer where the change takes time to show
-    # (worker processes must start and load what the function needs).
-    min_window: float = MIN_WINDOW
-    # The rate must rise this much for a scale-up to be kept.
-    min_gain: float = GAIN
-    # Right after a change, buffers fill or drain: that window is discarded, not judged.
-    settling: bool = True
-
-    @property
-    def baseline_stage_rate(self) -> float:
-        return self.baseline_rates.get(self.stage.key, 0.0)
-
-    @property
-    def baseline_stage_wait(self) -> float:
-        return self.baseline_waits.get(self.stage.key, 0.0)
-
-
-@dataclass
 class RootCounters:
     """The consumer's side of the pipeline, counted by the public iterator."""
 
@@ -136,16 +75,6 @@ class RootCounters:
         """All the time spent waiting until ``now``, including a wait not yet over."""
         since = self.waiting_since
         return self.wait + (now - since if since is not None else 0.0)
-
-
-@dataclass
-class TunerState:
-    history: list[Decision] = field(default_factory=list)
-    # (stage key, knob name) -> the value above which more did not help
-    saturated: dict[tuple[object, str], int] = field(default_factory=dict)
-    floor_reached: set[object] = field(default_factory=set)  # stages that cannot shrink further
-    # stage key -> (when processes may be tried again, how long the wait after the next failure)
-    process_retry: dict[object, tuple[float, float]] = field(default_factory=dict)
 
 
 class Tuner:
@@ -167,6 +96,7 @@ class Tuner:
         self.budget = budget
         self._started = started
         self.state = TunerState()
+        self._judge = Judge(self.state, self._set, self._situation)
         self._start_choices_recorded: set[object] = set()
         # (stage key, parallelism) at which the thread budget stopped a scale-up, said once.
         self._budget_noted: set[tuple[object, int]] = set()
@@ -181,13 +111,13 @@ class Tuner:
         self._remade: set[object] = set()  # ops whose stage was made anew in this window
         self._previous_root = (0, 0.0, time.perf_counter())
         self._previous_process_cpu = time.process_time()
-        # When the knobs last changed (tuner clock, process CPU seconds then), and how many
-        # decisions the history held at that moment.
-        self._knobs_set_at = (started, self._previous_process_cpu)
+        self._previous_idle = idle_cpu_seconds()
+        # When the knobs last changed (tuner clock, process CPU seconds and machine idle
+        # seconds then), and how many decisions the history held at that moment.
+        self._knobs_set_at = (started, self._previous_process_cpu, self._previous_idle)
         self._decisions_seen = 0
         self._reading = False  # the knobs hold still while a move to processes is read
         self.cores_in_use = 0.0  # the whole process's CPU use over the last window
-        self._previous_idle = idle_cpu_seconds()
         self.idle_cores: float | None = None  # cores left idle over the last window, if known
         self._last_rate = 0.0
         self._last_stall = 0.0
@@ -247,10 +177,10 @@ class Tuner:
         process_cpu = time.process_time()
         self.cores_in_use = (process_cpu - self._previous_process_cpu) / dt
         self._previous_process_cpu = process_cpu
+        idle = idle_cpu_seconds()
         if len(self.state.history) != self._decisions_seen:
             self._decisions_seen = len(self.state.history)
-            self._knobs_set_at = (now, process_cpu)
-        idle = idle_cpu_seconds()
+            self._knobs_set_at = (now, process_cpu, idle)
         if idle is not None and self._previous_idle is not None:
             self.idle_cores = (idle - self._previous_idle) / dt
         self._previous_idle = idle
@@ -279,8 +209,8 @@ class Tuner:
             # Rates are counts: over few elements, one more or less is a real difference.
             noise = 1.0 / max(1.0, measured * dt)
             stage_wait = tested.consumer_wait if tested is not None else None
-            self._experiment = None  # the verdict may start a chained one
-            kept = self._judge(
+            # The verdict may start a chained experiment.
+            kept, self._experiment = self._judge.judge(
                 experiment, measured, stall, baseline, now, noise, stage_wait, windows
             )
             if kept:
@@ -426,136 +356,26 @@ class Tuner:
             self.state.floor_reached.clear()
             self.interval = FIRST_INTERVAL
 
-    # -- experiments -------------------------------------------------------------------------
-
-    def _judge(
-        self,
-        e: Experiment,
-        rate: float,
-        stall: float,
-        baseline: float,
-        now: float,
-        noise: float = 0.0,
-        stage_wait: float | None = None,
-        windows: list[Window] | None = None,
-    ) -> bool:
-        """Keep or revert ``e`` on what the window after it showed; True when kept (or kept
-        for now, while a scale-up chained to it is tried). ``noise``: the relative uncertainty
-        of the measured rate; ``stage_wait``: the share of the window the tested stage's own
-        consumer waited on it, if known; ``windows``: every stage's, in that window."""
-        base = max(baseline, 1e-9)
-        gain = rate / base - 1
-        loss_allowed = LOSS + noise
-        key = e.stage.key
-        if e.direction > 0:
-            # A consumer that waited too little for its rate to rise by GAIN is judged on its
-            # waits: waiting clearly less (when that was more than comfortable) is a gain.
-            waits_less = NO_STALL < e.baseline_stall < GAIN and stall < STALL_CUT * e.baseline_stall
-            # A costly change (min_gain above GAIN) must pay in rate, which a consumer waiting
-            # a point less does not show.
-            stall_counts = e.min_gain <= GAIN
-            if gain >= e.min_gain + noise or (
-                stall_counts
-                and (stall < e.baseline_stall - STALL or waits_less)
-                and gain > -loss_allowed
-            ):
-                return True  # the next decision may scale further
-            if self._chain(e, windows or [], now):
-                return True
-            self._set(e.stage, e.knob, e.old, f"no gain from {e.new} ({gain:+.0%}): back")
-            self._take_back(e, now)
-            chained_from = e.chained_from
-            while chained_from is not None:
-                self._set(
-                    chained_from.stage,
-                    chained_from.knob,
-                    chained_from.old,
-                    f"back with {e.stage.name}'s {e.knob.name}",
-                )
-                self._take_back(chained_from, now)
-                chained_from = chained_from.chained_from
-            return False
-        # A consumer that always waits (it does no work of its own) is judged on the rate
-        # alone; one that did work can be made to stall more by a decrease, and a rate that
-        # rose anyway (the consumer itself sped up) must not hide that.
-        if e.baseline_stall <= STALL:
-            stalls_now = stall > STALL or stall > e.baseline_stall + STALL_RISE
-        else:
-            stalls_now = e.baseline_stall < ALWAYS_WAITING and stall > e.baseline_stall + STALL_JUMP
-        if stalls_now and stage_wait is not None:
-            # Fewer workers slow the consumer only through a reader waiting more on this stage
-            # (its wait includes the work done inline). Otherwise the waits came from elsewhere:
-            # a sleeping consumer's wake-up after a burst of GIL hand-offs, say.
-            stalls_now = stage_wait > e.baseline_stage_wait + STALL_RISE
-        # A consumer served before and after sets the rate itself: waiting at most STALL of
-        # the time, it cannot have lost more than that to the pipeline. A lower rate is its
-        # own doing, as is a stage's own rate falling while the buffers after it fill up.
-        served = e.baseline_stall <= STALL and stall <= STALL
-        costs_rate = gain < -loss_allowed and not served
-        if not costs_rate and not stalls_now:
-            if e.baseline_stall > STALL and e.baseline_stage_wait > STALL / 2:
-                # Kept while the stage was the bottleneck: more than this did not help either.
-                # (A stage its consumer does not wait on says nothing of what more would do.)
-                self.state.saturated[(key, e.knob.name)] = e.new
-            return True
-        if costs_rate:
-            self._set(e.stage, e.knob, e.old, f"{e.new} cost rate ({gain:+.0%}): back")
-        else:
-            self._set(e.stage, e.knob, e.old, f"with {e.new} the consumer stalls ({stall:.0%})")
-        self.state.floor_reached.add(key)
-        return False
-
-    def _take_back(self, e: Experiment, now: float) -> None:
-        """What goes with reverting the scale-up ``e`` (its knob already set back)."""
-        if e.companion is not None:
-            self._set(e.stage, e.companion[0], e.companion[1], "back with it")
-        self.state.saturated[(e.stage.key, e.knob.name)] = e.old
-        if e.knob.name == "executor":
-            _, wait = self.state.process_retry.get(e.stage.key, (0.0, PROCESS_RETRY_SECONDS))
-            self.state.process_retry[e.stage.key] = (now + wait, 2 * wait)
-
-    def _chain(self, e: Experiment, windows: list[Window], now: float) -> bool:
-        """A scale-up that did not pay may have moved the bottleneck to the stage it reads
-        from (see ``policy.chain_partner``): grow that stage too, keeping ``e`` meanwhile;
-        the pair is judged against the rate before ``e``. True if chained."""
-        if e.chained_from is not None or e.companion is not None or e.knob.name != "parallelism":
-            return False
-        move = policy.chain_partner(
-            e.stage, e.knob.name, e.new, e.baseline_waits, windows, self._situation(now)
-        )
-        if move is None:
-            return False
-        parallelism = move.stage.knobs[move.knob]
-        old = parallelism.value
-        applied = self._set(move.stage, parallelism, move.value, move.reason)
-        self._experiment = Experiment(
-            move.stage,
-            parallelism,
-            old,
-            applied,
-            +1,
-            e.baseline_rate,
-            e.baseline_stall,
-            now,
-            e.baseline_rates,
-            e.baseline_waits,
-            chained_from=e,
-        )
-        return True
-
     # -- decisions ---------------------------------------------------------------------------
 
     def _situation(self, now: float) -> Situation:
-        since, cpu_since = self._knobs_set_at
+        since, cpu_since, idle_since = self._knobs_set_at
         span = now - since
         cores = self.cores_in_use
+        idle_held = self.idle_cores
         if span > 0:
             cores = max(cores, (self._previous_process_cpu - cpu_since) / span)
+            if idle_held is not None and idle_since is not None and self._previous_idle is not None:
+                # Free over the whole span, not only in its last window: other processes
+                # that pause now and then free the cores for a window, and a map that
+                # releases the GIL but lost cores to them read as one the GIL holds.
+                idle_held = min(idle_held, (self._previous_idle - idle_since) / span)
         return Situation(
             budget=self.budget,
             now=now,
             cores_in_use=self.cores_in_use,
             idle_cores=self.idle_cores,
+            idle_held=idle_held,
             knobs_held_for=span,
             cores_held=cores,
             workers_rss=self.workers_rss,

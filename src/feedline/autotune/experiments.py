@@ -1,0 +1,228 @@
+"""The tuner's experiments: the records it keeps (decisions, the experiment under way, what
+experiments taught) and the judging of a change on the window after it.
+
+Each change is an experiment: after a settling window the tuner compares the rate with the
+rate before. A gain is kept (and, for a scale-up, followed by another step). No gain from a
+scale-up is reverted, and the stage is marked saturated there — e.g. a pure-Python function
+holding the GIL — after which the tuner tries *fewer* workers, down to zero (the function then
+runs inline in the consumer's thread, with no hand-off cost at all), keeping every decrease
+that does not cost rate. A scale-up that did not pay alone may be kept while the stage it
+reads from grows too (a chain): both stay or both go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from feedline.autotune import policy
+from feedline.autotune.constants import (
+    ALWAYS_WAITING,
+    GAIN,
+    LOSS,
+    MIN_WINDOW,
+    NO_STALL,
+    PROCESS_RETRY_SECONDS,
+    STALL,
+    STALL_CUT,
+    STALL_JUMP,
+    STALL_RISE,
+)
+from feedline.autotune.policy import Situation, Window
+from feedline.runtime.tunable import Knob, Tunable
+
+
+@dataclass
+class Decision:
+    """One knob change (or revert) with the reason for it."""
+
+    time: float  # seconds since the pipeline started
+    stage: str
+    knob: str
+    old: int
+    new: int
+    reason: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.time:7.2f}s  {self.stage}.{self.knob}: {self.old} -> {self.new}  "
+            f"({self.reason})"
+        )
+
+
+@dataclass
+class Experiment:
+    stage: Tunable
+    knob: Knob
+    old: int
+    new: int
+    direction: int  # +1 scale up, -1 scale down
+    baseline_rate: float
+    baseline_stall: float
+    started: float
+    # Every stage's rate and the share of the time its reader waited on it, before the
+    # change (before the first of a chain), by stage key.
+    baseline_rates: dict[object, float]
+    baseline_waits: dict[object, float]
+    # A scale-up that did not pay alone, kept while this one (of the stage it made the new
+    # bottleneck) is tried with it: both stay or both go.
+    chained_from: Experiment | None = None
+    # A second knob changed with the first (processes come with workers), restored with it.
+    companion: tuple[Knob, int] | None = None
+    # Shortest settling and measuring windows: longer where the change takes time to show
+    # (worker processes must start and load what the function needs).
+    min_window: float = MIN_WINDOW
+    # The rate must rise this much for a scale-up to be kept.
+    min_gain: float = GAIN
+    # Right after a change, buffers fill or drain: that window is discarded, not judged.
+    settling: bool = True
+
+    @property
+    def baseline_stage_rate(self) -> float:
+        return self.baseline_rates.get(self.stage.key, 0.0)
+
+    @property
+    def baseline_stage_wait(self) -> float:
+        return self.baseline_waits.get(self.stage.key, 0.0)
+
+
+@dataclass
+class TunerState:
+    history: list[Decision] = field(default_factory=list)
+    # (stage key, knob name) -> the value above which more did not help
+    saturated: dict[tuple[object, str], int] = field(default_factory=dict)
+    floor_reached: set[object] = field(default_factory=set)  # stages that cannot shrink further
+    # stage key -> (when processes may be tried again, how long the wait after the next failure)
+    process_retry: dict[object, tuple[float, float]] = field(default_factory=dict)
+
+
+# Sets a stage's knob with a reason (recorded if it changed); returns the value applied.
+SetKnob = Callable[[Tunable, Knob, int, str], int]
+
+
+class Judge:
+    """Keeps or takes back the tuner's experiments, through the tuner's ``set_knob`` and
+    what experiments taught (``state``); ``situation(now)``: what the rules read then."""
+
+    def __init__(
+        self, state: TunerState, set_knob: SetKnob, situation: Callable[[float], Situation]
+    ) -> None:
+        self.state = state
+        self._set = set_knob
+        self._situation = situation
+
+    def judge(
+        self,
+        e: Experiment,
+        rate: float,
+        stall: float,
+        baseline: float,
+        now: float,
+        noise: float = 0.0,
+        stage_wait: float | None = None,
+        windows: list[Window] | None = None,
+    ) -> tuple[bool, Experiment | None]:
+        """Keep or revert ``e`` on what the window after it showed: whether it was kept (or
+        kept for now, while a scale-up chained to it is tried), and that chained experiment,
+        if one started. ``noise``: the relative uncertainty of the measured rate;
+        ``stage_wait``: the share of the window the tested stage's own consumer waited on it,
+        if known; ``windows``: every stage's, in that window."""
+        base = max(baseline, 1e-9)
+        gain = rate / base - 1
+        loss_allowed = LOSS + noise
+        key = e.stage.key
+        if e.direction > 0:
+            # A consumer that waited too little for its rate to rise by GAIN is judged on its
+            # waits: waiting clearly less (when that was more than comfortable) is a gain.
+            waits_less = NO_STALL < e.baseline_stall < GAIN and stall < STALL_CUT * e.baseline_stall
+            # A costly change (min_gain above GAIN) must pay in rate, which a consumer waiting
+            # a point less does not show.
+            stall_counts = e.min_gain <= GAIN
+            if gain >= e.min_gain + noise or (
+                stall_counts
+                and (stall < e.baseline_stall - STALL or waits_less)
+                and gain > -loss_allowed
+            ):
+                return True, None  # the next decision may scale further
+            chained = self._chain(e, windows or [], now)
+            if chained is not None:
+                return True, chained
+            self._set(e.stage, e.knob, e.old, f"no gain from {e.new} ({gain:+.0%}): back")
+            self._take_back(e, now)
+            chained_from = e.chained_from
+            while chained_from is not None:
+                self._set(
+                    chained_from.stage,
+                    chained_from.knob,
+                    chained_from.old,
+                    f"back with {e.stage.name}'s {e.knob.name}",
+                )
+                self._take_back(chained_from, now)
+                chained_from = chained_from.chained_from
+            return False, None
+        # A consumer that always waits (it does no work of its own) is judged on the rate
+        # alone; one that did work can be made to stall more by a decrease, and a rate that
+        # rose anyway (the consumer itself sped up) must not hide that.
+        if e.baseline_stall <= STALL:
+            stalls_now = stall > STALL or stall > e.baseline_stall + STALL_RISE
+        else:
+            stalls_now = e.baseline_stall < ALWAYS_WAITING and stall > e.baseline_stall + STALL_JUMP
+        if stalls_now and stage_wait is not None:
+            # Fewer workers slow the consumer only through a reader waiting more on this stage
+            # (its wait includes the work done inline). Otherwise the waits came from elsewhere:
+            # a sleeping consumer's wake-up after a burst of GIL hand-offs, say.
+            stalls_now = stage_wait > e.baseline_stage_wait + STALL_RISE
+        # A consumer served before and after sets the rate itself: waiting at most STALL of
+        # the time, it cannot have lost more than that to the pipeline. A lower rate is its
+        # own doing, as is a stage's own rate falling while the buffers after it fill up.
+        served = e.baseline_stall <= STALL and stall <= STALL
+        costs_rate = gain < -loss_allowed and not served
+        if not costs_rate and not stalls_now:
+            if e.baseline_stall > STALL and e.baseline_stage_wait > STALL / 2:
+                # Kept while the stage was the bottleneck: more than this did not help either.
+                # (A stage its consumer does not wait on says nothing of what more would do.)
+                self.state.saturated[(key, e.knob.name)] = e.new
+            return True, None
+        if costs_rate:
+            self._set(e.stage, e.knob, e.old, f"{e.new} cost rate ({gain:+.0%}): back")
+        else:
+            self._set(e.stage, e.knob, e.old, f"with {e.new} the consumer stalls ({stall:.0%})")
+        self.state.floor_reached.add(key)
+        return False, None
+
+    def _take_back(self, e: Experiment, now: float) -> None:
+        """What goes with reverting the scale-up ``e`` (its knob already set back)."""
+        if e.companion is not None:
+            self._set(e.stage, e.companion[0], e.companion[1], "back with it")
+        self.state.saturated[(e.stage.key, e.knob.name)] = e.old
+        if e.knob.name == "executor":
+            _, wait = self.state.process_retry.get(e.stage.key, (0.0, PROCESS_RETRY_SECONDS))
+            self.state.process_retry[e.stage.key] = (now + wait, 2 * wait)
+
+    def _chain(self, e: Experiment, windows: list[Window], now: float) -> Experiment | None:
+        """A scale-up that did not pay may have moved the bottleneck to the stage it reads
+        from (see ``policy.chain_partner``): grow that stage too, keeping ``e`` meanwhile;
+        the pair is judged against the rate before ``e``. The chained experiment, if any."""
+        if e.chained_from is not None or e.companion is not None or e.knob.name != "parallelism":
+            return None
+        move = policy.chain_partner(
+            e.stage, e.knob.name, e.new, e.baseline_waits, windows, self._situation(now)
+        )
+        if move is None:
+            return None
+        parallelism = move.stage.knobs[move.knob]
+        old = parallelism.value
+        applied = self._set(move.stage, parallelism, move.value, move.reason)
+        return Experiment(
+            move.stage,
+            parallelism,
+            old,
+            applied,
+            +1,
+            e.baseline_rate,
+            e.baseline_stall,
+            now,
+            e.baseline_rates,
+            e.baseline_waits,
+            chained_from=e,
+        )

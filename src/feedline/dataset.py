@@ -26,8 +26,9 @@ from feedline.ops.base import (
 )
 from feedline.ops.batching import BatchOp, PaddedBatchOp, RebatchOp, UnbatchOp
 from feedline.ops.cache import CacheOp
-from feedline.ops.combine import ConcatenateOp, InterleaveOp, ZipOp, zip_structure
+from feedline.ops.combine import ConcatenateOp, ZipOp, zip_structure
 from feedline.ops.grouping import Bucketing, GroupByWindowOp, UniqueOp
+from feedline.ops.interleave import InterleaveOp
 from feedline.ops.mapping import FilterOp, IgnoreErrorsOp, MapOp, TakeWhileOp
 from feedline.ops.prefetch import PrefetchOp
 from feedline.ops.sampling import (

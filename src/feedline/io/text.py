@@ -11,7 +11,7 @@ from typing import IO, Any
 
 from feedline.errors import InvalidStateError
 from feedline.ops.base import UNKNOWN, Op
-from feedline.ops.combine import InterleaveOp
+from feedline.ops.interleave import InterleaveOp
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import StageIterator, State
 from feedline.runtime.states import state_int

@@ -5,7 +5,8 @@
 - ``mapping.py``: map and random_map (on an ``AsyncStage``), filter, take_while, ignore_errors.
 - ``batching.py``: batch, padded_batch, unbatch, rebatch.
 - ``slicing.py``: take, skip, shard, repeat, enumerate.
-- ``combine.py``: zip, concatenate, interleave (and so flat_map).
+- ``combine.py``: zip and concatenate.
+- ``interleave.py``: interleave (and so flat_map).
 - ``choices.py``: the slot choices a finishing-order interleave records for its states.
 - ``sampling.py``: Dataset.random, sample_from_datasets, choose_from_datasets.
 - ``shuffle.py``: shuffle, a bounded random buffer seeded per pass.

@@ -287,10 +287,10 @@ class ReplyArena:
     once and reused for later replies once the parent holds no view of them.
 
     A fresh segment per reply costs the worker its page faults and zeroing, and the parent
-    the mapping of every page again; a reused one is in both page tables already (image
-    decoding on two workers: the parent's CPU per element fell from 348 to 127 us). A result built
-    in ``empty`` lies in a segment from the start; other large buffers are copied into one
-    when sent.
+    the mapping of every page again; a reused one is in both page tables already (for image
+    decoding on two workers, most of the parent's CPU per element). A result built in
+    ``empty`` lies in a segment from the start; other large buffers are copied into one when
+    sent.
 
     A segment is *lent* while the parent holds views of it and *free* once given back; at
     most ``MAX_FREE_REPLY_SEGMENTS`` stay free (the smallest beyond that are let go, and the

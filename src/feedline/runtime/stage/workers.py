@@ -84,8 +84,8 @@ class WorkerSide(StageCore):
                         return
                     self._reserved += size
                     # Room is handed on one worker at a time: waking every waiting worker for
-                    # each retired chunk cost 256 threads more GIL hand-offs than the work
-                    # itself (io_latency fell from 12k to 4k elements/s).
+                    # each retired chunk costs hundreds of threads more GIL hand-offs than
+                    # the work itself.
                     if self._has_room(self._next_chunk_size()):
                         self._space_free.notify()
                 chunk = self._issue(size)

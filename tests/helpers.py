@@ -101,6 +101,16 @@ def saved_state(dataset: fl.Dataset, cut: int = 0) -> dict[str, Any]:
     return state
 
 
+def assert_root_field_rejected(dataset: fl.Dataset, cut: int, field: str, value: Any) -> None:
+    """A state taken after ``cut`` elements is refused, naming ``field``, with that field of
+    its root set to ``value`` and with it missing."""
+    state = saved_state(dataset, cut)
+    state["root"][field] = value
+    assert_state_rejected(dataset, state, field)
+    del state["root"][field]
+    assert_state_rejected(dataset, state, field)
+
+
 def assert_state_rejected(dataset: fl.Dataset, state: Any, field: str) -> None:
     """Resuming ``dataset`` from ``state`` raises ``InvalidStateError`` naming ``field``
     before any element is produced, both for a new iterator and through ``set_state``."""

@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 import feedline as fl
-from tests.helpers import assert_state_rejected, assert_state_roundtrip, saved_state, take
+from tests.helpers import (
+    assert_root_field_rejected,
+    assert_state_rejected,
+    assert_state_roundtrip,
+    saved_state,
+    take,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -185,12 +191,7 @@ def test_first_order_does_not_depend_on_spec_inference() -> None:
     ],
 )
 def test_state_with_a_bad_field_is_rejected(field: str, value: Any) -> None:
-    ds = fl.Dataset.range(N).shuffle(10, seed=7)
-    state = saved_state(ds, 3)
-    state["root"][field] = value
-    assert_state_rejected(ds, state, field)
-    del state["root"][field]
-    assert_state_rejected(ds, state, field)
+    assert_root_field_rejected(fl.Dataset.range(N).shuffle(10, seed=7), 3, field, value)
 
 
 def test_state_past_the_end_of_an_input_of_unknown_length_is_rejected() -> None:

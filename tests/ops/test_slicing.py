@@ -14,6 +14,7 @@ import pytest
 import feedline as fl
 from tests.helpers import (
     assert_elements_equal,
+    assert_root_field_rejected,
     assert_state_rejected,
     assert_state_roundtrip,
     saved_state,
@@ -304,12 +305,7 @@ def test_enumerate_of_an_infinite_input() -> None:
 def test_state_with_a_bad_field_is_rejected(
     make: Callable[[], fl.Dataset], field: str, value: Any
 ) -> None:
-    ds = make()
-    state = saved_state(ds, 1)
-    state["root"][field] = value
-    assert_state_rejected(ds, state, field)
-    del state["root"][field]
-    assert_state_rejected(ds, state, field)
+    assert_root_field_rejected(make(), 1, field, value)
 
 
 @pytest.mark.parametrize(

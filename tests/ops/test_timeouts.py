@@ -10,6 +10,7 @@ import pytest
 
 import feedline as fl
 from feedline.runtime.timeouts import CallTimeout
+from tests.runtime.test_process import nothing_left_behind  # noqa: F401 (an autouse fixture)
 
 D = fl.Dataset
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import types
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -112,6 +113,15 @@ class UnaryIterator(StageIterator):
         input_state = None if state is None else state_nested(state, field, op.name)
         self.input = op.input.make_iterator(ctx, input_state)
         self.inputs = (self.input,)
+
+    def catch_up(self, replay: Callable[..., Any], *args: Any) -> None:
+        """Run a restore's ``replay`` of the input opened above; if it fails (the state does
+        not fit the input after all), close that input before the error goes up."""
+        try:
+            replay(*args)
+        except BaseException:
+            self.input.close()
+            raise
 
 
 def require_positive_int(value: Any, what: str, allow_zero: bool = False) -> int:

@@ -364,11 +364,7 @@ class UnbatchIterator(UnaryIterator):
             self.batches_read = state_int(state, "batches_read", op.name, min(row, 1), end)
         super().__init__(op, ctx, state)
         if row:
-            try:
-                self._reload_batch(row)
-            except BaseException:
-                self.input.close()
-                raise
+            self.catch_up(self._reload_batch, row)
 
     def _reload_batch(self, row: int) -> None:
         """Split the batch a mid-batch state is in again and stand at ``row`` in it."""

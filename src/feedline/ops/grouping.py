@@ -143,11 +143,7 @@ class GroupByWindowIterator(UnaryIterator):
             current = self._restore(state)
         super().__init__(op, ctx, state)
         if current is not None:
-            try:
-                self._start_reduce(*current)
-            except BaseException:
-                self.input.close()
-                raise
+            self.catch_up(self._start_reduce, *current)
 
     def _restore(self, state: State) -> tuple[int, list[Any], State] | None:
         """Reads the groups and counters of ``state``; returns the group being reduced (its

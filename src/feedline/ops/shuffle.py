@@ -61,11 +61,7 @@ class ShuffleIterator(UnaryIterator):
         self.produced = 0
         self._uniforms: list[float] = []
         if produced:
-            try:
-                self._replay(produced)
-            except BaseException:
-                self.input.close()
-                raise
+            self.catch_up(self._replay, produced)
 
     def _replay(self, produced: int) -> None:
         if skip_elements(self, produced) < produced:

@@ -12,7 +12,10 @@ $(VENV)/.core: pyproject.toml
 	$(PIP) install --quiet -e .
 	touch $@
 
+# torch first and by exact version, so the [torch] extra inside [test] finds it installed and
+# pip never fetches a CUDA build.
 $(VENV)/.test: $(VENV)/.core
+	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[test]'
 	touch $@
 

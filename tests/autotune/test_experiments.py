@@ -220,7 +220,7 @@ def gil_bound_decisions(
         m.consumer_wait += 0.25
         tuner.step(now)
         if forgetful:
-            tuner.state.saturated.clear()
+            tuner.state.saturated_marks.clear()
     return [(d.old, d.new, d.reason) for d in tuner.history if d.knob == knob]
 
 

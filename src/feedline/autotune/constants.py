@@ -82,3 +82,14 @@ OVERLAP_WORTH = GAIN
 # ... and the consumer's own work between two elements must last at least this long: shorter,
 # and the two threads only hand the GIL back and forth (a loop that merely counts batches).
 OVERLAP_MIN_SECONDS = 0.5e-3
+# A verdict on a knob (more did not help; less cost rate) holds this long at first, doubled
+# each time the same probe fails again, up to MAX_RETRY_SECONDS: a probe of a stable stage
+# costs a window of lower rate (256 -> 192 threads on an I/O stage: 38-55% of the rate for
+# it), so its cost shrinks over a long run, while a stage whose situation changed in a way
+# no measurement shows is still tried again within a minute.
+RETRY_SECONDS = 4.0
+MAX_RETRY_SECONDS = 60.0
+# ... and only while the stage's cost per element stays within this factor of what it was
+# judged on (a map that turns I/O-bound: 5 us -> 2 ms). Threads contending for the GIL move
+# a stage's wall time per element by up to about 2x from one window to the next.
+COST_CHANGE = 3.0

@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 from feedline.autotune import policy
 from feedline.autotune.constants import (
     ALWAYS_WAITING,
+    COST_CHANGE,
     GAIN,
     LOSS,
+    MAX_RETRY_SECONDS,
     MIN_WINDOW,
     NO_STALL,
     PROCESS_RETRY_SECONDS,
+    RETRY_SECONDS,
     STALL,
     STALL_CUT,
     STALL_JUMP,
@@ -76,6 +79,9 @@ class Experiment:
     min_gain: float = GAIN
     # Right after a change, buffers fill or drain: that window is discarded, not judged.
     settling: bool = True
+    # What each stage would have been judged on before the change (by stage key): a verdict
+    # that takes the change back stands on it.
+    baseline_judged: dict[object, Judged] = field(default_factory=dict)
 
     @property
     def baseline_stage_rate(self) -> float:
@@ -86,14 +92,90 @@ class Experiment:
         return self.baseline_waits.get(self.stage.key, 0.0)
 
 
+@dataclass(frozen=True)
+class Judged:
+    """What a verdict on a stage's knob was judged on: the stage's cost per element and
+    whether its work mostly waited, and its consumer's rate and stall."""
+
+    seconds_per_element: float
+    waits: bool
+    rate: float
+    stall: float
+
+    def still(self, now: Judged) -> bool:
+        """The verdict still speaks for ``now``: the work costs about the same, waits or
+        computes as it did, and the consumer runs as it did."""
+        before, after = self.seconds_per_element, now.seconds_per_element
+        if before > 0 and after > 0 and max(before, after) > COST_CHANGE * min(before, after):
+            return False
+        if self.waits != now.waits:
+            return False
+        return not policy.consumer_shifted(now.rate, now.stall, self.rate, self.stall)
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A verdict that stops a knob's moves: more did not help past ``value`` (saturated), or
+    less than ``value`` cost rate (the floor). It holds until ``retry_at`` (tuner clock) and
+    while what it was judged on still holds."""
+
+    value: int
+    judged: Judged
+    retry_at: float
+
+
 @dataclass
 class TunerState:
     history: list[Decision] = field(default_factory=list)
-    # (stage key, knob name) -> the value above which more did not help
-    saturated: dict[tuple[object, str], int] = field(default_factory=dict)
-    floor_reached: set[object] = field(default_factory=set)  # stages that cannot shrink further
+    # (stage key, knob name) -> more than the mark's value did not help
+    saturated_marks: dict[tuple[object, str], Mark] = field(default_factory=dict)
+    # stage key -> fewer workers than the mark's value cost rate
+    floor_marks: dict[object, Mark] = field(default_factory=dict)
+    # How long the next mark of a (stage key, knob or "floor") holds: doubled each time one
+    # is made (a probe that fails again and again is made less and less often), and reset
+    # when a mark falls because what it was judged on changed.
+    retry_waits: dict[tuple[object, str], float] = field(default_factory=dict)
     # stage key -> (when processes may be tried again, how long the wait after the next failure)
     process_retry: dict[object, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def saturated(self) -> dict[tuple[object, str], int]:
+        return {k: m.value for k, m in self.saturated_marks.items()}
+
+    @property
+    def floor_reached(self) -> set[object]:
+        return set(self.floor_marks)
+
+    def mark_saturated(
+        self, key: object, knob: str, value: int, judged: Judged, now: float
+    ) -> None:
+        self.saturated_marks[(key, knob)] = self._mark((key, knob), value, judged, now)
+
+    def mark_floor(self, key: object, value: int, judged: Judged, now: float) -> None:
+        self.floor_marks[key] = self._mark((key, "floor"), value, judged, now)
+
+    def _mark(self, retry_key: tuple[object, str], value: int, judged: Judged, now: float) -> Mark:
+        wait = self.retry_waits.get(retry_key, RETRY_SECONDS)
+        self.retry_waits[retry_key] = min(2 * wait, MAX_RETRY_SECONDS)
+        return Mark(value, judged, now + wait)
+
+    def drop_stale(self, now: float, judged_now: Callable[[object], Judged | None]) -> None:
+        """Drop the marks whose time is up, or whose stage's work or consumer changed
+        (``judged_now(stage key)``: what it would be judged on now; None if not measured)."""
+        for (key, knob), mark in list(self.saturated_marks.items()):
+            if self._stale(mark, (key, knob), judged_now(key), now):
+                del self.saturated_marks[(key, knob)]
+        for key, mark in list(self.floor_marks.items()):
+            if self._stale(mark, (key, "floor"), judged_now(key), now):
+                del self.floor_marks[key]
+
+    def _stale(
+        self, mark: Mark, retry_key: tuple[object, str], current: Judged | None, now: float
+    ) -> bool:
+        if current is not None and not mark.judged.still(current):
+            self.retry_waits.pop(retry_key, None)  # a new situation: probes start afresh
+            return True
+        return now >= mark.retry_at
 
 
 # Sets a stage's knob with a reason (recorded if it changed); returns the value applied.
@@ -105,11 +187,16 @@ class Judge:
     what experiments taught (``state``); ``situation(now)``: what the rules read then."""
 
     def __init__(
-        self, state: TunerState, set_knob: SetKnob, situation: Callable[[float], Situation]
+        self,
+        state: TunerState,
+        set_knob: SetKnob,
+        situation: Callable[[float], Situation],
+        judged_now: Callable[[object], Judged],
     ) -> None:
         self.state = state
         self._set = set_knob
         self._situation = situation
+        self._judged_now = judged_now  # what a stage's knob would be judged on now
 
     def judge(
         self,
@@ -181,23 +268,28 @@ class Judge:
             if e.baseline_stall > STALL and e.baseline_stage_wait > STALL / 2:
                 # Kept while the stage was the bottleneck: more than this did not help either.
                 # (A stage its consumer does not wait on says nothing of what more would do.)
-                self.state.saturated[(key, e.knob.name)] = e.new
+                self.state.mark_saturated(key, e.knob.name, e.new, self._judged_now(key), now)
             return True, None
         if costs_rate:
             self._set(e.stage, e.knob, e.old, f"{e.new} cost rate ({gain:+.0%}): back")
         else:
             self._set(e.stage, e.knob, e.old, f"with {e.new} the consumer stalls ({stall:.0%})")
-        self.state.floor_reached.add(key)
+        self.state.mark_floor(key, e.old, self._before(e), now)
         return False, None
 
     def _take_back(self, e: Experiment, now: float) -> None:
         """What goes with reverting the scale-up ``e`` (its knob already set back)."""
         if e.companion is not None:
             self._set(e.stage, e.companion[0], e.companion[1], "back with it")
-        self.state.saturated[(e.stage.key, e.knob.name)] = e.old
+        self.state.mark_saturated(e.stage.key, e.knob.name, e.old, self._before(e), now)
         if e.knob.name == "executor":
             _, wait = self.state.process_retry.get(e.stage.key, (0.0, PROCESS_RETRY_SECONDS))
             self.state.process_retry[e.stage.key] = (now + wait, 2 * wait)
+
+    def _before(self, e: Experiment) -> Judged:
+        """What ``e``'s stage was judged on before the change: a knob taken back is back
+        there, not where the window after the change measured it."""
+        return e.baseline_judged.get(e.stage.key) or self._judged_now(e.stage.key)
 
     def _chain(self, e: Experiment, windows: list[Window], now: float) -> Experiment | None:
         """A scale-up that did not pay may have moved the bottleneck to the stage it reads
@@ -225,4 +317,5 @@ class Judge:
             e.baseline_rates,
             e.baseline_waits,
             chained_from=e,
+            baseline_judged=e.baseline_judged,
         )

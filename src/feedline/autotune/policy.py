@@ -236,15 +236,18 @@ def scaled_parallelism(w: Window, windows: Sequence[Window], s: Situation) -> tu
     pass's thread budget."""
     knob = w.stage.knobs["parallelism"]
     current = knob.value
-    if current == 0:
-        return min(1, knob.most()), 1
     cores_taken = s.cores_in_use >= CPU_FULL * s.budget.cpu
     # With every core busy, threads that get little CPU are starved, not waiting: more of
     # them would only add contention.
     if waits(w, s) and not cores_taken:
         # Latency-bound: calls in flight are cheap; when the work is almost all waiting,
         # take big steps (x8), since a run may not last long enough for many small ones.
-        target = current * (8 if w.computing_share < PURE_WAITING else 2)
+        # From inline, a core's worth of calls at least: one worker waits as the consumer
+        # did, so 0 -> 1 shows no gain and would leave the stage inline.
+        step = 8 if w.computing_share < PURE_WAITING else 2
+        target = step * max(current, int(s.budget.cpu))
+    elif current == 0:
+        return min(1, knob.most()), 1
     else:
         # Computing work never gets more workers than the budget has cores, whatever the
         # measured load says (a busy machine can make the cores look free).

@@ -18,8 +18,10 @@ How it decides (every tick; ticks are frequent at first and slow down once nothi
 - When the consumer never stalls, the pipeline is faster than needed: the tuner shrinks
   what sits idle (workers blocked on a full buffer, buffers that stay full), reverting any
   shrink that makes the consumer stall.
-- A shift in the consumer's rate or stall (a training step that slows down or speeds up)
-  clears the saturation marks and makes ticks frequent again.
+- Each verdict (more did not help; less cost rate) is a mark that holds a while, longer each
+  time the same probe fails again, and only while the stage's cost per element, whether its
+  work waits, and the consumer's rate and stall stay as they were judged: a map that turns
+  I/O-bound, or a training step that slows down, is judged afresh.
 
 Every decision is recorded with its reason and logged at DEBUG on ``feedline.autotune``.
 """
@@ -44,7 +46,7 @@ from feedline.autotune.constants import (
     SETTLE_ELEMENTS,
     STALL,
 )
-from feedline.autotune.experiments import Decision, Experiment, Judge, TunerState
+from feedline.autotune.experiments import Decision, Experiment, Judge, Judged, TunerState
 from feedline.autotune.policy import (
     Move,
     Proposal,
@@ -96,7 +98,9 @@ class Tuner:
         self.budget = budget
         self._started = started
         self.state = TunerState()
-        self._judge = Judge(self.state, self._set, self._situation)
+        # What each stage's knobs would be judged on now (by stage key), as of the last window.
+        self._judged: dict[object, Judged] = {}
+        self._judge = Judge(self.state, self._set, self._situation, self._judged_now)
         self._start_choices_recorded: set[object] = set()
         # (stage key, parallelism) at which the thread budget stopped a scale-up, said once.
         self._budget_noted: set[tuple[object, int]] = set()
@@ -191,6 +195,7 @@ class Tuner:
         rate = (delivered - self._previous_root[0]) / dt
         stall = (wait - self._previous_root[1]) / dt
         self._previous_root = (delivered, wait, now)
+        self._judge_windows(windows, rate, stall, now)
         if not self._warmed_up:
             self._warmed_up = True  # the first window is start-up (buffers filling): no verdict
             return
@@ -199,6 +204,8 @@ class Tuner:
             return
         if delivered == 0:
             return
+        if experiment is not None and self._refused(experiment, now):
+            experiment = self._experiment = None
         if experiment is not None:
             # The consumer's rate is what counts; a stage's own rate stands in for it only
             # when too few elements reached the consumer to measure (large batches, slow).
@@ -349,12 +356,39 @@ class Tuner:
             )
         return out
 
+    def _refused(self, e: Experiment, now: float) -> bool:
+        """The stage set ``e``'s knob back itself (a move it cannot make): say so in the
+        history, as the move was, and take back what came with it."""
+        knob = e.knob
+        if knob.value == e.new or knob.refusal is None:
+            return False
+        self._record(
+            Decision(now - self._started, e.stage.name, knob.name, e.new, knob.value, knob.refusal)
+        )
+        if e.companion is not None:
+            self._set(e.stage, e.companion[0], e.companion[1], "back with it")
+        return True
+
     def _notice_shift(self, rate: float, stall: float) -> None:
-        """The consumer changed speed: what was saturated may not be any more."""
+        """The consumer changed speed: look again soon (the marks it made stale have
+        fallen, see ``_judge_windows``)."""
         if policy.consumer_shifted(rate, stall, self._last_rate, self._last_stall):
-            self.state.saturated.clear()
-            self.state.floor_reached.clear()
             self.interval = FIRST_INTERVAL
+
+    def _judge_windows(self, windows: list[Window], rate: float, stall: float, now: float) -> None:
+        """Take what each stage would be judged on now, and drop the verdicts it overturns:
+        a knob judged on other work, or for a consumer running otherwise, is judged again."""
+        s = self._situation(now)
+        self._judged = {
+            w.stage.key: Judged(w.seconds_per_element, policy.waits(w, s), rate, stall)
+            for w in windows
+            if w.worked > 0
+        }
+        self.state.drop_stale(now, self._judged.get)
+
+    def _judged_now(self, key: object) -> Judged:
+        judged = self._judged.get(key)
+        return judged if judged is not None else Judged(0.0, False, self._last_rate, 0.0)
 
     # -- decisions ---------------------------------------------------------------------------
 
@@ -428,7 +462,9 @@ class Tuner:
             return False
         for note in proposal.notes:
             if note.saturated:
-                self.state.saturated[(note.stage.key, note.knob.name)] = note.knob.value
+                key = note.stage.key
+                judged = self._judged_now(key)
+                self.state.mark_saturated(key, note.knob.name, note.knob.value, judged, now)
             if note.wanted is not None:
                 self._note_thread_budget(note.stage, note.knob, note.wanted)
         if proposal.hold:
@@ -511,6 +547,7 @@ class Tuner:
                 now,
                 self._last_stage_rates,
                 self._last_stage_waits,
+                baseline_judged=dict(self._judged),
             )
         return applied != old
 

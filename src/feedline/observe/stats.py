@@ -57,6 +57,9 @@ def collect_stats(it: PassView) -> dict[str, Any]:
         entry["knobs"] = {name: knob.value for name, knob in stage.knobs.items()}
         entry["solo_cpu_share"] = stage.solo_cpu_share
         entry["tuned"] = sorted(name for name, knob in stage.knobs.items() if knob.tunable)
+        entry["refused"] = {
+            name: knob.refusal for name, knob in stage.knobs.items() if knob.refusal is not None
+        }
         entry["buffered_elements"] = int(m["buffered_elements"])
         entry["buffered_bytes"] = int(m["buffered_bytes"])
         entry["bytes_per_element"] = m["bytes_per_element"]
@@ -183,10 +186,15 @@ def find_bottleneck(stats: dict[str, Any]) -> dict[str, str]:
         )
     elif cpu is not None and worst["mean_ms"] > 0.05 and (parallelism <= 1 or cores < GIL_CORES):
         # Computing threads that together get about one core: one runs Python at a time.
+        refused = worst.get("refused", {}).get("executor")
+        remedy = (
+            f"it {refused}; make the function picklable, or vectorise it with numpy"
+            if refused
+            else "use executor='process' or vectorise it with numpy"
+        )
         advice = (
             f"{worst['name']} computes in Python (CPU {cpu:.0%}, {cores:.1f} cores across "
-            f"{parallelism} threads): it holds the GIL; use executor='process' or vectorise "
-            "it with numpy"
+            f"{parallelism} threads): it holds the GIL; {remedy}"
         )
     else:
         advice = (
@@ -215,14 +223,21 @@ def format_report(stats: dict[str, Any]) -> str:
         f"({consumer['elements_per_s']:.1f}/s); waited {consumer['stall_fraction']:.1%} "
         "of the time for data",
         "",
-        f"{'stage':32} {'knobs':26} {'elements':>9} {'ms/el':>7} {'p90':>7} {'cpu':>5} "
-        f"{'waited':>7} {'buffered':>10}",
     ]
-    for s in stats["stages"]:
-        knobs = ", ".join(f"{k}={v}{'*' if k in s['tuned'] else ''}" for k, v in s["knobs"].items())
+    knobs_of = [
+        ", ".join(f"{k}={v}{'*' if k in s['tuned'] else ''}" for k, v in s["knobs"].items())
+        for s in stats["stages"]
+    ]
+    # As wide as the widest stage's knobs: a cut-off knob reads as another value.
+    width = max([len("knobs"), *map(len, knobs_of)])
+    lines.append(
+        f"{'stage':32} {'knobs':{width}} {'elements':>9} {'ms/el':>7} {'p90':>7} {'cpu':>5} "
+        f"{'waited':>7} {'buffered':>10}"
+    )
+    for s, knobs in zip(stats["stages"], knobs_of):
         cpu = "-" if s["cpu_share"] is None else f"{s['cpu_share']:.0%}"
         lines.append(
-            f"{s['name'][:32]:32} {knobs[:26]:26} {s['elements']:>9} {s['mean_ms']:>7.3f} "
+            f"{s['name'][:32]:32} {knobs:{width}} {s['elements']:>9} {s['mean_ms']:>7.3f} "
             f"{s['p90_ms']:>7.3f} {cpu:>5} {s['consumer_wait_fraction']:>7.1%} "
             f"{_size(s['buffered_bytes']):>10}"
         )

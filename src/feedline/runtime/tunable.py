@@ -46,6 +46,8 @@ class Knob:
         self._on_change = on_change
         # Set for a tuned stage's parallelism: raising it draws from the pass's threads.
         self.budget: ThreadBudget | None = None
+        # Why the stage set the knob back itself and fixed it there (a move it cannot make).
+        self.refusal: str | None = None
 
     @property
     def value(self) -> int:
@@ -63,6 +65,11 @@ class Knob:
         if value != old and self._on_change is not None:
             self._on_change()
         return value
+
+    def refuse(self, value: int, reason: str) -> None:
+        """The stage cannot run at the value set: it goes back to ``value`` for good, and
+        ``reason`` tells the tuner, which set it, why."""
+        self._value, self.tunable, self.refusal = value, False, reason
 
     def most(self) -> int:
         """The highest value ``set`` would apply now."""

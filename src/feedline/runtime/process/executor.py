@@ -283,9 +283,12 @@ class ExecutorSwitch:
         then stays on threads: the knob is set there for good)."""
         try:
             return self._make_executor()
-        except Exception as e:  # unpicklable function, no cloudpickle: threads it stays
+        except Exception as e:  # an unpicklable function: threads it stays
             logger.info("%s stays on threads: %s", self._attached()[0].name, e)
-            self.knob._value, self.knob.tunable = THREADS, False
+            cause = e.__cause__ or e  # the pickling error, under the stage's own
+            self.knob.refuse(
+                THREADS, f"cannot move to processes: {type(cause).__name__}: {cause}"
+            )
             return None
 
     def resize(self, parallelism: int) -> None:

@@ -13,6 +13,11 @@ from __future__ import annotations
 # Pillow decoding ran 12% below a plain thread pool; at 10 ms, level with it.
 TARGET_CHUNK_SECONDS = 0.010
 MAX_CHUNK = 4096
+# Made inline, a chunk costs no hand-off, only the booking of a chunk (a few us): it is kept
+# to about this long, so that work whose cost jumps (a map that starts waiting on I/O) holds
+# the consumer up for a few of them at most before the sizer learns the new cost.
+TARGET_INLINE_SECONDS = 0.001
+COST_JUMP = 4.0
 
 
 class ChunkSizer:
@@ -55,8 +60,11 @@ class ChunkSizer:
     def next_size(
         self, parallelism: int, buffer_size: int, max_buffer_bytes: int, on_processes: bool
     ) -> int:
-        """The size of the next chunk a worker takes."""
+        """The size of the next chunk a worker (or, with ``parallelism`` 0, the consumer)
+        takes."""
         size = self.whole_blocks(self.chunk_size, on_processes)
+        if parallelism == 0 and self.seconds_per_element > 0:
+            size = min(size, max(1, int(TARGET_INLINE_SECONDS / self.seconds_per_element)))
         if not self.auto_buffer:
             # Two chunks per worker fit in the user's buffer, so a worker refills while the
             # consumer drains (with one, they would take turns).
@@ -75,9 +83,13 @@ class ChunkSizer:
         if elements <= 0:
             return
         per = seconds / elements
-        self.seconds_per_element = (
-            per if self.seconds_per_element == 0 else 0.8 * self.seconds_per_element + 0.2 * per
-        )
+        estimate = self.seconds_per_element
+        # A rise is believed at once (work that turns I/O-bound: the next chunk, sized on the
+        # old cost, would take seconds); a fall, and small moves, are averaged.
+        if estimate == 0 or per > COST_JUMP * estimate:
+            self.seconds_per_element = per
+        else:
+            self.seconds_per_element = 0.8 * estimate + 0.2 * per
         ideal = (TARGET_CHUNK_SECONDS if target is None else target) / max(
             self.seconds_per_element, 1e-9
         )

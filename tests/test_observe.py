@@ -298,3 +298,44 @@ def test_without_rich_a_terminal_gets_plain_lines(monkeypatch: pytest.MonkeyPatc
         live.PlainView
     )
     assert type(live.open_steps(1, out=FakeTerminal())) is live.Steps
+
+
+def _slow(x: int) -> int:
+    time.sleep(0.0005)
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_a_tuned_pass_is_recorded_from_its_start_without_a_thread_of_its_own(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("matplotlib")
+    ds = fl.Dataset.range(3000).map(_slow, num_parallel_calls=fl.AUTOTUNE).batch(16)
+    with ds.iterator() as it:
+        for _ in it:
+            assert not any(t.name == timeline.THREAD_NAME for t in threading.enumerate())
+        out = it.plot(tmp_path / "run.png")
+        samples = record(it).samples()
+        history = it.stats()["autotune"]["history"]
+    assert out.stat().st_size > 0
+    assert samples[0].time < 0.1  # from the start ...
+    assert samples[-1].delivered == -(-3000 // 16)  # ... to the end of the loop
+    assert len(samples) >= 5
+    assert history  # what the plot marks
+
+
+def test_what_the_consumer_receives_is_named() -> None:
+    D = fl.Dataset
+    assert D.range(4).batch(2).prefetch(1).map(lambda x: x).iterator().unit == "batches"
+    assert D.range(4).batch(2).unbatch().iterator().unit == "elements"
+    assert D.range(4).map(lambda x: x).iterator().unit == "elements"
+
+
+def test_the_report_never_cuts_a_knob_off() -> None:
+    ds = fl.Dataset.range(2000).map(_slow, num_parallel_calls=fl.AUTOTUNE).batch(8)
+    with ds.iterator() as it:
+        for _ in it:
+            pass
+        text = it.report(file=io.StringIO())
+    row = next(line for line in text.splitlines() if line.startswith("map("))
+    assert "buffer_size=" in row and "executor=" in row

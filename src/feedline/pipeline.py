@@ -16,6 +16,19 @@ from feedline.runtime.states import frozen, state_dict, state_nested
 from feedline.runtime.tunable import Tunable
 
 STATE_VERSION = 1
+# Ops whose elements are batches of their input's, and ops whose elements are not theirs
+# (what the consumer receives, for observers; the ops between keep what they are given).
+_BATCHING = frozenset(
+    {
+        "batch",
+        "padded_batch",
+        "ragged_batch",
+        "rebatch",
+        "scheduled_batch",
+        "bucket_by_sequence_length",
+    }
+)
+_UNBATCHING = frozenset({"unbatch", "flat_map", "interleave", "text_lines"})
 
 
 class DatasetIterator:
@@ -71,6 +84,11 @@ class DatasetIterator:
                 self._started,
                 self._ctx.worker_memory,
             )
+            # Recorded from the start, at the tuner's ticks: it.plot() after the loop shows
+            # the whole run, with no thread of its own.
+            from feedline.observe.timeline import follow
+
+            self._tuner.on_tick = self._final_sample = follow(self)
             self._tuner.start()
 
     def _pipeline(self) -> list[str]:
@@ -102,6 +120,18 @@ class DatasetIterator:
                 f"than {self._pipeline()}",
             )
         return state_nested(state, "root", owner)
+
+    @property
+    def unit(self) -> str:
+        """What the consumer receives: "batches" when the pass ends in a batching op (past
+        prefetches and options), else "elements"."""
+        for name in self._pipeline():  # from the root down its first inputs
+            kind = name.split("(")[0]
+            if kind in _BATCHING:
+                return "batches"
+            if kind in _UNBATCHING:
+                return "elements"
+        return "elements"
 
     def __iter__(self) -> DatasetIterator:
         return self
@@ -150,6 +180,7 @@ class DatasetIterator:
     def worker_memory(self) -> list[WorkerMemory]:
         return self._ctx.worker_memory()
 
+
     def buffered_bytes(self) -> int:
         """Bytes held by this pass's buffers right now (finished, undelivered elements)."""
         return sum(stage.metrics.buffered_bytes for stage in self._ctx.stages())
@@ -170,10 +201,11 @@ class DatasetIterator:
         return text
 
     def plot(self, path: Any) -> Any:
-        """Write a PNG of buffers, parallelism, throughput and consumer wait over time; returns
-        its ``Path``. Needs matplotlib (``feedline[viz]``). The time series comes from
-        ``feedline.observe.timeline.record(self)``: call that before iterating to cover the
-        whole pass (it is started here otherwise)."""
+        """Write a PNG of buffers, parallelism, throughput and consumer wait over time, with
+        AUTOTUNE's decisions marked; returns its ``Path``. Needs matplotlib
+        (``feedline[viz]``). A tuned pass is recorded from its start, so this shows the whole
+        run, during or after the loop; with AUTOTUNE off, call
+        ``feedline.observe.timeline.record(self)`` before iterating."""
         from feedline.observe.plot import plot_iterator
 
         return plot_iterator(self, path)
@@ -196,6 +228,7 @@ class DatasetIterator:
             self._closed = True
             if self._tuner is not None:
                 self._tuner.stop()  # kept: stats() still shows its decisions
+                self._final_sample()  # the timeline ends with the pass's last counters
             self._root.close()
             self._ctx.close()
 

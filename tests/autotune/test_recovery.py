@@ -112,7 +112,8 @@ def test_a_probe_that_keeps_failing_is_made_ever_more_rarely(
         (Judged(12e-6, False, 500.0, 0.9), True),  # within the noise of the cost and rate
         (Judged(2e-3, False, 600.0, 0.9), False),  # the work costs 400x more
         (Judged(5e-6, True, 600.0, 0.9), False),  # the work now waits
-        (Judged(5e-6, False, 200.0, 0.9), False),  # the consumer runs otherwise
+        (Judged(5e-6, False, 150.0, 0.9), False),  # the consumer runs 4x slower
+        (Judged(5e-6, False, 600.0, 0.0), False),  # the consumer is served now
         (Judged(0.0, False, 600.0, 0.9), True),  # no work seen: nothing says it changed
     ],
 )
@@ -167,3 +168,22 @@ def test_a_move_the_stage_cannot_make_is_said_in_the_history(
     assert moves[:2] == [(THREADS, PROCESSES), (PROCESSES, THREADS)], history
     assert "cannot pickle" in history[1][3]
     assert not executor.tunable and len(moves) == 2, history
+
+
+def test_a_big_step_past_the_knee_comes_back_to_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 2 ms waits with 20 us of Python: the calls in flight raise the rate up to 64 of them
+    # (32k elements/s), past which the GIL lets no more run and each thread more costs
+    # hand-offs. The tuner's x8 step overshoots; the rate it gained says where the knee is.
+    stage = SyntheticStage()
+    stage.knobs["parallelism"] = Knob("parallelism", 16, 0, 256, True)
+    stage.knobs["executor"].tunable = False
+
+    def window(t: float, parallelism: int) -> tuple[float, float, float, float]:
+        calls = max(1, parallelism)
+        rate = min(500.0 * calls, 32_000.0) * min(1.0, 64.0 / calls)
+        return rate, calls / rate, 0.01, 0.95
+
+    moves = run(monkeypatch, stage, 4.0, window)
+    assert moves[0][2] > 64, moves  # the big step
+    assert any("knee" in reason for *_, reason in moves), moves
+    assert 48 <= stage.knobs["parallelism"].value <= 100, moves

@@ -93,3 +93,8 @@ MAX_RETRY_SECONDS = 60.0
 # judged on (a map that turns I/O-bound: 5 us -> 2 ms). Threads contending for the GIL move
 # a stage's wall time per element by up to about 2x from one window to the next.
 COST_CHANGE = 3.0
+# A scale-up of at least KNEE_STEP times the calls in flight that raised the rate less than
+# KNEE_SHARE of that went past the knee; the calls are set back to the knee, with a margin.
+KNEE_STEP = 4.0
+KNEE_SHARE = 0.6
+KNEE_MARGIN = 1.5

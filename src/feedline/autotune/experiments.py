@@ -12,6 +12,8 @@ reads from grows too (a chain): both stay or both go.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,6 +22,9 @@ from feedline.autotune.constants import (
     ALWAYS_WAITING,
     COST_CHANGE,
     GAIN,
+    KNEE_MARGIN,
+    KNEE_SHARE,
+    KNEE_STEP,
     LOSS,
     MAX_RETRY_SECONDS,
     MIN_WINDOW,
@@ -104,13 +109,16 @@ class Judged:
 
     def still(self, now: Judged) -> bool:
         """The verdict still speaks for ``now``: the work costs about the same, waits or
-        computes as it did, and the consumer runs as it did."""
-        before, after = self.seconds_per_element, now.seconds_per_element
-        if before > 0 and after > 0 and max(before, after) > COST_CHANGE * min(before, after):
+        computes as it did, and the consumer runs about as fast, served or waiting as it
+        was. (Within a factor: one window's rate moved by half on a busy machine.)"""
+        if _apart(self.seconds_per_element, now.seconds_per_element) or _apart(self.rate, now.rate):
             return False
-        if self.waits != now.waits:
-            return False
-        return not policy.consumer_shifted(now.rate, now.stall, self.rate, self.stall)
+        return self.waits == now.waits and (self.stall > STALL) == (now.stall > STALL)
+
+
+def _apart(before: float, after: float) -> bool:
+    """Two measures differ by more than COST_CHANGE (zero: not measured, never apart)."""
+    return before > 0 and after > 0 and max(before, after) > COST_CHANGE * min(before, after)
 
 
 @dataclass(frozen=True)
@@ -230,7 +238,8 @@ class Judge:
                 and (stall < e.baseline_stall - STALL or waits_less)
                 and gain > -loss_allowed
             ):
-                return True, None  # the next decision may scale further
+                # The next decision may scale further, unless the step went past the knee.
+                return True, self._back_to_knee(e, rate / base, stall, now)
             chained = self._chain(e, windows or [], now)
             if chained is not None:
                 return True, chained
@@ -285,6 +294,43 @@ class Judge:
         if e.knob.name == "executor":
             _, wait = self.state.process_retry.get(e.stage.key, (0.0, PROCESS_RETRY_SECONDS))
             self.state.process_retry[e.stage.key] = (now + wait, 2 * wait)
+
+    def _back_to_knee(
+        self, e: Experiment, rate_ratio: float, stall: float, now: float
+    ) -> Experiment | None:
+        """A big step up in calls in flight (x8 for waiting work) that raised the rate far
+        less than in proportion went past the knee, where the GIL (or the input) lets no
+        more run and threads only add hand-offs: 16 -> 128 threads on 2 ms waits gained x4,
+        and 64 ran 4x faster than 256. Below the knee the rate grew with the calls: the knee
+        is near ``old * rate_ratio``. Try it (a little above) as a decrease of its own."""
+        if e.knob.name != "parallelism" or e.old < 1 or stall <= STALL:
+            return None
+        step = e.new / e.old
+        if step < KNEE_STEP or rate_ratio >= KNEE_SHARE * step:
+            return None
+        knee = math.ceil(e.old * max(1.0, rate_ratio) * KNEE_MARGIN)
+        if knee >= e.new:
+            return None
+        applied = self._set(
+            e.stage,
+            e.knob,
+            knee,
+            f"{e.old} -> {e.new} calls raised the rate only x{rate_ratio:.1f}: past the knee, "
+            f"about {e.old} x {rate_ratio:.1f}",
+        )
+        return Experiment(
+            e.stage,
+            e.knob,
+            e.new,
+            applied,
+            -1,
+            e.baseline_rate * rate_ratio,
+            stall,
+            now,
+            e.baseline_rates,
+            e.baseline_waits,
+            baseline_judged=e.baseline_judged,
+        )
 
     def _before(self, e: Experiment) -> Judged:
         """What ``e``'s stage was judged on before the change: a knob taken back is back

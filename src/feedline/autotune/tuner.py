@@ -130,6 +130,8 @@ class Tuner:
         self._last_stage_rates: dict[object, float] = {}
         self._last_stage_waits: dict[object, float] = {}
         self.cpu_seconds = 0.0  # the tuner's own cost
+        # Called after each tick (the pass's timeline takes a sample: observers, not the tuner).
+        self.on_tick: Callable[[], None] = lambda: None
         self._thread = threading.Thread(target=self._run, name="feedline-autotune", daemon=True)
 
     def start(self) -> None:
@@ -156,6 +158,7 @@ class Tuner:
             cpu_started = time.thread_time()
             try:
                 self.step()
+                self.on_tick()
             except Exception:  # the tuner must never take the pipeline down
                 logger.exception("autotune step failed; knobs left as they are")
             self.cpu_seconds += time.thread_time() - cpu_started

@@ -39,8 +39,9 @@ def stage_cells(s: SampledWindow) -> dict[str, str]:
     }
 
 
-def consumer_line(w: Window) -> str:
-    return f"{w.rate:,.0f} elements/s received, waiting {w.wait_fraction:.0%} of the time"
+def consumer_line(w: Window, unit: str) -> str:
+    """``unit``: what the consumer receives, "batches" or "elements"."""
+    return f"{w.rate:,.0f} {unit}/s received, waiting {w.wait_fraction:.0%} of the time"
 
 
 class View:
@@ -97,7 +98,7 @@ class PlainView(View):
             f"{c['stage']} x{c['parallelism']} buf {c['buffer held/limit']} {c['elements/s']}/s"
             for c in map(stage_cells, w.stages)
         )
-        return f"{head}: {consumer_line(w)} | {stages} | bottleneck: {w.bottleneck()['stage']}"
+        return f"{head}: {consumer_line(w, self.timeline.unit)} | {stages} | bottleneck: {w.bottleneck()['stage']}"
 
 
 class RichView(View):
@@ -148,7 +149,7 @@ class RichView(View):
         return Group(
             bar,
             table,
-            f"consumer: {consumer_line(w)}",
+            f"consumer: {consumer_line(w, self.timeline.unit)}",
             f"[bold]bottleneck:[/] {escape(bottleneck['stage'])} "
             f"[dim]({escape(bottleneck['why'])})[/]",
         )

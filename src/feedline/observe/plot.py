@@ -1,7 +1,9 @@
 """``it.plot(path)``: a PNG of a pipeline over time, drawn from its ``Timeline``.
 
 Four panels share the time axis: what each stage buffers (and may buffer), each stage's
-parallelism, the rate the consumer receives elements at, and how much of its time it waits.
+parallelism, the rate the consumer receives elements (or batches) at, and how much of its
+time it waits. Each AUTOTUNE decision is marked on the parallelism panel with its knob, and
+listed with its reason under the panels.
 matplotlib is an optional extra (``feedline[viz]``), imported only here and only when called.
 """
 
@@ -9,21 +11,23 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from feedline.observe.timeline import SampledWindow, Timeline, Window, record
+from feedline.observe.timeline import SampledWindow, Timeline, Window, record, take_sample
 
 if TYPE_CHECKING:
     from feedline.observe.view import PassView
 
-# 1000 x 900 pixels.
-FIGSIZE = (10.0, 9.0)
+# 1000 x 1050 pixels: four panels and the decisions' reasons.
+FIGSIZE = (10.0, 10.5)
 DPI = 100
 # Rates are averaged over this many seconds: per-sample rates of a batched stream are mostly
 # noise (a batch either arrived in a 0.1 s sample or it did not).
 SMOOTHING_SECONDS = 0.5
+# The last this many decisions have their reasons listed under the plot.
+MAX_REASONS = 15
 
 VIZ_HINT = "pip install 'feedline[viz]'"
 
@@ -50,22 +54,34 @@ def plot_timeline(
     path: str | Path,
     title: str = "feedline pipeline",
     marks: Sequence[tuple[float, str]] = (),
+    decisions: Sequence[Mapping[str, Any]] = (),
 ) -> Path:
     """Write the PNG to ``path`` and return it. ``marks`` are (time, label) pairs drawn as
-    vertical lines, e.g. where a run changes phase."""
+    vertical lines, e.g. where a run changes phase; ``decisions``: AUTOTUNE's history (as in
+    ``stats()["autotune"]["history"]``), marked where each was made."""
     plt = pyplot()
     windows = timeline.windows(SMOOTHING_SECONDS)
     if len(windows) < 2:
         warnings.warn(
-            "the timeline has almost no samples: call feedline.observe.timeline.record(it) "
-            "before iterating to plot the run over time",
+            "the timeline has almost no samples: with AUTOTUNE off, call "
+            "feedline.observe.timeline.record(it) before iterating to plot the run over time",
             stacklevel=2,
         )
     names = list(dict.fromkeys(s.name for w in windows for s in w.stages))
     t = [w.end for w in windows]
-    fig, (buffers, workers, rate, wait) = plt.subplots(
-        4, 1, sharex=True, figsize=FIGSIZE, dpi=DPI, constrained_layout=True
+    fig, (buffers, workers, rate, wait, reasons) = plt.subplots(
+        5,
+        1,
+        figsize=FIGSIZE,
+        dpi=DPI,
+        constrained_layout=True,
+        gridspec_kw={"height_ratios": (1, 1, 1, 1, 0.6)},
     )
+    for axes in (buffers, workers, rate):
+        axes.sharex(wait)
+        axes.tick_params(labelbottom=False)
+    reasons.axis("off")
+    colors = {name: f"C{index}" for index, name in enumerate(names)}
     for index, name in enumerate(names):
         color = f"C{index}"
         stage = [_stage(w, name) for w in windows]
@@ -90,12 +106,16 @@ def plot_timeline(
     panels = (
         (buffers, "buffered elements"),
         (workers, "parallelism"),
-        (rate, "elements/s received"),
+        (rate, f"{timeline.unit}/s received"),
         (wait, "consumer waits (%)"),
     )
-    # A map's hundreds of buffered elements or workers would flatten a prefetch's few.
+    # A map's hundreds of buffered elements or workers would flatten a prefetch's few: a
+    # log scale, with every power of two named, so 12 workers read apart from 16.
     for axes in (buffers, workers):
-        axes.set_yscale("symlog", linthresh=4)
+        axes.set_yscale("symlog", linthresh=1, base=2)
+        axes.yaxis.set_major_locator(_powers_of_two(plt))
+        axes.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+    _mark_decisions(workers, reasons, decisions, colors)
     for axes, label in panels:
         axes.set_ylabel(label)
         axes.grid(alpha=0.3)
@@ -118,10 +138,60 @@ def plot_timeline(
     return out
 
 
+def _powers_of_two(plt: Any) -> Any:
+    from matplotlib.ticker import FixedLocator
+
+    return FixedLocator([0, *(2**k for k in range(16))])
+
+
+def _mark_decisions(
+    axes: Any, reasons: Any, decisions: Sequence[Mapping[str, Any]], colors: Mapping[str, str]
+) -> None:
+    """Each decision as a point at its time and new value (its stage's color) on ``axes``,
+    labelled with its knob and number; the reasons in a numbered list on ``reasons``."""
+    for number, d in enumerate(decisions, start=1):
+        color = colors.get(d["stage"], "black")
+        if d["knob"] == "parallelism":
+            axes.plot([d["time"]], [d["new"]], marker="o", markersize=4, color=color)
+            where = (d["time"], d["new"])
+            coords: Any = "data"
+        else:
+            where = (d["time"], 0.02)
+            coords = ("data", "axes fraction")
+        axes.annotate(
+            f"{number} {d['knob']} {d['old']}->{d['new']}",
+            where,
+            xycoords=coords,
+            fontsize=6,
+            rotation=30,
+            color=color,
+            xytext=(2, 2),
+            textcoords="offset points",
+        )
+    if decisions:
+        shown = list(enumerate(decisions, start=1))[-MAX_REASONS:]
+        text = "\n".join(
+            f"{n}. {d['time']:.2f}s {d['stage']}.{d['knob']} {d['old']}->{d['new']}: "
+            f"{_short(d['reason'])}"
+            for n, d in shown
+        )
+        reasons.text(0.0, 1.0, text, fontsize=6, va="top", family="monospace")
+
+
+def _short(text: str, most: int = 110) -> str:
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
 def _stage(window: Window, name: str) -> SampledWindow | None:
     return next((s for s in window.stages if s.name == name), None)
 
 
 def plot_iterator(it: PassView, path: str | Path) -> Path:
-    """``it.plot(path)``: the timeline recorded for ``it`` (started now if none was)."""
-    return plot_timeline(record(it), path)
+    """``it.plot(path)``: the timeline recorded for ``it`` (started now if none was), with
+    AUTOTUNE's decisions."""
+    tuner = it.tuner
+    history = [] if tuner is None else [vars(d) for d in tuner.history]
+    timeline = record(it)
+    if timeline.followed and not it.closed:
+        timeline.add(take_sample(it))  # up to now, not to the tuner's last tick
+    return plot_timeline(timeline, path, decisions=history)

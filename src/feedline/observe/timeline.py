@@ -1,8 +1,11 @@
 """A time series of a running pipeline, for the live view and ``it.plot()``.
 
-``record(it)`` starts a daemon thread (``feedline-timeline``) that samples the iterator's stages
-every ``interval`` seconds: their knobs, cumulative counters (elements, work time, consumer
-wait) and buffers, plus the consumer's counters. Rates come from the difference of two samples
+A tuned pass is recorded from its start by default: ``follow(it)`` gives the function that
+AUTOTUNE's thread calls at each of its ticks, so ``it.plot()`` after the loop shows the whole
+run at no thread's cost. Otherwise ``record(it)`` starts a daemon thread
+(``feedline-timeline``) that samples the iterator's stages every ``interval`` seconds. A
+sample holds the stages' knobs, cumulative counters (elements, work time, consumer wait) and
+buffers, plus the consumer's counters. Rates come from the difference of two samples
 (a ``Window``), so a sample is cheap: a few locked reads per stage, no percentiles.
 
 The thread holds only a weak reference to the iterator, so recording never keeps a dropped
@@ -15,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -207,10 +210,12 @@ def between(older: Sample, newer: Sample) -> Window:
 class Timeline:
     """Samples of one iterator, appended by the recording thread; safe to read meanwhile."""
 
-    def __init__(self, interval: float = DEFAULT_INTERVAL) -> None:
+    def __init__(self, interval: float = DEFAULT_INTERVAL, unit: str = "elements") -> None:
         if interval <= 0:
             raise ValueError(f"interval must be positive, got {interval}")
         self.interval = interval
+        self.unit = unit  # what the consumer receives: "batches" or "elements"
+        self.followed = False  # fed by AUTOTUNE's ticks (``follow``), not a thread of its own
         self._samples: list[Sample] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -299,9 +304,9 @@ def record(it: PassView, interval: float = DEFAULT_INTERVAL) -> Timeline:
     one, which has the whole run; otherwise a new one, started now."""
     with _timelines_lock:
         timeline = _timelines.get(it)
-        if timeline is not None and (timeline.running or it.closed):
+        if timeline is not None and (timeline.running or timeline.followed or it.closed):
             return timeline
-        timeline = Timeline(interval)
+        timeline = Timeline(interval, it.unit)
         if it.closed:
             # Nothing will happen any more: one sample has it all, and no thread is needed.
             timeline.add(take_sample(it))
@@ -309,3 +314,25 @@ def record(it: PassView, interval: float = DEFAULT_INTERVAL) -> Timeline:
             timeline.start(it)
         _timelines[it] = timeline
         return timeline
+
+
+def follow(it: PassView) -> Callable[[], None]:
+    """Record ``it`` from now on through the function returned, which takes one sample each
+    time it is called (by AUTOTUNE's thread at each tick, and once when the pass ends); it
+    holds only a weak reference to ``it``. ``record(it)`` then returns this timeline."""
+    timeline = Timeline(unit=it.unit)
+    timeline.followed = True
+    ref = weakref.ref(it)
+    with _timelines_lock:
+        recording = _timelines.get(it)
+        if recording is not None and recording.running:
+            return lambda: None  # recorded by its own thread, as the user asked
+        timeline.add(take_sample(it))
+        _timelines[it] = timeline
+
+    def sample() -> None:
+        followed = ref()
+        if followed is not None:
+            timeline.add(take_sample(followed))
+
+    return sample

@@ -18,6 +18,12 @@ class PassView(Protocol):
     def closed(self) -> bool: ...
 
     @property
+    def unit(self) -> str:
+        """What the consumer receives: "batches" when the pass ends in a batching op (past
+        prefetches), else "elements"."""
+        ...
+
+    @property
     def started(self) -> float:
         """``time.perf_counter()`` when the pass began."""
         ...
@@ -39,3 +45,4 @@ class PassView(Protocol):
     def worker_memory(self) -> list[WorkerMemory]: ...
 
     def buffered_bytes(self) -> int: ...
+

@@ -105,7 +105,11 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "hiccups",
             "a read that stalls 60 ms every 500 elements, before a steady 10 ms step",
-            (Phase("hiccups", 12.0, io=0.0002, hiccup_every=500, hiccup_seconds=0.060, step=0.010),),
+            (
+                Phase(
+                    "hiccups", 12.0, io=0.0002, hiccup_every=500, hiccup_seconds=0.060, step=0.010
+                ),
+            ),
             grid=((4, "thread", 2), (4, "thread", 16), (16, "thread", 2), (16, "thread", 16)),
         ),
         Scenario(

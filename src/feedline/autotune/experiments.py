@@ -13,7 +13,6 @@ reads from grows too (a chain): both stay or both go.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable
 from dataclasses import dataclass, field
 

@@ -98,7 +98,8 @@ class PlainView(View):
             f"{c['stage']} x{c['parallelism']} buf {c['buffer held/limit']} {c['elements/s']}/s"
             for c in map(stage_cells, w.stages)
         )
-        return f"{head}: {consumer_line(w, self.timeline.unit)} | {stages} | bottleneck: {w.bottleneck()['stage']}"
+        consumer = consumer_line(w, self.timeline.unit)
+        return f"{head}: {consumer} | {stages} | bottleneck: {w.bottleneck()['stage']}"
 
 
 class RichView(View):

@@ -187,3 +187,23 @@ def test_a_big_step_past_the_knee_comes_back_to_it(monkeypatch: pytest.MonkeyPat
     assert moves[0][2] > 64, moves  # the big step
     assert any("knee" in reason for *_, reason in moves), moves
     assert 48 <= stage.knobs["parallelism"].value <= 100, moves
+
+
+def test_a_buffer_that_covers_hiccups_is_kept_until_they_stop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A read that stalls now and then: every second a window in which the consumer waits on
+    # the stage, quiet windows between, in which its 8 workers look idle. They are kept while
+    # the hiccups go on, and shed once they have stopped (from 6 s).
+    stage = SyntheticStage()
+    stage.knobs["parallelism"].set(8)
+    stage.knobs["executor"].tunable = False
+
+    def window(t: float, parallelism: int) -> tuple[float, float, float, float]:
+        hiccup = t < 6.0 and t % 1.0 < TICK + 0.01
+        return 1000.0, 2e-3, 0.02, 0.2 if hiccup else 0.0
+
+    moves = run(monkeypatch, stage, 14.0, window)
+    fewer = [when for when, old, new, _ in moves if new < old]
+    assert fewer, moves
+    assert min(fewer) >= 6.0, moves

@@ -302,7 +302,9 @@ class Judge:
         more run and threads only add hand-offs: 16 -> 128 threads on 2 ms waits gained x4,
         and 64 ran 4x faster than 256. Below the knee the rate grew with the calls: the knee
         is near ``old * rate_ratio``. Try it (a little above) as a decrease of its own."""
-        if e.knob.name != "parallelism" or e.old < 1 or stall <= STALL:
+        # Only while the consumer still waits about as much: else it, not the stage, held
+        # the rate (a consumer-bound pass gains little from any step).
+        if e.knob.name != "parallelism" or e.old < 1 or stall < KNEE_SHARE * e.baseline_stall:
             return None
         step = e.new / e.old
         if step < KNEE_STEP or rate_ratio >= KNEE_SHARE * step:

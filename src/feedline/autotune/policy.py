@@ -104,6 +104,8 @@ class Situation:
     saturated: Mapping[tuple[object, str], int]  # (stage key, knob) -> more did not help
     floor_reached: AbstractSet[object]  # stages that cannot shrink further
     process_retry: Mapping[object, tuple[float, float]]  # stage key -> (when, next wait)
+    # Stages their consumer waited on in a window of the last HICCUP_MEMORY seconds.
+    waited_recently: AbstractSet[object] = frozenset()
 
 
 # -- signs -------------------------------------------------------------------------------
@@ -439,6 +441,10 @@ def scale_down(windows: Sequence[Window], s: Situation, served: bool, reason: st
     workers did not help)."""
     for w in sorted(windows, key=lambda w: w.idle, reverse=True):
         if w.stage.key in s.floor_reached:
+            continue
+        # A consumer served now that waited on the stage a moment ago meets hiccups (a slow
+        # read now and then): what covers them looks idle in between. Only once they stop.
+        if served and w.stage.key in s.waited_recently:
             continue
         parallelism = w.stage.knobs["parallelism"]
         # With the consumer served, shed idle workers but keep at least one (inline work

@@ -38,6 +38,7 @@ from feedline.autotune import policy
 from feedline.autotune.budget import Budget, format_bytes
 from feedline.autotune.constants import (
     FIRST_INTERVAL,
+    HICCUP_MEMORY,
     LATENCIES_PER_WINDOW,
     MAX_INTERVAL,
     MAX_WINDOW,
@@ -129,6 +130,7 @@ class Tuner:
         self._warmed_up = False
         self._last_stage_rates: dict[object, float] = {}
         self._last_stage_waits: dict[object, float] = {}
+        self._waited_at: dict[object, float] = {}  # stage key -> when its consumer last waited
         self.cpu_seconds = 0.0  # the tuner's own cost
         # Called after each tick (the pass's timeline takes a sample: observers, not the tuner).
         self.on_tick: Callable[[], None] = lambda: None
@@ -181,6 +183,7 @@ class Tuner:
         self._remade.clear()
         self._last_stage_rates = {w.stage.key: w.rate for w in windows}
         self._last_stage_waits = {w.stage.key: w.consumer_wait for w in windows}
+        self._waited_at.update((w.stage.key, now) for w in windows if w.consumer_wait > STALL)
         process_cpu = time.process_time()
         self.cores_in_use = (process_cpu - self._previous_process_cpu) / dt
         self._previous_process_cpu = process_cpu
@@ -419,6 +422,7 @@ class Tuner:
             rss_per_worker=self._rss_per_worker,
             saturated=self.state.saturated,
             floor_reached=self.state.floor_reached,
+            waited_recently={k for k, t in self._waited_at.items() if now - t < HICCUP_MEMORY},
             process_retry=self.state.process_retry,
         )
 

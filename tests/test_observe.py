@@ -339,3 +339,38 @@ def test_the_report_never_cuts_a_knob_off() -> None:
         text = it.report(file=io.StringIO())
     row = next(line for line in text.splitlines() if line.startswith("map("))
     assert "buffer_size=" in row and "executor=" in row
+
+
+def _waits(x: int) -> int:
+    time.sleep(0.002)
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_recovery_flags_a_waiting_stage_held_to_one_call() -> None:
+    from feedline.observe import recovery
+
+    ds = fl.Dataset.range(10**6).map(_waits, num_parallel_calls=1).batch(8)
+    with ds.iterator() as it:
+        line = record(it, interval=0.05)
+        for _ in range(10):
+            next(it)
+        middle = recovery.read(it.consumer.wait)
+        for _ in range(20):
+            next(it)
+        end = recovery.read(it.consumer.wait)
+        verdict = recovery.judge("io", 4.0, middle, end, line.recent(end.wall - middle.wall))
+        line.stop()
+    assert verdict.judged and not verdict.kept_up, verdict
+    assert "map(_waits) waits on one call at a time" in verdict.detail
+
+
+def test_recovery_does_not_judge_short_phases_and_passes_a_served_consumer() -> None:
+    from feedline.observe import recovery
+
+    start = recovery.Reading(0.0, 0.0, None, 0.0)
+    served = recovery.Reading(2.0, 0.01, None, 0.05)  # waited 2.5%, used no CPU
+    assert not recovery.judge("p", 1.0, start, served, None).judged
+    assert recovery.judge("p", 4.0, start, served, None).kept_up
+    waiting = recovery.Reading(2.0, 0.02, None, 1.9)  # waited 95%, used 1% of a core
+    assert not recovery.judge("p", 4.0, start, waiting, None).kept_up

@@ -24,6 +24,7 @@ from typing import Any, TextIO
 import numpy as np
 
 import feedline as fl
+from feedline.observe import recovery
 from feedline.observe.live import View, open_view
 from feedline.observe.plot import PlotUnavailable, plot_timeline
 from feedline.observe.stats import format_report
@@ -368,6 +369,7 @@ def changing_load(phases: Sequence[Phase] = PHASES, watch: Watch | None = None) 
     total = sum(p.seconds for p in phases)
     batches = wrong_shape = out_of_order = 0
     marks = []
+    verdicts = []
     with ds.iterator() as it:
         timeline = record(it)
         start = time.perf_counter()
@@ -378,7 +380,10 @@ def changing_load(phases: Sequence[Phase] = PHASES, watch: Watch | None = None) 
                 latency.seconds = phase.io_seconds
                 marks.append((time.perf_counter() - it.started, phase.name))
                 end += phase.seconds
+                middle: recovery.Reading | None = None
                 while (elapsed := time.perf_counter() - start) < end:
+                    if middle is None and elapsed >= end - phase.seconds / 2:
+                        middle = recovery.read(it.consumer.wait)
                     ids, features = next(it)
                     first = batches * LIVE_BATCH
                     wrong_shape += (ids.shape, features.shape) != SHAPES
@@ -386,6 +391,10 @@ def changing_load(phases: Sequence[Phase] = PHASES, watch: Watch | None = None) 
                     batches += 1
                     time.sleep(phase.step_seconds)
                     view.update(elapsed, phase.name)
+                if middle is not None:
+                    last = recovery.read(it.consumer.wait)
+                    window = timeline.recent(last.wall - middle.wall)
+                    verdicts.append(recovery.judge(phase.name, phase.seconds, middle, last, window))
             view.update(time.perf_counter() - start, "done")
         # End the recording exactly here, rather than at its next tick after close().
         timeline.stop()
@@ -404,6 +413,12 @@ def changing_load(phases: Sequence[Phase] = PHASES, watch: Watch | None = None) 
                 "ids arrive in order, none lost or repeated",
                 batches > 0 and out_of_order == 0,
                 f"{batches * LIVE_BATCH} ids checked, {out_of_order} batches out of order",
+            ),
+            Check(
+                "AUTOTUNE kept up after every change of load (in each phase's second half the "
+                "consumer was served, or a third or more of the cores it could have were used)",
+                all(v.kept_up for v in verdicts),
+                "; ".join(("" if v.kept_up else "NOT KEPT UP: ") + v.detail for v in verdicts),
             ),
             Check(
                 "AUTOTUNE changed only parallelism, buffer sizes and executors",

@@ -11,14 +11,11 @@ import copy
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from feedline.runtime.machine import default_thread_budget
+
 # Threads one tuned stage may use: enough calls in flight to hide object-store latency
 # (tens of ms each); the tuner's RAM budget usually stops it well before this.
 DEFAULT_MAX_PARALLELISM = 256
-# Worker threads one pass may run, all its stages together. Past a few hundred threads that
-# wait, GIL hand-offs cost more than the waits they hide: on 2 cores, a map of 20 ms waits
-# delivered 6.2k elements/s on 128 threads, 12.6k on 256, then 10.2k on 512 and 11.9k on 1024;
-# one of 2 ms waits peaked at 64-512 threads (22-27k/s, the GIL's limit).
-DEFAULT_THREAD_BUDGET = 256
 # Where map-like stages run their function: "thread", "process", or "auto" (feedline picks).
 EXECUTORS = ("auto", "thread", "process")
 
@@ -93,6 +90,6 @@ class ResolvedOptions:
             max_parallelism=(
                 DEFAULT_MAX_PARALLELISM if tune.max_parallelism is None else tune.max_parallelism
             ),
-            thread_budget=DEFAULT_THREAD_BUDGET if tune.max_threads is None else tune.max_threads,
+            thread_budget=default_thread_budget() if tune.max_threads is None else tune.max_threads,
             autotune=copy.deepcopy(tune),
         )

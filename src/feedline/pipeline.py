@@ -13,7 +13,7 @@ from feedline.options import Options
 from feedline.runtime.context import IterContext, WorkerMemory
 from feedline.runtime.iterator import EmptyIterator, StageIterator, State
 from feedline.runtime.states import frozen, state_dict, state_nested
-from feedline.runtime.tunable import Tunable
+from feedline.runtime.tunable import ThreadBudget, Tunable
 
 STATE_VERSION = 1
 # Ops whose elements are batches of their input's, and ops whose elements are not theirs
@@ -176,6 +176,10 @@ class DatasetIterator:
 
     def all_stages(self) -> list[Tunable]:
         return self._ctx.all_stages()
+
+    @property
+    def threads(self) -> ThreadBudget:
+        return self._ctx.threads
 
     def worker_memory(self) -> list[WorkerMemory]:
         return self._ctx.worker_memory()

@@ -4,6 +4,7 @@ never for how fast they ran."""
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import threading
@@ -17,7 +18,7 @@ import pytest
 
 import feedline as fl
 from feedline.autotune import tuner as tuner_module
-from feedline.options import DEFAULT_THREAD_BUDGET
+from feedline.runtime.machine import default_thread_budget
 from feedline.runtime.tunable import Knob, ThreadBudget, Tunable
 from tests.autotune.helpers import (
     SyntheticStage,
@@ -84,8 +85,8 @@ def test_a_chain_of_tuned_waiting_maps_stays_within_the_thread_budget() -> None:
     with peak_threads() as peak:
         out = drain(ds)
     assert out == list(range(n))
-    assert peak.workers <= DEFAULT_THREAD_BUDGET
-    assert peak.total <= DEFAULT_THREAD_BUDGET + 1  # and the tuner's own thread
+    assert peak.workers <= default_thread_budget()
+    assert peak.total <= default_thread_budget() + 1  # and the tuner's own thread
     assert peak.workers >= 3, "each waiting map runs on worker threads"
 
 
@@ -103,8 +104,8 @@ def test_an_interleave_of_tuned_waiting_maps_stays_within_the_thread_budget() ->
         out = drain(ds)
     # Round robin over the slots, one element of each in turn.
     assert out == [i * per_slot + k for k in range(per_slot) for i in range(slots)]
-    assert peak.workers <= DEFAULT_THREAD_BUDGET
-    assert peak.total <= DEFAULT_THREAD_BUDGET + 1
+    assert peak.workers <= default_thread_budget()
+    assert peak.total <= default_thread_budget() + 1
     assert peak.workers > slots, "the slots' maps run on worker threads too"
 
 
@@ -308,3 +309,31 @@ def test_stages_made_after_the_tuner_started_keep_to_the_ram_budget() -> None:
             return stages != first and all(s.max_buffer_bytes <= budget for s in stages)
 
         assert consume_until(it, remade_capped), [s.max_buffer_bytes for s in it._ctx.stages()]
+
+
+def test_the_default_budget_comes_from_a_measured_gil_hand_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from feedline.runtime import machine
+
+    handoff = machine.gil_handoff_seconds()
+    assert 0 < handoff < 0.01
+    low, high = machine.THREAD_BUDGET_BOUNDS
+    assert low <= machine.default_thread_budget() <= high
+    monkeypatch.setattr(machine, "gil_handoff_seconds", lambda: 20e-6)  # 5 ms / 20 us
+    assert machine.default_thread_budget() == 250
+    monkeypatch.setattr(machine, "gil_handoff_seconds", lambda: 1e-3)  # a very slow machine
+    assert machine.default_thread_budget() == low
+
+
+@pytest.mark.timeout(60)
+def test_the_report_shows_the_thread_budget_and_the_peak() -> None:
+    ds = with_autotune(D.range(600).map(sleepy, num_parallel_calls=fl.AUTOTUNE), max_threads=40)
+    with ds.iterator() as it:
+        for _ in it:
+            pass
+        stats = it.stats()
+        text = it.report(file=io.StringIO())
+    assert stats["threads"]["budget"] == 40
+    assert 1 <= stats["threads"]["peak"] <= 40
+    assert f"thread budget 40 (at most {stats['threads']['peak']} alive at once)" in text

@@ -103,6 +103,7 @@ def collect_stats(it: PassView) -> dict[str, Any]:
             "gil_free": tuner.gil_free() if tuner else False,
             "history": history,
         },
+        "threads": {"budget": it.threads.limit, "peak": it.threads.peak},
         # Budgets the pipeline cannot keep (each said once, also on the "feedline" logger).
         "warnings": list(tuner.warnings) if tuner is not None else [],
         "buffered_bytes": it.buffered_bytes(),
@@ -254,11 +255,13 @@ def format_report(stats: dict[str, Any]) -> str:
         lines.append(f"advice: {bottleneck['advice']}")
     lines += [f"warning: {warning}" for warning in stats["warnings"]]
     tune = stats["autotune"]
+    threads = stats["threads"]
     if tune["enabled"]:
         lines += [
             "",
             f"AUTOTUNE: cpu budget {tune['cpu_budget']:.1f} cores, ram budget "
-            f"{_size(tune['ram_budget_bytes'])}, its own cost {tune['tuner_cpu_s']:.3f} CPU s; "
+            f"{_size(tune['ram_budget_bytes'])}, thread budget {threads['budget']} (at most "
+            f"{threads['peak']} alive at once), its own cost {tune['tuner_cpu_s']:.3f} CPU s; "
             f"{len(tune['history'])} decisions",
         ]
         for d in tune["history"][-20:]:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from feedline.autotune.tuner import RootCounters, Tuner
     from feedline.runtime.context import WorkerMemory
-    from feedline.runtime.tunable import Tunable
+    from feedline.runtime.tunable import ThreadBudget, Tunable
 
 
 class PassView(Protocol):
@@ -36,6 +36,11 @@ class PassView(Protocol):
     @property
     def tuner(self) -> Tuner | None:
         """AUTOTUNE's tuner of this pass, once started (its history, budgets, warnings)."""
+        ...
+
+    @property
+    def threads(self) -> ThreadBudget:
+        """The pass's worker threads: its budget and the most alive at once."""
         ...
 
     def all_stages(self) -> list[Tunable]:

@@ -97,6 +97,7 @@ class ThreadBudget:
         self._stages = stages  # the pass's stages now
         self._threads: dict[Tunable, list[threading.Thread]] = {}
         self._lock = threading.Lock()
+        self.peak = 0  # the most worker threads alive at once, for the report
 
     def attach(self, stage: Tunable) -> None:
         """``stage`` joins the pass: a tuned parallelism draws from the budget from now on,
@@ -113,6 +114,8 @@ class ThreadBudget:
         """``thread`` works for ``stage``: it counts until it ends, the stage closed or not."""
         with self._lock:
             self._threads.setdefault(stage, []).append(thread)
+            alive = sum(1 for threads in self._threads.values() for t in threads if t.is_alive())
+            self.peak = max(self.peak, alive)
 
     def in_use(self) -> int:
         with self._lock:

@@ -47,12 +47,16 @@ $(VENV)/.bench: $(VENV)/.core
 	touch $@
 
 # Every (system, workload) pair in its own subprocess; writes benchmarks/results/latest.{json,md,png}.
+# Then the changing-load table: AUTOTUNE (worst of 3 runs) against the best fixed setting,
+# phase by phase; writes benchmarks/results/changing_load.{json,md}.
 bench: $(VENV)/.bench
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.changing_load
 
 # The same comparison with reduced element counts and grids: under 5 minutes.
 bench-quick: $(VENV)/.bench
 	$(PY) -m benchmarks.run --quick
+	$(PY) -m benchmarks.changing_load --quick
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

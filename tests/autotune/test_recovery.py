@@ -57,15 +57,21 @@ def run(
     return [d for d, kind in zip(made, tuner.history) if kind.knob == knob]
 
 
+def threads_stage(parallelism: int) -> SyntheticStage:
+    """A synthetic stage on ``parallelism`` threads that may not move to processes."""
+    stage = SyntheticStage()
+    stage.knobs["parallelism"].set(parallelism)
+    stage.knobs["executor"].tunable = False
+    return stage
+
+
 def test_a_map_that_turns_waiting_leaves_inline_in_one_big_step(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # 5 us of numpy an element, inline (a hand-off would cost as much), for 5 s; then each
     # element also waits 2 ms, as on a remote read. One worker waits as the consumer did:
     # 0 -> 1 gains nothing, so a first step of 1 would leave it inline for good (#22).
-    stage = SyntheticStage()
-    stage.knobs["parallelism"].set(0)
-    stage.knobs["executor"].tunable = False
+    stage = threads_stage(0)
 
     def window(t: float, parallelism: int) -> tuple[float, float, float, float]:
         if t <= 5.0:
@@ -88,9 +94,7 @@ def test_a_probe_that_keeps_failing_is_made_ever_more_rarely(
     # A stable I/O stage at 32 workers, half of them idle, its consumer served; with fewer,
     # the consumer waits. Each probe of fewer costs a window of lower rate: it is tried
     # again (the verdict is not forever), but each time later than the last.
-    stage = SyntheticStage()
-    stage.knobs["parallelism"].set(32)
-    stage.knobs["executor"].tunable = False
+    stage = threads_stage(32)
 
     def window(t: float, parallelism: int) -> tuple[float, float, float, float]:
         if parallelism >= 32:
@@ -195,9 +199,7 @@ def test_a_buffer_that_covers_hiccups_is_kept_until_they_stop(
     # A read that stalls now and then: every second a window in which the consumer waits on
     # the stage, quiet windows between, in which its 8 workers look idle. They are kept while
     # the hiccups go on, and shed once they have stopped (from 6 s).
-    stage = SyntheticStage()
-    stage.knobs["parallelism"].set(8)
-    stage.knobs["executor"].tunable = False
+    stage = threads_stage(8)
 
     def window(t: float, parallelism: int) -> tuple[float, float, float, float]:
         hiccup = t < 6.0 and t % 1.0 < TICK + 0.01

@@ -4,7 +4,8 @@
     python -m benchmarks.changing_load --quick      # phases 0.6x as long, AUTOTUNE once
     python -m benchmarks.changing_load --scenarios io_turn,hiccups --runs 5
 
-Each scenario is a pipeline ``range -> map(first) [-> map(second)] -> batch(32) -> prefetch``
+Each scenario is a pipeline ``range -> map(first) [-> map(second) [-> map(third)]] -> batch(32)
+-> prefetch``
 consumed by a loop that may sleep per batch (its training step), whose load changes at set
 times (phases): the functions read the phase from the wall clock, so worker processes see the
 change too. Every configuration runs the whole scenario in its own subprocess: AUTOTUNE, and a
@@ -49,7 +50,9 @@ class Phase:
     seconds: float
     io: float = 0.0  # the first map waits this long per element (a remote read)
     python_ms: float = 0.0  # and computes this long in pure Python, holding the GIL
-    second_io: float = 0.0  # the second map (two-stage scenarios) waits this long
+    second_io: float = 0.0  # the second map (two- and three-stage scenarios) waits this long
+    second_python_ms: float = 0.0  # and computes this long in pure Python
+    third_numpy: int = 0  # the third map sorts this many floats (numpy, the GIL released)
     hiccup_every: int = 0  # the first map's read stalls on every n-th element ...
     hiccup_seconds: float = 0.0  # ... this long
     step: float = 0.0  # the consumer's own time per batch
@@ -60,7 +63,7 @@ class Scenario:
     name: str
     what: str
     phases: tuple[Phase, ...]
-    two_stages: bool = False
+    stages: int = 1  # maps in a row
     # Fixed settings tried: (parallelism of each map, executor, prefetch buffer in batches).
     grid: tuple[tuple[int, str, int], ...] = (
         (1, "thread", 2),
@@ -120,7 +123,14 @@ SCENARIOS: dict[str, Scenario] = {
                 Phase("second waits", 6.0, second_io=0.002),
                 Phase("first again", 6.0, io=0.002),
             ),
-            two_stages=True,
+            stages=2,
+        ),
+        Scenario(
+            "three_stages",
+            "three maps: a 1 ms wait, then 0.3 ms of Python, then numpy releasing the GIL",
+            (Phase("steady", 10.0, io=0.001, second_python_ms=0.3, third_numpy=20_000),),
+            stages=3,
+            grid=((2, "thread", 2), (4, "thread", 2), (16, "thread", 2), (2, "process", 2)),
         ),
     )
 }
@@ -137,11 +147,9 @@ def phase_at(phases: Sequence[Phase], elapsed: float) -> Phase:
     return phases[-1]
 
 
-def make_functions(
-    phases: tuple[Phase, ...], t0: float
-) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
-    """The two maps' functions; they read the phase from the wall clock (``t0``: its start),
-    which worker processes share."""
+def make_functions(phases: tuple[Phase, ...], t0: float) -> list[Callable[[Any], Any]]:
+    """The maps' functions, first to third; they read the phase from the wall clock (``t0``:
+    its start), which worker processes share."""
     angles = np.arange(256.0)
 
     def first(i: Any) -> Any:
@@ -150,19 +158,31 @@ def make_functions(
             time.sleep(p.io)
         if p.hiccup_every and int(i) % p.hiccup_every == 0:
             time.sleep(p.hiccup_seconds)
-        if p.python_ms:
-            total = 0
-            for k in range(int(p.python_ms * PYTHON_TURNS_PER_MS)):
-                total += k % 7
+        python(p.python_ms)
         return np.sin(angles * (int(i) % 13)).astype(np.float32)[:8]
 
     def second(x: Any) -> Any:
         p = phase_at(phases, time.time() - t0)
         if p.second_io:
             time.sleep(p.second_io)
+        python(p.second_python_ms)
         return x * 2
 
-    return first, second
+    def third(x: Any) -> Any:
+        p = phase_at(phases, time.time() - t0)
+        if p.third_numpy:
+            noise = np.random.default_rng(int(x[0] * 1000) % 97).random(p.third_numpy)
+            return x + np.float32(np.sort(noise)[0])
+        return x
+
+    return [first, second, third]
+
+
+def python(ms: float) -> None:
+    """About ``ms`` milliseconds of pure Python, holding the GIL."""
+    total = 0
+    for k in range(int(ms * PYTHON_TURNS_PER_MS)):
+        total += k % 7
 
 
 def run_child(scenario: Scenario, setting: tuple[int, str, int] | None) -> dict[str, Any]:
@@ -171,16 +191,16 @@ def run_child(scenario: Scenario, setting: tuple[int, str, int] | None) -> dict[
     import feedline as fl
 
     t0 = time.time()
-    first, second = make_functions(scenario.phases, t0)
+    functions = make_functions(scenario.phases, t0)
     if setting is None:
         calls: int = fl.AUTOTUNE
         executor = "auto"
         buffer: int = fl.AUTOTUNE
     else:
         calls, executor, buffer = setting
-    ds = fl.Dataset.range(10**9).map(first, num_parallel_calls=calls, executor=executor)
-    if scenario.two_stages:
-        ds = ds.map(second, num_parallel_calls=calls, executor=executor)
+    ds = fl.Dataset.range(10**9)
+    for fn in functions[: scenario.stages]:
+        ds = ds.map(fn, num_parallel_calls=calls, executor=executor)
     ds = ds.batch(BATCH).prefetch(buffer)
     if setting is not None:
         options = fl.Options()
@@ -358,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
             raw["name"],
             raw["what"],
             tuple(Phase(**p) for p in raw["phases"]),
-            raw["two_stages"],
+            raw["stages"],
             tuple(tuple(g) for g in raw["grid"]),  # type: ignore[misc]
         )
         setting = tuple(spec["setting"]) if spec["setting"] is not None else None

@@ -64,7 +64,8 @@ def test_record_samples_until_the_iterator_closes() -> None:
         assert record(it) is line  # one recorder per iterator
         assert [t.name for t in timeline_threads()] == [timeline.THREAD_NAME]
         for _ in it:
-            pass
+            # However many workers the map has, the loop lasts a few of the samples' ticks.
+            time.sleep(0.0005)
     assert wait_until(lambda: not line.running)
     samples = line.samples()
     assert len(samples) >= 3

@@ -6,10 +6,12 @@ Port a tf.data pipeline by changing the import::
     ds = fl.Dataset.range(100).map(lambda x: x * 2, num_parallel_calls=fl.AUTOTUNE).batch(10)
 """
 
-from feedline import experimental
+from feedline import distribute, experimental
 from feedline.dataset import AUTOTUNE, INFINITE_CARDINALITY, UNKNOWN_CARDINALITY, Dataset
 from feedline.errors import DataLossError, InvalidStateError, StageCrashedError, StageError
 from feedline.io.files import TextLineDataset
+from feedline.io.fixed_length import FixedLengthRecordDataset
+from feedline.io.tfrecord import TFRecordDataset
 from feedline.ops.cache import CacheFileError
 from feedline.ops.in_memory import DatasetSpec
 from feedline.options import AutotuneOptions, Options
@@ -26,12 +28,15 @@ __all__ = [
     "Dataset",
     "DatasetIterator",
     "DatasetSpec",
+    "FixedLengthRecordDataset",
     "InvalidStateError",
     "Options",
     "StageCrashedError",
     "StageError",
+    "TFRecordDataset",
     "TensorSpec",
     "TextLineDataset",
+    "distribute",
     "experimental",
 ]
 __version__ = "0.1.0"

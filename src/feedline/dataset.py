@@ -24,13 +24,16 @@ from feedline.ops.base import (
     require_positive_int,
     snapshot,
 )
-from feedline.ops.batching import BatchOp, PaddedBatchOp, RebatchOp, UnbatchOp
+from feedline.ops.batching import BatchOp, RebatchOp, UnbatchOp
 from feedline.ops.cache import CacheOp
 from feedline.ops.combine import ConcatenateOp, ZipOp, zip_structure
 from feedline.ops.grouping import Bucketing, GroupByWindowOp, UniqueOp
-from feedline.ops.interleave import InterleaveOp
+from feedline.ops.interleave import InterleaveOp, default_cycle_length
 from feedline.ops.mapping import FilterOp, IgnoreErrorsOp, MapOp, TakeWhileOp
+from feedline.ops.padding import PaddedBatchOp
 from feedline.ops.prefetch import PrefetchOp
+from feedline.ops.ragged import RaggedBatchOp
+from feedline.ops.resample import rejection_resample
 from feedline.ops.sampling import (
     CategoricalOp,
     DirectedInterleaveOp,
@@ -41,6 +44,7 @@ from feedline.ops.saving import LoadOp, check_compression, save_elements
 from feedline.ops.scan import ScanOp, counter_scan
 from feedline.ops.shuffle import ShuffleOp
 from feedline.ops.slicing import EnumerateOp, RepeatOp, ShardOp, SkipOp, TakeOp
+from feedline.ops.snapshot import SnapshotOp
 from feedline.ops.sources import GeneratorOp, RangeOp, TensorSlicesOp, TensorsOp
 from feedline.ops.windowing import WindowOp
 from feedline.options import Options, check_executor
@@ -320,6 +324,10 @@ class Dataset:
     ) -> Dataset:
         """Round-robin ``block_length`` elements from ``cycle_length`` datasets at a time.
 
+        Without ``cycle_length``: tf.data's default for a 2-core machine, on every machine
+        (``num_parallel_calls`` when fixed, 1 with AUTOTUNE, 2 sequential; see
+        ``ops.interleave.default_cycle_length``), so the order never depends on the machine.
+
         ``executor`` says where the datasets are made and read. "process" runs ``map_func`` and
         the iteration of the dataset it returns in worker processes (for per-file parsing in
         pure Python); only the elements come back. There are as many workers as slots read
@@ -331,10 +339,10 @@ class Dataset:
         """
         map_func = snapshot(require_callable(map_func, "map_func"))
         cycle = _parallelism(cycle_length, "cycle_length")
-        if cycle is None or cycle == AUTOTUNE:
-            cycle = os.cpu_count() or 1
         block = 1 if block_length is None else require_positive_int(block_length, "block_length")
         calls = _parallelism(num_parallel_calls, "num_parallel_calls")
+        if cycle is None or cycle == AUTOTUNE:
+            cycle = default_cycle_length(calls)
         if calls not in (None, AUTOTUNE) and cycle_length not in (None, AUTOTUNE) and calls > cycle:
             raise ValueError(
                 f"num_parallel_calls ({calls}) must be AUTOTUNE or at most cycle_length ({cycle}): "
@@ -360,10 +368,26 @@ class Dataset:
         num_parallel_calls: int | None = None,
         deterministic: bool | None = None,
         name: str | None = None,
+        schedule: Any = None,
     ) -> Dataset:
-        """Stack ``batch_size`` consecutive elements; the last batch may be smaller."""
+        """Stack ``batch_size`` consecutive elements; the last batch may be smaller.
+
+        ``schedule`` (beyond tf.data): batch sizes that change with the elements seen, for a
+        batch-size ramp. A list of ``(elements_seen, batch_size)`` steps (``batch_size``
+        holds before the first), or a function ``elements_seen -> batch_size``; each batch's
+        size is that of the elements batched before it. Part of the description: the same on
+        every pass and after a restore, never changed by AUTOTUNE; the batch dimension of
+        ``element_spec`` is unknown.
+        """
         size = require_positive_int(batch_size, "batch_size")
         _parallelism(num_parallel_calls, "num_parallel_calls")
+        if schedule is not None:
+            # (Imported here: this method is its only user, and the imports above are shared.)
+            from feedline.ops.scheduled_batch import ScheduledBatchOp
+
+            if callable(schedule):
+                schedule = snapshot(schedule)
+            return self._wrap(ScheduledBatchOp(self._op, size, drop_remainder, schedule))
         return self._wrap(BatchOp(self._op, size, drop_remainder))
 
     def padded_batch(
@@ -379,6 +403,21 @@ class Dataset:
         return self._wrap(
             PaddedBatchOp(self._op, size, padded_shapes, padding_values, drop_remainder)
         )
+
+    def ragged_batch(
+        self,
+        batch_size: int,
+        drop_remainder: bool = False,
+        row_splits_dtype: Any = np.int64,
+        name: str | None = None,
+    ) -> Dataset:
+        """Batch elements whose first dimension varies (tf.data's ``ragged_batch``). Each such
+        component becomes a ``RaggedBatch(values, row_lengths)``: the elements concatenated
+        along their first axis, and their lengths (``row_splits_dtype``); ``.rows()`` gives
+        the elements back. Components of fully known shape are stacked as by ``batch``. See
+        ``feedline.ops.ragged``."""
+        size = require_positive_int(batch_size, "batch_size")
+        return self._wrap(RaggedBatchOp(self._op, size, bool(drop_remainder), row_splits_dtype))
 
     def unbatch(self, name: str | None = None) -> Dataset:
         """Split every element along its first axis into separate elements."""
@@ -443,6 +482,26 @@ class Dataset:
     def cache(self, filename: str | os.PathLike[str] = "", name: str | None = None) -> Dataset:
         """Keep the first complete pass in memory (or in ``filename``) and replay it after."""
         return self._wrap(CacheOp(self._op, os.fspath(filename)))
+
+    def snapshot(
+        self,
+        path: str | os.PathLike[str],
+        compression: str | None = "AUTO",
+        reader_func: Callable[[Dataset], Dataset] | None = None,
+        shard_func: Callable[..., Any] | None = None,
+        name: str | None = None,
+    ) -> Dataset:
+        """Write the elements under ``path`` on the first complete pass and read them from
+        there on every later one, in this run or the next (tf.data's ``snapshot``; feedline's
+        own files, which tf.data's snapshots are not: see ``feedline.ops.snapshot``).
+        ``shard_func(element)`` picks each element's shard file; ``reader_func(datasets)``
+        turns the Dataset of shard Datasets into the one read."""
+        if reader_func is not None:
+            reader_func = snapshot(require_callable(reader_func, "reader_func"))
+        if shard_func is not None:
+            shard_func = snapshot(require_callable(shard_func, "shard_func"))
+        op = SnapshotOp(self._op, os.fspath(path), compression, reader_func, shard_func)
+        return self._wrap(op)
 
     def prefetch(self, buffer_size: int, name: str | None = None) -> Dataset:
         """Produce up to ``buffer_size`` elements ahead of the consumer (``AUTOTUNE``: tuned)."""
@@ -594,6 +653,21 @@ class Dataset:
         return self._wrap(
             GroupByWindowOp(self._op, key_func, reduce_func, window_size_func, spec_reduce)
         )
+
+    def rejection_resample(
+        self,
+        class_func: Callable[..., Any],
+        target_dist: Sequence[float] | np.ndarray,
+        initial_dist: Sequence[float] | np.ndarray | None = None,
+        seed: int | None = None,
+        name: str | None = None,
+    ) -> Dataset:
+        """``(class, element)`` pairs resampled so that the classes ``class_func(element)``
+        follow ``target_dist`` (tf.data's ``rejection_resample``, built as tf.data builds it:
+        see ``feedline.ops.resample``); ``initial_dist`` is estimated from the data if not
+        given. Reproducible with a seed, but not tf.data's draws."""
+        class_func = snapshot(require_callable(class_func, "class_func"))
+        return rejection_resample(self, class_func, target_dist, initial_dist, seed)
 
     def bucket_by_sequence_length(
         self,
@@ -751,8 +825,10 @@ class Dataset:
     def load(
         path: str | os.PathLike[str], element_spec: Any = None, compression: str | None = None
     ) -> Dataset:
-        """The dataset ``save`` wrote to ``path``; its elements are read lazily, as it is
-        iterated. The cardinality is the number of saved elements."""
+        """The dataset ``save`` (feedline's, or ``tf.data.Dataset.save``'s) wrote to
+        ``path``; its elements are read lazily, as it is iterated. The cardinality is the
+        number of saved elements. tf.data's shards come in file order (see
+        ``ops/tf_snapshot.py``)."""
         return Dataset(LoadOp(os.fspath(path), element_spec, check_compression(compression)))
 
 

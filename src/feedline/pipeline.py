@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from typing import Any
 
@@ -47,6 +48,10 @@ class DatasetIterator:
         self._closed = True  # nothing open yet for _start to close
         self._tuner: Tuner | None = None
         self._start(state)
+        if "torch.utils.data" in sys.modules:  # only a torch user's pass runs in a DataLoader
+            from feedline.torch import warn_if_unsharded_in_worker
+
+            warn_if_unsharded_in_worker(op)
 
     def _start(self, state: State | None) -> None:
         """Open the pass at ``state``; a state refused leaves this iterator as it was."""
@@ -75,7 +80,11 @@ class DatasetIterator:
         """Tune only what the user left to AUTOTUNE, and only when tuning is enabled."""
         self._tuner_checked = True
         options = self._ctx.options
-        tunable = any(knob.tunable for stage in self._ctx.stages() for knob in stage.knobs.values())
+        stages = self._ctx.stages()
+        # A stage that tunes itself needs the tuner too: it records that stage's decisions.
+        tunable = any(s.tuned_by_itself for s in stages) or any(
+            knob.tunable for stage in stages for knob in stage.knobs.values()
+        )
         if options.autotune_enabled and tunable:
             self._tuner = Tuner(
                 self._ctx.stages,
@@ -184,6 +193,8 @@ class DatasetIterator:
     def worker_memory(self) -> list[WorkerMemory]:
         return self._ctx.worker_memory()
 
+    def notes(self) -> list[str]:
+        return self._ctx.notes()
 
     def buffered_bytes(self) -> int:
         """Bytes held by this pass's buffers right now (finished, undelivered elements)."""

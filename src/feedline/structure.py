@@ -156,6 +156,10 @@ def normalize_leaf(x: Any) -> Any:
         return x.encode("utf-8")
     if isinstance(x, list):
         return to_array(x)
+    if type(x).__module__ == "torch":  # a torch.Tensor: as numpy, bfloat16 included
+        from feedline.torch import tensor_to_numpy
+
+        return tensor_to_numpy(x)
     return x
 
 
@@ -196,6 +200,15 @@ def to_array(x: Any) -> np.ndarray:
         arr = np.asarray(x)
         if arr.dtype.kind not in "US":
             return arr
+    elif isinstance(_first_leaf(x), bytes | str):
+        # Never through numpy's fixed-width bytes: reading an item back drops its trailing
+        # NUL bytes (a serialized Example ending in a zero field would lose them).
+        arr = np.array(x, dtype=object)
+        items = arr.reshape(-1)
+        for i, v in enumerate(items):
+            if isinstance(v, str):
+                items[i] = v.encode("utf-8")
+        return arr
     else:
         arr = np.asarray(x)
     if arr.dtype.kind in "US":
@@ -284,7 +297,17 @@ class TensorSpec:
         return TensorSpec(self.shape[1:], self.dtype)
 
 
+class NotATensor(TypeError):
+    """A value no tensor holds where an element's leaf belongs (``None``): tf.data refuses a
+    function returning one, and so does feedline, rather than call it a string."""
+
+
 def leaf_spec(x: Any) -> TensorSpec:
+    if x is None:
+        raise NotATensor(
+            "a function returned None where a value belongs (an element cannot hold None; "
+            "did the function forget to return?)"
+        )
     if isinstance(x, bytes | str):
         return TensorSpec((), STRING_DTYPE)
     arr = np.asarray(x)

@@ -30,6 +30,9 @@ def run(
     busy with the work they have and idle for the rest. Returns (time, old, new, reason) of
     the decisions on ``knob``."""
     monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)
+    # A worker process is expected to hold as much as this process: a fixed size here (this
+    # test process's own depends on what earlier tests imported).
+    monkeypatch.setattr(tuner_module, "rss_of", lambda: 100 * 2**20)
     process_cpu = [0.0]
     monkeypatch.setattr(tuner_module.time, "process_time", lambda: process_cpu[0])
     root, tuner, start = synthetic_tuner([stage])

@@ -883,8 +883,8 @@ def _assert_same_kinds(got: Any, want: Any, where: str) -> None:
             assert kinds <= {bytes}, f"{where}: string array holds {kinds}"
 
 
-@pytest.mark.parametrize("build", _params(ELEMENTS))
-def test_elements_match(build: Builder) -> None:
+def assert_elements_match(build: Builder) -> None:
+    """The pipeline ``build`` makes gives tf.data's elements, with their types and nesting."""
     want = list(build(tf.data).as_numpy_iterator())
     got = list(build(feedline).as_numpy_iterator())
     assert len(got) == len(want), f"{len(got)} elements, tf.data gives {len(want)}"
@@ -893,13 +893,26 @@ def test_elements_match(build: Builder) -> None:
         _assert_same_kinds(g, w, f"element {i}")
 
 
+def assert_cardinality_matches(build: Builder) -> None:
+    assert build(feedline).cardinality() == int(build(tf.data).cardinality())
+
+
+def assert_element_spec_matches(build: Builder) -> None:
+    want = _spec_summary(build(tf.data).element_spec)
+    got = _spec_summary(build(feedline).element_spec)
+    assert got == want
+
+
+@pytest.mark.parametrize("build", _params(ELEMENTS))
+def test_elements_match(build: Builder) -> None:
+    assert_elements_match(build)
+
+
 @pytest.mark.parametrize("build", _params(CARDINALITY))
 def test_cardinality_matches(build: Builder) -> None:
-    assert build(feedline).cardinality() == int(build(tf.data).cardinality())
+    assert_cardinality_matches(build)
 
 
 @pytest.mark.parametrize("build", _params(SPEC))
 def test_element_spec_matches(build: Builder) -> None:
-    want = _spec_summary(build(tf.data).element_spec)
-    got = _spec_summary(build(feedline).element_spec)
-    assert got == want
+    assert_element_spec_matches(build)

@@ -476,3 +476,18 @@ def test_reading_a_file_that_is_gone_cannot_resume(tmp_path: Path) -> None:
     path.unlink()
     with pytest.raises(fl.CacheFileError, match="is gone"):
         list(ds.iterator(state))
+
+
+def test_a_cached_pipeline_resumes_in_a_fresh_build() -> None:
+    # What a restart does: the state of one process, the dataset built anew in another.
+    def build() -> fl.Dataset:
+        return fl.Dataset.range(10).map(lambda x: x * 2).cache().shuffle(4, seed=1).repeat(2)
+
+    for cut in (0, 5, 10, 13, 20):
+        with build().iterator() as it:
+            before = [int(x) for _, x in zip(range(cut), it)]
+            state = json.loads(json.dumps(it.get_state()))
+            rest = [int(x) for x in it]
+        with build().iterator(state) as resumed:
+            assert [int(x) for x in resumed] == rest
+        assert len(before + rest) == 20

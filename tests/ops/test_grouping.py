@@ -125,10 +125,23 @@ def test_bad_arguments_fail_at_build_time(kwargs: Any, error: Any, message: str)
 
 
 @pytest.mark.parametrize(
+    "key_func",
+    [lambda x: 0.5, lambda x: [x], lambda x: (x % 2).astype(np.int32), lambda x: True],
+    ids=["float", "vector", "int32", "bool"],
+)
+def test_a_key_that_is_not_int64_fails_at_build_as_in_tf_data(key_func: Any) -> None:
+    for ds in (D.range(3), D.range(3).take(0)):  # traced: an empty input hides nothing
+        with pytest.raises(ValueError, match="key_func must return an int64 scalar"):
+            ds.group_by_window(key_func, batch_all, window_size=2)
+
+
+@pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"key_func": lambda x: 0.5, "window_size": 2}, "key_func must return an integer scalar"),
-        ({"key_func": lambda x: [x], "window_size": 2}, "key_func must return an integer"),
+        (
+            {"key_func": lambda x: x if x < 2 else 0.5, "window_size": 2},
+            "key_func must return an int64 scalar",
+        ),
         (
             {"key_func": lambda x: x % 2, "window_size_func": lambda k: k},
             "Window size must be greater than zero, but got 0.",

@@ -291,7 +291,15 @@ def test_ignore_errors_around_batch(build: Callable[[fl.Dataset], fl.Dataset], w
 
 
 def test_ignore_errors_skips_batches_that_fail_to_stack() -> None:
-    ds = D.range(10).map(lambda x: np.zeros(2 if x == 4 else 3)).batch(2).ignore_errors()
+    # A source that declares any length: a map's check would fail element 4 itself.
+    ds = (
+        D.from_generator(
+            lambda: (np.zeros(2 if x == 4 else 3) for x in range(10)),
+            output_signature=fl.TensorSpec((None,), np.dtype(np.float64)),
+        )
+        .batch(2)
+        .ignore_errors()
+    )
     assert [len(b) for b in ds] == [2, 2, 2, 2]
     assert_state_roundtrip(ds)
 
@@ -389,3 +397,25 @@ def test_random_map_state_with_a_bad_pass_is_rejected(
     state = saved_state(ds, 2)
     edit(state["root"])
     assert_state_rejected(ds, state, field)
+
+
+def test_an_output_that_cannot_be_an_element_fails_only_its_element() -> None:
+    # As parse_example gives a VarLenFeature of a batch: a list of rows in a dict.
+    def ragged(x: Any) -> Any:
+        rows = [np.zeros(2), np.zeros(3)] if int(x) == 1 else [np.zeros(2), np.zeros(2)]
+        return {"rows": rows}
+
+    with fl.Dataset.range(3).map(ragged).iterator() as it:
+        assert np.shape(next(it)["rows"]) == (2, 2)
+        with pytest.raises(fl.StageError, match="different lengths") as info:
+            next(it)
+        assert info.value.position == 1
+        assert np.shape(next(it)["rows"]) == (2, 2)
+
+
+def test_bytes_keep_their_trailing_nul_bytes() -> None:
+    records = [b"ab\x00", b"c\x00\x00", b"d"]
+    assert list(fl.Dataset.from_tensor_slices(records)) == records
+    assert list(fl.Dataset.from_tensors(b"x\x00")) == [b"x\x00"]
+    batch = next(iter(fl.Dataset.from_tensor_slices(records).batch(3)))
+    assert list(batch) == records

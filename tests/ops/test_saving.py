@@ -1,4 +1,5 @@
-"""save / load in feedline's own directory format (tf.data's own format is not read)."""
+"""save / load in feedline's own directory format; the parts of loading tf.data's that need no
+TensorFlow (the rest, against TensorFlow: tests/conformance/test_divergences.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 import feedline as fl
+from feedline.ops.records import FRAME
 from tests.helpers import assert_elements_equal, assert_state_roundtrip
 
 pytestmark = pytest.mark.timeout(60)
@@ -54,7 +56,7 @@ def test_cardinality_is_the_number_of_saved_elements(tmp_path: Path) -> None:
 def test_a_new_save_replaces_the_old_one(tmp_path: Path) -> None:
     D.range(5).save(tmp_path, compression="GZIP")
     D.from_tensor_slices(["a", "b"]).save(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["element_spec.json", "elements.jsonl"]
+    assert sorted(os.listdir(tmp_path)) == ["element_spec.json", "elements.bin"]
     assert list(D.load(tmp_path)) == [b"a", b"b"]
 
 
@@ -104,41 +106,50 @@ def saved(tmp_path: Path, compression: Any = None) -> tuple[Path, list[Any]]:
     return path, list(mixed())
 
 
-def read_lines(path: Path) -> list[bytes]:
+def data_file(path: Path) -> Path:
     [data] = [p for p in path.iterdir() if p.name.startswith("elements")]
-    raw = data.read_bytes()
-    return (gzip.decompress(raw) if data.suffix == ".gz" else raw).splitlines(keepends=True)
+    return data
 
 
-def write_lines(path: Path, lines: list[bytes]) -> None:
-    [data] = [p for p in path.iterdir() if p.name.startswith("elements")]
-    raw = b"".join(lines)
+def read_records(path: Path) -> list[bytes]:
+    """The framed records of a save (header and payload each), decompressed."""
+    data = data_file(path)
+    raw = gzip.decompress(data.read_bytes()) if data.suffix == ".gz" else data.read_bytes()
+    records, pos = [], 0
+    while pos < len(raw):
+        _, length, _ = FRAME.unpack_from(raw, pos)
+        records.append(raw[pos : pos + FRAME.size + length])
+        pos += FRAME.size + length
+    return records
+
+
+def write_records(path: Path, records: list[bytes]) -> None:
+    data = data_file(path)
+    raw = b"".join(records)
     data.write_bytes(gzip.compress(raw) if data.suffix == ".gz" else raw)
 
 
-def edit_leaf(line: bytes, old: bytes, new: bytes) -> bytes:
-    assert old in line
-    return line.replace(old, new)
+def edited(record: bytes, old: bytes, new: bytes, fix_checksum: bool = False) -> bytes:
+    """``record`` with ``old`` replaced in its payload; its CRC made right again if asked."""
+    head, payload = record[: FRAME.size], record[FRAME.size :]
+    assert old in payload
+    payload = payload.replace(old, new)
+    if fix_checksum:
+        index, length, _ = FRAME.unpack(head)
+        crc = zlib.crc32(payload, zlib.crc32(head[:16]))
+        head = FRAME.pack(index, length, crc)
+    return head + payload
 
 
 DAMAGE: dict[str, Callable[[list[bytes]], list[bytes]]] = {
-    "a line removed": lambda lines: lines[:2] + lines[3:],
-    "the last line removed": lambda lines: lines[:-1],
-    "a line repeated": lambda lines: lines[:3] + lines[2:],
-    "a line added at the end": lambda lines: [*lines, lines[-1]],
-    "two lines swapped": lambda lines: [lines[0], lines[2], lines[1], *lines[3:]],
-    "no lines": lambda lines: [],
-    "a value edited": lambda lines: [
-        lines[0],
-        edit_leaf(lines[1], b'"data": "AQAAAAAAAAA="', b'"data": "AgAAAAAAAAA="'),
-        *lines[2:],
-    ],
-    "a dtype edited": lambda lines: [
-        lines[0],
-        edit_leaf(lines[1], b'"dtype": "<f2"', b'"dtype": "<i2"'),
-        *lines[2:],
-    ],
-    "a line cut short": lambda lines: [*lines[:-1], lines[-1][:-1]],
+    "a record removed": lambda records: records[:2] + records[3:],
+    "the last record removed": lambda records: records[:-1],
+    "a record repeated": lambda records: records[:3] + records[2:],
+    "a record added at the end": lambda records: [*records, records[-1]],
+    "two records swapped": lambda records: [records[0], records[2], records[1], *records[3:]],
+    "no records": lambda records: [],
+    "a value edited": lambda records: [records[0], edited(records[1], b"s", b"t"), *records[2:]],
+    "a record cut short": lambda records: [*records[:-1], records[-1][:-1]],
 }
 
 
@@ -146,32 +157,53 @@ DAMAGE: dict[str, Callable[[list[bytes]], list[bytes]]] = {
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_damaged_save_is_never_loaded(tmp_path: Path, compression: Any, damage: str) -> None:
     path, want = saved(tmp_path, compression)
-    write_lines(path, DAMAGE[damage](read_lines(path)))
+    write_records(path, DAMAGE[damage](read_records(path)))
     got: list[Any] = []
-    with pytest.raises(fl.DataLossError, match=r"elements\.jsonl.* is damaged at line \d"):
+    with pytest.raises(fl.DataLossError, match=r"elements\.bin.* is damaged at record \d"):
         got.extend(D.load(path))
     assert_elements_equal([tuple(p) for p in got], [tuple(p) for p in want[: len(got)]])
 
 
 def test_an_edited_dtype_is_found_even_with_its_checksum_right(tmp_path: Path) -> None:
     D.range(3).map(lambda x: np.float32(x)).save(tmp_path)
-    lines = read_lines(tmp_path)
-    index, _, leaves = json.loads(lines[1])
-    leaves[0]["dtype"] = "<i4"
-    text = json.dumps(leaves)
-    lines[1] = f"[{index}, {zlib.crc32(text.encode())}, {text}]\n".encode()
-    write_lines(tmp_path, lines)
-    with pytest.raises(fl.DataLossError, match=r"line 2.*int32 where float32 belongs"):
+    records = read_records(tmp_path)
+    records[1] = edited(records[1], b"<f4", b"<i4", fix_checksum=True)
+    write_records(tmp_path, records)
+    with pytest.raises(fl.DataLossError, match=r"record 2.*a dtype other than float32"):
         list(D.load(tmp_path))
+
+
+def test_raw_payloads_take_the_size_of_the_data(tmp_path: Path) -> None:
+    # The issue's case, scaled down: float32 arrays stored as their bytes, not base64 JSON.
+    images = D.range(64).map(lambda x: np.full((64, 64, 3), x, np.float32))
+    images.save(tmp_path)
+    data_bytes = 64 * 64 * 64 * 3 * 4
+    assert data_bytes < data_file(tmp_path).stat().st_size < data_bytes * 1.01
+    assert_elements_equal(list(D.load(tmp_path)), list(images))
+
+
+def test_a_save_of_format_2_is_still_read(tmp_path: Path) -> None:
+    leaves = json.dumps([{"dtype": "<i8", "shape": [], "data": "AQAAAAAAAAA=", "scalar": True}])
+    (tmp_path / "elements.jsonl").write_text(f"[0, {zlib.crc32(leaves.encode())}, {leaves}]\n")
+    fields = {
+        "format": "feedline-saved-dataset",
+        "version": 2,
+        "element_spec": {"shape": [], "dtype": "<i8"},
+        "cardinality": 1,
+        "compression": None,
+    }
+    checksum = zlib.crc32(json.dumps(fields, sort_keys=True).encode())
+    (tmp_path / "element_spec.json").write_text(json.dumps({**fields, "checksum": checksum}))
+    assert [int(v) for v in D.load(tmp_path)] == [1]
 
 
 def test_damaged_gzip_files_are_data_loss(tmp_path: Path) -> None:
     path, _ = saved(tmp_path, "GZIP")
-    data = path / "elements.jsonl.gz"
+    data = path / "elements.bin.gz"
     whole = data.read_bytes()
     for cut in (0, 10, len(whole) // 2, len(whole) - 4):
         data.write_bytes(whole[:cut])
-        with pytest.raises(fl.DataLossError, match=r"elements\.jsonl\.gz"):
+        with pytest.raises(fl.DataLossError, match=r"elements\.bin\.gz"):
             list(D.load(path))
     data.unlink()
     with pytest.raises(fl.DataLossError, match="missing"):
@@ -252,9 +284,9 @@ def test_bad_load_states_are_refused(tmp_path: Path, compression: Any) -> None:
     one_line = load_state(path, 1)["root"]["offset"]
     bad = [
         {**root, "offset": -1},
-        {**root, "offset": root["offset"] - 1},  # not the start of a line
+        {**root, "offset": root["offset"] - 1},  # not the start of a record
         {**root, "offset": 10**9},
-        {**root, "offset": one_line},  # line 1's place, element 2's index
+        {**root, "offset": one_line},  # record 1's place, element 2's index
         {**root, "offset": 0},
         {**root, "index": 6},
         {**root, "index": -1},
@@ -265,3 +297,47 @@ def test_bad_load_states_are_refused(tmp_path: Path, compression: Any) -> None:
         state = {**load_state(path, 2), "root": state_root}
         with pytest.raises(fl.InvalidStateError):
             list(D.load(path).iterator(state))
+
+
+# -- tf.data.Dataset.save directories, without TensorFlow ---------------------------------------
+
+# What TensorFlow 2.21 wrote for ``({"i": int64, "s": string, "x": float32[2]}, int64)``.
+TF_SPEC = bytes.fromhex(
+    "a2033c0a31aa032e0a0c0a017312078a0204120018070a100a0178120b8a0208120412020802"
+    "18010a0c0a016912078a0204120018090a078a020412001809"
+)
+TF_METADATA = bytes.fromhex(
+    "1214313138383136373334303134313032343434373618c7fcee8ddbb7980320022a04090701093003c03e01"
+)
+
+
+def test_tf_data_element_specs_decode() -> None:
+    from feedline.ops.tf_snapshot import spec_from_structured_value
+
+    assert spec_from_structured_value(TF_SPEC) == (
+        {
+            "i": fl.TensorSpec((), np.dtype(np.int64)),
+            "s": fl.TensorSpec((), np.dtype(object)),
+            "x": fl.TensorSpec((2,), np.dtype(np.float32)),
+        },
+        fl.TensorSpec((), np.dtype(np.int64)),
+    )
+
+
+@pytest.mark.parametrize(
+    "spec, metadata, message",
+    [
+        (TF_SPEC[:-3], TF_METADATA, "not a tf.data save feedline reads"),
+        (TF_SPEC, TF_METADATA[:-1] + b"\x00", "not finalized"),
+        (TF_SPEC, TF_METADATA.replace(b"\x2a\x04\x09\x07", b"\x2a\x04\x01\x07"), "agree"),
+        (TF_SPEC, TF_METADATA, "shard files of run 11881673401410244476 are missing"),
+    ],
+    ids=["spec-cut-short", "not-finalized", "dtypes-disagree", "no-shards"],
+)
+def test_a_damaged_tf_data_save_is_data_loss(
+    tmp_path: Path, spec: bytes, metadata: bytes, message: str
+) -> None:
+    (tmp_path / "dataset_spec.pb").write_bytes(spec)
+    (tmp_path / "snapshot.metadata").write_bytes(metadata)
+    with pytest.raises(fl.DataLossError, match=message):
+        D.load(tmp_path)

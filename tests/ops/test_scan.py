@@ -58,9 +58,14 @@ def test_initial_state_is_converted_like_tf_data() -> None:
 def test_new_state_may_change_shape_but_not_dtype() -> None:
     grow = D.range(3).scan(np.array([0]), lambda s, x: (np.append(s, x), s))
     assert [v.tolist() for v in grow] == [[0], [0, 0], [0, 0, 1]]
-    widen = D.range(3).scan(0, lambda s, x: (s + x, s))  # int32 + int64 is int64
-    with pytest.raises(fl.StageError, match="dtypes: expected \\['int32'\\], got \\['int64'\\]"):
-        list(widen)
+    # int32 + int64 is int64: refused at build, as tf.data does, even over an empty input.
+    for ds in (D.range(3), D.range(3).take(0)):
+        with pytest.raises(TypeError, match="dtypes: expected \\['int32'\\], got \\['int64'\\]"):
+            ds.scan(0, lambda s, x: (s + x, s))
+    # Where only later elements change it, iterating finds it.
+    late = D.range(3).scan(i64(0), lambda s, x: (s + x if x < 2 else np.float32(0), s))
+    with pytest.raises(fl.StageError, match="dtypes: expected \\['int64'\\], got \\['float32'\\]"):
+        list(late)
 
 
 def test_new_state_is_read_in_the_initial_nesting() -> None:

@@ -377,9 +377,14 @@ def test_unpicklable_function_names_the_stage() -> None:
 
 
 def some_locks(i: Any) -> fl.Dataset:
-    """A "file" whose third and fifth records cannot be pickled."""
+    """A "file" whose third and fifth records cannot be pickled. Every record is a 0-d object
+    array, so all fit the element spec and only pickling tells them apart."""
     i = int(i)
-    return D.range(6).map(lambda x: threading.Lock() if x in (2, 4) else i * 10 + x)
+
+    def record(x: Any) -> Any:
+        return np.array(threading.Lock() if x in (2, 4) else i * 10 + int(x), dtype=object)
+
+    return D.range(6).map(record)
 
 
 def some_failing(i: Any) -> fl.Dataset:

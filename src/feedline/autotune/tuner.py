@@ -59,7 +59,7 @@ from feedline.autotune.policy import (
 from feedline.autotune.windows import Reading, StageWindow
 from feedline.runtime.context import WorkerMemory
 from feedline.runtime.machine import idle_cpu_seconds, rss_of
-from feedline.runtime.tunable import PROCESSES, Knob, Tunable
+from feedline.runtime.tunable import PROCESSES, Knob, StartChoice, Tunable
 
 logger = logging.getLogger("feedline.autotune")
 # What users must see even with the tuner's own log quiet: a budget that cannot be kept.
@@ -103,6 +103,7 @@ class Tuner:
         self._judged: dict[object, Judged] = {}
         self._judge = Judge(self.state, self._set, self._situation, self._judged_now)
         self._start_choices_recorded: set[object] = set()
+        self._events_recorded: dict[object, int] = {}  # stage key -> its events recorded
         # (stage key, parallelism) at which the thread budget stopped a scale-up, said once.
         self._budget_noted: set[tuple[object, int]] = set()
         # Budgets that cannot be kept, said once per stage: in stats() and on the log.
@@ -274,19 +275,26 @@ class Tuner:
         """What stages chose from their first calls, into the history with the rest."""
         for key, (stage, _) in snapshots.items():
             choice = stage.start_choice
-            if choice is None or key in self._start_choices_recorded:
-                continue
-            self._start_choices_recorded.add(key)
-            self._record(
-                Decision(
-                    choice.at - self._started,
-                    stage.name,
-                    choice.knob,
-                    choice.old,
-                    choice.new,
-                    choice.reason,
-                )
+            if choice is not None and key not in self._start_choices_recorded:
+                self._start_choices_recorded.add(key)
+                if choice not in stage.events:
+                    self._record_choice(stage, choice)
+            events = stage.events
+            for event in events[self._events_recorded.get(key, 0) : len(events)]:
+                self._record_choice(stage, event)
+            self._events_recorded[key] = len(events)
+
+    def _record_choice(self, stage: Tunable, choice: StartChoice) -> None:
+        self._record(
+            Decision(
+                choice.at - self._started,
+                stage.name,
+                choice.knob,
+                choice.old,
+                choice.new,
+                choice.reason,
             )
+        )
 
     def _check_ram_floor(self, snapshots: dict[object, tuple[Tunable, dict[str, float]]]) -> None:
         """Say once, for each stage running on workers, if even one worker holds more than
@@ -428,6 +436,7 @@ class Tuner:
 
     def _decide(self, windows: list[Window], rate: float, stall: float, now: float) -> None:
         """Run the rules in turn until one acts (see the module's docstring)."""
+        windows = [w for w in windows if not w.stage.tuned_by_itself]
         if not windows:
             return
         s = self._situation(now)

@@ -4,9 +4,12 @@
 - ``paths.py``: file-name matching with tf.data's rules, for ``Dataset.list_files``.
 - ``files.py``: ``TextLineDataset``.
 - ``text.py``: text files, one element per line.
-- ``tfrecord.py``: ``TFRecordDataset`` and ``TFRecordWriter``.
-- ``example.py``: ``tf.train.Example`` encoding and parsing.
-- ``csv.py``: ``CsvDataset`` and ``make_csv_dataset``.
+- ``tfrecord.py``: ``TFRecordDataset`` and ``TFRecordWriter``; ``crc32c.py`` their checksum
+  (google-crc32c, or a numpy fallback); ``compressed.py`` GZIP/ZLIB streams a block at a time.
+- ``example.py``: ``tf.train.Example`` encoding and parsing; ``example_fast.py`` the numpy
+  path for large batches.
+- ``csv.py``: ``CsvDataset`` and ``make_csv_dataset``; ``csv_iterator.py`` the op,
+  ``csv_records.py`` splitting records and converting fields as tf.data does.
 - ``parquet.py``: ``ParquetDataset``.
 - ``tar.py``: WebDataset ``.tar`` shards: ``TarShardDataset`` and ``TarShardWriter``.
 - ``images.py``: ``decode_image``.

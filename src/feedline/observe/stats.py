@@ -110,6 +110,7 @@ def collect_stats(it: PassView) -> dict[str, Any]:
         # Worker processes' memory is outside the buffers: the RAM budget counts both.
         "worker_processes": [asdict(w) for w in workers],
         "worker_rss_bytes": sum(w.rss_bytes for w in workers),
+        "notes": it.notes(),
     }
     stats["bottleneck"] = find_bottleneck(stats)
     return stats
@@ -254,6 +255,7 @@ def format_report(stats: dict[str, Any]) -> str:
     if bottleneck["advice"]:
         lines.append(f"advice: {bottleneck['advice']}")
     lines += [f"warning: {warning}" for warning in stats["warnings"]]
+    lines += [f"note: {note}" for note in stats["notes"]]
     tune = stats["autotune"]
     threads = stats["threads"]
     if tune["enabled"]:

@@ -51,3 +51,6 @@ class PassView(Protocol):
 
     def buffered_bytes(self) -> int: ...
 
+    def notes(self) -> list[str]:
+        """Lines ops of the pass add to its report (``IterContext.note``)."""
+        ...

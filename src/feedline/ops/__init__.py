@@ -3,7 +3,8 @@
 - ``base.py``: ``Op`` and ``UnaryOp`` (one input), ``UnaryIterator``, argument checks.
 - ``sources.py``: range, from_tensors, from_tensor_slices, from_generator.
 - ``mapping.py``: map and random_map (on an ``AsyncStage``), filter, take_while, ignore_errors.
-- ``batching.py``: batch, padded_batch, unbatch, rebatch.
+- ``batching.py``: batch, unbatch, rebatch.
+- ``padding.py``: padded_batch, with padding values of each component's dtype.
 - ``slicing.py``: take, skip, shard, repeat, enumerate.
 - ``combine.py``: zip and concatenate.
 - ``interleave.py``: interleave (and so flat_map).
@@ -18,6 +19,8 @@
 - ``in_memory.py``: small datasets of held elements, and held elements inside states.
 - ``cache.py``: cache, one complete pass kept in memory or in a file.
 - ``saving.py``: save and load, in feedline's own directory format.
+- ``tf_snapshot.py``: load of the directories ``tf.data.Dataset.save`` writes.
 - ``records.py``: the record codec, specs as JSON, element checks for feedline's files.
-- ``tracing.py``: the spec of what a user function returns, found by running it.
+- ``tracing.py``: the spec of what a user function returns, found by running it, and the
+  check of a stage's outputs against it.
 """

@@ -1,4 +1,4 @@
-"""Batching: batch, padded_batch, unbatch, rebatch."""
+"""Batching: batch, unbatch, rebatch (padded_batch: padding.py)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,15 @@ import numpy as np
 
 from feedline.errors import InvalidStateError, StageError
 from feedline.ops.base import UNKNOWN, Op, UnaryIterator, UnaryOp, UnobservableSpec
+from feedline.ops.tracing import spec_at_build
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import StageIterator, State
 from feedline.runtime.states import known_end, state_int, state_nested
 from feedline.structure import (
-    STRING_DTYPE,
-    TensorSpec,
     flatten,
     format_structure,
     is_nest,
     map_structure,
-    normalize_leaf,
     pack_like,
     same_structure,
     sole_type,
@@ -170,144 +168,35 @@ class BatchIterator(UnaryIterator):
         return {"input": self.input.get_state(), "position": self.position}
 
 
-class PaddedBatchOp(BatchOp):
-    def __init__(
-        self,
-        input_op: Op,
-        batch_size: int,
-        padded_shapes: Any,
-        padding_values: Any,
-        drop_remainder: bool,
-    ) -> None:
-        super().__init__(input_op, batch_size, drop_remainder)
-        self.padded_shapes = padded_shapes
-        self.padding_values = padding_values
-        self.name = f"padded_batch({batch_size})"
+def known_batch_dim(spec: Any, what: str) -> int | None:
+    """The leading dimension every component of ``spec`` has, where the spec shows one.
 
-    def compute_spec(self) -> Any:
-        specs = self.input.element_spec()
-        dim = self.batch_dim
-
-        def padded(spec: TensorSpec, shape: Any) -> TensorSpec:
-            if shape is None:
-                return spec.with_leading(dim)
-            return TensorSpec((dim, *_as_shape(shape)), spec.dtype)
-
-        leaves = flatten(specs)
-        return pack_like(specs, list(map(padded, leaves, self.flat_shapes(specs))))
-
-    def flat_shapes(self, template: Any) -> list[Any]:
-        """One padded shape (or None: pad to the batch's longest) per leaf of ``template``."""
-        if self.padded_shapes is None:
-            return [None] * len(flatten(template))
-        return _flatten_up_to(template, self.padded_shapes, "padded_shapes")
-
-    def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
-        return PaddedBatchIterator(self, ctx, state)
-
-
-def _as_shape(shape: Any) -> tuple[int | None, ...]:
-    if isinstance(shape, int | np.integer):
-        return (int(shape),)
-    return tuple(None if d is None or d == -1 else int(d) for d in shape)
-
-
-class PaddedBatchIterator(BatchIterator):
-    takes_blocks = False  # padding may change the shape
-    op: PaddedBatchOp
-
-    def combine(self, elements: list[Any], first_position: int) -> Any:
-        check_same_structure(elements, self.op.name, first_position)
-        first = elements[0]
-        shapes = self.op.flat_shapes(first)
-        values = flatten_padding(self.op.padding_values, first)
-        columns = [list(c) for c in zip(*(flatten(e) for e in elements))]
-        leaves = [
-            self._pad_leaf(column, shape, value, first_position)
-            for column, shape, value in zip(columns, shapes, values)
-        ]
-        return pack_like(first, leaves)
-
-    def _pad_leaf(
-        self, column: list[Any], shape: Any, value: Any, first_position: int
-    ) -> np.ndarray:
-        arrays = [to_array(v) if not isinstance(v, bytes) else _bytes_array(v) for v in column]
-        rank = arrays[0].ndim
-        for i, a in enumerate(arrays):
-            if a.ndim != rank:
-                raise StageError(
-                    self.op.name,
-                    first_position + i,
-                    f"element {first_position + i} has rank {a.ndim}, but element "
-                    f"{first_position} has rank {rank}; padded_batch pads sizes, not ranks",
-                )
-        target = [max(a.shape[d] for a in arrays) for d in range(rank)]
-        if shape is not None:
-            wanted = _as_shape(shape)
-            if len(wanted) != rank:
-                raise StageError(
-                    self.op.name,
-                    first_position,
-                    f"padded shape {wanted} has rank {len(wanted)}, elements have rank {rank}",
-                )
-            for d, w in enumerate(wanted):
-                if w is None:
-                    continue
-                if target[d] > w:
-                    i = max(range(len(arrays)), key=lambda k: arrays[k].shape[d])
-                    raise StageError(
-                        self.op.name,
-                        first_position + i,
-                        f"element {first_position + i} has shape {arrays[i].shape}, larger "
-                        f"than the padded shape {wanted} in dimension {d}",
-                    )
-                target[d] = w
-        dtype = arrays[0].dtype
-        fill = _default_padding(dtype) if value is None else normalize_leaf(value)
-        out = np.full((len(arrays), *target), fill, dtype=dtype)
-        for i, a in enumerate(arrays):
-            region: tuple[int | slice, ...] = (i, *(slice(0, n) for n in a.shape))
-            # A 0-d object array (one string) would be stored as an array inside the object
-            # array; its item is what belongs there.
-            out[region] = a[()] if a.ndim == 0 else a
-        return out
-
-
-def _bytes_array(b: bytes) -> np.ndarray:
-    out = np.empty((), dtype=object)
-    out[()] = b
-    return out
-
-
-def _default_padding(dtype: np.dtype) -> Any:
-    return b"" if dtype == STRING_DTYPE else dtype.type(0)
-
-
-def _flatten_up_to(template: Any, given: Any, what: str) -> list[Any]:
-    """Flatten ``given`` along ``template``'s nesting only: where the template has a leaf, the
-    value there is one item even if it is a tuple (a shape such as ``(None, 3)``)."""
-    if isinstance(template, tuple):
-        if not isinstance(given, tuple | list) or len(given) != len(template):
-            raise ValueError(f"{what} {given!r} does not match the element structure {template}")
-        return [x for t, g in zip(template, given) for x in _flatten_up_to(t, g, what)]
-    if isinstance(template, dict):
-        if not isinstance(given, dict) or given.keys() != template.keys():
-            raise ValueError(f"{what} {given!r} does not match the element structure {template}")
-        return [x for k in sorted(template) for x in _flatten_up_to(template[k], given[k], what)]
-    return [given]
-
-
-def flatten_padding(values: Any, template: Any) -> list[Any]:
-    """One padding value (or None: the default) per leaf; a single value applies to all."""
-    if values is None or not is_nest(values):
-        return [values] * len(flatten(template))
-    return _flatten_up_to(template, values, "padding_values")
+    tf.data's checks at build, made here too so that an empty input does not hide them: a
+    ValueError for a scalar component (no dimension to split) or for components whose known
+    leading dimensions differ."""
+    dims = set()
+    for leaf in flatten(spec):
+        if leaf.shape is None:
+            continue
+        if not leaf.shape:
+            raise ValueError(f"{what}: cannot unbatch an input with scalar components ({spec})")
+        if leaf.shape[0] is not None:
+            dims.add(leaf.shape[0])
+    if len(dims) > 1:
+        raise ValueError(
+            f"{what} needs components with one leading dimension; the element spec {spec} "
+            f"has {sorted(dims)}"
+        )
+    return dims.pop() if dims else None
 
 
 class UnbatchOp(UnaryOp):
     def __init__(self, input_op: Op, name: str = "unbatch") -> None:
         super().__init__(input_op)
         self.name = name
+        spec = spec_at_build(input_op)
+        if spec is not None:
+            known_batch_dim(spec, name)
 
     def cardinality(self) -> int:
         # tf.data's rule: n batches of a static size k (every component) are n * k elements.
@@ -422,6 +311,9 @@ class RebatchOp(UnaryOp):
         self.batch_sizes = batch_sizes
         self.drop_remainder = drop_remainder
         self.name = f"rebatch({batch_sizes[0] if len(batch_sizes) == 1 else batch_sizes})"
+        spec = spec_at_build(input_op)
+        if spec is not None:
+            known_batch_dim(spec, self.name)
 
     def cardinality(self) -> int:
         # tf.data's rule: rebatch never knows its cardinality, even over an infinite input.
@@ -429,9 +321,19 @@ class RebatchOp(UnaryOp):
 
     def compute_spec(self) -> Any:
         specs = self.input.element_spec()
-        fixed = self.drop_remainder and len(set(self.batch_sizes)) == 1
-        dim = self.batch_sizes[0] if fixed else None
+        dim = self.static_batch_dim(specs)
         return map_structure(lambda s: s.without_leading().with_leading(dim), specs)
+
+    def static_batch_dim(self, specs: Any) -> int | None:
+        """tf.data's rule: one batch size, and either ``drop_remainder`` or input batches of
+        a known size it divides (so that no batch can come out smaller)."""
+        if len(set(self.batch_sizes)) != 1:
+            return None
+        size = self.batch_sizes[0]
+        if self.drop_remainder:
+            return size
+        input_dim = known_batch_dim(specs, self.name)
+        return size if input_dim is not None and input_dim % size == 0 else None
 
     def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         return RebatchIterator(self, ctx, state)

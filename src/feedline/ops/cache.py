@@ -29,7 +29,7 @@ import struct
 import threading
 import uuid
 import zlib
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
@@ -37,9 +37,11 @@ from feedline.errors import DataLossError, InvalidStateError
 from feedline.ops.base import Op, UnaryOp, UnobservableSpec
 from feedline.ops.in_memory import ElementsIterator
 from feedline.ops.records import (
+    FRAME,
     RecordError,
     decode_leaves,
-    encode_leaves,
+    frame_intact,
+    framed_record,
     leaves_of,
     pipeline_identity,
     spec_from_json,
@@ -57,8 +59,7 @@ _MAGIC_1 = b"FLCACHE\x01"
 TRAILER_MAGIC = b"FLCACHE-END"
 FORMAT = "feedline-cache"
 VERSION = 2
-_RECORD = struct.Struct("<QQI")
-_RECORD_HEAD = struct.Struct("<QQ")  # the part of a record's header its CRC covers
+_RECORD = FRAME
 _TAIL = struct.Struct("<Q")
 _END_MARK = 2**64 - 1
 # A restored writer reads its pass again in chunks of at most this many elements.
@@ -67,6 +68,14 @@ _REPLAY_CHUNK = 4096
 
 class CacheFileError(DataLossError):
     """A cache file that is damaged, truncated, or was written by another pipeline."""
+
+
+class Sink(Protocol):
+    """Where a writing pass records its elements (memory, a cache file, snapshot shards)."""
+
+    def add(self, chunk: list[Any]) -> None: ...
+    def publish(self, start: State) -> None: ...
+    def discard(self) -> None: ...
 
 
 class CacheOp(UnaryOp):
@@ -108,6 +117,10 @@ class CacheOp(UnaryOp):
         if self._identity is None:
             self._identity = pipeline_identity(self.input)
         return self._identity
+
+    def make_sink(self) -> Sink:
+        """Where a writing pass of this op records its elements."""
+        return _FileSink(self) if self.filename else _MemorySink(self)
 
     def publish_memory(self, elements: list[Any], start: State) -> None:
         with self._lock:
@@ -199,13 +212,7 @@ class _FileSink:
                     f"{self.op.name} cannot store element {self.count}: {e} "
                     f"(the element spec is {self.spec})"
                 ) from None
-            buffers, size = encode_leaves(leaves)
-            head = _RECORD_HEAD.pack(self.count, size)
-            crc = zlib.crc32(head)
-            for buffer in buffers:
-                crc = zlib.crc32(buffer, crc)
-            self.file.write(head + struct.pack("<I", crc))
-            for buffer in buffers:
+            for buffer in framed_record(self.count, leaves):
                 self.file.write(buffer)
             self.count += 1
 
@@ -259,10 +266,10 @@ class CacheWriter(ChunkedIterator):
             self.start = state_nested(state, "start", op.name)
             self.input = op.input.make_iterator(ctx, self.start)
         self.inputs = (self.input,)
-        self.sink: _MemorySink | _FileSink | None = None
+        self.sink: Sink | None = None
         try:
             if record:
-                self.sink = _FileSink(op) if op.filename else _MemorySink(op)
+                self.sink = op.make_sink()
             self._replay(replay)
         except BaseException:
             self.close()
@@ -450,20 +457,20 @@ class FileCacheReader(StageIterator):
             raise self._foreign(f"it holds elements of {stored_spec}, this dataset {declared}")
         return declared
 
-    def _record_header(self) -> tuple[int, int, bytes]:
-        """The length, CRC and header of the record at ``pos`` (the file is past its header)."""
+    def _record_header(self) -> tuple[int, bytes]:
+        """The length and header of the record at ``pos`` (the file is past its header)."""
         assert self.file is not None
         if self.pos >= self.records_end:
             raise self._corrupt(self.pos, f"the records end after {self.index} of {self.count}")
         head = self.file.read(_RECORD.size)
         if len(head) < _RECORD.size:
             raise self._corrupt(self.pos, f"record {self.index} is cut short")
-        index, length, crc = _RECORD.unpack(head)
+        index, length, _ = _RECORD.unpack(head)
         if index != self.index:
             raise self._corrupt(self.pos, f"record {self.index} is not where it belongs")
         if length > self.records_end - self.pos - _RECORD.size:
             raise self._corrupt(self.pos, f"record {self.index} runs past the records' end")
-        return length, crc, head
+        return length, head
 
     def __next__(self) -> Any:
         if self.index >= self.count:
@@ -472,11 +479,11 @@ class FileCacheReader(StageIterator):
                 raise self._corrupt(self.pos, f"records go on past the {self.count} counted")
             raise StopIteration
         assert self.file is not None
-        length, crc, head = self._record_header()
+        length, head = self._record_header()
         payload = np.empty(length, dtype=np.uint8)
         if self.file.readinto(payload.data) != length:
             raise self._corrupt(self.pos, f"record {self.index} is cut short")
-        if zlib.crc32(payload.data, zlib.crc32(head[: _RECORD_HEAD.size])) != crc:
+        if not frame_intact(head, payload.data):
             raise self._corrupt(self.pos, f"record {self.index} fails its checksum")
         try:
             leaves = decode_leaves(payload, self.leaf_specs)

@@ -25,6 +25,7 @@ from feedline.ops.in_memory import (
     encode_elements,
     state_elements,
 )
+from feedline.ops.tracing import output_check, traced_spec
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import ChunkedIterator, StageIterator, State
 from feedline.runtime.states import (
@@ -37,7 +38,7 @@ from feedline.runtime.states import (
     state_list,
     state_nested,
 )
-from feedline.structure import STRING_DTYPE, TensorSpec, flatten, map_structure
+from feedline.structure import STRING_DTYPE, TensorSpec, flatten, leaf_spec, map_structure
 
 if TYPE_CHECKING:
     from feedline.dataset import Dataset
@@ -71,6 +72,23 @@ class GroupByWindowOp(UnaryOp):
         self.window_size_func = window_size_func
         self.spec_reduce = spec_reduce
         self.name = name
+        self._check_key_func()
+
+    def _check_key_func(self) -> None:
+        """tf.data's check at build: ``key_func`` returns an int64 scalar (a Python int is
+        converted to one; an int32 value is refused). The spec is traced as a map's is, so
+        an empty input does not hide a wrong key."""
+        try:
+            spec = traced_spec(
+                self.input, lambda e: key_spec(call_with_element(self.key_func, e)), self.name
+            )
+        except UnobservableSpec:
+            return
+        if spec != _KEY_SPEC:
+            raise ValueError(
+                f"{self.name}: key_func must return an int64 scalar (a Python int or "
+                f"np.int64), but it returns {spec}"
+            )
 
     def cardinality(self) -> int:
         return INFINITE if self.input.cardinality() == INFINITE else UNKNOWN
@@ -111,6 +129,30 @@ def _keyed(state: State, field: str, owner: str) -> list[tuple[int, Any]]:
     return pairs
 
 
+_KEY_SPEC = TensorSpec((), np.dtype(np.int64))
+
+
+def key_spec(value: Any) -> TensorSpec:
+    """The spec of a key as tf.data converts it to int64: a Python int (not a bool) is an
+    int64 scalar, anything else keeps its own dtype and shape."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _KEY_SPEC
+    return leaf_spec(value)
+
+
+def _key(value: Any, stage: str, position: int) -> int:
+    """The int64 key ``key_func`` returned (see ``key_spec``); a StageError for another."""
+    spec = key_spec(value)
+    if spec != _KEY_SPEC:
+        raise StageError(
+            stage, position, f"key_func must return an int64 scalar, but it returned {spec}"
+        )
+    key = int(value)
+    if not INT64_MIN <= key <= INT64_MAX:
+        raise StageError(stage, position, f"key_func returned {key}, beyond int64")
+    return key
+
+
 def _int64_scalar(value: Any, what: str, stage: str, position: int) -> np.int64:
     arr = np.asarray(value)
     if arr.shape != () or arr.dtype.kind not in "iu":
@@ -137,6 +179,8 @@ class GroupByWindowIterator(UnaryIterator):
         self.current_window: list[Any] = []
         self.input_done = False
         self.position = 0
+        # reduce_func's datasets may differ from the one its spec was found from (once known).
+        self.check = output_check(op, ctx, "thread", trace=False)
         current = None
         if state is not None:
             state_nested(state, "input", op.name)  # reported before a bad group
@@ -216,7 +260,7 @@ class GroupByWindowIterator(UnaryIterator):
             value = call_with_element(op.key_func, element)
         except Exception as e:
             raise wrap_user_error(op.name, position, e) from e
-        key = int(_int64_scalar(value, "key_func", op.name, position))
+        key = _key(value, op.name, position)
         size = self._window_size(key, position)
         group = self.groups.setdefault(key, [])
         group.append(element)
@@ -228,11 +272,15 @@ class GroupByWindowIterator(UnaryIterator):
         while True:
             if self.current is not None:
                 try:
-                    return next(self.current)
+                    element = next(self.current)
                 except StopIteration:
                     self.current.close()
                     self.current = None
                     self.current_window = []
+                else:
+                    if self.check is not None and not self.check.fits(element):
+                        raise self.check.error(element, None)
+                    return element
             if not self.input_done:
                 try:
                     element = next(self.input)

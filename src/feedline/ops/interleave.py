@@ -18,7 +18,7 @@ from feedline.ops.base import (
     function_name,
 )
 from feedline.ops.choices import ChoiceLog
-from feedline.ops.tracing import traced_spec
+from feedline.ops.tracing import output_check, traced_spec
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import StageIterator, State
 from feedline.runtime.parallel import AsyncStage, default_parallelism
@@ -35,6 +35,27 @@ from feedline.runtime.states import (
 
 if TYPE_CHECKING:
     from feedline.runtime.process.remote import RemoteSlots
+
+
+# tf.data's default cycle length depends on the machine's cores (``port::MaxParallelism``):
+# with ``num_parallel_calls=N``, ``min(N, cores)`` (and N above the cores is then an error);
+# with AUTOTUNE, ``ceil(cores / 3)`` (each slot has a thread, and two future slots open ahead
+# on threads of their own); sequential, ``cores``. The cycle length decides the order, so
+# feedline evaluates that rule for a fixed machine of ``REFERENCE_CORES`` cores instead: one
+# pipeline gives one order on any machine, and tf.data's own on a machine of that size.
+REFERENCE_CORES = 2
+# Threads tf.data gives each slot under AUTOTUNE: its own and two for future slots.
+_THREADS_PER_SLOT = 3
+
+
+def default_cycle_length(num_parallel_calls: int | None) -> int:
+    """The cycle length of an interleave given none, by tf.data's rule for a machine of
+    ``REFERENCE_CORES`` cores (a fixed ``num_parallel_calls`` needs no machine: it is that)."""
+    if num_parallel_calls is None:
+        return REFERENCE_CORES
+    if num_parallel_calls == AUTOTUNE:
+        return -(-REFERENCE_CORES // _THREADS_PER_SLOT)
+    return num_parallel_calls
 
 
 class InterleaveOp(UnaryOp):
@@ -153,6 +174,9 @@ class InterleaveIterator(UnaryIterator):
         self.crashed = False
         self.pending: tuple[Any] | None = None  # an input element read, its opening cut short
         self.choices = ChoiceLog()
+        # Each element checked against the traced spec, once known: the datasets the function
+        # returns may differ from the first ones (another dtype, another structure).
+        self.check = output_check(op, ctx, op.executor, trace=False)
         wanted: dict[int, State] = {}
         if state is not None:
             wanted = self._check_state(state)
@@ -317,6 +341,9 @@ class InterleaveIterator(UnaryIterator):
                     else:
                         self.block_index += 1
                         self.choices.deliveries += 1
+                        if self.check is not None and not self.check.fits(element):
+                            origin = self.slot_origin[self.cycle_index]
+                            raise self.check.error(element, origin)
                         return element
                 self._advance_cycle()
             elif self.pending is not None or not self.input_done:

@@ -20,7 +20,7 @@ from feedline.ops.base import (
     function_name,
 )
 from feedline.ops.randomness import PassKey, PassKeys
-from feedline.ops.tracing import outputs_spec, traced_spec
+from feedline.ops.tracing import OutputCheck, output_check, outputs_spec, traced_spec
 from feedline.runtime.chunks import ChunkExecutor, Failed, Transform
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import ChunkedIterator, InputCursor, StageIterator, State
@@ -106,6 +106,7 @@ class MapOp(UnaryOp):
         executor: ChunkExecutor | None = None
         executor_switch: ExecutorSwitch | None = None
         choice = self.executor or ctx.options.executor
+        check = output_check(self, ctx, self.executor)
         # A probe pass (for an element spec) looks at an element or two: never worth processes.
         if choice in ("process", "auto") and not ctx.probe:
 
@@ -114,7 +115,9 @@ class MapOp(UnaryOp):
 
                 # One pickled function serves every pass: the worker makes each pass's
                 # transform from its random key.
-                factory = functools.partial(map_transform, self.fn, self.name, timeout=self.timeout)
+                factory = functools.partial(
+                    map_transform, self.fn, self.name, timeout=self.timeout, check=check
+                )
                 return process_executor(ctx, self, self.name, factory, key, self.timeout)
 
             if choice == "process":
@@ -129,7 +132,7 @@ class MapOp(UnaryOp):
             key=self,
             ctx=ctx,
             make_input=lambda s: self.input.make_iterator(ctx, s),
-            transform=map_transform(self.fn, self.name, key, self.timeout),
+            transform=map_transform(self.fn, self.name, key, self.timeout, check),
             state=state,
             num_parallel_calls=self.num_parallel_calls,
             deterministic=self.deterministic,
@@ -139,10 +142,29 @@ class MapOp(UnaryOp):
 
 
 def map_transform(
-    fn: Callable[..., Any], name: str, key: PassKey | None, timeout: float | None = None
+    fn: Callable[..., Any],
+    name: str,
+    key: PassKey | None,
+    timeout: float | None = None,
+    check: OutputCheck | None = None,
 ) -> Transform:
     """The chunk transform of a map (``key`` None) or of one pass of a random_map; each call
-    limited to ``timeout`` seconds if given."""
+    limited to ``timeout`` seconds if given, its outputs checked by ``check`` if given (in
+    the transform, so wherever it runs: inline, on threads, in worker processes)."""
+    transform = _calls(fn, name, key, timeout)
+    if check is None:
+        return transform
+
+    def checked(raw: list[Any], positions: Sequence[int]) -> tuple[list[Any], list[int]]:
+        outputs, failures = transform(raw, positions)
+        return check.mark(outputs, failures, positions)
+
+    return checked
+
+
+def _calls(
+    fn: Callable[..., Any], name: str, key: PassKey | None, timeout: float | None
+) -> Transform:
     if key is None and timeout is None:
         return lambda raw, positions: map_chunk(fn, raw, positions, name)
 
@@ -189,17 +211,34 @@ def map_chunk(
         except Exception as e:
             failures.append(len(out))
             append(Failed(wrap_user_error(name, positions[len(out)], e)))
-    return _normalized(out), failures
+    return _normalized(out, failures, positions, name)
 
 
-def _normalized(outputs: list[Any]) -> list[Any]:
-    """Outputs converted the way tf.data converts a function's results (rarely needed)."""
+def _normalized(
+    outputs: list[Any], failures: list[int], positions: Sequence[int], name: str
+) -> tuple[list[Any], list[int]]:
+    """Outputs converted the way tf.data converts a function's results (rarely needed), and
+    the failures with those that cannot be (a list of arrays of different lengths): each
+    fails its own element, as the function raising would."""
     if sole_type(outputs) in _NO_CONVERSION or set(map(type, outputs)) <= _NO_CONVERSION:
-        return outputs
-    return [
-        y if type(y) in _NO_CONVERSION or type(y) is Failed else normalize_output(y)
-        for y in outputs
-    ]
+        return outputs, failures
+    converted: list[Any] = []
+    failed = set(failures)
+    for i, y in enumerate(outputs):
+        if type(y) in _NO_CONVERSION or type(y) is Failed:
+            converted.append(y)
+            continue
+        try:
+            converted.append(normalize_output(y))
+        except (TypeError, ValueError) as e:
+            failed.add(i)
+            error = TypeError(
+                f"its output cannot be an element ({e}); a list of arrays of different "
+                "lengths (parse_example's VarLenFeature) is no tensor: parse each element with "
+                "parse_single_example before batch(), or use ragged_batch()"
+            )
+            converted.append(Failed(wrap_user_error(name, positions[i], error)))
+    return converted, sorted(failed)
 
 
 def map_chunk_with_positions(
@@ -220,7 +259,7 @@ def map_chunk_with_positions(
         except Exception as e:
             failures.append(len(out))
             append(Failed(wrap_user_error(name, positions[len(out)], e)))
-    return _normalized(out), failures
+    return _normalized(out, failures, positions, name)
 
 
 class PassStateIterator(StageIterator):

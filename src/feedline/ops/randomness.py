@@ -66,6 +66,12 @@ class PassKeys:
         self._next_epoch = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
+    def start_runs_at(self, run: int) -> None:
+        """Number this copy's next passes from ``run``: a copy made afresh for every epoch
+        (a DataLoader's workers) would otherwise draw the first pass's numbers each time."""
+        with self._lock:
+            self._runs = itertools.count(run)
+
     def key(self, ctx: IterContext, state: State | None, owner: str) -> PassKey:
         """The key of a new pass in ``ctx``, or of the pass a saved ``state`` (of the op
         ``owner``) resumes."""

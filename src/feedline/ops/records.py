@@ -20,6 +20,7 @@ import math
 import re
 import struct
 import types
+import zlib
 from typing import Any
 
 import numpy as np
@@ -144,6 +145,28 @@ def encode_leaves(leaves: list[Any]) -> tuple[list[Any], int]:
     if record.small:
         record.buffers.append(record.small)
     return record.buffers, record.size
+
+
+# A framed record (cache files, saved datasets): index u64, payload length u64, CRC32 u32 of
+# the index, the length and the payload; then the payload.
+FRAME = struct.Struct("<QQI")
+_FRAME_HEAD = struct.Struct("<QQ")
+
+
+def framed_record(index: int, leaves: list[Any]) -> list[Any]:
+    """The buffers of record ``index`` holding ``leaves``, in order: its header, its payload."""
+    buffers, size = encode_leaves(leaves)
+    head = _FRAME_HEAD.pack(index, size)
+    crc = zlib.crc32(head)
+    for buffer in buffers:
+        crc = zlib.crc32(buffer, crc)
+    return [head + _U32.pack(crc), *buffers]
+
+
+def frame_intact(header: bytes, payload: Any) -> bool:
+    """Whether a record's ``payload`` (bytes-like) passes the CRC in its ``header``."""
+    _, _, crc = FRAME.unpack(header)
+    return zlib.crc32(payload, zlib.crc32(header[: _FRAME_HEAD.size])) == crc
 
 
 def _sizes(shape: tuple[int, ...]) -> bytes:

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 
 from feedline.errors import StageError, wrap_user_error
-from feedline.ops.base import Op, UnaryIterator, UnaryOp, function_name
+from feedline.ops.base import Op, UnaryIterator, UnaryOp, UnobservableSpec, function_name
 from feedline.ops.in_memory import check_elements, encode_elements
 from feedline.ops.sources import owned_array
-from feedline.ops.tracing import REAL_ELEMENTS, first_elements, traced_spec
+from feedline.ops.tracing import REAL_ELEMENTS, first_elements, output_check, traced_spec
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import State
 from feedline.runtime.states import state_dict, state_int
@@ -49,6 +49,28 @@ class ScanOp(UnaryOp):
         self.state_dtypes = [leaf_spec(leaf).dtype for leaf in flatten(self.initial_state)]
         self.fn = fn
         self.name = f"scan({function_name(fn)})"
+        self._check_state_dtypes()
+
+    def _step(self, element: Any) -> tuple[Any, Any]:
+        """``(new state, output)`` of the function on the initial state and ``element``."""
+        result = normalize_output(self.fn(self.initial_state, element))
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise TypeError("scan_func must return a pair (new state, output value)")
+        return result[0], result[1]
+
+    def _check_state_dtypes(self) -> None:
+        """tf.data's check at build: the new state keeps the initial state's components and
+        dtypes. Traced, so an empty input does not hide a state that changes dtype."""
+        try:
+            spec = traced_spec(self.input, lambda e: spec_of(self._step(e)[0]), self.name)
+        except UnobservableSpec:
+            return
+        dtypes = [leaf.dtype for leaf in flatten(spec)]
+        if dtypes != self.state_dtypes:
+            raise TypeError(
+                f"{self.name}: the new state must have the initial state's components and "
+                f"dtypes: expected {_names(self.state_dtypes)}, got {_names(dtypes)}"
+            )
 
     def cardinality(self) -> int:
         return self.input.cardinality()
@@ -57,13 +79,7 @@ class ScanOp(UnaryOp):
         """The outputs of the function on the initial state (traced, so known even when no
         element ever comes), merged with the first real outputs, whose states have moved on."""
 
-        def output_spec(element: Any) -> Any:
-            result = normalize_output(self.fn(self.initial_state, element))
-            if not (isinstance(result, tuple) and len(result) == 2):
-                raise TypeError("scan_func must return a pair (new state, output value)")
-            return spec_of(result[1])
-
-        spec = traced_spec(self.input, output_spec, self.name)
+        spec = traced_spec(self.input, lambda e: spec_of(self._step(e)[1]), self.name)
         with contextlib.suppress(Exception):  # a look at the data, not a pass: errors come later
             for output in first_elements(self, REAL_ELEMENTS):
                 spec = merge_specs(spec, spec_of(output))
@@ -78,6 +94,8 @@ class ScanIterator(UnaryIterator):
         self.op = op
         self.position = 0
         self.state = op.initial_state
+        # The function runs here, in this process, whatever Options.executor says for maps.
+        self.check = output_check(op, ctx, "thread")
         if state is not None:
             self.position = state_int(state, "position", op.name)
             self.state = self._restored_state(state)
@@ -110,6 +128,8 @@ class ScanIterator(UnaryIterator):
             )
         new_state, output = result
         self.state = pack_like(self.op.initial_state, self._checked_leaves(new_state, position))
+        if self.check is not None and not self.check.fits(output):
+            raise self.check.error(output, position)
         return output
 
     def _checked_leaves(self, new_state: Any, position: int) -> list[Any]:

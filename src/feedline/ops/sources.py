@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -82,12 +82,40 @@ def owned_array(x: Any) -> np.ndarray:
     instead of being read into memory), marked read-only like the arrays tf.data hands out, so
     neither the user's later writes nor a consumer's in-place edits of an element (a view of
     it) can change what the dataset yields."""
-    arr = to_array(x)
+    arr = _faithful(to_array(x))
     if arr is x and _writable_somewhere(arr):
         arr = arr.copy()
     if arr.flags.writeable:
         arr.flags.writeable = False
     return arr
+
+
+def _faithful(arr: np.ndarray) -> np.ndarray:
+    """``arr`` as a tensor tf.data would make: an object array is one of strings (its ``str``
+    encoded as UTF-8 bytes, as tf.data does), never of other objects (rows of different
+    lengths, records, images, missing values), which no tensor holds."""
+    if arr.dtype != object:
+        return arr
+    values = arr.reshape(-1).tolist()
+    if all(isinstance(v, bytes) for v in values):
+        return arr
+    if all(isinstance(v, str | bytes) for v in values):
+        out = np.empty(len(values), dtype=object)
+        out[:] = [v.encode("utf-8") if isinstance(v, str) else v for v in values]
+        return out.reshape(arr.shape)
+    # Rows that are arrays (pyarrow's list columns): one tensor if they share a shape.
+    if (
+        values
+        and all(isinstance(v, np.ndarray) for v in values)
+        and len({(v.shape, v.dtype) for v in values}) == 1
+    ):
+        return _faithful(to_array(np.stack(values).reshape(arr.shape + values[0].shape)))
+    kinds = sorted({type(v).__name__ for v in values if not isinstance(v, str | bytes)})
+    raise TypeError(
+        f"cannot make a tensor of values of type {', '.join(kinds)} (e.g. rows of different "
+        "lengths, nested records, or missing values): give arrays of one shape and dtype, or "
+        "use Dataset.from_generator with an output_signature"
+    )
 
 
 def _writable_somewhere(arr: Any) -> bool:
@@ -110,7 +138,10 @@ class TensorSlicesOp(Op):
                 "from_tensor_slices got a list of records (dicts, or tuples holding strings); "
                 "pass a tuple/dict of lists (one per component) instead, as in tf.data"
             )
-        self.structure = map_structure(owned_array, tensors)
+        try:
+            self.structure = map_structure(owned_array, _by_items(tensors))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"from_tensor_slices cannot slice its input faithfully: {e}") from e
         leaves = flatten(self.structure)
         if not leaves:
             raise ValueError("from_tensor_slices needs at least one component")
@@ -172,6 +203,36 @@ class SlicesIterator(StageIterator):
 
     def get_state(self) -> State:
         return {"index": self.index}
+
+
+def _by_items(tensors: Any) -> Any:
+    """Mapping-like inputs as the dict of their items, as tf.data reads a dict: a ``Mapping``
+    that is not a dict (``np.load``'s ``NpzFile``, a ``MappingProxyType``), and a table of
+    named columns (a Hugging Face ``datasets.Dataset``, a ``pyarrow.Table``: anything with
+    ``column_names`` and a column per name), whose rows would otherwise be sliced as objects
+    (an NpzFile iterates its keys, a Hugging Face dataset its rows as dicts of ``str``)."""
+    if isinstance(tensors, Mapping) and not isinstance(tensors, dict):
+        return dict(tensors.items())
+    names = getattr(tensors, "column_names", None)
+    if names is not None and not isinstance(tensors, np.ndarray):
+        if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+            raise TypeError(
+                f"from_tensor_slices got a {type(tensors).__name__} whose column_names "
+                f"{names!r:.80} are not a list of names"
+            )
+        return {name: _column(tensors[name]) for name in names}
+    return tensors
+
+
+def _column(column: Any) -> Any:
+    """One column of a table as numpy reads it: pyarrow's through ``to_numpy`` (which refuses
+    no type), others (lists, Hugging Face columns) as they come."""
+    if type(column).__module__.startswith("pyarrow"):
+        if column.null_count:
+            # pyarrow would fill them in (NaN in a float copy of an int column): refused.
+            raise TypeError(f"a column holds {column.null_count} missing values")
+        return column.to_numpy()
+    return list(column) if not isinstance(column, list | np.ndarray) else column
 
 
 def _is_record(row: Any) -> bool:

@@ -59,6 +59,7 @@ class IterContext:
         self._retired: list[Tunable] = []
         self._closers: list[Callable[[], None]] = []
         self._worker_pools: list[WorkerPoolView] = []
+        self._notes: dict[str, None] = {}  # insertion-ordered, each line once
         self._lock = threading.Lock()
         # One budget for every stage of the pass, nested ones (an interleave's) included.
         self.threads = ThreadBudget(self.options.thread_budget, self.stages)
@@ -94,6 +95,16 @@ class IterContext:
         with self._lock:
             pools = [p for p in self._worker_pools if not p.closed]
         return [WorkerMemory(p.name, len(p.pids()), p.rss_bytes()) for p in pools]
+
+    def note(self, line: str) -> None:
+        """A line for the run's report: something an op fixed when the dataset was built
+        (a batch-size schedule, a rank's share of the data), which no stage's knobs show."""
+        with self._lock:
+            self._notes[line] = None
+
+    def notes(self) -> list[str]:
+        with self._lock:
+            return list(self._notes)
 
     def on_close(self, closer: Callable[[], None]) -> None:
         """Run ``closer`` when the run ends (resources shared by its stages: worker pools)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 # Work per element below which handing elements between threads costs about as much as the
@@ -104,7 +104,7 @@ class ThreadBudget:
         and keeps a value it starts with (what an earlier stage of its op reached) only as far
         as it fits."""
         knob = stage.knobs.get("parallelism")
-        if knob is None or not knob.tunable:
+        if knob is None or not knob.tunable or stage.tuned_by_itself:
             return
         with self._lock:
             knob.budget = self
@@ -152,7 +152,7 @@ class ThreadBudget:
                 del self._threads[stage]
         for stage in self._stages():
             knob = stage.knobs.get("parallelism")
-            if knob is not None:
+            if knob is not None and not stage.tuned_by_itself:  # actors are no threads
                 held[stage] = max(held.get(stage, 0), knob.value)
         return held
 
@@ -307,6 +307,12 @@ class Tunable:
     solo_cpu_share: float | None
     # Shown in the tuning history with the tuner's own decisions.
     start_choice: StartChoice | None = None
+    # A stage that sets its own ``parallelism`` knob (a distributed stage's actors, whose
+    # start takes longer than the tuner's trials): the tuner's rules leave it alone, its
+    # knob draws nothing from the thread budget, and ``events`` (what it decided, and why,
+    # in order) go into the history.
+    tuned_by_itself: bool = False
+    events: Sequence[StartChoice] = ()
 
     @property
     def chunk_size(self) -> int:

@@ -286,9 +286,7 @@ class ExecutorSwitch:
         except Exception as e:  # an unpicklable function: threads it stays
             logger.info("%s stays on threads: %s", self._attached()[0].name, e)
             cause = e.__cause__ or e  # the pickling error, under the stage's own
-            self.knob.refuse(
-                THREADS, f"cannot move to processes: {type(cause).__name__}: {cause}"
-            )
+            self.knob.refuse(THREADS, f"cannot move to processes: {type(cause).__name__}: {cause}")
             return None
 
     def resize(self, parallelism: int) -> None:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -21,7 +22,7 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -92,6 +93,25 @@ def _span(positions: Sequence[int]) -> str:
     return f"{first}" if first == last else f"{first}..{last} ({len(positions)} elements)"
 
 
+_WORKER_PREFIX = "feedline-"
+
+
+@contextlib.contextmanager
+def _children_allowed() -> Iterator[None]:
+    """Let a daemonic process (a torch DataLoader worker) start workers.
+
+    multiprocessing refuses children to a daemonic process, which is killed without reaping
+    them; feedline's workers need no reaping: each ends as soon as its parent does
+    (``worker._end_with_parent``), and the daemon's exit stops them first anyway."""
+    config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
+    daemon = config.get("daemon", False)
+    config["daemon"] = False
+    try:
+        yield
+    finally:
+        config["daemon"] = daemon
+
+
 class WorkerPool:
     """Worker processes for one op in one run, all running the service pickled in
     ``service_blob``; subclasses decide which worker runs what.
@@ -103,7 +123,9 @@ class WorkerPool:
     """
 
     def __init__(self, name: str, service_blob: bytes) -> None:
-        if multiprocessing.current_process().daemon:  # multiprocessing would only assert
+        # Only feedline's own workers (named so below) may not start more: another library's
+        # daemonic process (a torch DataLoader worker) may, see ``_children_allowed``.
+        if multiprocessing.current_process().name.startswith(_WORKER_PREFIX):
             raise StageError(
                 name,
                 None,
@@ -225,11 +247,11 @@ class WorkerPool:
         process = ctx.Process(
             target=_worker_main,
             args=(child_end, self._blob, os.getpid()),
-            name=f"feedline-{self.name}",
+            name=f"{_WORKER_PREFIX}{self.name}",
             daemon=True,
         )
         try:
-            with _main_not_reimported():
+            with _main_not_reimported(), _children_allowed():
                 process.start()
         except Exception as e:  # say, no more processes allowed
             parent_end.close()

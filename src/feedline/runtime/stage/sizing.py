@@ -17,7 +17,6 @@ MAX_CHUNK = 4096
 # to about this long, so that work whose cost jumps (a map that starts waiting on I/O) holds
 # the consumer up for a few of them at most before the sizer learns the new cost.
 TARGET_INLINE_SECONDS = 0.001
-COST_JUMP = 4.0
 
 
 class ChunkSizer:
@@ -83,13 +82,9 @@ class ChunkSizer:
         if elements <= 0:
             return
         per = seconds / elements
-        estimate = self.seconds_per_element
-        # A rise is believed at once (work that turns I/O-bound: the next chunk, sized on the
-        # old cost, would take seconds); a fall, and small moves, are averaged.
-        if estimate == 0 or per > COST_JUMP * estimate:
-            self.seconds_per_element = per
-        else:
-            self.seconds_per_element = 0.8 * estimate + 0.2 * per
+        self.seconds_per_element = (
+            per if self.seconds_per_element == 0 else 0.8 * self.seconds_per_element + 0.2 * per
+        )
         ideal = (TARGET_CHUNK_SECONDS if target is None else target) / max(
             self.seconds_per_element, 1e-9
         )

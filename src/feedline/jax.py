@@ -1,0 +1,76 @@
+"""JAX: feedline's elements as ``jax.Array``\\ s, on the devices (and sharding) of a train step.
+
+``device_put(ds, sharding)`` is the counterpart of flax's ``prefetch_to_device`` and of
+``jax.device_put`` over each batch, with a resumable state (``state_dict`` /
+``load_state_dict``, as for ``feedline.torch.to_torch``). JAX is the ``feedline[jax]`` extra,
+imported on first use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from feedline.feed import Feed
+from feedline.io.fs import require
+from feedline.ops.base import AUTOTUNE
+
+__all__ = ["JaxIterator", "device_put"]
+
+# Where an adaptive queue (``prefetch=AUTOTUNE``) starts: one element copying while the
+# step uses the other.
+_START_AHEAD = 2
+
+
+def _jax() -> ModuleType:
+    return require("jax", "jax", "feedline.jax")
+
+
+class JaxIterator(Feed):
+    """What ``device_put`` returns: ``jax.Array`` leaves in the elements' nesting, ``prefetch``
+    elements sent ahead; strings stay numpy arrays of ``bytes`` (JAX has no string dtype)."""
+
+    def __init__(self, iterable: Iterable[Any], sharding: Any, prefetch: int) -> None:
+        self._jax = _jax()
+        self._sharding = sharding
+        # A sharding over processes' devices: each process holds its own rows of the batch.
+        self._global = isinstance(sharding, self._jax.sharding.Sharding)
+        if prefetch == AUTOTUNE:
+            super().__init__(iterable, self._put, _START_AHEAD, ready=self._all_ready)
+        elif isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+            raise ValueError(f"prefetch must be an int >= 0 or AUTOTUNE, got {prefetch!r}")
+        else:
+            super().__init__(iterable, self._put, prefetch)
+
+    def _put(self, element: Any) -> Any:
+        jax = self._jax
+        leaves, tree = jax.tree_util.tree_flatten(element)
+        return jax.tree_util.tree_unflatten(tree, [self._leaf(leaf) for leaf in leaves])
+
+    def _leaf(self, leaf: Any) -> Any:
+        if isinstance(leaf, bytes) or (isinstance(leaf, np.ndarray) and leaf.dtype == object):
+            return leaf
+        if self._global:
+            # This process's rows of the global batch (all of it on one process).
+            return self._jax.make_array_from_process_local_data(self._sharding, np.asarray(leaf))
+        return self._jax.device_put(leaf, self._sharding)
+
+    def _all_ready(self, element: Any) -> bool:
+        leaves = self._jax.tree_util.tree_leaves(element)
+        return all(leaf.is_ready() for leaf in leaves if hasattr(leaf, "is_ready"))
+
+
+def device_put(iterable: Iterable[Any], sharding: Any = None, prefetch: int = 2) -> JaxIterator:
+    """``jax.Array``\\ s of ``iterable``'s elements (a Dataset, its iterator, or any iterable
+    of numpy elements), ``prefetch`` of them sent ahead of the consumer (``AUTOTUNE``: from 2,
+    one more each time an element is handed out before its copy finished, up to 8).
+
+    ``sharding``: None (the default device), a device, or a ``jax.sharding.Sharding``; with a
+    ``NamedSharding`` over several processes each process passes its own part of the batch
+    (as ``feedline.distribute.auto_shard`` gives it) and gets the global array
+    (``jax.make_array_from_process_local_data``). Counterparts: flax's
+    ``jax_utils.prefetch_to_device``; tf.data's ``prefetch_to_device``."""
+    return JaxIterator(iterable, sharding, prefetch)

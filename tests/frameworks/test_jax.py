@@ -1,0 +1,174 @@
+"""``feedline.jax.device_put``: jax.Arrays equal to the numpy elements, sent ahead, sharded
+over devices from each process's local batch, resumable; and a model that learns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import feedline as fl
+from tests.frameworks.helpers import (
+    FAILING_EVERY_4TH,
+    assert_feed_resumes,
+    failing_every_4th,
+    outcomes,
+    regression,
+    run_script,
+)
+
+jax = pytest.importorskip("jax")
+fj = pytest.importorskip("feedline.jax")
+
+
+def mixed(n: int = 12) -> fl.Dataset:
+    return fl.Dataset.from_tensor_slices(
+        {
+            "id": np.arange(n, dtype=np.int64),
+            "x": np.arange(n * 2, dtype=np.float32).reshape(n, 2) / 3,
+            "flag": (np.arange(n) % 3 == 0, np.array([b"s%d" % i for i in range(n)], object)),
+        }
+    )
+
+
+def assert_array_like(got: Any, want: Any) -> None:
+    """A jax.Array with JAX's dtype for the numpy one (int64 is int32 unless x64 is on, JAX's
+    own rule) and the same values; strings stay numpy arrays of bytes."""
+    if isinstance(want, dict):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert_array_like(got[key], want[key])
+    elif isinstance(want, tuple):
+        assert type(got) is tuple and len(got) == len(want)
+        for g, w in zip(got, want):
+            assert_array_like(g, w)
+    elif isinstance(want, np.ndarray) and want.dtype == object:
+        assert got.tolist() == want.tolist()
+    else:
+        assert isinstance(got, jax.Array)
+        assert got.dtype == jax.dtypes.canonicalize_dtype(np.asarray(want).dtype)
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2, fl.AUTOTUNE])
+def test_arrays_equal_the_numpy_elements(prefetch: int) -> None:
+    ds = mixed().batch(5)
+    want = list(ds)
+    with fj.device_put(ds, prefetch=prefetch) as it:
+        got = list(it)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert_array_like(g, w)
+
+
+def test_elements_are_sent_ahead_and_on_the_device() -> None:
+    device = jax.devices()[0]
+    with fj.device_put(fl.Dataset.range(10).batch(2), sharding=device, prefetch=3) as it:
+        first = next(it)
+        assert len(it._queue) == 3  # the next three are already on their way
+        assert first.devices() == {device}
+    with fj.device_put(fl.Dataset.range(100).batch(2), prefetch=fl.AUTOTUNE) as it:
+        assert sum(1 for _ in it) == 50
+        assert 2 <= it.ahead <= 8
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_state_dict_resumes_exactly(prefetch: int) -> None:
+    assert_feed_resumes(
+        lambda ds: fj.device_put(ds, prefetch=prefetch),
+        mixed(40).shuffle(16, seed=1).batch(3),
+        (0, 1, 2, 6, 13, 14),
+        lambda e: np.concatenate([np.asarray(e["x"]).ravel(), np.asarray(e["id"])]),
+    )
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 3, fl.AUTOTUNE])
+def test_a_failed_element_fails_in_its_place(prefetch: int) -> None:
+    with fj.device_put(failing_every_4th(), prefetch=prefetch) as it:
+        assert outcomes(it, int) == FAILING_EVERY_4TH
+
+
+def test_bad_prefetch() -> None:
+    with pytest.raises(ValueError, match="prefetch"):
+        fj.device_put(fl.Dataset.range(2), prefetch=-3)
+
+
+SHARDED = """
+import json
+import numpy as np
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import feedline as fl, feedline.jax as fj
+
+assert jax.config.jax_enable_x64
+mesh = Mesh(np.array(jax.devices()), ("batch",))
+sharding = NamedSharding(mesh, PartitionSpec("batch"))
+columns = {"id": np.arange(16), "x": np.ones((16, 3), np.float32), "ok": np.ones(16, bool)}
+ds = fl.Dataset.from_tensor_slices(columns).batch(4, drop_remainder=True)
+out = []
+with fj.device_put(ds, sharding=sharding) as it:
+    for batch in it:
+        out.append({
+            "devices": len(jax.devices()),
+            "dtypes": {k: str(v.dtype) for k, v in batch.items()},
+            "ids": np.asarray(batch["id"]).tolist(),
+            "shards": [[d.id, np.asarray(s.data).tolist()]
+                       for s in batch["id"].addressable_shards for d in [s.device]],
+            "sharding": batch["id"].sharding == sharding,
+        })
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_named_sharding_over_two_devices_from_the_local_batch() -> None:
+    env = {
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_ENABLE_X64": "1",
+        "JAX_PLATFORMS": "cpu",
+    }
+    (batches,) = run_script(SHARDED, env=env)
+    assert len(batches) == 4
+    for i, b in enumerate(batches):
+        assert b["devices"] == 2 and b["sharding"]
+        assert b["dtypes"] == {"id": "int64", "x": "float32", "ok": "bool"}
+        assert b["ids"] == list(range(4 * i, 4 * i + 4))
+        # Rows split over the two devices: two each.
+        assert sorted(s for _, s in b["shards"]) == [b["ids"][:2], b["ids"][2:]]
+
+
+@pytest.mark.timeout(240)
+def test_a_model_learns_from_a_pipeline() -> None:
+    jnp = jax.numpy
+    ds = regression([2.0, -1.0, 0.5], -1.0, rows=512, epochs=10)
+
+    def loss_fn(params: Any, features: Any, labels: Any) -> Any:
+        w, b = params
+        return jnp.mean((features @ w + b - labels) ** 2)
+
+    @jax.jit
+    def step(params: Any, features: Any, labels: Any) -> tuple[Any, Any]:
+        loss, grads = jax.value_and_grad(loss_fn)(params, features, labels)
+        return jax.tree_util.tree_map(lambda p, g: p - 0.05 * g, params, grads), loss
+
+    params = (jnp.zeros((3, 1)), jnp.zeros(()))
+    steps = 0
+    with fj.device_put(ds, prefetch=fl.AUTOTUNE) as batches:
+        for features, labels in batches:
+            params, loss = step(params, features, labels)
+            steps += 1
+    assert steps == 320
+    assert float(loss) < 1e-3
+
+
+def test_a_missing_jax_names_the_extra() -> None:
+    (message,) = run_script(
+        "import sys, json; sys.modules['jax'] = None\n"
+        "import feedline as fl, feedline.jax as fj\n"
+        "try:\n"
+        "    fj.device_put(fl.Dataset.range(2))\n"
+        "except ImportError as e:\n"
+        "    print(json.dumps(str(e)))\n"
+    )
+    assert "pip install 'feedline[jax]'" in message

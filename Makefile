@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test lint typecheck bench bench-quick clean
+.PHONY: demo test conformance lint typecheck bench bench-quick clean
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,10 +33,17 @@ lint: $(VENV)/.test
 typecheck: $(VENV)/.test
 	$(VENV)/bin/mypy
 
+# The tf.data conformance suite runs within it, against the TensorFlow the [test] extra
+# installs: FEEDLINE_CONFORMANCE=required makes a TensorFlow that cannot be imported fail the
+# run rather than skip the suite.
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q
+	FEEDLINE_CONFORMANCE=required $(PY) -m pytest -q
+
+# tf.data conformance alone.
+conformance: $(VENV)/.test
+	FEEDLINE_CONFORMANCE=required $(PY) -m pytest -q tests/conformance
 
 # Peers for `make bench`. torch goes first and by exact version: that picks the local CPU wheel,
 # and anything installed after it that depends on torch is then satisfied without pulling a
@@ -52,6 +59,8 @@ $(VENV)/.bench: $(VENV)/.core
 bench: $(VENV)/.bench
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.changing_load
+	$(PY) -m benchmarks.formats_tfrecord
+	$(PY) -m benchmarks.formats_columnar
 
 # The same comparison with reduced element counts and grids: under 5 minutes.
 bench-quick: $(VENV)/.bench

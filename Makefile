@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test conformance lint typecheck bench bench-quick clean
+.PHONY: demo test test-ray conformance lint typecheck bench bench-quick clean
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,11 @@ typecheck: $(VENV)/.test
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy
-	FEEDLINE_CONFORMANCE=required $(PY) -m pytest -q
+	FEEDLINE_CONFORMANCE=required $(PY) -m pytest -q -m "not ray"
+
+# feedline.ray against local Ray clusters on 127.0.0.1: their own step, as CI runs them.
+test-ray: $(VENV)/.test
+	$(PY) -m pytest -q -m ray tests/ray
 
 # tf.data conformance alone.
 conformance: $(VENV)/.test

@@ -202,3 +202,13 @@ def test_bad_arguments() -> None:
         flr.distribute(num_workers=8, num_shards=4)
     with pytest.raises(TypeError):
         flr.distribute(address=5)  # type: ignore[arg-type]
+
+
+def test_the_report_shows_each_actor() -> None:
+    ds = fl.Dataset.range(40).map(lambda x: x * 2).apply(flr.distribute(num_workers=2))
+    with ds.iterator() as it:
+        assert [int(x) for x in it] == [2 * x for x in range(40)]
+        text = it.report(file=io.StringIO())
+        workers = next(s for s in it.stats()["stages"] if s["workers"])["workers"]
+    assert len(workers) == 2 and {"node", "elements_per_s", "busy"} <= set(workers[0])
+    assert sum(line.lstrip().startswith("actor=") for line in text.splitlines()) == 2

@@ -60,6 +60,7 @@ def collect_stats(it: PassView) -> dict[str, Any]:
         entry["refused"] = {
             name: knob.refusal for name, knob in stage.knobs.items() if knob.refusal is not None
         }
+        entry["workers"] = stage.workers_detail()
         entry["buffered_elements"] = int(m["buffered_elements"])
         entry["buffered_bytes"] = int(m["buffered_bytes"])
         entry["bytes_per_element"] = m["bytes_per_element"]
@@ -217,6 +218,13 @@ def _pipeline_seconds_per_element(stages: list[dict[str, Any]], consumer: dict[s
     return worst
 
 
+def _worker_line(worker: dict[str, Any]) -> str:
+    """One of a stage's workers_detail() rows: its fields as name=value."""
+    return ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in worker.items()
+    )
+
+
 def format_report(stats: dict[str, Any]) -> str:
     consumer = stats["consumer"]
     lines = [
@@ -243,6 +251,7 @@ def format_report(stats: dict[str, Any]) -> str:
             f"{s['p90_ms']:>7.3f} {cpu:>5} {s['consumer_wait_fraction']:>7.1%} "
             f"{_size(s['buffered_bytes']):>10}"
         )
+        lines += [f"  {_worker_line(w)}" for w in s.get("workers", [])]
     if not stats["stages"]:
         lines.append("(no asynchronous stage: everything runs inline in the consumer's thread)")
     lines.append("* tuned by AUTOTUNE")

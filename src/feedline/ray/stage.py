@@ -415,6 +415,9 @@ class DistributedStage(ChunkedIterator, Tunable):
 
     # -- observing, saving, closing ------------------------------------------------------------
 
+    def workers_detail(self) -> list[dict[str, Any]]:
+        return self.actors()
+
     def actors(self) -> list[dict[str, Any]]:
         """Each actor of the pass (``live``: not stopped yet): its node, elements made,
         their rate and how busy it was."""

@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 # Work per element below which handing elements between threads costs about as much as the
 # work itself: such work is best done inline, in the consumer's thread.
@@ -313,6 +314,11 @@ class Tunable:
     # in order) go into the history.
     tuned_by_itself: bool = False
     events: Sequence[StartChoice] = ()
+
+    def workers_detail(self) -> list[dict[str, Any]]:
+        """Rows the report shows under the stage, one per worker that has a life of its own
+        (a distributed stage's actors: node, rate, busy share); none for threads."""
+        return []
 
     @property
     def chunk_size(self) -> int:

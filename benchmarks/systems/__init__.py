@@ -33,6 +33,7 @@ AUTOTUNE = "AUTOTUNE"
 
 MODULES: dict[str, str] = {
     "feedline": "benchmarks.systems.feedline",
+    "feedline+torch": "benchmarks.systems.feedline_torch",
     "tf.data": "benchmarks.systems.tfdata",
     "torch": "benchmarks.systems.torch_loader",
     "grain": "benchmarks.systems.grain_dataset",
@@ -43,6 +44,7 @@ MODULES: dict[str, str] = {
 SYSTEM_ORDER = (
     "feedline",
     "feedline-oracle",
+    "feedline+torch",
     "tf.data",
     "tf.data-oracle",
     "torch",

@@ -257,10 +257,15 @@ def records_of(data: bytes) -> list[tuple[int, int]]:
         pos += RECORD.size + length
 
 
-def with_payloads(data: bytes, payloads: dict[int, bytes]) -> bytes:
-    """``data`` with the payloads of some records replaced, every checksum right."""
+def with_payloads(
+    data: bytes,
+    payloads: dict[int, bytes],
+    layout: Callable[[bytes], list[tuple[int, int]]] = records_of,
+) -> bytes:
+    """``data`` with the payloads of some records replaced, every checksum right; ``layout``
+    finds the records (a cache file's by default)."""
     out, last = [], 0
-    for index, (pos, length) in enumerate(records_of(data)):
+    for index, (pos, length) in enumerate(layout(data)):
         if index in payloads:
             head = struct.pack("<QQ", index, len(payloads[index]))
             crc = zlib.crc32(payloads[index], zlib.crc32(head))

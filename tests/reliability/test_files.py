@@ -16,7 +16,6 @@ import json
 import pickle
 import random
 import struct
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import pytest
 
 import feedline as fl
 from tests.helpers import assert_elements_equal, take
-from tests.ops.test_cache import RECORD, MakesMarker, records_of, rich
+from tests.ops.test_cache import RECORD, MakesMarker, records_of, rich, with_payloads
 from tests.reliability.figures import record
 
 pytestmark = pytest.mark.timeout(60)
@@ -162,18 +161,6 @@ def saved_records(data: bytes) -> list[tuple[int, int]]:
         out.append((pos, length))
         pos += RECORD.size + length
     return out
-
-
-def with_payloads(data: bytes, payloads: dict[int, bytes], layout: Layout) -> bytes:
-    """``data`` with the payloads of some records replaced, every checksum right."""
-    out, last = [], 0
-    for index, (pos, length) in enumerate(layout(data)):
-        if index in payloads:
-            head = struct.pack("<QQ", index, len(payloads[index]))
-            crc = zlib.crc32(payloads[index], zlib.crc32(head))
-            out += [data[last:pos], head, struct.pack("<I", crc), payloads[index]]
-            last = pos + RECORD.size + length
-    return b"".join([*out, data[last:]])
 
 
 def span(rng: random.Random, data: bytes, layout: Layout) -> tuple[bytes, str]:

@@ -65,6 +65,7 @@ bench: $(VENV)/.bench
 	$(PY) -m benchmarks.changing_load
 	$(PY) -m benchmarks.formats_tfrecord
 	$(PY) -m benchmarks.formats_columnar
+	$(PY) -m benchmarks.ray_distribute
 
 # The same comparison with reduced element counts and grids: under 5 minutes.
 bench-quick: $(VENV)/.bench

@@ -358,3 +358,17 @@ def test_chain_partner(
 def test_windows_with_no_work_read_as_computing() -> None:
     w = replace(window(stage()), cpu_share=None)
     assert w.computing_share == 1.0 and not policy.waits(w, situation())
+
+
+def test_scale_up_grows_the_input_a_stage_waits_on_rather_than_the_stage() -> None:
+    # Two maps of waiting work: the second's workers spend their time taking elements from
+    # the first (input_wall), so the consumer's wait on it is the first one's doing.
+    first, second = stage(4), stage(16)
+    waiting = {"cpu_share": 0.02, "cores": 0.05, "cpu_per_element": 4e-5}
+    windows = [
+        window(second, consumer_wait=0.95, work_wall=0.1, input_wall=3.5, busy=0.03, **waiting),
+        window(first, consumer_wait=0.8, busy=1.0, **waiting),
+    ]
+    proposal = policy.scale_up(windows, situation(cores_in_use=0.1))
+    assert proposal.move is not None and proposal.move.stage is first
+    assert policy.input_bound(windows[0]) and not policy.input_bound(windows[1])

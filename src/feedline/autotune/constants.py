@@ -102,3 +102,7 @@ KNEE_MARGIN = 1.5
 # looks meanwhile: a read stalling 60 ms now and then before a 10 ms training step stalled the
 # consumer 7% of the time while its buffer grew in a hiccup and shrank in the quiet between.
 HICCUP_MEMORY = 5.0
+# A stage whose workers spend this many times their own work's time taking elements from its
+# input waits on that input: the stage it reads from sets the pace, not it (two maps whose
+# bottleneck alternates: the second one's 52 threads sat waiting on the first).
+INPUT_BOUND = 2.0

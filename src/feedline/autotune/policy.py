@@ -25,6 +25,7 @@ from feedline.autotune.constants import (
     GIL_FREE_CORES,
     HELD_IN_ORDER,
     IDLE,
+    INPUT_BOUND,
     LONG_WINDOW,
     MANY_WAITING_CORES,
     MIN_WINDOW,
@@ -115,6 +116,12 @@ def held_in_order(w: Window) -> bool:
     """Workers blocked on a full buffer while the stage's consumer waited on it: both share
     the window for at least HELD_IN_ORDER of it (each measured as a share of it)."""
     return w.idle + w.consumer_wait - 1 > HELD_IN_ORDER
+
+
+def input_bound(w: Window) -> bool:
+    """The stage's workers spent far more time taking elements from its input than on its
+    own work: that input, not this stage, sets the pace."""
+    return w.stage.has_own_work and w.input_wall > INPUT_BOUND * max(w.work_wall, 1e-9)
 
 
 def computes_under_contention(w: Window) -> bool:
@@ -315,6 +322,8 @@ def scale_up(windows: Sequence[Window], s: Situation) -> Proposal:
     )
     notes: list[Note] = []
     for w in candidates:
+        if input_bound(w):
+            continue  # its input is a candidate too: the one to grow
         # A computing stage its consumer waits on while the process leaves cores unused is
         # held by the GIL: more threads cannot help, processes may.
         processes = to_processes(w, windows, s)
@@ -487,6 +496,7 @@ def fewer_after_more_failed(windows: Sequence[Window], s: Situation) -> Move | N
             w.stage.key in saturated_keys
             or (w.busy < BUSY and w.seconds_per_element < CHEAP_WORK)
             or computes_on_too_many_workers(w, s)
+            or input_bound(w)
         )
         and fewer_may_keep(w)
     ]

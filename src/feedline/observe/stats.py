@@ -12,6 +12,7 @@ import numpy as np
 from feedline.autotune.budget import format_bytes as _size
 
 # The report names a bottleneck by the same signs the tuner acts on.
+from feedline.autotune.constants import INPUT_BOUND
 from feedline.autotune.policy import GIL_CORES, mostly_waits
 from feedline.autotune.windows import Reading, StageWindow
 from feedline.runtime.tunable import PROCESSES
@@ -25,8 +26,6 @@ SERVED = 0.01
 # infinitely fast pipeline would raise its rate by less than that. (A consumer that sleeps
 # between batches already waits ~1% on a plain Python loop: waking up costs 50-150 us.)
 CONSUMER_BOUND = 0.05
-# A stage that spends this many times its own work's time pulling its input waits on it.
-INPUT_BOUND = 2.0
 
 
 def collect_stats(it: PassView) -> dict[str, Any]:

@@ -11,7 +11,9 @@ times (phases): the functions read the phase from the wall clock, so worker proc
 change too. Every configuration runs the whole scenario in its own subprocess: AUTOTUNE, and a
 grid of fixed settings (autotune off). Per phase, from the batches' arrival times:
 
-- rate: batches/s from 2 s after the change to the phase's end (the steady part);
+- rate: batches/s from 2 s after the change to the phase's end (the steady part), counting
+  only batches made after the change (each element carries when it was made: a deep buffer
+  filled with cheap elements before a change, drained after it, is not the new load's rate);
 - recovered: how long after the change AUTOTUNE's rate over a 1 s window first reached 80% of
   the best fixed setting's steady rate in that phase;
 - stall: the share of the steady part the consumer spent waiting in ``next()``.
@@ -159,20 +161,23 @@ def make_functions(phases: tuple[Phase, ...], t0: float) -> list[Callable[[Any],
         if p.hiccup_every and int(i) % p.hiccup_every == 0:
             time.sleep(p.hiccup_seconds)
         python(p.python_ms)
-        return np.sin(angles * (int(i) % 13)).astype(np.float32)[:8]
+        features = np.sin(angles * (int(i) % 13))[:8]
+        # The last value says when the element was made: a batch made before a change of
+        # load (and buffered) does not count for the phase after it.
+        return np.append(features, time.time() - t0)
 
     def second(x: Any) -> Any:
         p = phase_at(phases, time.time() - t0)
         if p.second_io:
             time.sleep(p.second_io)
         python(p.second_python_ms)
-        return x * 2
+        return np.append(x[:-1] * 2, x[-1])
 
     def third(x: Any) -> Any:
         p = phase_at(phases, time.time() - t0)
         if p.third_numpy:
             noise = np.random.default_rng(int(x[0] * 1000) % 97).random(p.third_numpy)
-            return x + np.float32(np.sort(noise)[0])
+            return np.append(x[:-1] + np.sort(noise)[0], x[-1])
         return x
 
     return [first, second, third]
@@ -208,20 +213,23 @@ def run_child(scenario: Scenario, setting: tuple[int, str, int] | None) -> dict[
         ds = ds.with_options(options)
     total = sum(p.seconds for p in scenario.phases)
     arrivals: list[float] = []
+    made: list[float] = []  # when the batch's first element was made
     waits: list[float] = []
     with ds.iterator() as it:
         while (now := time.time() - t0) < total:
             p = phase_at(scenario.phases, now)
             asked = time.perf_counter()
-            next(it)
+            batch = next(it)
             got = time.perf_counter()
             arrivals.append(time.time() - t0)
+            made.append(float(batch[:, -1].min()))
             waits.append(got - asked)
             if p.step:
                 time.sleep(p.step)
         stats = it.stats()
     return {
         "arrivals": arrivals,
+        "made": made,
         "waits": waits,
         "history": stats["autotune"]["history"] if setting is None else [],
         "threads_peak": stats.get("autotune", {}).get("threads_peak"),
@@ -261,22 +269,26 @@ def phase_bounds(phases: Sequence[Phase]) -> list[tuple[float, float]]:
 
 
 def steady(run: dict[str, Any], begin: float, end: float) -> PhaseFigures:
-    """Rate and stall over [begin + STEADY_AFTER, end]."""
+    """Rate and stall over [begin + STEADY_AFTER, end], counting the batches made in the
+    phase (a deep buffer filled before the change, then drained, would flatter a setting)."""
     start = begin + min(STEADY_AFTER, (end - begin) / 2)
     times = np.asarray(run["arrivals"])
     waits = np.asarray(run["waits"])
     inside = (times >= start) & (times < end)
     span = max(end - start, 1e-9)
-    # A wait is booked when its batch arrives: the first may have begun before the window.
-    return PhaseFigures(float(inside.sum()) / span, min(1.0, float(waits[inside].sum()) / span))
+    stall = min(1.0, float(waits[inside].sum()) / span)
+    inside &= np.asarray(run["made"]) >= begin
+    # (A wait is booked when its batch arrives: the first may have begun before the window.)
+    return PhaseFigures(float(inside.sum()) / span, stall)
 
 
 def recovery(run: dict[str, Any], begin: float, end: float, target: float) -> float | None:
     """Seconds after ``begin`` when the rate over RECOVERY_WINDOW first reached ``target``."""
     times = np.asarray(run["arrivals"])
+    made_in_phase = np.asarray(run["made"]) >= begin
     t = begin
     while t + RECOVERY_WINDOW <= end + 1e-9:
-        count = ((times >= t) & (times < t + RECOVERY_WINDOW)).sum()
+        count = ((times >= t) & (times < t + RECOVERY_WINDOW) & made_in_phase).sum()
         if count / RECOVERY_WINDOW >= target:
             return t - begin
         t += 0.25

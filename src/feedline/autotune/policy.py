@@ -256,11 +256,12 @@ def scaled_parallelism(w: Window, windows: Sequence[Window], s: Situation) -> tu
         # did, so 0 -> 1 shows no gain and would leave the stage inline.
         step = 8 if w.computing_share < PURE_WAITING else 2
         target = step * max(current, int(s.budget.cpu))
-        # Past 1 / (CPU share) calls in flight, their CPU parts alone keep a core busy: the
-        # GIL then lets no more run, and each thread more only adds hand-offs (2 ms waits
-        # with 20 us of numpy: 64 threads ran at 31k elements/s, 256 at 7k).
+        # Past cores / (CPU share) calls in flight, their CPU parts alone keep every core
+        # busy, and each thread more only adds hand-offs (2 ms waits with 20-40 us of numpy:
+        # 64 threads ran at 31k elements/s, 256 at 7k). Where the GIL stops them sooner, the
+        # knee rule (experiments.py) brings the calls back.
         if w.cpu_share:
-            target = min(target, math.ceil(1.0 / w.cpu_share))
+            target = min(target, math.ceil(s.budget.cpu / w.cpu_share))
     elif current == 0:
         return min(1, knob.most()), 1
     else:

@@ -17,6 +17,11 @@ MAX_CHUNK = 4096
 # to about this long, so that work whose cost jumps (a map that starts waiting on I/O) holds
 # the consumer up for a few of them at most before the sizer learns the new cost.
 TARGET_INLINE_SECONDS = 0.001
+# A worker thread's chunk, at most: a chunk sized on cheap work (5 us an element: 2,000 in
+# 10 ms) that turns slow (2 ms an element) delivers nothing for seconds, as its first element
+# waits for its last; 256 such elements take 0.5 s once, and a chunk of cheap work on threads
+# still pays its 50-60 us hand-off over 1.3 ms or more.
+MAX_THREAD_CHUNK = 256
 
 
 class ChunkSizer:
@@ -64,6 +69,8 @@ class ChunkSizer:
         size = self.whole_blocks(self.chunk_size, on_processes)
         if parallelism == 0 and self.seconds_per_element > 0:
             size = min(size, max(1, int(TARGET_INLINE_SECONDS / self.seconds_per_element)))
+        elif parallelism > 0 and not on_processes:
+            size = min(size, MAX_THREAD_CHUNK)
         if not self.auto_buffer:
             # Two chunks per worker fit in the user's buffer, so a worker refills while the
             # consumer drains (with one, they would take turns).

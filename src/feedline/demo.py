@@ -544,7 +544,13 @@ def run_demo(
         say_checks(live.checks)
         if plot is not None:
             try:
-                path = plot_timeline(live.timeline, plot, title=LIVE_TITLE, marks=live.marks)
+                path = plot_timeline(
+                    live.timeline,
+                    plot,
+                    title=LIVE_TITLE,
+                    marks=live.marks,
+                    decisions=live.stats["autotune"]["history"],
+                )
             except PlotUnavailable as e:
                 say(f"  No plot: {e}")
             else:

@@ -12,6 +12,17 @@ from typing import IO
 from feedline.errors import DataLossError
 
 WBITS = {"GZIP": 31, "ZLIB": 15}  # zlib's window bits for each framing (31: gzip's)
+
+
+def compression_name(value: str | None) -> str:
+    """``compression_type`` as tf.data's readers take it: None or "" (none), "GZIP" or
+    "ZLIB", in any case; "" for none."""
+    name = (value or "").upper()
+    if name and name not in WBITS:
+        raise ValueError(f"compression_type must be None, '', 'GZIP' or 'ZLIB', got {value!r}")
+    return name
+
+
 # What skipping forward decompresses and drops at a time.
 _SKIP_READ = 1024 * 1024
 

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from feedline.dataset import Dataset
+from feedline.io.compressed import compression_name
 from feedline.io.csv_iterator import CsvFormat, CsvOp
-from feedline.io.csv_records import as_column, compression_name, open_stream
+from feedline.io.csv_records import as_column, open_stream
 from feedline.io.fs import as_names, glob
 from feedline.ops.base import AUTOTUNE
 from feedline.structure import STRING_DTYPE

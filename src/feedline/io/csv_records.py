@@ -33,14 +33,6 @@ from feedline.structure import STRING_DTYPE, to_array
 _F32_OVERFLOW = float(np.finfo(np.float32).max) * (1 + 2.0**-25)
 
 
-def compression_name(value: str | None) -> str:
-    """``compression_type`` as tf.data takes it: None or "" (none), "GZIP" or "ZLIB"."""
-    name = (value or "").upper()
-    if name and name not in WBITS:
-        raise ValueError(f"compression_type must be None, '', 'GZIP' or 'ZLIB', got {value!r}")
-    return name
-
-
 def open_stream(name: str, compression: str, block: int) -> Any:
     """File ``name`` opened for reading its bytes, decompressed ("GZIP", "ZLIB") a block at a
     time."""

@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 
 from feedline.dataset import Dataset
-from feedline.io.text import TextLineInterleaveOp, TextLineOp, as_path
+from feedline.io.compressed import compression_name
+from feedline.io.fs import as_name
+from feedline.io.text import TextLineInterleaveOp, TextLineOp
 from feedline.ops.base import AUTOTUNE
 
 
@@ -39,7 +41,7 @@ def TextLineDataset(
     ``num_parallel_reads`` files are read ``num_parallel_reads`` at a time, interleaving lines
     (one line from each in turn), in the order tf.data gives.
     """
-    compression = (compression_type or "").upper()
+    compression = compression_name(compression_type)
     cycle = _parallel_reads(num_parallel_reads)
     if isinstance(filenames, Dataset):
         op = TextLineInterleaveOp(filenames._op, compression, cycle or 1)
@@ -50,6 +52,6 @@ def TextLineDataset(
         else list(filenames)
     )
     if cycle is not None and cycle > 1 and len(paths) > 1:
-        names = Dataset.from_tensor_slices([as_path(p) for p in paths])
+        names = Dataset.from_tensor_slices([as_name(p) for p in paths])
         return TextLineDataset(names, compression, buffer_size, cycle)
-    return Dataset(TextLineOp([as_path(p) for p in paths], compression))
+    return Dataset(TextLineOp([as_name(p) for p in paths], compression))

@@ -20,9 +20,9 @@ from typing import IO, Any
 
 from feedline.dataset import Dataset
 from feedline.errors import DataLossError, InvalidStateError
+from feedline.io.compressed import compression_name
 from feedline.io.files import _parallel_reads
-from feedline.io.fs import as_names, file_size, open_binary
-from feedline.io.text import as_path
+from feedline.io.fs import as_name, as_names, file_size, open_binary
 from feedline.ops.base import UNKNOWN, Op, require_positive_int
 from feedline.ops.interleave import InterleaveOp
 from feedline.runtime.context import IterContext
@@ -30,16 +30,8 @@ from feedline.runtime.iterator import ChunkedIterator, StageIterator, State
 from feedline.runtime.states import state_int
 from feedline.structure import STRING_DTYPE, TensorSpec
 
-COMPRESSIONS = ("", "GZIP", "ZLIB")
 # Bytes read from a file at once when the user gives no buffer_size (tf.data reads 256 KiB).
 _DEFAULT_BUFFER = 256 * 1024
-
-
-def _compression(value: str | None) -> str:
-    chosen = (value or "").upper()
-    if chosen not in COMPRESSIONS:
-        raise ValueError(f"compression_type must be one of {COMPRESSIONS}, got {value!r}")
-    return chosen
 
 
 class FixedLengthOp(Op):
@@ -268,7 +260,7 @@ def FixedLengthRecordDataset(
     header = require_positive_int(header_bytes or 0, "header_bytes", allow_zero=True)
     footer = require_positive_int(footer_bytes or 0, "footer_bytes", allow_zero=True)
     buffer = require_positive_int(buffer_size or _DEFAULT_BUFFER, "buffer_size")
-    compression = _compression(compression_type)
+    compression = compression_name(compression_type)
     cycle = _parallel_reads(num_parallel_reads)
 
     def reader(paths: list[str]) -> FixedLengthOp:
@@ -277,7 +269,7 @@ def FixedLengthRecordDataset(
     if isinstance(filenames, Dataset):
 
         def one_file(path: Any) -> Dataset:
-            return Dataset(reader([as_path(path)]))
+            return Dataset(reader([as_name(path)]))
 
         op = FixedLengthInterleaveOp(filenames._op, one_file, cycle or 1)
         return Dataset(op, filenames.options())

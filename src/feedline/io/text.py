@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from typing import IO, Any
 
 from feedline.errors import InvalidStateError
+from feedline.io.compressed import compression_name
+from feedline.io.fs import as_name
 from feedline.ops.base import UNKNOWN, Op
 from feedline.ops.interleave import InterleaveOp
 from feedline.runtime.context import IterContext
@@ -17,26 +19,12 @@ from feedline.runtime.iterator import StageIterator, State
 from feedline.runtime.states import state_int
 from feedline.structure import STRING_DTYPE, TensorSpec
 
-COMPRESSIONS = ("", "GZIP", "ZLIB")
-
-
-def as_path(name: Any) -> str:
-    if isinstance(name, bytes):
-        return name.decode("utf-8")
-    if hasattr(name, "item") and not isinstance(name, str):
-        return as_path(name.item())
-    return os.fspath(name)
-
 
 class TextLineOp(Op):
     def __init__(self, paths: Sequence[str], compression_type: str) -> None:
         super().__init__()
-        if compression_type not in COMPRESSIONS:
-            raise ValueError(
-                f"compression_type must be one of {COMPRESSIONS}, got {compression_type!r}"
-            )
         self.paths = list(paths)
-        self.compression = compression_type
+        self.compression = compression_name(compression_type)
         self.name = "text_lines"
 
     def cardinality(self) -> int:
@@ -178,13 +166,10 @@ class TextLineInterleaveOp(InterleaveOp):
     """
 
     def __init__(self, filenames: Op, compression_type: str, cycle_length: int) -> None:
-        if compression_type not in COMPRESSIONS:
-            raise ValueError(
-                f"compression_type must be one of {COMPRESSIONS}, got {compression_type!r}"
-            )
+        compression_type = compression_name(compression_type)
         super().__init__(
             filenames,
-            lambda f: _dataset(TextLineOp([as_path(f)], compression_type)),
+            lambda f: _dataset(TextLineOp([as_name(f)], compression_type)),
             cycle_length,
             1,
             name="text_lines",

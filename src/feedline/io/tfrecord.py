@@ -24,7 +24,7 @@ import numpy as np
 
 from feedline.dataset import Dataset
 from feedline.errors import DataLossError, InvalidStateError
-from feedline.io.compressed import WBITS, Inflated
+from feedline.io.compressed import WBITS, Inflated, compression_name
 from feedline.io.crc32c import MASK_DELTA, crc32c_function, masked_crc32c, masked_crc32c_rows
 from feedline.io.fs import as_name, as_names, create_binary, open_binary
 from feedline.ops.base import AUTOTUNE, UNKNOWN, Op, require_positive_int
@@ -347,13 +347,6 @@ class TFRecordIterator(StageIterator):
             self.reader = None
 
 
-def _compression(value: Any) -> str:
-    compression = "" if value is None else str(value).upper()
-    if compression not in COMPRESSIONS:
-        raise ValueError(f"compression_type must be None, '', 'GZIP' or 'ZLIB', got {value!r}")
-    return compression
-
-
 def _read_one_file(compression: str, block: int, filename: Any) -> Dataset:
     return Dataset(TFRecordOp([as_name(filename)], compression, block))
 
@@ -375,7 +368,7 @@ def TFRecordDataset(
     in turn, in tf.data's order; ``AUTOTUNE``: ``interleave(num_parallel_calls=AUTOTUNE)``
     as tf.data does, the tuner setting how many are read at once.
     """
-    compression = _compression(compression_type)
+    compression = compression_name(compression_type)
     block = (
         DEFAULT_BUFFER_SIZE
         if buffer_size is None
@@ -414,7 +407,7 @@ class TFRecordWriter:
     """
 
     def __init__(self, path: Any, compression_type: str | None = None) -> None:
-        wbits = COMPRESSIONS[_compression(compression_type)]
+        wbits = COMPRESSIONS[compression_name(compression_type)]
         self.path = as_name(path)
         self._deflate = None if wbits is None else zlib.compressobj(wbits=wbits)
         self._file: IO[bytes] | None = create_binary(self.path)

@@ -125,6 +125,17 @@ class BatchOp(UnaryOp):
         return BatchIterator(self, ctx, state)
 
 
+def read_up_to(source: StageIterator, size: int) -> list[Any]:
+    """The next ``size`` elements of ``source`` (fewer at its end), read in chunks."""
+    elements = source.next_chunk(size)
+    while elements and len(elements) < size:
+        more = source.next_chunk(size - len(elements))
+        if not more:
+            break
+        elements.extend(more)
+    return elements
+
+
 class BatchIterator(UnaryIterator):
     # A batch may be a block its input already stacked (see ``StageIterator.next_block``).
     takes_blocks = True
@@ -138,15 +149,8 @@ class BatchIterator(UnaryIterator):
         super().__init__(op, ctx, state)
 
     def collect(self) -> list[Any]:
-        """The next batch's elements (fewer at the end); the input is read in chunks."""
-        size = self.op.batch_size
-        elements = self.input.next_chunk(size)
-        while elements and len(elements) < size:
-            more = self.input.next_chunk(size - len(elements))
-            if not more:
-                break
-            elements.extend(more)
-        return elements
+        """The next batch's elements (fewer at the end)."""
+        return read_up_to(self.input, self.op.batch_size)
 
     def __next__(self) -> Any:
         if self.takes_blocks:

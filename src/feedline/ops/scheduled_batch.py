@@ -26,7 +26,7 @@ from feedline.ops.base import (
     function_name,
     require_positive_int,
 )
-from feedline.ops.batching import stack_elements
+from feedline.ops.batching import read_up_to, stack_elements
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import StageIterator, State
 from feedline.runtime.states import known_end, state_int
@@ -143,12 +143,7 @@ class ScheduledBatchIterator(UnaryIterator):
 
     def __next__(self) -> Any:
         size = self.op.size_at(self.seen)
-        elements: list[Any] = []
-        while len(elements) < size:
-            more = self.input.next_chunk(size - len(elements))
-            if not more:
-                break
-            elements.extend(more)
+        elements = read_up_to(self.input, size)
         if not elements or (self.op.drop_remainder and len(elements) < size):
             raise StopIteration
         first = self.seen

@@ -5,7 +5,13 @@ read them from here.
 
 from __future__ import annotations
 
-from feedline.runtime.tunable import CHEAP_WORK_SECONDS, PURE_WAITING_SHARE
+from feedline.runtime.tunable import (
+    CHEAP_WORK_SECONDS,
+    PURE_WAITING_SHARE,
+    READ_AHEAD_MIN_GAP_SECONDS,
+    READ_AHEAD_WORTH_SHARE,
+    SERVED_WAIT_SHARE,
+)
 
 FIRST_INTERVAL = 0.05
 MAX_INTERVAL = 1.0
@@ -14,8 +20,7 @@ LATENCIES_PER_WINDOW = 3  # ... and this many per-element times of the stage und
 SETTLE_ELEMENTS = 8  # ... and sees this many elements move (at the root or one stage) ...
 MAX_WINDOW = 2.0  # ... unless it has lasted this long: then it is judged on what it saw
 STALL = 0.01  # the consumer stalls when it waits more than this fraction of the time
-NO_STALL = 0.006  # ... and is served comfortably below this (a consumer that sleeps pays
-# some waiting for the GIL on every wake-up, whatever the pipeline does)
+NO_STALL = SERVED_WAIT_SHARE  # ... and is served comfortably below this
 STALL_RISE = 0.005  # a decrease that raises the stall by more than this is taken back
 STALL_CUT = 0.7  # an increase that leaves less than this share of the stall is kept
 # A decrease that makes a consumer already waiting much of the time wait this much more of
@@ -77,11 +82,10 @@ PROCESS_RETRY_SECONDS = 10.0
 # mostly busy: its rate moves by about the fraction it waits).
 LONG_WINDOW = 1.0
 # A stage with nothing to compute (a prefetch) gains at most the consumer's own share of the
-# time by reading ahead on a thread: below this share, the hand-offs cost more than that.
-OVERLAP_WORTH = GAIN
-# ... and the consumer's own work between two elements must last at least this long: shorter,
-# and the two threads only hand the GIL back and forth (a loop that merely counts batches).
-OVERLAP_MIN_SECONDS = 0.5e-3
+# time by reading ahead on a thread: below this share, the hand-offs cost more than that;
+# and the consumer's own work between two elements must last at least OVERLAP_MIN_SECONDS.
+OVERLAP_WORTH = READ_AHEAD_WORTH_SHARE
+OVERLAP_MIN_SECONDS = READ_AHEAD_MIN_GAP_SECONDS
 # A verdict on a knob (more did not help; less cost rate) holds this long at first, doubled
 # each time the same probe fails again, up to MAX_RETRY_SECONDS: a probe of a stable stage
 # costs a window of lower rate (256 -> 192 threads on an I/O stage: 38-55% of the rate for

@@ -29,12 +29,15 @@ class PrefetchOp(UnaryOp):
     def make_iterator(self, ctx: IterContext, state: State | None) -> StageIterator:
         # One worker pulls the input ahead (more could not pull faster: pulls are serial).
         # Tuned, it starts inline (0): reading ahead costs a hand-off per element, which only
-        # pays once the consumer is seen to have work of its own to overlap with.
+        # pays once the consumer is seen to have work of its own to overlap with (its first
+        # calls show it, or the tuner's windows later).
         tuned = self.buffer_size is None
+        starts_inline = tuned and ctx.options.autotune_enabled
         config = StageConfig(
             name=self.name,
             key=self,
-            parallelism=0 if tuned and ctx.options.autotune_enabled else 1,
+            parallelism=0 if starts_inline else 1,
+            choose_read_ahead=starts_inline,
             parallelism_tunable=tuned,
             max_parallelism=1,
             buffer_size=self.buffer_size or DEFAULT_AUTOTUNE_BUFFER,

@@ -48,6 +48,7 @@ from feedline.runtime.iterator import StageIterator, State
 from feedline.runtime.replay import ForcedOrder, read_forced_order
 from feedline.runtime.stage.consumer import ConsumerSide
 from feedline.runtime.stage.sizing import ChunkSizer
+from feedline.runtime.stage.start import FirstCalls
 from feedline.runtime.stage_config import StageConfig
 from feedline.runtime.states import state_dict, state_int, state_ranges
 from feedline.runtime.tunable import PROCESSES, Knob, StageMetrics
@@ -136,6 +137,8 @@ class AsyncStage(ConsumerSide):
             self.knobs[knob_name]._value = value
         start = config.start_parallelism
         self._start_parallelism = None if "parallelism" in remembered else start
+        choose = config.choose_read_ahead and "parallelism" not in remembered
+        self._first_calls = FirstCalls() if choose else None
         self._sizer = ChunkSizer(auto_buffer=config.buffer_size is None)
         self.max_buffer_bytes = DEFAULT_MAX_BUFFER_BYTES
         self.metrics = StageMetrics()

@@ -16,6 +16,8 @@ class StageConfig:
     - ``deterministic``: deliver in input order (False: in the order chunks finish).
     - ``start_parallelism``: run the first chunk inline to learn its cost, then start that
       many workers unless the work is too cheap to be worth a hand-off.
+    - ``choose_read_ahead``: a read-ahead stage (no transform) starting inline watches its
+      consumer's first calls and starts its thread if the consumer has work to overlap.
     - ``key``: what identifies the op across the stages of one run (so a later epoch starts
       where the tuner left an earlier one); None makes the stage its own.
     """
@@ -28,4 +30,5 @@ class StageConfig:
     buffer_tunable: bool
     deterministic: bool
     start_parallelism: int | None = None
+    choose_read_ahead: bool = False
     key: object = None

@@ -23,6 +23,16 @@ CHEAP_WORK_SECONDS = 50e-6
 # CPU time / wall time of work below which it is almost all waiting (I/O latency): such work
 # is not bound by the cores, and is given many workers at once.
 PURE_WAITING_SHARE = 0.1
+# A read-ahead stage (a prefetch) reading on a thread overlaps its consumer's own work with
+# pulling the input. That pays only when the consumer works at least this long between two
+# calls: shorter, and the two threads only hand the GIL back and forth ...
+READ_AHEAD_MIN_GAP_SECONDS = 0.5e-3
+# ... and spends at least this share of its time on its own work (the most the overlap gains) ...
+READ_AHEAD_WORTH_SHARE = 0.08
+# ... and waits for the stage at least this share of the time: below it the consumer is
+# served (a consumer that sleeps pays some waiting for the GIL on every wake-up, whatever
+# the pipeline does).
+SERVED_WAIT_SHARE = 0.006
 # Knob values of ``executor``: where a stage's function runs.
 THREADS, PROCESSES = 0, 1
 

@@ -15,7 +15,7 @@ from typing import Any
 from feedline.runtime.chunks import RowList
 from feedline.runtime.stage.core import Chunk
 from feedline.runtime.stage.positions import StateSide
-from feedline.runtime.stage.start import choose_start, waits
+from feedline.runtime.stage.start import choose_read_ahead, choose_start, waits
 from feedline.runtime.stage.workers import WorkerSide
 from feedline.runtime.tunable import StartChoice
 
@@ -278,7 +278,25 @@ class ConsumerSide(WorkerSide, StateSide):
             if not taken:
                 with self._lock:
                     self._end_seq = self._issued
-            return taken
+            first_calls = self._first_calls
+            chosen = first_calls is not None and first_calls.add(started, time.perf_counter())
+        if chosen:
+            self._choose_read_ahead()
+        return taken
+
+    def _choose_read_ahead(self) -> None:
+        """Start reading ahead on a thread if the consumer's first calls say it pays (once
+        the input lock is let go: a worker started now takes it)."""
+        first_calls, self._first_calls = self._first_calls, None
+        assert first_calls is not None
+        chosen = choose_read_ahead(first_calls.gaps, first_calls.pulls)
+        if chosen is None:
+            return  # the tuner's rule decides later, on its windows
+        value, reason = chosen
+        applied = self.knobs["parallelism"].set(value)
+        if applied < value:
+            return  # no thread left in the pass's budget: the tuner notes it
+        self.start_choice = StartChoice(time.perf_counter(), "parallelism", 0, applied, reason)
 
     def _retire_if_done(self, chunk: Chunk) -> None:
         if chunk.delivered >= len(chunk.outputs):

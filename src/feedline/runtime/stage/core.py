@@ -31,6 +31,7 @@ from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import StageIterator, State
 from feedline.runtime.replay import ForcedOrder, Journal
 from feedline.runtime.stage.sizing import ChunkSizer
+from feedline.runtime.stage.start import FirstCalls
 from feedline.runtime.tunable import Knob, StageMetrics, Tunable
 
 if TYPE_CHECKING:
@@ -102,6 +103,9 @@ class StageCore(StageIterator, Tunable):
     # The parallelism the first calls' measurement sets (see ``start.py``); None once chosen.
     _start_parallelism: int | None
     _waiting_confirmed: bool
+    # A read-ahead stage's watch of its consumer's first calls (see ``start.py``); None
+    # once chosen, or when the stage does not choose.
+    _first_calls: FirstCalls | None
 
     _open: dict[int, Chunk]  # issued, not fully delivered, by sequence number
     _finished_order: list[int]  # ready chunks in finishing order (non-det mode)

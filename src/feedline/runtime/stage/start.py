@@ -1,14 +1,27 @@
 """The parallelism a tuned stage starts with, chosen from its first calls (run inline).
 
-A pure function: the stage measures, calls ``choose_start`` and applies what it returns, so
-the rule can be read (and tested) apart from the threads.
+Pure functions: the stage measures, calls ``choose_start`` (a stage with work of its own) or
+``choose_read_ahead`` (a prefetch) and applies what it returns, so the rules can be read (and
+tested) apart from the threads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import statistics
+from collections.abc import Callable, Sequence
 
-from feedline.runtime.tunable import CHEAP_WORK_SECONDS, PURE_WAITING_SHARE
+from feedline.runtime.tunable import (
+    CHEAP_WORK_SECONDS,
+    PURE_WAITING_SHARE,
+    READ_AHEAD_MIN_GAP_SECONDS,
+    READ_AHEAD_WORTH_SHARE,
+    SERVED_WAIT_SHARE,
+)
+
+# The consumer's calls a read-ahead stage watches before it chooses (the first, which also
+# starts the input, is not one of them): a few of a 10 ms training step are 40 ms, where the
+# tuner's first verdict needs two windows (~0.4 s) of a consumer waiting on inline pulls.
+READ_AHEAD_CALLS = 4
 
 
 def waits(share: float) -> bool:
@@ -49,3 +62,40 @@ def choose_start(
         "of the pass's threads"
     )
     return start, reason
+
+
+class FirstCalls:
+    """The consumer's first calls to an inline read-ahead stage: its own time between two
+    calls (``gaps``) and the time each call waited for the input to be pulled (``pulls``)."""
+
+    def __init__(self) -> None:
+        self.gaps: list[float] = []
+        self.pulls: list[float] = []
+        self._last_end: float | None = None
+
+    def add(self, started: float, ended: float) -> bool:
+        """One call, from ``started`` to ``ended``; True once enough are seen to choose."""
+        if self._last_end is not None:
+            self.gaps.append(started - self._last_end)
+            self.pulls.append(ended - started)
+        self._last_end = ended
+        return len(self.gaps) >= READ_AHEAD_CALLS
+
+
+def choose_read_ahead(gaps: Sequence[float], pulls: Sequence[float]) -> tuple[int, str] | None:
+    """Start reading ahead on a thread (1, and why), or None to stay inline and leave the
+    choice to the tuner: the same test as the tuner's rule, on medians of the first calls
+    (one slow call is the input starting, not what the consumer does)."""
+    gap, pull = statistics.median(gaps), statistics.median(pulls)
+    cycle = gap + pull
+    if (
+        gap >= READ_AHEAD_MIN_GAP_SECONDS
+        and gap >= READ_AHEAD_WORTH_SHARE * cycle
+        and pull >= SERVED_WAIT_SHARE * cycle
+    ):
+        return 1, (
+            f"its consumer's first calls came {gap * 1e3:.1f} ms apart and waited "
+            f"{pull * 1e6:.0f} us each for it ({pull / cycle:.1%}): read ahead on a thread "
+            "to overlap the two"
+        )
+    return None

@@ -39,7 +39,6 @@ from feedline.autotune.budget import Budget, format_bytes
 from feedline.autotune.constants import (
     FIRST_INTERVAL,
     HICCUP_MEMORY,
-    LATENCIES_PER_WINDOW,
     MAX_INTERVAL,
     MAX_WINDOW,
     MIN_WINDOW,
@@ -56,7 +55,7 @@ from feedline.autotune.policy import (
     least_bytes,
     thread_budget_words,
 )
-from feedline.autotune.windows import Reading, StageWindow
+from feedline.autotune.windows import Snapshots, TunerReadings
 from feedline.runtime.context import WorkerMemory
 from feedline.runtime.machine import idle_cpu_seconds, rss_of
 from feedline.runtime.tunable import PROCESSES, Knob, StartChoice, Tunable
@@ -112,9 +111,7 @@ class Tuner:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._experiment: Experiment | None = None
-        self._previous: dict[object, dict[str, float]] = {}
-        self._stage_objects: dict[object, Tunable] = {}  # the stage running each op now
-        self._remade: set[object] = set()  # ops whose stage was made anew in this window
+        self._readings = TunerReadings()
         self._previous_root = (0, 0.0, time.perf_counter())
         self._previous_process_cpu = time.process_time()
         self._previous_idle = idle_cpu_seconds()
@@ -178,10 +175,14 @@ class Tuner:
         self._follow_remade_stages(snapshots)
         self._record_start_choices(snapshots)
         self._check_ram_floor(snapshots)
-        if not self._window_complete(dt, delivered - self._previous_root[0], snapshots):
+        experiment = self._experiment
+        shortest = MIN_WINDOW if experiment is None else experiment.min_window
+        longest = MAX_WINDOW if experiment is None else max(MAX_WINDOW, experiment.min_window)
+        tested = None if experiment is None else experiment.stage.key
+        moved = delivered - self._previous_root[0]
+        if not self._readings.complete(dt, moved, snapshots, shortest, longest, tested):
             return  # windows (before and after a change) must be long enough to compare
-        windows = self._windows(dt, snapshots)  # the same window as the root's
-        self._remade.clear()
+        windows = self._readings.windows(dt, snapshots)  # the same window as the root's
         self._last_stage_rates = {w.stage.key: w.rate for w in windows}
         self._last_stage_waits = {w.stage.key: w.consumer_wait for w in windows}
         self._waited_at.update((w.stage.key, now) for w in windows if w.consumer_wait > STALL)
@@ -244,34 +245,26 @@ class Tuner:
         changed = self._experiment is not None or self._reading
         self.interval = FIRST_INTERVAL if changed else min(MAX_INTERVAL, self.interval * 1.5)
 
-    def _follow_remade_stages(
-        self, snapshots: dict[object, tuple[Tunable, dict[str, float]]]
-    ) -> None:
-        """A stage made anew for the same op (the next epoch under ``repeat``) starts its
-        counters from zero and inherits the knobs' values: measure it from its start, and
-        carry an experiment on the old one over to it, measured afresh."""
-        for key, (stage, _) in snapshots.items():
-            if self._stage_objects.get(key) is not stage:
-                self._cap_buffers(stage)  # made after the tuner started (an epoch, a slot)
-            if self._stage_objects.get(key, stage) is not stage:
-                self._previous.pop(key, None)
-                self._remade.add(key)
-                experiment = self._experiment
-                if experiment is not None and experiment.stage.key == key:
-                    experiment.settling = True
-                while experiment is not None:
-                    if experiment.stage.key == key:
-                        experiment.stage = stage
-                        experiment.knob = stage.knobs[experiment.knob.name]
-                        if experiment.companion is not None:
-                            name = experiment.companion[0].name
-                            experiment.companion = (stage.knobs[name], experiment.companion[1])
-                    experiment = experiment.chained_from
-            self._stage_objects[key] = stage
+    def _follow_remade_stages(self, snapshots: Snapshots) -> None:
+        """A stage made anew for the same op (the next epoch under ``repeat``) inherits the
+        knobs' values: an experiment on the old one carries over to it, measured afresh."""
+        new, remade = self._readings.follow(snapshots)
+        for stage in new:
+            self._cap_buffers(stage)  # made after the tuner started (an epoch, a slot)
+        for stage in remade:
+            experiment = self._experiment
+            if experiment is not None and experiment.stage.key == stage.key:
+                experiment.settling = True
+            while experiment is not None:
+                if experiment.stage.key == stage.key:
+                    experiment.stage = stage
+                    experiment.knob = stage.knobs[experiment.knob.name]
+                    if experiment.companion is not None:
+                        name = experiment.companion[0].name
+                        experiment.companion = (stage.knobs[name], experiment.companion[1])
+                experiment = experiment.chained_from
 
-    def _record_start_choices(
-        self, snapshots: dict[object, tuple[Tunable, dict[str, float]]]
-    ) -> None:
+    def _record_start_choices(self, snapshots: Snapshots) -> None:
         """What stages chose from their first calls, into the history with the rest."""
         for key, (stage, _) in snapshots.items():
             choice = stage.start_choice
@@ -296,7 +289,7 @@ class Tuner:
             )
         )
 
-    def _check_ram_floor(self, snapshots: dict[object, tuple[Tunable, dict[str, float]]]) -> None:
+    def _check_ram_floor(self, snapshots: Snapshots) -> None:
         """Say once, for each stage running on workers, if even one worker holds more than
         the RAM budget: the tuner cannot keep to it, and the user would not know."""
         for key, (stage, now) in snapshots.items():
@@ -321,54 +314,6 @@ class Tuner:
             with self._lock:
                 self.warnings.append(warning)
             warnings_logger.warning("%s", warning)
-
-    def _window_complete(
-        self, dt: float, root_moved: int, snapshots: dict[object, tuple[Tunable, dict[str, float]]]
-    ) -> bool:
-        if dt >= max(MAX_WINDOW, self._experiment.min_window if self._experiment else 0.0):
-            return True
-        shortest = MIN_WINDOW
-        experiment = self._experiment
-        if experiment is not None:
-            shortest = experiment.min_window
-        if experiment is not None and experiment.stage.key in snapshots:
-            stage, now = snapshots[experiment.stage.key]
-            before: dict[str, float] = self._previous.get(stage.key, {})
-            work = now["work_wall"] - before.get("work_wall", 0.0)
-            done = now["worked"] - before.get("worked", 0.0)
-            if done > 0:
-                shortest = max(shortest, LATENCIES_PER_WINDOW * work / done)
-        if dt < shortest:
-            return False
-        moved = max(
-            [root_moved]
-            + [
-                now["elements"] - self._previous.get(key, {}).get("elements", 0.0)
-                for key, (_, now) in snapshots.items()
-            ]
-        )
-        return moved >= SETTLE_ELEMENTS
-
-    def _windows(
-        self, dt: float, snapshots: dict[object, tuple[Tunable, dict[str, float]]]
-    ) -> list[Window]:
-        out: list[Window] = []
-        for key, (stage, now) in snapshots.items():
-            before = self._previous.get(key)
-            self._previous[key] = now
-            if key in self._remade:
-                continue  # its window began before it existed: no verdict on it yet
-            out.append(
-                StageWindow.between(
-                    stage,
-                    Reading.of(before) if before is not None else Reading(),
-                    Reading.of(now),
-                    dt,
-                    workers=max(1, stage.knobs["parallelism"].value),
-                    bytes_per_element=now["bytes_per_element"],
-                )
-            )
-        return out
 
     def _refused(self, e: Experiment, now: float) -> bool:
         """The stage set ``e``'s knob back itself (a move it cannot make): say so in the

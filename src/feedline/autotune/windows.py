@@ -2,7 +2,8 @@
 
 One computation serves the tuner (a window per tick), the timeline (a window between two
 samples) and ``stats()`` (one window from the pass's start to now), so the rate, CPU share and
-waits they show are the same numbers.
+waits they show are the same numbers. ``TunerReadings`` keeps the tuner's readings from one
+window to the next, and says when a window is long enough to judge.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Generic, TypeVar
+
+from feedline.autotune.constants import LATENCIES_PER_WINDOW, SETTLE_ELEMENTS
+from feedline.runtime.tunable import Tunable
 
 S = TypeVar("S")
 W = TypeVar("W", bound="StageWindow[Any]")
@@ -122,3 +126,88 @@ class StageWindow(Generic[S]):
             cpu_per_element=cpu_per_element,
             mean_ms=mean_ms,
         )
+
+
+# Each stage's ``StageMetrics.snapshot()`` at one tick, by the key of the op it runs.
+Snapshots = Mapping[object, tuple[Tunable, Mapping[str, float]]]
+
+
+class TunerReadings:
+    """The tuner's readings: each op's counters at the last window's end, and the stage
+    running each op (one made anew for the same op, the next epoch under ``repeat``, starts
+    its counters from zero: it is measured from its start)."""
+
+    def __init__(self) -> None:
+        self._previous: dict[object, Mapping[str, float]] = {}
+        self._stage_objects: dict[object, Tunable] = {}
+        self._remade: set[object] = set()  # ops whose stage was made anew in this window
+
+    def follow(self, snapshots: Snapshots) -> tuple[list[Tunable], list[Tunable]]:
+        """The stages not seen at the last tick, and those of them made anew for an op
+        already measured."""
+        new: list[Tunable] = []
+        remade: list[Tunable] = []
+        for key, (stage, _) in snapshots.items():
+            known = self._stage_objects.get(key)
+            if known is not stage:
+                new.append(stage)
+                if known is not None:
+                    self._previous.pop(key, None)
+                    self._remade.add(key)
+                    remade.append(stage)
+            self._stage_objects[key] = stage
+        return new, remade
+
+    def complete(
+        self,
+        seconds: float,
+        root_moved: int,
+        snapshots: Snapshots,
+        shortest: float,
+        longest: float,
+        tested: object | None = None,
+    ) -> bool:
+        """Whether a window ``seconds`` long is long enough to judge: ``longest`` always is;
+        else at least ``shortest`` (and a few of the ``tested`` stage's per-element times)
+        in which the root or one stage moved a few elements."""
+        if seconds >= longest:
+            return True
+        if tested is not None and tested in snapshots:
+            now = snapshots[tested][1]
+            before = self._previous.get(tested, {})
+            work = now["work_wall"] - before.get("work_wall", 0.0)
+            done = now["worked"] - before.get("worked", 0.0)
+            if done > 0:
+                shortest = max(shortest, LATENCIES_PER_WINDOW * work / done)
+        if seconds < shortest:
+            return False
+        moved = max(
+            [root_moved]
+            + [
+                now["elements"] - self._previous.get(key, {}).get("elements", 0.0)
+                for key, (_, now) in snapshots.items()
+            ]
+        )
+        return moved >= SETTLE_ELEMENTS
+
+    def windows(self, seconds: float, snapshots: Snapshots) -> list[StageWindow[Tunable]]:
+        """Each stage's window since the last call (none for a stage made within it: its
+        window began before it existed), and the readings move on to now."""
+        out: list[StageWindow[Tunable]] = []
+        for key, (stage, now) in snapshots.items():
+            before = self._previous.get(key)
+            self._previous[key] = now
+            if key in self._remade:
+                continue
+            out.append(
+                StageWindow.between(
+                    stage,
+                    Reading.of(before) if before is not None else Reading(),
+                    Reading.of(now),
+                    seconds,
+                    workers=max(1, stage.knobs["parallelism"].value),
+                    bytes_per_element=now["bytes_per_element"],
+                )
+            )
+        self._remade.clear()
+        return out

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from feedline.autotune import policy
-from feedline.autotune.budget import Budget, format_bytes
+from feedline.autotune.budget import Budget
 from feedline.autotune.constants import (
     FIRST_INTERVAL,
     HICCUP_MEMORY,
@@ -47,18 +47,17 @@ from feedline.autotune.constants import (
     STALL,
 )
 from feedline.autotune.experiments import Decision, Experiment, Judge, Judged, TunerState
+from feedline.autotune.limits import ram_floor_warning, thread_budget_words
 from feedline.autotune.policy import (
     Move,
     Proposal,
     Situation,
     Window,
-    least_bytes,
-    thread_budget_words,
 )
 from feedline.autotune.windows import Snapshots, TunerReadings
 from feedline.runtime.context import WorkerMemory
 from feedline.runtime.machine import idle_cpu_seconds, rss_of
-from feedline.runtime.tunable import PROCESSES, Knob, StartChoice, Tunable
+from feedline.runtime.tunable import Knob, StartChoice, Tunable
 
 logger = logging.getLogger("feedline.autotune")
 # What users must see even with the tuner's own log quiet: a budget that cannot be kept.
@@ -292,25 +291,14 @@ class Tuner:
     def _check_ram_floor(self, snapshots: Snapshots) -> None:
         """Say once, for each stage running on workers, if even one worker holds more than
         the RAM budget: the tuner cannot keep to it, and the user would not know."""
+        worker_rss = self.workers_rss / self.process_workers if self.process_workers else 0
         for key, (stage, now) in snapshots.items():
-            per_element = now["bytes_per_element"]
-            if key in self._warned or not per_element or stage.knobs["parallelism"].value < 1:
+            if key in self._warned:
                 continue
-            worker_rss = self.workers_rss / self.process_workers if self.process_workers else 0
-            least = least_bytes(stage, per_element, worker_rss)
-            if least <= self.budget.ram:
+            warning = ram_floor_warning(stage, now["bytes_per_element"], worker_rss, self.budget)
+            if warning is None:
                 continue
             self._warned.add(key)
-            on_processes = stage.knobs.get("executor")
-            held = "its smallest buffer and the element its consumer holds"
-            if on_processes is not None and on_processes.value == PROCESSES:
-                held += ", and a worker process"
-            warning = (
-                f"{stage.name} may hold {format_bytes(least)} with even one worker ({held}, "
-                f"{format_bytes(per_element)} an element): more than the RAM budget of "
-                f"{format_bytes(self.budget.ram)}, which cannot be kept; raise "
-                "Options.autotune.ram_budget or make the elements smaller"
-            )
             with self._lock:
                 self.warnings.append(warning)
             warnings_logger.warning("%s", warning)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from feedline.errors import InvalidStateError, StageCrashedError, StageError, wrap_user_error
@@ -18,6 +20,7 @@ from feedline.ops.base import (
     function_name,
 )
 from feedline.ops.choices import ChoiceLog
+from feedline.ops.interleave_ahead import DatasetsAhead
 from feedline.ops.tracing import output_check, traced_spec
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import StageIterator, State
@@ -46,6 +49,37 @@ if TYPE_CHECKING:
 REFERENCE_CORES = 2
 # Threads tf.data gives each slot under AUTOTUNE: its own and two for future slots.
 _THREADS_PER_SLOT = 3
+
+
+# Datasets opened ahead of the open slots under AUTOTUNE, as tf.data's "future elements"
+# (two per slot): with AUTOTUNE's cycle length of 1, file after file, three are read at once.
+DATASETS_AHEAD_UNDER_AUTOTUNE = 2
+# What a slot reading on a thread may hold ready: this many elements, in chunks of up to half
+# of them sized from the reading's cost (~10 ms of it), so elements cross threads up to 128 at
+# a time (one at a time, a parallel read ran at 0.09x reading file after file), and a dataset
+# opened ahead reads well before its turn; within this many bytes.
+SLOT_BUFFER_ELEMENTS = 256
+SLOT_BUFFER_BYTES = 4 * 2**20
+
+
+def datasets_ahead(num_parallel_calls: int | None) -> int:
+    """How many of the next input elements' datasets are opened (and read) ahead of the open
+    slots: two under AUTOTUNE (tf.data's start); none otherwise (a fixed number of calls is
+    at most the cycle length: the slots' readers are all the calls)."""
+    return DATASETS_AHEAD_UNDER_AUTOTUNE if num_parallel_calls == AUTOTUNE else 0
+
+
+@dataclass
+class _Ahead:
+    """An input element read ahead of the slots, its dataset opened (``opened``), or the
+    error opening it raised (raised in its turn), or neither (its opening was cut short: it
+    is opened in its turn). With ``from_input``, ``error`` is the input's own, raised where
+    the input would have raised it, and there is no element."""
+
+    element: Any
+    opened: StageIterator | None = None
+    error: Exception | None = None
+    from_input: bool = False
 
 
 def default_cycle_length(num_parallel_calls: int | None) -> int:
@@ -141,8 +175,10 @@ class InterleaveIterator(UnaryIterator):
     re-reads the input (cheap: it is usually a list of files) and reopens those slots.
 
     With ``num_parallel_calls`` each open slot reads ahead on a thread of its own (the usual
-    case: several files read at once). Without ``deterministic``, a slot whose next element is
-    not ready yet is passed over for one that is.
+    case: several files read at once), and so do the datasets of the next input elements,
+    opened ahead (``datasets_ahead``; they are not in the state: restored, they are opened
+    again in their turn). Without ``deterministic``, a slot whose next element is not ready
+    yet is passed over for one that is.
 
     With worker processes a slot's dataset runs in a worker (``RemoteIterator``), and a thread
     reads ahead from it in any case; without ``num_parallel_calls`` all slots share one worker,
@@ -173,6 +209,7 @@ class InterleaveIterator(UnaryIterator):
         self.block_index = 0
         self.crashed = False
         self.pending: tuple[Any] | None = None  # an input element read, its opening cut short
+        self.ahead: deque[_Ahead] = deque()  # the next input elements, after ``pending``
         self.choices = ChoiceLog()
         # Each element checked against the traced spec, once known: the datasets the function
         # returns may differ from the first ones (another dtype, another structure).
@@ -186,8 +223,21 @@ class InterleaveIterator(UnaryIterator):
         # input that delivers in finishing order records its order only in the live one.
         self.input_start = self.input.get_state()
         self.remote: RemoteSlots | None = None
+        self.most_ahead = 0
+        self.tuned_ahead: DatasetsAhead | None = None
         try:
             self.remote = self._remote_slots()
+            # Threads read ahead; a worker process's slots are read one round trip at a time.
+            self.most_ahead = (
+                0 if self.remote is not None else datasets_ahead(op.num_parallel_calls)
+            )
+            # Under AUTOTUNE, the tuner moves how many (from tf.data's two).
+            if self.remote is None and op.num_parallel_calls == AUTOTUNE:
+                self.tuned_ahead = DatasetsAhead(
+                    op.name, op, ctx, self.most_ahead, self._readers, op.cycle_length
+                )
+                self.most_ahead = self.tuned_ahead.knobs["parallelism"].value
+                self.tuned_ahead.on_change = self._set_most_ahead
             if state is not None:
                 self._reopen(wanted)
         except BaseException:
@@ -237,6 +287,21 @@ class InterleaveIterator(UnaryIterator):
             raise
         self.slots = [None if pos is None else opened[pos] for pos in self.slot_origin]
 
+    def _readers(self) -> list[AsyncStage]:
+        """The stages reading the open slots' and the opened-ahead datasets now (asked on
+        the tuner's thread, while the consumer's may change them)."""
+        while True:
+            try:
+                opened = [*self.slots, *(ahead.opened for ahead in self.ahead)]
+            except RuntimeError:  # the deque changed meanwhile: read it again
+                continue
+            return [r for r in opened if isinstance(r, AsyncStage)]
+
+    def _set_most_ahead(self, value: int) -> None:
+        # Called on the tuner's thread: only the number changes here; the consumer's thread
+        # opens what it allows (see ``_advance_cycle``).
+        self.most_ahead = value
+
     def _remote_slots(self) -> RemoteSlots | None:
         """A hold on worker processes for the slots, if they run there."""
         op, ctx = self.op, self.ctx
@@ -276,15 +341,20 @@ class InterleaveIterator(UnaryIterator):
             parallelism=1,
             parallelism_tunable=False,
             max_parallelism=1,
-            buffer_size=None if remote is not None else 2 * self.op.block_length,
-            buffer_tunable=remote is None and self.op.num_parallel_calls == AUTOTUNE,
+            buffer_size=None if remote is not None else SLOT_BUFFER_ELEMENTS,
+            buffer_tunable=False,
             deterministic=True,
         )
-        return AsyncStage(config, ctx=self.ctx, make_input=make_input, transform=None, state=state)
+        slot = AsyncStage(config, ctx=self.ctx, make_input=make_input, transform=None, state=state)
+        if remote is None:
+            slot.max_buffer_bytes = min(slot.max_buffer_bytes, SLOT_BUFFER_BYTES)
+        return slot
 
     def _advance_cycle(self) -> None:
         self.block_index = 0
         self.cycle_index = (self.cycle_index + 1) % self.op.cycle_length
+        if len(self.ahead) < self.most_ahead and self.pending is None:
+            self._open_ahead()  # the tuner allowed more
 
     def _ready_slot(self) -> None:
         """Out-of-order mode: move to an open slot that has an element ready, if the current
@@ -336,6 +406,8 @@ class InterleaveIterator(UnaryIterator):
                         element = next(slot)
                     except StopIteration:
                         slot.close()
+                        if self.tuned_ahead is not None and isinstance(slot, AsyncStage):
+                            self.tuned_ahead.metrics.retire(slot)
                         self.slots[self.cycle_index] = None
                         self.slot_origin[self.cycle_index] = None
                     else:
@@ -346,6 +418,8 @@ class InterleaveIterator(UnaryIterator):
                             raise self.check.error(element, origin)
                         return element
                 self._advance_cycle()
+            elif self.ahead and self.pending is None:
+                self._take_ahead()
             elif self.pending is not None or not self.input_done:
                 if self.pending is None:
                     try:
@@ -376,12 +450,62 @@ class InterleaveIterator(UnaryIterator):
         self.read += 1
         self.slots[self.cycle_index] = slot
         self.slot_origin[self.cycle_index] = position
+        self._open_ahead()
+
+    def _take_ahead(self) -> None:
+        """Put the first dataset opened ahead in the current slot (or raise its error, its
+        turn)."""
+        ahead = self.ahead.popleft()
+        if ahead.from_input:
+            assert ahead.error is not None
+            raise ahead.error  # the input goes on after it, as when read in turn
+        if ahead.opened is None and ahead.error is None:
+            self.pending = (ahead.element,)  # its opening was cut short: opened now
+            self._open_pending()
+            return
+        position = self.read
+        self.read += 1
+        if ahead.error is not None:
+            error, ahead.error = ahead.error, None
+            raise error
+        self.slots[self.cycle_index] = ahead.opened
+        self.slot_origin[self.cycle_index] = position
+        self._open_ahead()
+
+    def _open_ahead(self) -> None:
+        """Open the next input elements' datasets, up to ``most_ahead``, reading at once."""
+        while len(self.ahead) < self.most_ahead and not self.input_done:
+            if self.ahead and self.ahead[-1].from_input:
+                return  # read on past the input's error only once it is raised
+            try:
+                element = next(self.input)
+            except StopIteration:
+                self.input_done = True
+                return
+            except StageCrashedError:
+                raise
+            except Exception as e:
+                self.ahead.append(_Ahead(None, error=e, from_input=True))
+                return
+            ahead = _Ahead(element)
+            self.ahead.append(ahead)  # before opening: a Ctrl-C meanwhile keeps its turn
+            try:
+                opened = self._open(element, self.read + len(self.ahead) - 1, None)
+            except StageCrashedError:
+                raise
+            except Exception as e:
+                ahead.error = e
+            else:
+                ahead.opened = opened
+                if isinstance(opened, AsyncStage):
+                    opened.start()
 
     def get_state(self) -> State:
         state = {
             "input_start": self.input_start,
             "read": self.read,
-            "input_done": self.input_done,
+            # Elements read ahead are read again when restored.
+            "input_done": self.input_done and not self.ahead,
             "slots": [
                 [pos, None if it is None else it.get_state()]
                 for pos, it in zip(self.slot_origin, self.slots)
@@ -396,6 +520,12 @@ class InterleaveIterator(UnaryIterator):
         for slot in self.slots:
             if slot is not None:
                 slot.close()
+        while self.ahead:
+            opened = self.ahead.popleft().opened
+            if opened is not None:
+                opened.close()
+        if self.tuned_ahead is not None:
+            self.tuned_ahead.close()
         if self.remote is not None:
             self.remote.close()
         self.pending = None

@@ -174,6 +174,12 @@ class AsyncStage(ConsumerSide):
     def has_own_work(self) -> bool:
         return self.transform is not None
 
+    def start(self) -> None:
+        """Start the workers now rather than at the first ``next()``: a stage opened ahead
+        of its turn reads meanwhile."""
+        if self.parallelism > 0:
+            self._ensure_workers()
+
     def expect_processes(self) -> None:
         if self._switch is not None:
             self._switch.expect()

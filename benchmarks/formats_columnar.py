@@ -1,14 +1,18 @@
 """Parquet and image-folder reading: feedline against pyarrow and the PyTorch DataLoader, every
 system in the same run on the same files (ratios are what issue #18's bars ask for).
 
-    .venv/bin/python -m benchmarks.formats_columnar [--rows 200000] [--images 1200] [--repeats 3]
+    .venv/bin/python -m benchmarks.formats_columnar [--rows 200000] [--files 8] [--images 1200]
+        [--repeats 3]
 
 Parquet, 10 numeric columns: feedline's ``ParquetDataset`` iterated row by row against
 pyarrow's own ``ParquetFile.iter_batches`` with each batch converted to the same rows (a dict
 of numpy scalars per row), at two file sizes (``--rows`` and ten times it). The two take
 turns in one process for the rates (a change in the machine's load then hits both); one more
 pass of each in a fresh process gives its peak RSS above the interpreter with its imports
-(``VmHWM``), the reader's alone: it should not grow with the file.
+(``VmHWM``), the reader's alone: it should not grow with the file. Then the same over
+``--files`` files of ``--rows`` rows each, with feedline reading them one after another
+(``num_parallel_reads=None``) and with ``num_parallel_reads=AUTOTUNE``, against pyarrow's
+loop over the files.
 
 Images: JPEG files decoded, resized to 224x224 and batched by 32, by the same Python function:
 feedline (``map(num_parallel_calls=AUTOTUNE).batch(32).prefetch(AUTOTUNE)``) against the
@@ -62,29 +66,34 @@ def write_table(path: str, rows: int) -> None:
     writer.close()
 
 
-def pyarrow_rows(path: str) -> int:
+def pyarrow_rows(paths: list[str]) -> int:
     import pyarrow.parquet as pq
 
     count = 0
-    with pq.ParquetFile(path) as f:
-        names = f.schema_arrow.names
-        for batch in f.iter_batches(batch_size=ROW_GROUP):
-            columns = [c.to_numpy(zero_copy_only=False) for c in batch.columns]
-            for values in zip(*columns):
-                row = dict(zip(names, values))
-                count += row is not None
+    for path in paths:
+        with pq.ParquetFile(path) as f:
+            names = f.schema_arrow.names
+            for batch in f.iter_batches(batch_size=ROW_GROUP):
+                columns = [c.to_numpy(zero_copy_only=False) for c in batch.columns]
+                for values in zip(*columns):
+                    row = dict(zip(names, values))
+                    count += row is not None
     return count
 
 
-def feedline_rows(path: str) -> int:
+def feedline_rows(paths: list[str], reads: int | None = None) -> int:
     count = 0
-    with fl.io.ParquetDataset(path).iterator() as it:
+    with fl.io.ParquetDataset(paths, num_parallel_reads=reads).iterator() as it:
         for row in it:
             count += row is not None
     return count
 
 
-SYSTEMS: dict[str, Callable[[str], int]] = {"pyarrow": pyarrow_rows, "feedline": feedline_rows}
+SYSTEMS: dict[str, Callable[[list[str]], int]] = {
+    "pyarrow": pyarrow_rows,
+    "feedline": feedline_rows,
+    "feedline-autotune": functools.partial(feedline_rows, reads=fl.AUTOTUNE),
+}
 
 
 def high_water_kib() -> int:
@@ -97,17 +106,17 @@ def high_water_kib() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
-def child(system: str, path: str) -> None:
-    """One pass of one system over one file in a fresh process: its peak RSS growth."""
+def child(system: str, paths: list[str]) -> None:
+    """One pass of one system over the files in a fresh process: its peak RSS growth."""
     import pyarrow.parquet  # noqa: F401 - imported before the baseline reading
 
     base = high_water_kib()
-    SYSTEMS[system](path)
+    SYSTEMS[system](paths)
     print(json.dumps({"peak_mib": (high_water_kib() - base) / 1024}))
 
 
-def peak_mib(system: str, path: str) -> float:
-    command = [sys.executable, "-m", "benchmarks.formats_columnar", "--child", system, path]
+def peak_mib(system: str, paths: list[str]) -> float:
+    command = [sys.executable, "-m", "benchmarks.formats_columnar", "--child", system, *paths]
     out = subprocess.run(command, check=True, capture_output=True, text=True)
     return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"])
 
@@ -118,18 +127,47 @@ def parquet(directory: str, rows: int, repeats: int) -> None:
         f" {repeats}, the systems taking turns in one process) and peak RSS growth (one pass"
         " in a fresh process)"
     )
+    systems = {k: SYSTEMS[k] for k in ("pyarrow", "feedline")}
     for n in (rows, rows * 10):
-        path = os.path.join(directory, f"t{n}.parquet")
-        write_table(path, n)
-        size = os.path.getsize(path) / 2**20
-        best = in_turns({k: functools.partial(run, path) for k, run in SYSTEMS.items()}, repeats)
+        paths = [os.path.join(directory, f"t{n}.parquet")]
+        write_table(paths[0], n)
+        size = os.path.getsize(paths[0]) / 2**20
+        best = in_turns({k: functools.partial(run, paths) for k, run in systems.items()}, repeats)
         theirs, ours = best["pyarrow"], best["feedline"]
         print(
             f"  {n:>9} rows ({size:6.1f} MiB): pyarrow iter_batches {theirs[0]:>10,.0f}"
-            f" ({peak_mib('pyarrow', path):5.0f} MiB)  feedline {ours[0]:>10,.0f}"
-            f" ({peak_mib('feedline', path):5.0f} MiB)  ratio {ours[0] / theirs[0]:.2f}"
+            f" ({peak_mib('pyarrow', paths):5.0f} MiB)  feedline {ours[0]:>10,.0f}"
+            f" ({peak_mib('feedline', paths):5.0f} MiB)  ratio {ours[0] / theirs[0]:.2f}"
             f" (by CPU time {ours[1] / theirs[1]:.2f})"
         )
+
+
+def parquet_files(directory: str, rows: int, files: int, repeats: int) -> None:
+    """Several files: feedline file after file and with num_parallel_reads=AUTOTUNE (threads
+    of its own, so by the wall clock only), against pyarrow's loop over the same files."""
+    paths = []
+    for k in range(files):
+        paths.append(os.path.join(directory, f"part{k}.parquet"))
+        write_table(paths[-1], rows)
+    size = sum(os.path.getsize(p) for p in paths) / 2**20
+    best = in_turns({k: functools.partial(run, paths) for k, run in SYSTEMS.items()}, repeats)
+    rate = {k: wall for k, (wall, _) in best.items()}
+    print(
+        f"\nParquet, {files} files of {rows} rows ({size:.1f} MiB): rows/s (best of {repeats},"
+        " in turns) and peak RSS growth (one pass in a fresh process)"
+    )
+    for name in SYSTEMS:
+        label = {
+            "pyarrow": "pyarrow iter_batches, file after file",
+            "feedline": "feedline num_parallel_reads=None",
+            "feedline-autotune": "feedline num_parallel_reads=AUTOTUNE",
+        }[name]
+        print(f"  {label:<40} {rate[name]:>10,.0f}  ({peak_mib(name, paths):5.0f} MiB)")
+    tuned, plain, theirs = rate["feedline-autotune"], rate["feedline"], rate["pyarrow"]
+    print(
+        f"  ratios: AUTOTUNE / None {tuned / plain:.2f}, AUTOTUNE / pyarrow {tuned / theirs:.2f},"
+        f" None / pyarrow {plain / theirs:.2f}"
+    )
 
 
 def write_jpegs(directory: str, count: int) -> list[str]:
@@ -257,16 +295,18 @@ def images(directory: str, count: int, repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--files", type=int, default=8)
     parser.add_argument("--images", type=int, default=1200)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--child", nargs=2, metavar=("SYSTEM", "PATH"))
+    parser.add_argument("--child", nargs="+", metavar="SYSTEM PATH")
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], args.child[1])
+        child(args.child[0], args.child[1:])
         return
     print(f"cores: {os.cpu_count()}, feedline {fl.__version__}")
     with tempfile.TemporaryDirectory() as directory:
         parquet(directory, args.rows, args.repeats)
+        parquet_files(directory, args.rows, args.files, args.repeats)
         images(directory, args.images, args.repeats)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from feedline.io.paths import match_files
+from feedline.io.fs import glob as glob_files
 from feedline.ops.base import (
     AUTOTUNE,
     INFINITE,
@@ -202,9 +202,10 @@ class Dataset:
     def list_files(
         file_pattern: str | Sequence[str], shuffle: bool | None = None, seed: int | None = None
     ) -> Dataset:
-        """Paths (as bytes) matching the glob pattern(s), matched now; shuffled by default."""
+        """Paths (as bytes) matching the glob pattern(s), matched now; shuffled by default.
+        URLs (``s3://bucket/train-*.tfrecord``) are matched by fsspec (``feedline[cloud]``)."""
         patterns = [file_pattern] if isinstance(file_pattern, str | bytes) else list(file_pattern)
-        files = match_files([os.fsdecode(p) for p in patterns])
+        files = glob_files([os.fsdecode(p) for p in patterns])
         if not files:
             raise FileNotFoundError(f"no files matched pattern(s): {patterns}")
         ds = Dataset.from_tensor_slices(files)

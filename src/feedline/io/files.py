@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,17 +15,44 @@ from feedline.io.text import TextLineInterleaveOp, TextLineOp
 from feedline.ops.base import AUTOTUNE
 
 
-def _parallel_reads(value: Any) -> int | None:
-    """``None`` (one file after another), ``AUTOTUNE`` (one per core), or a positive int."""
+def parallel_reads(value: Any) -> int | None:
+    """``num_parallel_reads`` checked: ``None`` (one file after another), ``AUTOTUNE``, or a
+    positive int, returned as given."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise TypeError(f"num_parallel_reads must be an int, got {type(value).__name__} {value!r}")
-    if value == AUTOTUNE:
-        return os.cpu_count() or 1
-    if value < 1:
+    if value != AUTOTUNE and value < 1:
         raise ValueError(f"num_parallel_reads must be >= 1 or AUTOTUNE, got {value}")
     return int(value)
+
+
+def _parallel_reads(value: Any) -> int | None:
+    """The cycle length of text and fixed-length reads: ``AUTOTUNE`` is one file per core."""
+    reads = parallel_reads(value)
+    return (os.cpu_count() or 1) if reads == AUTOTUNE else reads
+
+
+def read_files(
+    names: Dataset, read: Callable[[Any], Dataset], num_parallel_reads: int | None, name: str
+) -> Dataset:
+    """The elements of ``read(path)`` for each path of ``names``, in the shapes of tf.data's
+    ``_create_dataset_reader`` (readers.py): ``None``, file after file; an int ``n``, ``n``
+    files at once on threads, one element from each in turn (``cycle_length=n,
+    block_length=1``); ``AUTOTUNE``, ``interleave(num_parallel_calls=AUTOTUNE)``, the tuner
+    setting how many of the next files are read ahead. ``num_parallel_reads`` as
+    ``parallel_reads`` gives it."""
+    if num_parallel_reads is None:
+        return names.flat_map(read, name=name)
+    if num_parallel_reads == AUTOTUNE:
+        return names.interleave(read, num_parallel_calls=AUTOTUNE, name=name)
+    return names.interleave(
+        read,
+        cycle_length=num_parallel_reads,
+        block_length=1,
+        num_parallel_calls=num_parallel_reads,
+        name=name,
+    )
 
 
 def TextLineDataset(

@@ -12,6 +12,7 @@ too), gzip/bz2/xz shards included; members are never extracted to disk.
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import tarfile
@@ -25,6 +26,7 @@ import numpy as np
 
 from feedline.errors import DataLossError, InvalidStateError
 from feedline.io import fs
+from feedline.io.files import parallel_reads, read_files
 from feedline.ops.base import UNKNOWN, Op
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import StageIterator, State
@@ -284,9 +286,22 @@ class TarShardIterator(StageIterator):
             self.shard = None
 
 
+def _read_path(extensions: list[str] | None, path: Any) -> Any:
+    """One shard of a Dataset of paths."""
+    return TarShardDataset(path, extensions)
+
+
+def _read_shard(extensions: list[str], declared: bool, path: Any) -> Any:
+    """One shard of a list read in parallel, with the extensions found for the list."""
+    from feedline.dataset import Dataset
+
+    return Dataset(TarShardOp([fs.as_name(path)], extensions, declared))
+
+
 def TarShardDataset(
     paths: Any,
     extensions: Sequence[str] | None = None,
+    num_parallel_reads: int | None = None,
     *,
     shard: tuple[int, int] | None = None,
 ) -> Any:
@@ -302,6 +317,13 @@ def TarShardDataset(
     the dataset is built; a later sample with other extensions is then an error naming it
     (never an element of another structure).
 
+    ``num_parallel_reads``, as tf.data's ``TFRecordDataset``'s: ``n`` shards read at once on
+    threads, one sample from each in turn (the order of ``interleave(cycle_length=n,
+    block_length=1, num_parallel_calls=n)`` over the shards); ``AUTOTUNE``:
+    ``interleave(num_parallel_calls=AUTOTUNE)``, whose cycle is tf.data's for 2 cores: one
+    file at a time in order, with the next files opened and read ahead on threads, as many
+    as the tuner finds pay (two at first, as tf.data's future elements).
+
     ``shard=(n, i)``: every n-th shard from the i-th, the others never opened (this needs at
     least ``n`` shards; ``Dataset.shard(n, i)`` keeps tf.data's every-n-th-sample meaning).
     A damaged or truncated shard is a ``DataLossError`` naming the file and the byte offset
@@ -312,11 +334,12 @@ def TarShardDataset(
     """
     from feedline.dataset import Dataset
 
+    reads = parallel_reads(num_parallel_reads)
     if isinstance(paths, Dataset):
         if shard is not None:
             raise ValueError("shard=(n, i) splits a list of paths; shard a Dataset of them")
         chosen = None if extensions is None else list(extensions)
-        return paths.interleave(lambda path: TarShardDataset(path, chosen), cycle_length=1)
+        return read_files(paths, functools.partial(_read_path, chosen), reads, "tar_shards")
     names = fs.as_names(paths)
     if extensions is None:
         found = _first_extensions(names)
@@ -335,7 +358,10 @@ def TarShardDataset(
                 ".shard(n, i) to take every n-th sample instead"
             )
         names = names[i::n]
-    return Dataset(TarShardOp(names, wanted, declared))
+    if reads is None:
+        return Dataset(TarShardOp(names, wanted, declared))
+    files = Dataset.from_tensor_slices(np.array(names, dtype=object))
+    return read_files(files, functools.partial(_read_shard, wanted, declared), reads, "tar_shards")
 
 
 class TarShardWriter:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import zlib
 from collections.abc import Sequence
 from typing import IO, Any
 
 from feedline.errors import InvalidStateError
 from feedline.io.compressed import compression_name
-from feedline.io.fs import as_name
+from feedline.io.fs import as_name, file_size, open_binary
 from feedline.ops.base import UNKNOWN, Op
 from feedline.ops.interleave import InterleaveOp
 from feedline.runtime.context import IterContext
@@ -47,6 +46,7 @@ class TextLineIterator(StageIterator):
         self.line = 0
         self.offset = 0
         self.handle: IO[bytes] | None = None
+        self.raw: IO[bytes] | None = None  # what a compressed handle reads from
         if state is not None:
             self._restore(state)
 
@@ -76,7 +76,7 @@ class TextLineIterator(StageIterator):
     def _seek(self, offset: int) -> None:
         """Go to ``offset``, which must be where a line of the file starts (or its end)."""
         assert self.handle is not None
-        size = os.fstat(self.handle.fileno()).st_size
+        size = file_size(self.op.paths[self.file_index])
         if offset > size:
             raise InvalidStateError(self.op.name, "offset", f"is {offset}, past the file's end")
         if 0 < offset < size:
@@ -103,13 +103,15 @@ class TextLineIterator(StageIterator):
 
     def _open(self) -> None:
         path = self.op.paths[self.file_index]
+        raw = open_binary(path)  # a local path, or a URL through fsspec
         if self.op.compression == "GZIP":
-            self.handle = gzip.open(path, "rb")  # type: ignore[assignment]  # noqa: SIM115
+            self.raw = raw  # a GzipFile leaves the file it reads from open
+            self.handle = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[assignment]
         elif self.op.compression == "ZLIB":
-            with open(path, "rb") as f:
-                self.handle = io.BytesIO(zlib.decompress(f.read()))
+            with raw:
+                self.handle = io.BytesIO(zlib.decompress(raw.read()))
         else:
-            self.handle = open(path, "rb")  # noqa: SIM115 - closed when the file is done
+            self.handle = raw
         self.line = 0
         self.offset = 0
 
@@ -128,8 +130,7 @@ class TextLineIterator(StageIterator):
                     raw = raw[:-1]
                 # tf.data's line reader drops every '\r', not only one before the '\n'.
                 return raw.replace(b"\r", b"") if b"\r" in raw else raw
-            self.handle.close()
-            self.handle = None
+            self._close_file()
             self.file_index += 1
             self.line = 0
             self.offset = 0
@@ -153,9 +154,13 @@ class TextLineIterator(StageIterator):
         return {"file": self.file_index, "line": self.line, "offset": self.offset}
 
     def close(self) -> None:
-        if self.handle is not None:
-            self.handle.close()
-            self.handle = None
+        self._close_file()
+
+    def _close_file(self) -> None:
+        for f in (self.handle, self.raw):
+            if f is not None:
+                f.close()
+        self.handle = self.raw = None
 
 
 class TextLineInterleaveOp(InterleaveOp):

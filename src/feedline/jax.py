@@ -4,6 +4,20 @@
 ``jax.device_put`` over each batch, with a resumable state (``state_dict`` /
 ``load_state_dict``, as for ``feedline.torch.to_torch``). JAX is the ``feedline[jax]`` extra,
 imported on first use.
+
+On the CPU, ``jax.device_put`` of a numpy array makes no copy when XLA can use its memory as
+it is: C-contiguous, starting at a 64-byte boundary (XLA:CPU's minimum alignment), of a dtype
+JAX keeps (int64 and float64 become int32 and float32 unless ``jax_enable_x64`` is on, which
+is a conversion). Read-only arrays qualify: a ``jax.Array`` is immutable, and donating one to
+a jitted function copies rather than writes into it. ``Dataset.batch`` stacks its batches
+at that boundary, so a batch costs ``device_put``'s call (~20 us) instead of a copy
+(2.5-11.5 ms of CPU for a 19 MiB image batch); any other array is copied by JAX.
+
+Sharing is safe because JAX keeps the numpy array alive as long as the ``jax.Array``, and
+feedline never writes into an array it has handed out: a batch is new memory, and one stacked
+in a worker's shared memory goes back to that worker only once no array uses it (see
+``feedline.runtime.process.shm.ReplySegments``). An iterable of your own arrays is shared as
+``jax.device_put`` shares it: do not write into them while their ``jax.Array``\\ s live.
 """
 
 from __future__ import annotations

@@ -164,3 +164,72 @@ def regression(weights: Sequence[float], bias: float, rows: int, epochs: int) ->
         .prefetch(fl.AUTOTUNE)
         .repeat(epochs)
     )
+
+
+def tile(i: Any) -> np.ndarray:
+    """A 64 KiB element: rows this large are stacked in the workers' shared memory."""
+    return np.full((32, 32, 16), int(i) % 251, np.float32) + np.arange(16, dtype=np.float32)
+
+
+def assert_worker_batches_stay_right(
+    convert: Callable[[Iterator[np.ndarray]], Iterator[Any]], pointer: Callable[[Any], int]
+) -> None:
+    """Batches stacked in worker processes' shared memory, converted by ``convert`` (a feed
+    over numpy batches) without a copy (``pointer``: where a converted batch's memory is),
+    50 of them kept while the pass goes on: each still equals its numpy reference, though
+    the workers' memory is handed out again once no array uses it."""
+    # Enough batches after the kept ones for the workers to reuse their memory many times.
+    ds = fl.Dataset.range(2000).map(tile, num_parallel_calls=2, executor="process").batch(4)
+    source: list[int] = []  # where each numpy batch was: its address, not a reference
+
+    def addresses(it: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        for batch in it:
+            source.append(batch.ctypes.data)
+            yield batch
+
+    with no_process_left(), ds.iterator() as it:
+        kept: list[Any] = []
+        for converted in convert(addresses(it)):
+            if len(kept) < 50:
+                kept.append(converted)  # only the converted batch: the numpy one is gone
+            del converted
+    assert len(source) == 500
+    # Shared, not copied: the kept batches lie in the workers' memory ...
+    assert [pointer(k) for k in kept] == source[:50]
+    # ... which is handed out again once no array uses it, as the later batches show ...
+    assert len(set(source[50:])) < len(source[50:])
+    # ... but not while a kept one does.
+    assert not set(source[:50]) & set(source[50:])
+    for i, k in enumerate(kept):
+        want = np.stack([tile(j) for j in range(4 * i, 4 * i + 4)])
+        np.testing.assert_array_equal(np.asarray(k), want, err_msg=f"batch {i}")
+
+
+def aligned(a: np.ndarray, offset: int = 0) -> np.ndarray:
+    """A copy of ``a`` starting ``offset`` bytes past a 64-byte boundary."""
+    raw = np.empty(a.nbytes + 128, np.uint8)
+    start = -raw.ctypes.data % 64 + offset
+    out = raw[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
+# Leaves whose values and dtypes must come out as they went in, whether shared or copied.
+IMAGES = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+LEAVES = {
+    "int64": np.arange(-5, 7, dtype=np.int64).reshape(3, 4),
+    "float32": np.linspace(-1, 1, 24, dtype=np.float32).reshape(2, 3, 4),
+    "bool": np.arange(10) % 3 == 0,
+    "uint8 images": IMAGES,
+    "non-contiguous": IMAGES[:, ::2, 1::3, ::-1],
+    "read-only": frozen(np.arange(6, dtype=np.float32)),
+    "0-d": np.array(2.5, np.float32),
+    "scalar": np.int64(-3),
+    "empty": np.zeros((0, 3), np.float32),
+    "misaligned": aligned(np.arange(40, dtype=np.float32), offset=16),
+}

@@ -1,8 +1,11 @@
 """``feedline.jax.device_put``: jax.Arrays equal to the numpy elements, sent ahead, sharded
-over devices from each process's local batch, resumable; and a model that learns."""
+over devices from each process's local batch, resumable; and a model that learns. On the CPU a
+batch becomes a jax.Array without a copy, and stays right after the pipeline moves on."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 import numpy as np
@@ -11,8 +14,13 @@ import pytest
 import feedline as fl
 from tests.frameworks.helpers import (
     FAILING_EVERY_4TH,
+    IMAGES,
+    LEAVES,
+    aligned,
     assert_feed_resumes,
+    assert_worker_batches_stay_right,
     failing_every_4th,
+    frozen,
     outcomes,
     regression,
     run_script,
@@ -87,6 +95,75 @@ def test_state_dict_resumes_exactly(prefetch: int) -> None:
 def test_a_failed_element_fails_in_its_place(prefetch: int) -> None:
     with fj.device_put(failing_every_4th(), prefetch=prefetch) as it:
         assert outcomes(it, int) == FAILING_EVERY_4TH
+
+
+@pytest.mark.parametrize("name", LEAVES)
+def test_values_and_dtypes_are_the_numpy_ones(name: str) -> None:
+    leaf = LEAVES[name]
+    before = np.array(leaf)
+    (got,) = fj.device_put([leaf], prefetch=0)
+    assert got.shape == np.shape(leaf)
+    assert_array_like(got, np.asarray(leaf))
+    np.testing.assert_array_equal(leaf, before)  # the input untouched
+
+
+def pointer(x: Any) -> int:
+    return int(x.unsafe_buffer_pointer())
+
+
+def test_a_batch_is_shared_where_xla_can_use_its_memory_and_copied_elsewhere() -> None:
+    image = aligned(IMAGES.astype(np.float32))
+    frozen_image = frozen(aligned(IMAGES))
+    shared = [image, frozen_image, aligned(np.arange(9, dtype=np.int32))]
+    copied = [
+        aligned(IMAGES.astype(np.float32), offset=16),  # XLA:CPU wants 64-byte alignment
+        image[:, ::2],  # not contiguous
+        aligned(np.arange(9, dtype=np.int64)),  # int64 becomes int32 (x64 is off)
+    ]
+    for a, got in zip(shared + copied, fj.device_put(shared + copied, prefetch=0)):
+        np.testing.assert_array_equal(np.asarray(got), a)
+        assert (pointer(got) == a.ctypes.data) == any(a is s for s in shared), a.dtype
+
+
+def test_batches_are_stacked_where_they_can_be_shared() -> None:
+    ds = fl.Dataset.range(12).map(lambda i: np.full((8, 8, 3), i, np.float32)).batch(4)
+    with ds.iterator() as it:
+        batches = list(it)
+    assert all(b.ctypes.data % 64 == 0 for b in batches)
+    for b, got in zip(batches, fj.device_put(batches, prefetch=0)):
+        assert pointer(got) == b.ctypes.data
+        np.testing.assert_array_equal(np.asarray(got), b)
+
+
+def test_a_shared_batch_lives_as_long_as_its_jax_array() -> None:
+    # What makes sharing safe: the memory of a batch (a worker's shared memory included) is
+    # reused only once nothing refers to it, and JAX refers to it while the jax.Array lives.
+    batch = aligned(np.arange(1024, dtype=np.float32))
+    freed: list[bool] = []
+    weakref.finalize(batch.base, freed.append, True)
+    (got,) = fj.device_put([batch], prefetch=0)
+    assert pointer(got) == batch.ctypes.data
+    del batch
+    gc.collect()
+    assert not freed
+    np.testing.assert_array_equal(np.asarray(got), np.arange(1024))
+    del got
+    gc.collect()
+    assert freed
+
+
+def test_donating_a_shared_batch_does_not_write_into_it() -> None:
+    batch = frozen(aligned(np.ones((64, 1024), np.float32)))
+    (got,) = fj.device_put([batch], prefetch=0)
+    assert pointer(got) == batch.ctypes.data
+    out = jax.jit(lambda x: x * 3 + 1, donate_argnums=0)(got)
+    np.testing.assert_array_equal(np.asarray(out), 4)
+    np.testing.assert_array_equal(batch, 1)
+
+
+@pytest.mark.timeout(180)
+def test_batches_from_process_workers_stay_right_after_the_pipeline_moves_on() -> None:
+    assert_worker_batches_stay_right(lambda batches: fj.device_put(batches), pointer)
 
 
 def test_bad_prefetch() -> None:

@@ -16,7 +16,9 @@ import feedline as fl
 from feedline.errors import InvalidStateError
 from tests.frameworks.helpers import (
     FAILING_EVERY_4TH,
+    LEAVES,
     assert_feed_resumes,
+    assert_worker_batches_stay_right,
     failing_every_4th,
     no_process_left,
     outcomes,
@@ -87,6 +89,39 @@ def test_batches_become_tensors_without_a_copy() -> None:
     assert copied.data_ptr() != frozen.ctypes.data
     (flipped,) = ft.to_torch([batch[::-1]])  # torch takes no negative strides
     np.testing.assert_array_equal(flipped.numpy(), batch[::-1])
+
+
+@pytest.mark.parametrize("name", LEAVES)
+def test_values_and_dtypes_are_the_numpy_ones(name: str) -> None:
+    (got,) = ft.to_torch([LEAVES[name]])
+    leaf = np.asarray(LEAVES[name])
+    assert_tensor_like(got, leaf, name)
+    # An array is shared unless torch could write into read-only data or cannot take its
+    # strides (a numpy scalar has no memory to share).
+    shares = (
+        type(LEAVES[name]) is np.ndarray
+        and leaf.flags.writeable
+        and min(leaf.strides, default=0) >= 0
+        and leaf.size > 0
+    )
+    assert np.shares_memory(got.numpy(), leaf) == shares, name
+
+
+def test_pipeline_batches_and_elements_become_tensors_without_a_copy() -> None:
+    images = fl.Dataset.range(12).map(lambda i: np.full((8, 8, 3), i, np.uint8))
+    for ds in (images, images.batch(4)):
+        with ds.iterator() as it:
+            arrays = list(it)
+        for a, t in zip(arrays, ft.to_torch(arrays)):
+            assert t.data_ptr() == a.ctypes.data
+            np.testing.assert_array_equal(t.numpy(), a)
+    # A scalar element (a numpy scalar, not an array) becomes a 0-d tensor.
+    assert [t.shape for t in ft.to_torch(fl.Dataset.range(2))] == [torch.Size([])] * 2
+
+
+@pytest.mark.timeout(180)
+def test_batches_from_process_workers_stay_right_after_the_pipeline_moves_on() -> None:
+    assert_worker_batches_stay_right(lambda batches: ft.to_torch(batches), torch.Tensor.data_ptr)
 
 
 @pytest.mark.parametrize("device", [None, "cpu"])

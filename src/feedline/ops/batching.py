@@ -54,7 +54,29 @@ def stack_leaf(
         for i, v in enumerate(values):
             out[i] = v
         return out
+    if type(first) is np.ndarray and first.dtype.itemsize and first.dtype.isnative:
+        return _stack_aligned(values, first.dtype)
     return np.stack(values)
+
+
+# XLA's CPU client (``jax.device_put``) takes an array starting at a 64-byte boundary without
+# a copy and copies any other; numpy's memory (malloc's) is only 16-byte aligned, so 3 batches
+# in 4 were copied (2.5-11.5 ms of CPU for a 19 MiB image batch). 64 bytes more per batch.
+BATCH_ALIGNMENT = 64
+
+
+def _stack_aligned(values: list[Any], dtype: np.dtype) -> np.ndarray:
+    """``np.stack(values)`` starting at a ``BATCH_ALIGNMENT`` boundary (values of several
+    dtypes: numpy's promotion, in numpy's memory)."""
+    shape = (len(values), *values[0].shape)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + BATCH_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % BATCH_ALIGNMENT
+    out = raw[start : start + nbytes].view(dtype).reshape(shape)
+    try:
+        return np.stack(values, out=out, casting="no")
+    except TypeError:
+        return np.stack(values)
 
 
 def _shape_mismatch(

@@ -65,12 +65,14 @@ bench: $(VENV)/.bench
 	$(PY) -m benchmarks.changing_load
 	$(PY) -m benchmarks.formats_tfrecord
 	$(PY) -m benchmarks.formats_columnar
+	$(PY) -m benchmarks.conversion
 	$(PY) -m benchmarks.ray_distribute
 
-# The same comparison with reduced element counts and grids: under 5 minutes.
+# The same comparison with reduced element counts and grids: about 6 minutes.
 bench-quick: $(VENV)/.bench
 	$(PY) -m benchmarks.run --quick
 	$(PY) -m benchmarks.changing_load --quick
+	$(PY) -m benchmarks.conversion --quick
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

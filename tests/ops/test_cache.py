@@ -496,3 +496,29 @@ def test_a_cached_pipeline_resumes_in_a_fresh_build() -> None:
         with build().iterator(state) as resumed:
             assert [int(x) for x in resumed] == rest
         assert len(before + rest) == 20
+
+
+def test_cached_arrays_are_read_only_so_no_epoch_changes_another() -> None:
+    # Every epoch hands out the same cached arrays: a training loop writing into its batch
+    # (an in-place normalisation) would otherwise change what the next epoch reads.
+    ds = fl.Dataset.from_tensor_slices(np.arange(12.0).reshape(4, 3)).batch(2).cache()
+    first = list(ds)
+    for batch in first:
+        assert not batch.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            batch /= 255.0
+    again = list(ds)
+    assert [b.tolist() for b in again] == [b.tolist() for b in first]
+    assert again[0].tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+
+
+def test_cached_batches_become_torch_tensors_the_loop_may_write() -> None:
+    torch = pytest.importorskip("torch")
+    from feedline.torch import to_torch
+
+    ds = fl.Dataset.from_tensor_slices(np.arange(6.0).reshape(3, 2)).batch(3).cache()
+    for _ in range(2):
+        (batch,) = list(to_torch(ds))
+        assert batch.tolist() == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
+        batch.mul_(0)  # a copy: the cache keeps its values for the next epoch
+        assert isinstance(batch, torch.Tensor)

@@ -173,6 +173,13 @@ class _MemorySink:
         self.elements: list[Any] = []
 
     def add(self, chunk: list[Any]) -> None:
+        # Every later epoch hands out these very arrays: made read-only (as tf.data's tensors
+        # are immutable), a training loop writing into its batch cannot change what later
+        # epochs read; feedline.torch then copies them rather than share them.
+        for element in chunk:
+            for leaf in flatten(element):
+                if type(leaf) is np.ndarray:
+                    leaf.flags.writeable = False
         self.elements.extend(chunk)
 
     def publish(self, start: State) -> None:

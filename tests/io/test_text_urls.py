@@ -31,9 +31,7 @@ def test_list_files_matches_urls_and_text_lines_reads_them(s3_server: S3Server) 
 @pytest.mark.parametrize(
     ("compression", "compress"), [("", bytes), ("GZIP", gzip.compress), ("ZLIB", zlib.compress)]
 )
-def test_text_lines_over_http(
-    http_server: HttpServer, compression: str, compress: object
-) -> None:
+def test_text_lines_over_http(http_server: HttpServer, compression: str, compress: object) -> None:
     assert callable(compress)
     (http_server.root / "lines.txt").write_bytes(compress(TEXT))
     ds = fl.TextLineDataset(http_server.url + "lines.txt", compression_type=compression)

@@ -83,6 +83,12 @@ class Inflated:
             parts.append(piece)
             wanted -= len(piece)
 
+    def readinto(self, view: memoryview) -> int:
+        """``read`` into a buffer, as binary files do: how many bytes it holds."""
+        data = self.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
     def skip(self, n: int) -> int:
         """Decompress and drop ``n`` bytes, a block at a time; how many there were."""
         skipped = 0

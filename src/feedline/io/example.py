@@ -4,10 +4,11 @@ encoding, on numpy values, with no protobuf runtime.
 The wire format is decoded by hand: an Example is a map of feature name -> one of three
 lists. A batch of 64 or more is walked all at once in numpy (``example_fast.py``); smaller
 ones Example by Example in Python, each feature's values then converted in one numpy call per
-batch. Measured (``python -m benchmarks.formats_tfrecord``, 10 features, 2 cores): batches of
-256, 154k Examples/s against 140k for tf.data's ``map(tf.io.parse_example)`` and 53k for the
-``protobuf`` package (upb) building Python objects per value; batches of 32, 60k against 109k
-and 64k. So no protobuf dependency for ``feedline[tfrecord]``.
+batch. Measured (``python -m benchmarks.formats_tfrecord``, 10 features, 2 cores shared with
+other work, two runs): batches of 256, 264-272k Examples/s against 230-274k for tf.data's
+``map(tf.io.parse_example)`` and 80k for the ``protobuf`` package (upb) building Python
+objects per value; batches of 32, 86-90k against 87-94k and 76-80k. So no protobuf
+dependency for ``feedline[tfrecord]``.
 
 Schema (``tensorflow/core/example/{example,feature}.proto``), every field number 1 unless
 said: Example.features -> Features.feature (map entries: key 1, value 2) -> Feature, a oneof
@@ -24,6 +25,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from feedline.errors import DataLossError
+from feedline.io.example_encode import as_bytes
+
+# Encoding lives in example_encode.py; its public name stays here, where fl.io finds it.
+from feedline.io.example_encode import encode_example as encode_example
 from feedline.io.example_fast import Irregular, decode_varints, parse_batch, split_rows
 
 _KINDS = {"string": 1, "float32": 2, "int64": 3}  # dtype -> Feature's field number
@@ -33,7 +38,8 @@ _LOW_BYTES = bytes(range(128))  # deleting these from a varint run leaves its co
 _LEN = 2  # wire type of length-delimited fields
 _NOTHING: tuple[int, list[bytes]] = (0, [])  # a feature missing from an Example
 # From this many Examples on, a batch is walked all at once (example_fast.py); below, its
-# fixed cost in numpy calls (~0.5 ms) is more than walking them one by one (measured).
+# fixed cost in numpy calls (~0.4 ms) is more than walking them one by one (~5 us each with
+# 10 features; measured: the two cost the same at 64).
 _BATCH_PATH = 64
 
 
@@ -161,10 +167,15 @@ def _canonical_features(
     if pos + length != n:
         return None
     found: dict[int, tuple[int, list[bytes]]] = {}
+    # Lengths below 128 (one byte) are read in line: a call per varint was most of the time.
     while pos < n:
         if buf[pos] != 0x0A:
             return None
-        length, pos = _varint(buf, pos + 1)
+        length = buf[pos + 1]
+        if length < 0x80:
+            pos += 2
+        else:
+            length, pos = _varint(buf, pos + 1)
         entry_end = pos + length
         if buf[pos] != 0x0A or buf[pos + 1] >= 0x80:
             return None
@@ -174,27 +185,40 @@ def _canonical_features(
         if index is None:
             continue
         if key_end == entry_end:
-            found[index] = (0, [])
+            found[index] = _NOTHING
             continue
         if buf[key_end] != 0x12:
             return None
-        length, start = _varint(buf, key_end + 1)
+        length = buf[key_end + 1]
+        if length < 0x80:
+            start = key_end + 2
+        else:
+            length, start = _varint(buf, key_end + 1)
         if start + length != entry_end:
             return None
         if start == entry_end:
-            found[index] = (0, [])
+            found[index] = _NOTHING
             continue
-        kind = buf[start] >> 3
-        if buf[start] & 7 != _LEN or not 1 <= kind <= 3:
+        tag = buf[start]
+        kind = tag >> 3
+        if tag & 7 != _LEN or not 1 <= kind <= 3:
             return None
-        length, start = _varint(buf, start + 1)
+        length = buf[start + 1]
+        if length < 0x80:
+            start += 2
+        else:
+            length, start = _varint(buf, start + 1)
         if start + length != entry_end:
             return None
         values = []
         while start < entry_end:
             if buf[start] != 0x0A:
                 return None
-            length, start = _varint(buf, start + 1)
+            length = buf[start + 1]
+            if length < 0x80:
+                start += 2
+            else:
+                length, start = _varint(buf, start + 1)
             values.append(buf[start : start + length])
             start += length
         if start != entry_end or (kind != 1 and len(values) > 1):
@@ -233,14 +257,17 @@ def _feature_values(buf: bytes, start: int, end: int) -> tuple[int, list[bytes]]
     return kind, values
 
 
-def _count(kind: int, raw: bytes | list[bytes]) -> int:
-    if kind == 1:
-        return len(raw)
-    data = raw if isinstance(raw, bytes) else b"".join(raw)
+def _count(kind: int, raw: list[bytes]) -> int:
+    """How many numbers a numeric list's raw pieces hold."""
+    data = raw[0] if len(raw) == 1 else b"".join(raw)
     if kind == 2:
         if len(data) % 4:
             raise DataLossError("a float list whose length is not a multiple of 4")
         return len(data) // 4
+    # A run (or value) must end its last varint: one cut short would read on into the next
+    # run, or the next Example's, and make wrong numbers of them.
+    if data[-1:] >= b"\x80" if len(raw) == 1 else any(p[-1:] >= b"\x80" for p in raw):
+        raise DataLossError("a truncated varint")
     return len(data) - len(data.translate(None, _LOW_BYTES))
 
 
@@ -275,7 +302,7 @@ class _Column:
             if feature.default_value is not None:
                 default = feature.default_value
                 if self.kind == 1:
-                    default = np.vectorize(_as_bytes, otypes=[object])(np.asarray(default))
+                    default = np.vectorize(as_bytes, otypes=[object])(np.asarray(default))
                 self.default = np.asarray(default, dtype=_OUT_DTYPES[self.kind]).reshape(self.shape)
         self.size = math.prod(self.shape)
         self.pieces: list[bytes] = []
@@ -283,6 +310,17 @@ class _Column:
         self.missing: list[int] = []
 
     def add(self, row: int, kind: int, values: list[bytes]) -> None:
+        if kind == self.kind:  # the common case first: this is per row and per feature
+            count = len(values) if kind == 1 else _count(kind, values)
+            if not self.fixed:
+                self.counts.append(count)
+            elif count != self.size:
+                raise ValueError(
+                    f"Key: {self.name}.  Number of {_TF_NAMES[kind]} values != expected.  "
+                    f"Values size: {count} but output shape: {list(self.shape)}"
+                )
+            self.pieces += values
+            return
         if kind == 0:  # a Feature with no list set reads as missing, as TensorFlow's does
             if not self.fixed:
                 self.counts.append(0)
@@ -294,22 +332,17 @@ class _Column:
                 )
             self.missing.append(row)
             return
-        if kind != self.kind:
-            raise ValueError(
-                f"Key: {self.name}.  Data types don't match. Data type: {_TF_NAMES[kind]} "
-                f"but expected type: {_TF_NAMES[self.kind]}"
-            )
-        count = _count(kind, values)
-        if self.fixed and count != self.size:
-            raise ValueError(
-                f"Key: {self.name}.  Number of {_TF_NAMES[kind]} values != expected.  "
-                f"Values size: {count} but output shape: {list(self.shape)}"
-            )
-        self.pieces += values
-        self.counts.append(count)
+        raise ValueError(
+            f"Key: {self.name}.  Data types don't match. Data type: {_TF_NAMES[kind]} "
+            f"but expected type: {_TF_NAMES[self.kind]}"
+        )
 
-    def result(self, rows: int) -> Any:
-        values = _decode(self.kind, self.pieces)
+    def values(self, rows: int) -> int:
+        """How many values the column holds."""
+        return (rows - len(self.missing)) * self.size if self.fixed else sum(self.counts)
+
+    def result(self, rows: int, values: np.ndarray) -> Any:
+        """The column's output from its decoded ``values``."""
         if not self.fixed:
             return split_rows(values, np.array(self.counts, dtype=np.int64))
         if not self.missing:
@@ -320,14 +353,6 @@ class _Column:
         out[present] = values.reshape((-1, *self.shape))
         out[~present] = self.default
         return out
-
-
-def _as_bytes(value: Any) -> bytes:
-    if isinstance(value, str | np.str_):
-        return value.encode("utf-8")
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value)
-    raise TypeError(f"a string feature's value must be bytes or str, not {type(value).__name__}")
 
 
 def _check_features(features: Any) -> dict[str, FixedLenFeature | VarLenFeature]:
@@ -352,7 +377,15 @@ def parse_example(serialized: Any, features: Mapping[str, Any]) -> dict[str, Any
     checked = _check_features(features)
     columns = [_Column(name, feature) for name, feature in checked.items()]
     wanted = {name.encode("utf-8"): i for i, name in enumerate(checked)}
-    batch = [_as_bytes(b) for b in ([serialized] if isinstance(serialized, bytes) else serialized)]
+    items = (
+        [serialized]
+        if isinstance(serialized, bytes)
+        else serialized.tolist()
+        if isinstance(serialized, np.ndarray)
+        else list(serialized)
+    )
+    # A batch of bytes (the common case: records) is used as it is.
+    batch = items if set(map(type, items)) <= {bytes} else [as_bytes(b) for b in items]
     if len(batch) >= _BATCH_PATH:
         try:
             return parse_batch(batch, columns)
@@ -372,7 +405,22 @@ def parse_example(serialized: Any, features: Mapping[str, Any]) -> dict[str, Any
                 f"could not parse Example {row} of the batch ({len(buf)} bytes): "
                 f"{error or 'truncated'}"
             ) from None
-    return {column.name: column.result(len(batch)) for column in columns}
+    return _results(columns, len(batch))
+
+
+def _results(columns: list[_Column], rows: int) -> dict[str, Any]:
+    """Every column's output, the values of all the columns of a kind decoded together: a
+    small batch spends numpy's cost per call (~1 us), not its bytes (every run ends its
+    varints, so none runs on into the next column's)."""
+    decoded: dict[int, np.ndarray] = {}
+    for kind in (1, 2, 3):
+        same = [i for i, column in enumerate(columns) if column.kind == kind]
+        if not same:
+            continue
+        values = _decode(kind, [p for i in same for p in columns[i].pieces])
+        bounds = np.cumsum([0] + [columns[i].values(rows) for i in same]).tolist()
+        decoded.update((i, values[a:b]) for i, a, b in zip(same, bounds, bounds[1:]))
+    return {column.name: column.result(rows, decoded[i]) for i, column in enumerate(columns)}
 
 
 def parse_single_example(serialized: Any, features: Mapping[str, Any]) -> dict[str, Any]:
@@ -390,88 +438,3 @@ def parse_single_example(serialized: Any, features: Mapping[str, Any]) -> dict[s
             value = value[()]
         out[name] = value
     return out
-
-
-# -- encoding -------------------------------------------------------------------------------
-
-
-def _put_varint(value: int, out: bytearray) -> None:
-    value &= (1 << 64) - 1  # negative ints as 64-bit two's complement (ten bytes)
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-
-
-def _length_delimited(tag: int, payload: bytes | bytearray, out: bytearray) -> None:
-    out.append(tag)
-    _put_varint(len(payload), out)
-    out += payload
-
-
-_TEXT = (bytes, str, np.bytes_, np.str_)
-_INTS = (bool, int, np.integer, np.bool_)
-_NUMBERS = (*_INTS, float, np.floating)
-
-
-def _feature_bytes(name: str, value: Any) -> bytes:
-    """A Feature message for a value: ints (and bools) -> int64_list, floats -> float_list,
-    bytes and str -> bytes_list; a scalar, a list, or an array (flattened). A Python list's
-    items decide its kind (numpy would turn ``[1, b"x"]`` into strings): mixed kinds are
-    refused, and an empty list is an empty int64_list."""
-    if isinstance(value, np.ndarray | np.generic):
-        items = value.ravel().tolist() if value.dtype.kind in "OSU" else None
-        array = np.asarray(value)
-    else:
-        items = list(value) if isinstance(value, list | tuple) else [value]
-        array = None
-    if items is not None:
-        if items and all(isinstance(v, _TEXT) for v in items):
-            body = bytearray()
-            for v in items:
-                _length_delimited(0x0A, _as_bytes(v), body)
-            return bytes(_wrap(0x0A, body))
-        if all(isinstance(v, _INTS) for v in items):
-            array = np.asarray(items, dtype=np.int64)
-        elif all(isinstance(v, _NUMBERS) for v in items):
-            array = np.asarray(items, dtype=np.float32)
-        elif all(isinstance(v, list | tuple | np.ndarray) for v in items):
-            array = np.asarray(items)  # nested lists: a numeric array's rows
-        else:
-            kinds = sorted({type(v).__name__ for v in items})
-            raise TypeError(f"feature {name!r}: mixed values ({', '.join(kinds)})")
-    assert array is not None
-    if array.dtype.kind in "biu":
-        body = bytearray()
-        for v in array.ravel().tolist():
-            _put_varint(int(v), body)
-        return bytes(_wrap(0x1A, _packed(body)))
-    if array.dtype.kind == "f":
-        return bytes(_wrap(0x12, _packed(array.astype("<f4").tobytes())))
-    raise TypeError(f"feature {name!r}: cannot encode {array.dtype} values in an Example")
-
-
-def _packed(run: bytes | bytearray) -> bytearray:
-    out = bytearray()
-    if run:  # an empty repeated field is left out, as protobuf writes it
-        _length_delimited(0x0A, run, out)
-    return out
-
-
-def _wrap(tag: int, payload: bytes | bytearray) -> bytearray:
-    out = bytearray()
-    _length_delimited(tag, payload, out)
-    return out
-
-
-def encode_example(features: Mapping[str, Any]) -> bytes:
-    """A serialized tf.train.Example of name -> value (``Example(features=Features(feature=
-    {...})).SerializeToString()``): ints (and bools) -> int64_list, floats -> float_list
-    (as float32), bytes and str -> bytes_list; scalars, lists and arrays (flattened)."""
-    body = bytearray()
-    for name, value in features.items():
-        entry = bytearray()
-        _length_delimited(0x0A, str(name).encode("utf-8"), entry)
-        _length_delimited(0x12, _feature_bytes(str(name), value), entry)
-        _length_delimited(0x0A, entry, body)
-    return bytes(_wrap(0x0A, body))

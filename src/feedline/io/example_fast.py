@@ -5,6 +5,11 @@ Examples of a batch are independent: round ``r`` reads the ``r``-th map entry of
 Example together, so the Python cost is per batch and per feature, not per Example. Values are
 then gathered in one fancy index per feature (floats), or decoded from the joined varints.
 
+A FixedLen float feature (every list then the same header and size) is read by one 2-D
+gather, a FixedLen int64 scalar from a window of ten bytes: ~20% faster than the general
+decoding of those columns, no more, as numpy's cost per call (~1 us), not the bytes, is what
+a batch of a few hundred Examples spends.
+
 Only the layout protobuf writers produce is read here (one Features, entries key then value,
 one list per Feature, numbers in one packed run, lengths below 2**35, each key once) with
 values that fit the schema. Anything else, including every error, raises ``Irregular``: the
@@ -28,6 +33,8 @@ _MIX = np.array(
     [0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93] * 8,
     dtype=np.uint64,
 )
+_TEN = np.arange(10)  # the bytes a varint may take
+_TEN_SHIFTS = (7 * _TEN).astype(np.uint64)
 _LIST_TAGS = np.zeros(256, dtype=bool)  # a Feature's bytes_list, float_list, int64_list
 _LIST_TAGS[[0x0A, 0x12, 0x1A]] = True
 
@@ -48,6 +55,15 @@ class ColumnSpec(Protocol):
 def _require(condition: np.ndarray) -> None:
     if not condition.all():
         raise Irregular
+
+
+def put_varint(value: int, out: bytearray) -> None:
+    """Append ``value`` as a varint (negative ints as 64-bit two's complement: ten bytes)."""
+    value &= (1 << 64) - 1
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
 
 
 def split_rows(values: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
@@ -97,9 +113,10 @@ def _entries(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> dict[str
     # below for all entries at once: a numpy call, not the bytes, is the cost here.
     while True:
         active = pos < end
-        rows, pos, end = rows[active], pos[active], end[active]
-        if not rows.size:
-            break
+        if not active.all():  # Examples of as many entries (the common case) skip this
+            rows, pos, end = rows[active], pos[active], end[active]
+            if not rows.size:
+                break
         length, entry = _varints_at(data, pos + 1)
         _require(data[pos] == 0x0A)
         pos = entry + length
@@ -178,6 +195,31 @@ def _numbers(
     return decode_varints(raw), done[ends] - done[ends - length]
 
 
+def _fixed_floats(data: np.ndarray, start: np.ndarray, end: np.ndarray, size: int) -> np.ndarray:
+    """The values of float lists that must hold ``size`` each: then every list is the same
+    bytes ``0A varint(4 * size)`` and a payload of that size, read by one 2-D gather."""
+    head = bytearray(b"\x0a")
+    put_varint(4 * size, head)
+    _require(end - start == len(head) + 4 * size)
+    _require((data[start[:, None] + np.arange(len(head))] == np.frombuffer(head, np.uint8)).all())
+    payload = data[(start + len(head))[:, None] + np.arange(4 * size)]
+    return payload.view("<f4").astype(np.float32, copy=False).ravel()
+
+
+def _int_scalars(data: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """The values of int64 lists that must hold one each: one varint of 1 to 10 bytes after
+    ``0A length``, decoded from a window of ten bytes (the padding keeps it in bounds)."""
+    _require(data[start] == 0x0A)
+    length = data[start + 1].astype(np.int64)
+    _require((length >= 1) & (length <= 10) & (start + 2 + length == end))
+    window = data[(start + 2)[:, None] + _TEN]
+    inside = length[:, None] > _TEN
+    # Exactly one varint: every byte but its last one says "more".
+    _require(((window >= 0x80) == (length[:, None] - 1 > _TEN)) | ~inside)
+    parts = np.where(inside, window & 0x7F, 0).astype(np.uint64) << _TEN_SHIFTS
+    return np.bitwise_or.reduce(parts, axis=1).view(np.int64)
+
+
 def _strings(
     data: np.ndarray, joined: bytes, rows: np.ndarray, start: np.ndarray, end: np.ndarray
 ) -> tuple[list[bytes], np.ndarray]:
@@ -205,9 +247,9 @@ def _strings(
 def parse_batch(batch: Sequence[bytes], columns: Sequence[ColumnSpec]) -> dict[str, Any]:
     """The columns of a batch in the common layout; ``Irregular`` for anything else."""
     names = [column.name.encode("utf-8") for column in columns]
-    joined = b"".join(batch)
     pad = _PAD + max(map(len, names), default=0) + 8
-    data = np.frombuffer(joined + bytes(pad), dtype=np.uint8)
+    joined = b"".join([*batch, bytes(pad)])  # one copy, the padding with it
+    data = np.frombuffer(joined, dtype=np.uint8)
     sizes = np.fromiter(map(len, batch), dtype=np.int64, count=len(batch))
     ends = np.cumsum(sizes)
     _require(sizes > 0)
@@ -237,6 +279,10 @@ def parse_batch(batch: Sequence[bytes], columns: Sequence[ColumnSpec]) -> dict[s
             counts = np.bincount(of_row, minlength=rows)[r] if r.size else r
             values: Any = np.empty(len(strings), dtype=object)
             values[:] = strings
+        elif spec.fixed and spec.kind == 2 and spec.size:
+            values, counts = _fixed_floats(data, s, e, spec.size), np.full(s.size, spec.size)
+        elif spec.fixed and spec.kind == 3 and spec.size == 1:
+            values, counts = _int_scalars(data, s, e), np.ones(s.size, dtype=np.int64)
         else:
             try:
                 values, counts = _numbers(data, spec.kind, s, e)

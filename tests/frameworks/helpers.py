@@ -194,11 +194,10 @@ def assert_worker_batches_stay_right(
                 kept.append(converted)  # only the converted batch: the numpy one is gone
             del converted
     assert len(source) == 500
-    # Shared, not copied: the kept batches lie in the workers' memory ...
+    # Shared, not copied: the kept batches lie in the workers' memory, which the workers
+    # hand out again once no array uses it (how often depends on timing: not asserted) ...
     assert [pointer(k) for k in kept] == source[:50]
-    # ... which is handed out again once no array uses it, as the later batches show ...
-    assert len(set(source[50:])) < len(source[50:])
-    # ... but not while a kept one does.
+    # ... but never while a kept one does.
     assert not set(source[:50]) & set(source[50:])
     for i, k in enumerate(kept):
         want = np.stack([tile(j) for j in range(4 * i, 4 * i + 4)])

@@ -55,6 +55,12 @@ def build(workload: Workload, config: dict[str, Any], elements: int, data_dir: s
         pipeline = ds.batch(workload.batch_size).to_iter_dataset(options)
     else:
         sequential = grain.ReadOptions(num_threads=0)
+        # Grain's workers read absl flags, which only an absl app parses: a plain script
+        # must mark them parsed (with their defaults) or every worker fails at start.
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         workers = grain.MultiprocessingOptions(num_workers=config["workers"])
         pipeline = ds.batch(workload.batch_size).to_iter_dataset(sequential).mp_prefetch(workers)
     return pipeline.__iter__

@@ -317,12 +317,8 @@ def TarShardDataset(
     the dataset is built; a later sample with other extensions is then an error naming it
     (never an element of another structure).
 
-    ``num_parallel_reads``, as tf.data's ``TFRecordDataset``'s: ``n`` shards read at once on
-    threads, one sample from each in turn (the order of ``interleave(cycle_length=n,
-    block_length=1, num_parallel_calls=n)`` over the shards); ``AUTOTUNE``:
-    ``interleave(num_parallel_calls=AUTOTUNE)``, whose cycle is tf.data's for 2 cores: one
-    file at a time in order, with the next files opened and read ahead on threads, as many
-    as the tuner finds pay (two at first, as tf.data's future elements).
+    ``num_parallel_reads``: ``n`` shards read at once, one sample from each in turn, or
+    ``AUTOTUNE``, exactly as ``ParquetDataset``'s (tf.data's ``TFRecordDataset``'s order).
 
     ``shard=(n, i)``: every n-th shard from the i-th, the others never opened (this needs at
     least ``n`` shards; ``Dataset.shard(n, i)`` keeps tf.data's every-n-th-sample meaning).

@@ -11,6 +11,7 @@ import time
 import weakref
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import feedline as fl
@@ -375,3 +376,23 @@ def test_recovery_does_not_judge_short_phases_and_passes_a_served_consumer() -> 
     assert recovery.judge("p", 4.0, start, served, None).kept_up
     waiting = recovery.Reading(2.0, 0.02, None, 1.9)  # waited 95%, used 1% of a core
     assert not recovery.judge("p", 4.0, start, waiting, None).kept_up
+
+
+def test_the_report_shows_a_long_run_of_an_interleaves_readers_in_short() -> None:
+    table = [np.arange(5) + 100 * k for k in range(10)]
+    ds = (
+        fl.Dataset.range(10)
+        .map(int)
+        .interleave(
+            lambda k: fl.Dataset.from_tensor_slices(table[k]), num_parallel_calls=fl.AUTOTUNE
+        )
+    )
+    with ds.iterator() as it:
+        assert len(list(it)) == 50
+        report = it.report()
+        readers = [s for s in it.stats()["stages"] if "[" in s["name"]]
+    assert len(readers) == 10  # stats() keeps every one
+    rows = [line.split()[0] for line in report.splitlines() if "[" in line.split(" ")[0]]
+    name = readers[0]["name"].split("[")[0]
+    assert rows == [f"{name}[0]", f"{name}[1]", f"{name}[9]"], report
+    assert f"... 7 more of {name}[...]'s readers, 35 elements" in report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
@@ -224,6 +225,39 @@ def _worker_line(worker: dict[str, Any]) -> str:
     )
 
 
+# An interleave's open datasets are a stage each ("tfrecord[17]"): past this many in a row,
+# the report shows the first and the last and says how many it left out.
+READERS_SHOWN = 3
+_READER = re.compile(r"^(.*)\[\d+\]$")
+
+
+def _hidden_reader(rows: list[tuple[dict[str, Any], str]], i: int) -> str | None:
+    """None when row ``i`` is shown; else it is left out of a long run of one interleave's
+    readers, and the run's first left-out row says so ("" for the others)."""
+    match = _READER.match(rows[i][0]["name"])
+    if match is None:
+        return None
+    base = match.group(1)
+
+    def same(j: int) -> bool:
+        found = _READER.match(rows[j][0]["name"])
+        return found is not None and found.group(1) == base
+
+    start = i
+    while start > 0 and same(start - 1):
+        start -= 1
+    end = i
+    while end + 1 < len(rows) and same(end + 1):
+        end += 1
+    if end - start + 1 <= READERS_SHOWN or i - start < READERS_SHOWN - 1 or i == end:
+        return None
+    if i > start + READERS_SHOWN - 1:
+        return ""
+    left_out = rows[start + READERS_SHOWN - 1 : end]
+    elements = sum(s["elements"] for s, _ in left_out)
+    return f"{len(left_out)} more of {base}[...]'s readers, {elements} elements"
+
+
 def format_report(stats: dict[str, Any]) -> str:
     consumer = stats["consumer"]
     lines = [
@@ -243,7 +277,13 @@ def format_report(stats: dict[str, Any]) -> str:
         f"{'stage':32} {'knobs':{width}} {'elements':>9} {'ms/el':>7} {'p90':>7} {'cpu':>5} "
         f"{'waited':>7} {'buffered':>10}"
     )
-    for s, knobs in zip(stats["stages"], knobs_of):
+    rows = list(zip(stats["stages"], knobs_of))
+    for i, (s, knobs) in enumerate(rows):
+        hidden = _hidden_reader(rows, i)
+        if hidden is not None:
+            if hidden:
+                lines.append(f"  ... {hidden}")
+            continue
         cpu = "-" if s["cpu_share"] is None else f"{s['cpu_share']:.0%}"
         lines.append(
             f"{s['name'][:32]:32} {knobs:{width}} {s['elements']:>9} {s['mean_ms']:>7.3f} "

@@ -12,6 +12,8 @@ import feedline as fl
 from tests.helpers import assert_state_roundtrip
 from tests.io.conftest import HttpServer, S3Server
 
+pytestmark = pytest.mark.timeout(60)
+
 LINES = [b"first", b"", b"third line", b"fourth"]
 TEXT = b"\n".join(LINES) + b"\n"
 

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 import feedline as fl
-from feedline.ops.interleave import DATASETS_AHEAD_UNDER_AUTOTUNE, datasets_ahead
+from feedline.ops.interleave_ahead import DATASETS_AHEAD_UNDER_AUTOTUNE, datasets_ahead
 from tests.helpers import assert_state_roundtrip
 
 D = fl.Dataset
+pytestmark = pytest.mark.timeout(60)
 
 
 def sequential_order(lengths: list[int]) -> list[int]:

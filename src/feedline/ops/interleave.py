@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from feedline.errors import InvalidStateError, StageCrashedError, StageError, wrap_user_error
@@ -20,7 +19,13 @@ from feedline.ops.base import (
     function_name,
 )
 from feedline.ops.choices import ChoiceLog
-from feedline.ops.interleave_ahead import DatasetsAhead
+from feedline.ops.interleave_ahead import (
+    SLOT_BUFFER_BYTES,
+    SLOT_BUFFER_ELEMENTS,
+    Ahead,
+    DatasetsAhead,
+    datasets_ahead,
+)
 from feedline.ops.tracing import output_check, traced_spec
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import StageIterator, State
@@ -49,37 +54,6 @@ if TYPE_CHECKING:
 REFERENCE_CORES = 2
 # Threads tf.data gives each slot under AUTOTUNE: its own and two for future slots.
 _THREADS_PER_SLOT = 3
-
-
-# Datasets opened ahead of the open slots under AUTOTUNE, as tf.data's "future elements"
-# (two per slot): with AUTOTUNE's cycle length of 1, file after file, three are read at once.
-DATASETS_AHEAD_UNDER_AUTOTUNE = 2
-# What a slot reading on a thread may hold ready: this many elements, in chunks of up to half
-# of them sized from the reading's cost (~10 ms of it), so elements cross threads up to 128 at
-# a time (one at a time, a parallel read ran at 0.09x reading file after file), and a dataset
-# opened ahead reads well before its turn; within this many bytes.
-SLOT_BUFFER_ELEMENTS = 256
-SLOT_BUFFER_BYTES = 4 * 2**20
-
-
-def datasets_ahead(num_parallel_calls: int | None) -> int:
-    """How many of the next input elements' datasets are opened (and read) ahead of the open
-    slots: two under AUTOTUNE (tf.data's start); none otherwise (a fixed number of calls is
-    at most the cycle length: the slots' readers are all the calls)."""
-    return DATASETS_AHEAD_UNDER_AUTOTUNE if num_parallel_calls == AUTOTUNE else 0
-
-
-@dataclass
-class _Ahead:
-    """An input element read ahead of the slots, its dataset opened (``opened``), or the
-    error opening it raised (raised in its turn), or neither (its opening was cut short: it
-    is opened in its turn). With ``from_input``, ``error`` is the input's own, raised where
-    the input would have raised it, and there is no element."""
-
-    element: Any
-    opened: StageIterator | None = None
-    error: Exception | None = None
-    from_input: bool = False
 
 
 def default_cycle_length(num_parallel_calls: int | None) -> int:
@@ -209,7 +183,7 @@ class InterleaveIterator(UnaryIterator):
         self.block_index = 0
         self.crashed = False
         self.pending: tuple[Any] | None = None  # an input element read, its opening cut short
-        self.ahead: deque[_Ahead] = deque()  # the next input elements, after ``pending``
+        self.ahead: deque[Ahead] = deque()  # the next input elements, after ``pending``
         self.choices = ChoiceLog()
         # Each element checked against the traced spec, once known: the datasets the function
         # returns may differ from the first ones (another dtype, another structure).
@@ -485,9 +459,9 @@ class InterleaveIterator(UnaryIterator):
             except StageCrashedError:
                 raise
             except Exception as e:
-                self.ahead.append(_Ahead(None, error=e, from_input=True))
+                self.ahead.append(Ahead(None, error=e, from_input=True))
                 return
-            ahead = _Ahead(element)
+            ahead = Ahead(element)
             self.ahead.append(ahead)  # before opening: a Ctrl-C meanwhile keeps its turn
             try:
                 opened = self._open(element, self.read + len(self.ahead) - 1, None)

@@ -1,6 +1,6 @@
-"""An AUTOTUNE interleave's datasets opened ahead, as one stage the tuner moves: how many of
-the next input elements' datasets are read at once beyond the open slots (files read before
-their turn, in the same order).
+"""A parallel interleave's reading on threads: what each open dataset's reader may hold, the
+datasets of the next input elements opened ahead of the slots (files read before their turn,
+in the same order), and, under AUTOTUNE, how many: one stage the tuner moves.
 
 The slots' reading stages measure; this stage adds up their counters, so the tuner sees the
 interleave's reading as one stage whose workers are its readers.
@@ -10,10 +10,45 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
+from feedline.ops.base import AUTOTUNE
 from feedline.runtime.context import IterContext
+from feedline.runtime.iterator import StageIterator
 from feedline.runtime.parallel import AsyncStage
 from feedline.runtime.tunable import Knob, StageMetrics, Tunable
+
+# Datasets opened ahead of the open slots under AUTOTUNE, as tf.data's "future elements"
+# (two per slot): with AUTOTUNE's cycle length of 1, file after file, three are read at once.
+DATASETS_AHEAD_UNDER_AUTOTUNE = 2
+# What a slot reading on a thread may hold ready: this many elements, in chunks of up to half
+# of them sized from the reading's cost (~10 ms of it), so elements cross threads up to 128 at
+# a time (one at a time, a parallel read ran at 0.09x reading file after file), and a dataset
+# opened ahead reads well before its turn; within this many bytes.
+SLOT_BUFFER_ELEMENTS = 256
+SLOT_BUFFER_BYTES = 4 * 2**20
+
+
+def datasets_ahead(num_parallel_calls: int | None) -> int:
+    """How many of the next input elements' datasets are opened (and read) ahead of the open
+    slots: two under AUTOTUNE (tf.data's start); none otherwise (a fixed number of calls is
+    at most the cycle length: the slots' readers are all the calls)."""
+    return DATASETS_AHEAD_UNDER_AUTOTUNE if num_parallel_calls == AUTOTUNE else 0
+
+
+@dataclass
+class Ahead:
+    """An input element read ahead of the slots, its dataset opened (``opened``), or the
+    error opening it raised (raised in its turn), or neither (its opening was cut short: it
+    is opened in its turn). With ``from_input``, ``error`` is the input's own, raised where
+    the input would have raised it, and there is no element."""
+
+    element: Any
+    opened: StageIterator | None = None
+    error: Exception | None = None
+    from_input: bool = False
+
 
 # Datasets opened ahead, at most: a reader each (a thread), and what its buffer holds.
 MOST_AHEAD = 64

@@ -11,6 +11,7 @@ from feedline.autotune.budget import budget_for
 from feedline.autotune.tuner import RootCounters, Tuner
 from feedline.errors import InvalidStateError
 from feedline.options import Options
+from feedline.runtime import closer
 from feedline.runtime.context import IterContext, WorkerMemory
 from feedline.runtime.iterator import EmptyIterator, StageIterator, State
 from feedline.runtime.states import frozen, state_dict, state_nested
@@ -58,6 +59,7 @@ class DatasetIterator:
         root_state = None
         if state is not None:
             root_state = self._check_state(state)
+        closer.ensure_started()
         ctx = IterContext(self._options)
         try:
             root = self._op.make_iterator(ctx, root_state)
@@ -254,6 +256,8 @@ class DatasetIterator:
         self.close()
 
     def __del__(self) -> None:
-        # A finalizer must never raise, e.g. during interpreter teardown.
+        # Closed on the closer thread: a finalizer runs wherever the collector does, maybe on
+        # a thread holding a lock the close needs (see runtime/closer.py). It must never
+        # raise, e.g. during interpreter teardown.
         with contextlib.suppress(Exception):
-            self.close()
+            closer.defer(self.close)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import feedline as fl
-from feedline.runtime import process
+from feedline.runtime import closer, process
 from feedline.runtime.parallel import default_parallelism
 from tests.helpers import assert_elements_equal, assert_state_roundtrip, take
 from tests.runtime.test_process import (  # noqa: F401 (nothing_left_behind: an autouse fixture)
@@ -197,9 +197,11 @@ def test_a_probe_pass_starts_no_worker() -> None:
 @pytest.mark.timeout(60)
 def test_nested_autotune_runs_inline_in_the_workers() -> None:
     def feedline_threads(x: Any) -> int:
-        # Stage threads; the worker's own thread watching for its parent's end is not one.
+        # Stage threads; the worker's own threads (watching for its parent's end, closing
+        # what its garbage collector finds) are not.
         names = [t.name for t in threading.enumerate()]
-        return sum(n.startswith("feedline-") and n != "feedline-parent-watch" for n in names)
+        own = ("feedline-parent-watch", closer.THREAD_NAME)
+        return sum(n.startswith("feedline-") and n not in own for n in names)
 
     def threads_seen(i: Any) -> fl.Dataset:
         return (

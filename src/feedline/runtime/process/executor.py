@@ -11,9 +11,11 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from feedline.errors import StageError
+from feedline.runtime import closer
 from feedline.runtime.chunks import ChunkExecutor, Failed, RowList, Transform
 from feedline.runtime.process.pool import WorkerPool, WorkerProcess, shared_pool
 from feedline.runtime.process.shm import Unsendable, cannot_send, unpicklable
@@ -188,7 +190,7 @@ class ProcessExecutor:
         self.argument = argument
         self._token = token
         # A stage dropped without close() still lets go of the pool.
-        self._release = weakref.finalize(self, pool.release, token)
+        self._release = weakref.finalize(self, closer.defer, partial(pool.release, token))
 
     def run(self, raw: list[Any], positions: Sequence[int]) -> tuple[list[Any], list[int], float]:
         if type(raw[0]) is Failed:  # an upstream error: nothing to run
@@ -202,7 +204,8 @@ class ProcessExecutor:
         self.pool.warm()
 
     def close(self) -> None:
-        self._release()
+        if self._release.detach() is not None:
+            self.pool.release(self._token)
 
 
 def process_executor(

@@ -23,10 +23,12 @@ import itertools
 import threading
 import weakref
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from feedline.errors import StageCrashedError
 from feedline.options import Options, ResolvedOptions
+from feedline.runtime import closer
 from feedline.runtime.context import IterContext
 from feedline.runtime.iterator import ChunkedIterator, StageIterator, State
 from feedline.runtime.process.pool import WorkerPool, WorkerProcess, shared_pool
@@ -290,14 +292,16 @@ class RemoteSlots:
 
     def __init__(self, pool: SlotPool, token: object) -> None:
         self.pool = pool
+        self._token = token
         # An iterator dropped without close() still lets go of the pool.
-        self._release = weakref.finalize(self, pool.release, token)
+        self._release = weakref.finalize(self, closer.defer, partial(pool.release, token))
 
     def open(self, element: Any, position: int, state: State | None) -> RemoteIterator:
         return RemoteIterator(self.pool, element, position, state)
 
     def close(self) -> None:
-        self._release()
+        if self._release.detach() is not None:
+            self.pool.release(self._token)
 
 
 def remote_slots(

@@ -13,13 +13,13 @@ already in both page tables.
 from __future__ import annotations
 
 import array
+import collections
 import contextlib
 import itertools
 import mmap
 import os
 import pickle
 import socket
-import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
@@ -441,8 +441,9 @@ class ReplySegments:
 
     def __init__(self) -> None:
         self._maps: dict[int, mmap.mmap] = {}
-        self._lock = threading.Lock()
-        self._returned: list[int] = []
+        # Filled by finalizers, which may run on a thread in the middle of returned(): a
+        # deque's append and popleft need no lock that thread could already hold.
+        self._returned: collections.deque[int] = collections.deque()
 
     def lease(self, key: int, fd: int | None, size: int) -> np.ndarray:
         """The segment's memory, as an object the reply's arrays keep alive; ``fd``: the
@@ -456,13 +457,14 @@ class ReplySegments:
 
     def give_back(self, keys: list[int]) -> None:
         """Segments to give back to the worker with the next request."""
-        with self._lock:
-            self._returned += keys
+        self._returned.extend(keys)
 
     def returned(self) -> list[int]:
         """Segments no reply array uses any more, each once."""
-        with self._lock:
-            keys, self._returned = self._returned, []
+        keys = []
+        with contextlib.suppress(IndexError):
+            while True:
+                keys.append(self._returned.popleft())
         return keys
 
     def forget(self, keys: Sequence[int]) -> None:

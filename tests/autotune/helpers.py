@@ -52,6 +52,32 @@ def consume_until(
     return True
 
 
+class OtherLoad:
+    """The cores other processes kept busy from its start until ``cores()``: what this
+    process sees as its own threads contending is partly them."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._me = psutil.Process()
+        self._started = (time.monotonic(), self._busy(), self._mine())
+
+    def _busy(self) -> float:
+        import psutil
+
+        times = psutil.cpu_times()
+        return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
+
+    def _mine(self) -> float:
+        mine = self._me.cpu_times()
+        return float(mine.user + mine.system + mine.children_user + mine.children_system)
+
+    def cores(self) -> float:
+        started, busy, mine = self._started
+        span = max(time.monotonic() - started, 1e-9)
+        return max(0.0, (self._busy() - busy) - (self._mine() - mine)) / span
+
+
 def decisions(it: fl.DatasetIterator, stage_prefix: str, knob: str) -> list[tuple[int, int]]:
     """The (old, new) of each change AUTOTUNE made to a knob of a stage so far."""
     return [

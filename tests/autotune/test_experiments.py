@@ -426,3 +426,28 @@ def test_workers_held_behind_the_oldest_element_get_more_calls_in_flight(
     )
     grew = [new for old, new, _ in moves if new > old]
     assert bool(grew) == (consumer_waits > 0.5), moves
+
+
+@pytest.mark.parametrize(("waits", "retry_within"), [(True, 1.0), (False, 4.0)])
+def test_a_waiting_stage_taken_back_inline_is_tried_again_soon(
+    waits: bool, retry_within: float
+) -> None:
+    from feedline.autotune.experiments import Experiment, Judge, Judged, TunerState
+
+    stage = SyntheticStage()
+    knob = stage.knobs["parallelism"]
+    knob.set(16)
+    state = TunerState()
+    judged = Judged(2e-3 if waits else 20e-6, waits, 100.0, 0.99)
+
+    def set_knob(s: object, k: Knob, v: int, reason: str) -> int:
+        return k.set(v)
+
+    judge = Judge(state, set_knob, lambda now: None, lambda key: judged)  # type: ignore[arg-type,return-value]
+    e = Experiment(
+        stage, knob, 0, 16, +1, 100.0, 0.99, 0.0, {}, {}, baseline_judged={stage.key: judged}
+    )
+    assert judge.judge(e, 50.0, 0.99, 100.0, 10.0, windows=[]) == (False, None)  # no gain: back
+    assert knob.value == 0
+    mark = state.saturated_marks[(stage.key, "parallelism")]
+    assert mark.retry_at == pytest.approx(10.0 + retry_within)

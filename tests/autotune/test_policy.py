@@ -305,6 +305,34 @@ def test_scale_down_halves_an_idle_buffer_when_served() -> None:
 
 
 @pytest.mark.parametrize(
+    ("workers", "measured", "expected"),
+    [
+        # Cheap computing work on 37 idle threads: down to what its rate needs, at once.
+        (37, {"idle": 0.9, "busy": 0.01}, ("parallelism", 1, -1)),
+        (37, {"idle": 0.9, "busy": 0.05}, ("parallelism", 2, -1)),  # never past the cores
+        (37, {"idle": 0.1, "busy": 0.01}, None),  # not idle: busy enough in its way
+        (2, {"idle": 0.9, "busy": 0.01}, None),  # no more workers than cores
+        # Idle all the window: no work seen, so nothing says it computes (a read that
+        # stalls now and then, its buffer full in between).
+        (16, {"idle": 1.0, "busy": 0.0, "cpu_share": None, "worked": 0}, None),
+        # Waiting work (2 ms sleeps) keeps its calls in flight.
+        (37, {"idle": 0.9, "busy": 0.01, "cpu_share": 0.02, "cores": 0.05}, None),
+    ],
+)
+def test_shed_excess(
+    workers: int, measured: dict[str, float], expected: tuple[str, int, int] | None
+) -> None:
+    w = window(stage(workers), **measured)
+    assert moved(policy.shed_excess([w], situation())) == expected
+
+
+def test_shed_excess_stops_at_a_floor_found_before() -> None:
+    s = stage(37)
+    w = window(s, idle=0.9, busy=0.01)
+    assert policy.shed_excess([w], situation(floor_reached={s.key})) is None
+
+
+@pytest.mark.parametrize(
     ("consumer_wait", "expected"), [(0.001, ("parallelism", 6, -1)), (0.01, None)]
 )
 def test_shed_spare(consumer_wait: float, expected: tuple[str, int, int] | None) -> None:

@@ -14,7 +14,9 @@ from feedline.runtime.tunable import (
 )
 
 FIRST_INTERVAL = 0.05
-MAX_INTERVAL = 1.0
+# A tuner settled (nothing changes) still looks every half second: a change of load waits at
+# most this long to be seen, within the 2 s a user can tell.
+MAX_INTERVAL = 0.5
 MIN_WINDOW = 0.15  # a measuring window lasts at least this long ...
 LATENCIES_PER_WINDOW = 3  # ... and this many per-element times of the stage under test ...
 SETTLE_ELEMENTS = 8  # ... and sees this many elements move (at the root or one stage) ...
@@ -93,6 +95,9 @@ OVERLAP_MIN_SECONDS = READ_AHEAD_MIN_GAP_SECONDS
 # no measurement shows is still tried again within a minute.
 RETRY_SECONDS = 4.0
 MAX_RETRY_SECONDS = 60.0
+# ... except that a stage left inline while its work waits and its consumer waits on it is
+# tried again within this long, whatever failed before: it is never left inline there.
+INLINE_RETRY_SECONDS = 1.0
 # ... and only while the stage's cost per element stays within this factor of what it was
 # judged on (a map that turns I/O-bound: 5 us -> 2 ms). Threads contending for the GIL move
 # a stage's wall time per element by up to about 2x from one window to the next.
@@ -110,3 +115,7 @@ HICCUP_MEMORY = 5.0
 # input waits on that input: the stage it reads from sets the pace, not it (two maps whose
 # bottleneck alternates: the second one's 52 threads sat waiting on the first).
 INPUT_BOUND = 2.0
+# A computing stage shed of its surplus workers keeps this many times those its rate keeps
+# busy (Little's law): room for the rate's swings; the experiment takes the move back if it
+# costs rate anyway.
+WORKERS_MARGIN = 2.0

@@ -39,6 +39,7 @@ from feedline.autotune.constants import (
     THREADS_LEAVE_CORES,
     WAITING_CORES,
     WAITING_WORK,
+    WORKERS_MARGIN,
 )
 from feedline.autotune.limits import fits, ram_allows, thread_budget_words
 from feedline.autotune.windows import StageWindow
@@ -418,6 +419,44 @@ def scale_down(windows: Sequence[Window], s: Situation, served: bool, reason: st
         buffer = w.stage.knobs["buffer_size"]
         if buffer.tunable and buffer.value > 1 and served and w.idle > IDLE:
             return Move(w.stage, buffer.name, buffer.value // 2, reason, -1)
+    return None
+
+
+def workers_needed(w: Window) -> int:
+    """Workers the stage's rate keeps at work (Little's law: its rate times the time of an
+    element, ``busy`` of the workers it has), with WORKERS_MARGIN for the rate's swings.
+    (Only for computing work: waiting work that stalls now and then, a slow read among fast
+    ones, needs its calls in flight for the stalls, which an average rate hides.)"""
+    workers = max(1, w.stage.knobs["parallelism"].value)
+    return math.ceil(WORKERS_MARGIN * w.busy * workers)
+
+
+def shed_excess(windows: Sequence[Window], s: Situation) -> Move | None:
+    """Fewer workers, at once, for a stage whose work computes on more workers than cores
+    while they idle: its work turned cheap (a map that stopped waiting on I/O keeps its
+    dozens of threads). Such threads hand the GIL round among themselves and slow the whole
+    pass, including the experiments that would find the new bottleneck: 37 threads left on a
+    map turned cheap made 121 threads on the next map, now waiting, run at 150 batches/s
+    where alone they reached 700."""
+    for w in windows:
+        parallelism = w.stage.knobs["parallelism"]
+        if (
+            not parallelism.tunable
+            or not w.stage.has_own_work
+            or parallelism.value <= s.budget.cpu
+            or w.idle <= IDLE
+            # Computing as measured: a window whose workers only idled saw no work at all.
+            or w.cpu_share is None
+            or waits(w, s)
+            or w.stage.key in s.floor_reached
+        ):
+            continue
+        target = max(1, min(int(s.budget.cpu), workers_needed(w)))
+        reason = (
+            f"computes (cpu {w.computing_share:.0%} of wall) on {parallelism.value} workers, "
+            f"idle {w.idle:.0%} of the time: {target} keep its rate"
+        )
+        return Move(w.stage, parallelism.name, target, reason, -1)
     return None
 
 

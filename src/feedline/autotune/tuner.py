@@ -379,6 +379,10 @@ class Tuner:
 
         if act(policy.read_ahead(windows, s, inline_only=True)):
             return
+        # Before any other move: surplus computing threads slow everything, including the
+        # experiments that would find the bottleneck.
+        if act(policy.shed_excess(windows, s), must_change=True):
+            return
         if stall > STALL:
             # Stages with work of their own first: reading ahead only overlaps what is left.
             if act(policy.scale_up(windows, s)):

@@ -20,6 +20,10 @@ from feedline.runtime.stage.core import Chunk, StageCore
 
 logger = logging.getLogger("feedline")
 
+# A worker let go (the parallelism lowered) waits this long to be taken back, as a change
+# that did not pay is, within an experiment's windows; then it ends.
+PARKED_SECONDS = 2.0
+
 
 class CrashTraceback(Exception):
     """Where a stage's crash happened (the ``__cause__`` of its ``StageCrashedError``)."""
@@ -65,11 +69,22 @@ class WorkerSide(StageCore):
                     idle = False
                     while not self._closing and self._end_seq is None:
                         if index >= self.parallelism:
-                            # Not one of the stage's workers (any more): not idle, parked.
+                            # Not one of the stage's workers (any more): not idle, parked,
+                            # at hand should the tuner take the change back. Still not needed
+                            # a while later, it ends: a parked thread holds a share of the
+                            # pass's thread budget that another stage may need (246 parked
+                            # left the next map 2 threads of the 16 it wanted).
                             if idle:
                                 idle = False
                                 self.metrics.end_idle(index)
-                            self._parked.wait()
+                            if not self._parked.wait(PARKED_SECONDS) and (
+                                index >= self.parallelism
+                            ):
+                                # Out of the list now: a raise from here on starts a new
+                                # worker at this index rather than count on this one.
+                                me = threading.current_thread()
+                                self._workers = [t for t in self._workers if t is not me]
+                                return
                         elif self._has_room(size):
                             break
                         else:

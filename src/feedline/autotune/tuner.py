@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from feedline.autotune import policy
 from feedline.autotune.budget import Budget
 from feedline.autotune.constants import (
+    COST_CHANGE,
     FIRST_INTERVAL,
     HICCUP_MEMORY,
     MAX_INTERVAL,
@@ -207,8 +208,11 @@ class Tuner:
             self._warmed_up = True  # the first window is start-up (buffers filling): no verdict
             return
         if experiment is not None and experiment.settling:
-            experiment.settling = False  # the next window is the one that counts
-            return
+            experiment.settling = False  # the next window is the one that counts ...
+            # ... unless the rate fell apart after a scale-up: judged now, not a window later
+            # (the load changed under it, or the threads it added hand the GIL round).
+            if experiment.direction < 0 or rate * COST_CHANGE > experiment.baseline_rate:
+                return
         if delivered == 0:
             return
         if experiment is not None and self._refused(experiment, now):

@@ -256,8 +256,9 @@ class DatasetIterator:
         self.close()
 
     def __del__(self) -> None:
-        # Closed on the closer thread: a finalizer runs wherever the collector does, maybe on
-        # a thread holding a lock the close needs (see runtime/closer.py). It must never
-        # raise, e.g. during interpreter teardown.
+        # Dropped by the user's code, closed at once (a partial pass's files are gone when
+        # the loop is). Found on one of feedline's own threads, closed on the closer thread:
+        # that thread may hold a lock the close needs (see runtime/closer.py). A finalizer
+        # must never raise, e.g. during interpreter teardown.
         with contextlib.suppress(Exception):
-            closer.defer(self.close)
+            closer.from_finalizer(self.close)

@@ -1,5 +1,6 @@
-"""Iterators the garbage collector finds are closed on the closer thread, never on the thread
-that happened to drop or collect them: that thread may hold a lock the close needs."""
+"""Iterators the garbage collector finds on feedline's own threads are closed on the closer
+thread, never on the thread that happened to collect them: that thread may hold a lock the
+close needs. Dropped by the user's code, they close at once."""
 
 from __future__ import annotations
 
@@ -68,7 +69,8 @@ def test_a_dropped_iterator_is_closed_on_the_closer_thread(
     def collect_elsewhere() -> None:
         gc.collect()
 
-    collector = threading.Thread(target=collect_elsewhere)
+    # Collected on one of feedline's threads, as a tuner's or a worker's collection would.
+    collector = threading.Thread(target=collect_elsewhere, name="feedline-test-collector")
     collector.start()
     collector.join(10.0)
     assert closer.drain(10.0)
@@ -79,6 +81,24 @@ def test_a_dropped_iterator_is_closed_on_the_closer_thread(
     ):
         time.sleep(0.02)
     assert not any(t.name.startswith("feedline-map") for t in threading.enumerate())
+
+
+def test_an_iterator_dropped_by_the_users_code_closes_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    closed_on: list[str] = []
+    close = DatasetIterator.close
+
+    def recording_close(self: DatasetIterator) -> None:
+        closed_on.append(threading.current_thread().name)
+        close(self)
+
+    monkeypatch.setattr(DatasetIterator, "close", recording_close)
+    it = fl.Dataset.range(10).map(lambda x: x, num_parallel_calls=2).iterator()
+    next(it)
+    closed_on.clear()  # (opening a pass closes the one before, if any)
+    del it
+    assert closed_on == [threading.current_thread().name]
 
 
 def test_an_iterator_closed_by_hand_closes_at_once_on_the_callers_thread(

@@ -1,12 +1,13 @@
-"""Closing what the garbage collector finds, on a thread of its own.
+"""Closing what the garbage collector finds on feedline's own threads, on a thread of its own.
 
 A finalizer (``__del__``, ``weakref.finalize``) runs on whichever thread drops the last
 reference or triggers a collection, at any point of that thread's code and with whatever
 locks it holds. Closing a pass takes locks (the tuner's stop event, stages' conditions, a
 pool's lock) and joins threads: on a thread that already holds one of them, it waits for
 itself forever. (A tuner thread that collected its own pass did, in the test suite: the pass
-and the next one found in that collection were left running.) So a finalizer only queues the
-work (``SimpleQueue.put`` is safe there, unlike any lock) and this thread runs it.
+and the next one found in that collection were left running.) So a finalizer on one of
+feedline's threads, or one that takes a lock feedline's threads hold, only queues the work
+(``SimpleQueue.put`` is safe there, unlike any lock) and this thread runs it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import sys
 import threading
 from collections.abc import Callable
 
-THREAD_NAME = "feedline-closer"
+THREAD_PREFIX = "feedline-"  # every thread feedline starts is named so
+THREAD_NAME = THREAD_PREFIX + "closer"
 
 logger = logging.getLogger("feedline")
 
@@ -36,6 +38,20 @@ def ensure_started() -> None:
         if _thread is None or not _thread.is_alive():
             _thread = threading.Thread(target=_run, name=THREAD_NAME, daemon=True)
             _thread.start()
+
+
+def on_own_thread() -> bool:
+    """Whether the calling thread is one of feedline's (a worker, the tuner, the closer)."""
+    return threading.current_thread().name.startswith(THREAD_PREFIX)
+
+
+def from_finalizer(work: Callable[[], object]) -> None:
+    """Run ``work`` from a finalizer: at once on the user's threads (a dropped iterator's
+    files and workers are gone when its loop is), queued on feedline's own."""
+    if on_own_thread():
+        defer(work)
+    else:
+        work()
 
 
 def defer(work: Callable[[], object]) -> None:

@@ -190,7 +190,7 @@ class ProcessExecutor:
         self.argument = argument
         self._token = token
         # A stage dropped without close() still lets go of the pool.
-        self._release = weakref.finalize(self, closer.defer, partial(pool.release, token))
+        self._release = weakref.finalize(self, closer.from_finalizer, partial(pool.release, token))
 
     def run(self, raw: list[Any], positions: Sequence[int]) -> tuple[list[Any], list[int], float]:
         if type(raw[0]) is Failed:  # an upstream error: nothing to run

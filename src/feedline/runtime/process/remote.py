@@ -294,7 +294,7 @@ class RemoteSlots:
         self.pool = pool
         self._token = token
         # An iterator dropped without close() still lets go of the pool.
-        self._release = weakref.finalize(self, closer.defer, partial(pool.release, token))
+        self._release = weakref.finalize(self, closer.from_finalizer, partial(pool.release, token))
 
     def open(self, element: Any, position: int, state: State | None) -> RemoteIterator:
         return RemoteIterator(self.pool, element, position, state)

@@ -45,18 +45,24 @@ def test_work_that_fails_does_not_stop_the_closer(caplog: pytest.LogCaptureFixtu
     assert "a close that failed" in caplog.text
 
 
-@pytest.mark.parametrize("autotune", [True, False])
-def test_a_dropped_iterator_is_closed_on_the_closer_thread(
-    monkeypatch: pytest.MonkeyPatch, autotune: bool
-) -> None:
-    closed_on: list[str] = []
+@pytest.fixture
+def closed_on(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the threads iterators are closed on, in turn."""
+    threads: list[str] = []
     close = DatasetIterator.close
 
     def recording_close(self: DatasetIterator) -> None:
-        closed_on.append(threading.current_thread().name)
+        threads.append(threading.current_thread().name)
         close(self)
 
     monkeypatch.setattr(DatasetIterator, "close", recording_close)
+    return threads
+
+
+@pytest.mark.parametrize("autotune", [True, False])
+def test_a_dropped_iterator_is_closed_on_the_closer_thread(
+    closed_on: list[str], autotune: bool
+) -> None:
     calls: Any = fl.AUTOTUNE if autotune else 2
     ds = fl.Dataset.range(10**6).map(lambda x: x + 1, num_parallel_calls=calls).prefetch(calls)
     it = ds.iterator()
@@ -83,17 +89,7 @@ def test_a_dropped_iterator_is_closed_on_the_closer_thread(
     assert not any(t.name.startswith("feedline-map") for t in threading.enumerate())
 
 
-def test_an_iterator_dropped_by_the_users_code_closes_at_once(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    closed_on: list[str] = []
-    close = DatasetIterator.close
-
-    def recording_close(self: DatasetIterator) -> None:
-        closed_on.append(threading.current_thread().name)
-        close(self)
-
-    monkeypatch.setattr(DatasetIterator, "close", recording_close)
+def test_an_iterator_dropped_by_the_users_code_closes_at_once(closed_on: list[str]) -> None:
     it = fl.Dataset.range(10).map(lambda x: x, num_parallel_calls=2).iterator()
     next(it)
     closed_on.clear()  # (opening a pass closes the one before, if any)
@@ -102,16 +98,8 @@ def test_an_iterator_dropped_by_the_users_code_closes_at_once(
 
 
 def test_an_iterator_closed_by_hand_closes_at_once_on_the_callers_thread(
-    monkeypatch: pytest.MonkeyPatch,
+    closed_on: list[str],
 ) -> None:
-    closed_on: list[str] = []
-    close = DatasetIterator.close
-
-    def recording_close(self: DatasetIterator) -> None:
-        closed_on.append(threading.current_thread().name)
-        close(self)
-
-    monkeypatch.setattr(DatasetIterator, "close", recording_close)
     with fl.Dataset.range(10).map(lambda x: x, num_parallel_calls=2).iterator() as it:
         next(it)
         closed_on.clear()  # (opening a pass closes the one before, if any)

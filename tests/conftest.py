@@ -12,7 +12,7 @@ import pytest
 
 from feedline.runtime import closer
 
-THREAD_PREFIX = "feedline-"
+THREAD_PREFIX = closer.THREAD_PREFIX
 # Running from the start: tests comparing the threads before and after see it in both.
 closer.ensure_started()
 
@@ -38,7 +38,7 @@ def no_leaked_threads() -> Iterator[None]:
     import gc
 
     deadline = time.monotonic() + 3.0
-    # (Only then: a collection with TensorFlow and torch loaded takes ~0.1 s, for every test.)
+    # (Only then: a collection with TensorFlow and torch loaded takes ~0.25 s, for every test.)
     while feedline_threads() and time.monotonic() < deadline:
         gc.collect()
         # What a collection on feedline's threads found is closed on the closer thread.

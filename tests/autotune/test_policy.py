@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from feedline.autotune import policy
+from feedline.autotune import policy, shrinking
 from feedline.autotune.budget import Budget
 from feedline.autotune.policy import Move, Proposal, Situation, Window
 from feedline.autotune.windows import StageWindow
@@ -120,7 +120,7 @@ def test_consumer_shifted(
     [(1, 0.99, True), (2, 1.9, False), (2, 1.1, True), (8, 0.5, True)],
 )
 def test_fewer_may_keep(workers: int, cores: float, may: bool) -> None:
-    assert policy.fewer_may_keep(window(stage(workers), cores=cores)) == may
+    assert shrinking.fewer_may_keep(window(stage(workers), cores=cores)) == may
 
 
 @pytest.mark.parametrize(
@@ -294,13 +294,13 @@ def test_scale_down(
 ) -> None:
     s = stage(workers)
     read = situation(floor_reached={s.key} if floor else set())
-    assert moved(policy.scale_down([window(s, **measured)], read, served, "test")) == expected
+    assert moved(shrinking.scale_down([window(s, **measured)], read, served, "test")) == expected
 
 
 def test_scale_down_halves_an_idle_buffer_when_served() -> None:
     s = stage(1)
     s.knobs["buffer_size"] = Knob("buffer_size", 8, 1, 64, True)
-    move = policy.scale_down([window(s, idle=0.5)], situation(), True, "test")
+    move = shrinking.scale_down([window(s, idle=0.5)], situation(), True, "test")
     assert moved(move) == ("buffer_size", 4, -1)
 
 
@@ -323,13 +323,13 @@ def test_shed_excess(
     workers: int, measured: dict[str, float], expected: tuple[str, int, int] | None
 ) -> None:
     w = window(stage(workers), **measured)
-    assert moved(policy.shed_excess([w], situation())) == expected
+    assert moved(shrinking.shed_excess([w], situation())) == expected
 
 
 def test_shed_excess_stops_at_a_floor_found_before() -> None:
     s = stage(37)
     w = window(s, idle=0.9, busy=0.01)
-    assert policy.shed_excess([w], situation(floor_reached={s.key})) is None
+    assert shrinking.shed_excess([w], situation(floor_reached={s.key})) is None
 
 
 @pytest.mark.parametrize(
@@ -337,7 +337,7 @@ def test_shed_excess_stops_at_a_floor_found_before() -> None:
 )
 def test_shed_spare(consumer_wait: float, expected: tuple[str, int, int] | None) -> None:
     w = window(stage(8), consumer_wait=consumer_wait, idle=0.4)
-    assert moved(policy.shed_spare([w], situation())) == expected
+    assert moved(shrinking.shed_spare([w], situation())) == expected
 
 
 @pytest.mark.parametrize(
@@ -359,7 +359,7 @@ def test_fewer_after_more_failed(
     s = stage(workers)
     marks = {(s.key, "parallelism"): workers} if saturated else {}
     w = window(s, **{"busy": 0.9, **measured})
-    assert moved(policy.fewer_after_more_failed([w], situation(saturated=marks))) == expected
+    assert moved(shrinking.fewer_after_more_failed([w], situation(saturated=marks))) == expected
 
 
 @pytest.mark.parametrize(

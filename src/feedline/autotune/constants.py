@@ -1,6 +1,6 @@
 """The tuner's measured constants: its thresholds, windows and pacing, each with what was
-measured to set it. The rules (``policy.py``) and the loop (``tuner.py``, ``experiments.py``)
-read them from here.
+measured to set it. The rules (``policy.py``, ``shrinking.py``) and the loop (``tuner.py``,
+``experiments.py``) read them from here.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from feedline.autotune import policy
 from feedline.autotune.constants import (
@@ -165,17 +165,22 @@ class TunerState:
     ) -> None:
         """More than ``value`` did not help: a mark that holds (at most ``longest``) until
         tried again."""
-        mark = self._mark((key, knob), value, judged, now)
-        retry_at = min(mark.retry_at, now + longest)
-        self.saturated_marks[(key, knob)] = replace(mark, retry_at=retry_at)
+        self.saturated_marks[(key, knob)] = self._mark((key, knob), value, judged, now, longest)
 
     def mark_floor(self, key: object, value: int, judged: Judged, now: float) -> None:
         self.floor_marks[key] = self._mark((key, "floor"), value, judged, now)
 
-    def _mark(self, retry_key: tuple[object, str], value: int, judged: Judged, now: float) -> Mark:
+    def _mark(
+        self,
+        retry_key: tuple[object, str],
+        value: int,
+        judged: Judged,
+        now: float,
+        longest: float = MAX_RETRY_SECONDS,
+    ) -> Mark:
         wait = self.retry_waits.get(retry_key, RETRY_SECONDS)
         self.retry_waits[retry_key] = min(2 * wait, MAX_RETRY_SECONDS)
-        return Mark(value, judged, now + wait)
+        return Mark(value, judged, now + min(wait, longest))
 
     def drop_stale(self, now: float, judged_now: Callable[[object], Judged | None]) -> None:
         """Drop the marks whose time is up, or whose stage's work or consumer changed

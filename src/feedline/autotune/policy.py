@@ -1,7 +1,8 @@
 """The tuner's rules: pure functions of what was measured (stage windows, the process's
 cores, budgets, knob bounds, what earlier experiments taught) that propose one move, or none.
 
-Its thresholds, with what was measured to set them, are in ``constants.py``. ``tuner.py``
+The rules that take workers or buffer away are in ``shrinking.py``. Their thresholds, with
+what was measured to set them, are in ``constants.py``. ``tuner.py``
 runs the loop that applies a move, judges it and keeps it or takes it back; nothing here
 changes a knob.
 """
@@ -18,13 +19,11 @@ from feedline.autotune.constants import (
     BUSY,
     CHEAP_WORK,
     CPU_FULL,
-    FEWER_SLACK,
     FREE_CORES_FOR_PROCESSES,
     GAIN,
     GIL_CORES,
     GIL_FREE_CORES,
     HELD_IN_ORDER,
-    IDLE,
     INPUT_BOUND,
     LONG_WINDOW,
     MANY_WAITING_CORES,
@@ -39,7 +38,6 @@ from feedline.autotune.constants import (
     THREADS_LEAVE_CORES,
     WAITING_CORES,
     WAITING_WORK,
-    WORKERS_MARGIN,
 )
 from feedline.autotune.limits import fits, ram_allows, thread_budget_words
 from feedline.autotune.windows import StageWindow
@@ -171,19 +169,6 @@ def consumer_shifted(rate: float, stall: float, last_rate: float, last_stall: fl
     if last_rate <= 0:
         return False
     return abs(rate - last_rate) > 0.3 * last_rate or ((stall > STALL) != (last_stall > STALL))
-
-
-def computes_on_too_many_workers(w: Window, s: Situation) -> bool:
-    workers = w.stage.knobs["parallelism"].value
-    return workers > s.budget.cpu and computes_under_contention(w)
-
-
-def fewer_may_keep(w: Window) -> bool:
-    """Could one worker less keep this stage's rate? Not when the cores its workers use
-    need all of them (computing threads or processes at the CPU budget). Going inline
-    (from one worker) always may: the consumer's thread then does the work."""
-    workers = w.stage.knobs["parallelism"].value
-    return workers <= 1 or w.cores < workers - 1 + FEWER_SLACK
 
 
 # -- rules -------------------------------------------------------------------------------
@@ -391,103 +376,6 @@ def to_processes(w: Window, windows: Sequence[Window], s: Situation) -> Proposal
         companion=("parallelism", workers, "one worker process per core"),
     )
     return Proposal(move)
-
-
-def scale_down(windows: Sequence[Window], s: Situation, served: bool, reason: str) -> Move | None:
-    """Fewer workers, or a smaller buffer, for the first of ``windows`` (most idle first)
-    that can shrink. ``served``: the consumer is served (rather than waiting while more
-    workers did not help)."""
-    for w in sorted(windows, key=lambda w: w.idle, reverse=True):
-        if w.stage.key in s.floor_reached:
-            continue
-        # A consumer served now that waited on the stage a moment ago meets hiccups (a slow
-        # read now and then): what covers them looks idle in between. Only once they stop.
-        if served and w.stage.key in s.waited_recently:
-            continue
-        parallelism = w.stage.knobs["parallelism"]
-        # With the consumer served, shed idle workers but keep at least one (inline work
-        # would add to the consumer's own step); otherwise, after scale-ups failed, fewer
-        # (even none) may be faster.
-        floor = 1 if served else 0
-        if parallelism.tunable and parallelism.value > floor and (not served or w.idle > IDLE):
-            # Steps in proportion: one worker of a hundred waiting ones is noise.
-            step = max(1, parallelism.value // (2 if w.idle > 0.6 else 4))
-            target = max(floor, parallelism.value - step)
-            if not served and w.busy < BUSY and w.seconds_per_element < CHEAP_WORK:
-                target = 0
-            return Move(w.stage, parallelism.name, target, reason, -1)
-        buffer = w.stage.knobs["buffer_size"]
-        if buffer.tunable and buffer.value > 1 and served and w.idle > IDLE:
-            return Move(w.stage, buffer.name, buffer.value // 2, reason, -1)
-    return None
-
-
-def workers_needed(w: Window) -> int:
-    """Workers the stage's rate keeps at work (Little's law: its rate times the time of an
-    element, ``busy`` of the workers it has), with WORKERS_MARGIN for the rate's swings.
-    (Only for computing work: waiting work that stalls now and then, a slow read among fast
-    ones, needs its calls in flight for the stalls, which an average rate hides.)"""
-    workers = max(1, w.stage.knobs["parallelism"].value)
-    return math.ceil(WORKERS_MARGIN * w.busy * workers)
-
-
-def shed_excess(windows: Sequence[Window], s: Situation) -> Move | None:
-    """Fewer workers, at once, for a stage whose work computes on more workers than cores
-    while they idle: its work turned cheap (a map that stopped waiting on I/O keeps its
-    dozens of threads). Such threads hand the GIL round among themselves and slow the whole
-    pass, including the experiments that would find the new bottleneck: 37 threads left on a
-    map turned cheap made 121 threads on the next map, now waiting, run at 150 batches/s
-    where alone they reached 700."""
-    for w in windows:
-        parallelism = w.stage.knobs["parallelism"]
-        if (
-            not parallelism.tunable
-            or not w.stage.has_own_work
-            or parallelism.value <= s.budget.cpu
-            or w.idle <= IDLE
-            # Computing as measured: a window whose workers only idled saw no work at all.
-            or w.cpu_share is None
-            or waits(w, s)
-            or w.stage.key in s.floor_reached
-        ):
-            continue
-        target = max(1, min(int(s.budget.cpu), workers_needed(w)))
-        reason = (
-            f"computes (cpu {w.computing_share:.0%} of wall) on {parallelism.value} workers, "
-            f"idle {w.idle:.0%} of the time: {target} keep its rate"
-        )
-        return Move(w.stage, parallelism.name, target, reason, -1)
-    return None
-
-
-def shed_spare(windows: Sequence[Window], s: Situation) -> Move | None:
-    """Fewer workers for a stage whose own consumer never waits on it while they idle,
-    whatever the consumer's waits: those come from elsewhere (a consumer that sleeps
-    between elements waits for the GIL at every wake-up; on a loaded machine, for a core)."""
-    spare = [w for w in windows if w.consumer_wait < NO_STALL / 2 and w.idle > IDLE]
-    return scale_down(spare, s, served=True, reason="its consumer never waits on it")
-
-
-def fewer_after_more_failed(windows: Sequence[Window], s: Situation) -> Move | None:
-    """The consumer waits, and more did not help: fewer may be faster, down to none, with
-    the work inline in the consumer's thread. So where more was saturated, where workers
-    are mostly idle although their consumer waits (the hand-offs cost more than the work),
-    and where more computing workers than cores run (started for a first call that
-    waited). (Idle workers of costly work, while their consumer waits, are a passing
-    moment: the consumer just sped up and has not yet emptied the buffer.)"""
-    saturated_keys = {key for key, _ in s.saturated}
-    worth_fewer = [
-        w
-        for w in windows
-        if (
-            w.stage.key in saturated_keys
-            or (w.busy < BUSY and w.seconds_per_element < CHEAP_WORK)
-            or computes_on_too_many_workers(w, s)
-            or input_bound(w)
-        )
-        and fewer_may_keep(w)
-    ]
-    return scale_down(worth_fewer, s, served=False, reason="more workers did not help")
 
 
 def chain_partner(

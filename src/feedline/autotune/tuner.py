@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from feedline.autotune import policy
+from feedline.autotune import policy, shrinking
 from feedline.autotune.budget import Budget
 from feedline.autotune.constants import (
     COST_CHANGE,
@@ -385,7 +385,7 @@ class Tuner:
             return
         # Before any other move: surplus computing threads slow everything, including the
         # experiments that would find the bottleneck.
-        if act(policy.shed_excess(windows, s), must_change=True):
+        if act(shrinking.shed_excess(windows, s), must_change=True):
             return
         if stall > STALL:
             # Stages with work of their own first: reading ahead only overlaps what is left.
@@ -393,14 +393,14 @@ class Tuner:
                 return
             if act(policy.read_ahead(windows, s)):
                 return
-            if act(policy.shed_spare(windows, s), must_change=True):
+            if act(shrinking.shed_spare(windows, s), must_change=True):
                 return
-            act(policy.fewer_after_more_failed(windows, s), must_change=True)
+            act(shrinking.fewer_after_more_failed(windows, s), must_change=True)
         elif stall < NO_STALL:
-            move = policy.scale_down(windows, s, served=True, reason="consumer never waits")
+            move = shrinking.scale_down(windows, s, served=True, reason="consumer never waits")
             act(move, must_change=True)
         # Served, but not comfortably: reading ahead may take the last waits away.
-        elif not act(policy.shed_spare(windows, s), must_change=True):
+        elif not act(shrinking.shed_spare(windows, s), must_change=True):
             act(policy.read_ahead(windows, s))
 
     def _act(

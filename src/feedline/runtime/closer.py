@@ -6,8 +6,9 @@ locks it holds. Closing a pass takes locks (the tuner's stop event, stages' cond
 pool's lock) and joins threads: on a thread that already holds one of them, it waits for
 itself forever. (A tuner thread that collected its own pass did, in the test suite: the pass
 and the next one found in that collection were left running.) So a finalizer on one of
-feedline's threads, or one that takes a lock feedline's threads hold, only queues the work
-(``SimpleQueue.put`` is safe there, unlike any lock) and this thread runs it.
+feedline's threads only queues the work (``SimpleQueue.put`` is safe there, unlike any lock)
+and this thread runs it; on the user's threads, which hold none of feedline's locks between
+calls, it runs at once.
 """
 
 from __future__ import annotations

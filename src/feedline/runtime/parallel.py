@@ -152,6 +152,7 @@ class AsyncStage(ConsumerSide):
         self._finished_order = []
         self._retired_ranges = []
         self._issued = 0
+        self._plain_from_seq = 0
         self._deliver_seq = 0
         self._end_seq = None
         self._reserved = 0

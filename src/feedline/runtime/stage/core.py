@@ -112,6 +112,9 @@ class StageCore(StageIterator, Tunable):
     # Input ranges fully delivered while an older chunk is still open (non-det mode).
     _retired_ranges: list[list[int]]
     _issued: int
+    # Chunks from this sequence number on hold plain ranges of positions, each starting where
+    # the one before ended (earlier ones may have skipped positions or be replayed).
+    _plain_from_seq: int
     _deliver_seq: int
     _end_seq: int | None
     _reserved: int  # elements taken (or about to be taken) from input, not delivered

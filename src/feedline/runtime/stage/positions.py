@@ -31,9 +31,13 @@ class StateSide(StageCore):
 
     def get_state(self) -> State:
         with self._input_lock, self._lock:
-            state = resume_state(
-                self._open.values(), self._next_position, self._skip, self._replay, self._input
-            )
+            oldest = self._oldest_of_plain_run()
+            if oldest is not None:
+                state = plain_run_state(oldest)
+            else:
+                state = resume_state(
+                    self._open.values(), self._next_position, self._skip, self._replay, self._input
+                )
             if self.deterministic:
                 return state
             journal = Journal(state)
@@ -43,9 +47,28 @@ class StateSide(StageCore):
             self._journals.append(weakref.ref(journal))
             return journal
 
+    def _oldest_of_plain_run(self) -> Chunk | None:
+        """The oldest open chunk, when the open chunks are a run of plain ranges delivered in
+        order: only the oldest can be partly delivered, and the state follows from it alone.
+        This is the common case, and the next stage reads this state for every chunk it
+        pulls: at 880 open chunks, ``resume_state`` took 390 us, under the input lock."""
+        if not self.deterministic or self._replay is not None or self._skip:
+            return None
+        if self._deliver_seq < self._plain_from_seq:
+            return None
+        return self._open.get(self._deliver_seq)
+
     def _undelivered(self, seq: int) -> Sequence[int]:
         chunk = self._open[seq]
         return chunk.positions[chunk.delivered :]
+
+
+def plain_run_state(oldest: Chunk) -> State:
+    """``resume_state`` when the open chunks run from ``oldest`` on, each a plain range
+    starting where the one before ended, and only ``oldest`` is partly delivered."""
+    delivered = oldest.delivered
+    skip = [[oldest.start, oldest.start + delivered]] if delivered else []
+    return {"input": oldest.start_state, "start": oldest.start, "skip": skip}
 
 
 def resume_state(

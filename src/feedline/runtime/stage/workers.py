@@ -187,6 +187,8 @@ class WorkerSide(StageCore):
                         self._wake_all()
                         return None
                     chunk = Chunk(seq, start_state, start, self._next_position, positions)
+                    if not isinstance(positions, range):
+                        self._plain_from_seq = seq + 1
                     chunk.outputs = raw
                     chunk.failures = [0] if failed else []
                     chunk.pull_seconds = pull_seconds
@@ -218,6 +220,7 @@ class WorkerSide(StageCore):
             self._reserved += len(raw) - size
             # Its state is the restored input's: every position from there on is accounted.
             chunk = Chunk(seq, replay.start_state, replay.start, self._next_position, positions)
+            self._plain_from_seq = seq + 1
             chunk.outputs = raw
             self._open[seq] = chunk
             if forced:

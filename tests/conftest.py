@@ -32,19 +32,24 @@ def no_leaked_threads() -> Iterator[None]:
     """Fails the test if a feedline thread is still alive shortly after it ends.
 
     Iterators dropped without close() are collected by the garbage collector, so give it a
-    moment (and a collection) before calling it a leak.
+    moment (and a collection) before calling it a leak. Only threads this test started count:
+    one test's leak fails that test, not every test after it.
     """
+    before = set(feedline_threads())
     yield
     import gc
 
+    def started_here() -> list[threading.Thread]:
+        return [t for t in feedline_threads() if t not in before]
+
     deadline = time.monotonic() + 3.0
     # (Only then: a collection with TensorFlow and torch loaded takes ~0.25 s, for every test.)
-    while feedline_threads() and time.monotonic() < deadline:
+    while started_here() and time.monotonic() < deadline:
         gc.collect()
         # What a collection on feedline's threads found is closed on the closer thread.
         closer.drain(max(0.0, deadline - time.monotonic()))
         time.sleep(0.02)
-    leaked = feedline_threads()
+    leaked = started_here()
     assert not leaked, f"threads left running:\n{describe(leaked)}"
 
 

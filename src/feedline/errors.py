@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 
 class StageError(Exception):
     """A user function (or a stage's own check) failed while producing an element.
@@ -28,6 +30,25 @@ def wrap_user_error(stage: str, position: int | None, error: BaseException) -> S
     wrapped = StageError(stage, position, f"{type(error).__name__}: {error}")
     wrapped.__cause__ = error
     return wrapped
+
+
+def copy_to_raise(error: BaseException) -> BaseException:
+    """A copy of ``error`` to raise to the consumer (the original if it cannot be copied).
+
+    Raised, an error holds the consumer's frames, and through them the iterator. The original
+    may still be held from within the pipeline, which its worker and tuner threads keep
+    alive: by the list a map's chunk was copied from, by another error's traceback through
+    the frames it was made in. Were it the one raised, a dropped iterator could never be
+    collected and those threads would run forever.
+    """
+    try:
+        raised = copy.copy(error)
+    except Exception:  # an exception class whose arguments do not rebuild it
+        return error
+    raised.__cause__ = error.__cause__
+    raised.__context__ = error.__context__
+    raised.__suppress_context__ = error.__suppress_context__
+    return raised.with_traceback(error.__traceback__)
 
 
 class StageCrashedError(StageError):

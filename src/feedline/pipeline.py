@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from feedline.autotune.budget import budget_for
 from feedline.autotune.tuner import RootCounters, Tuner
-from feedline.errors import InvalidStateError
+from feedline.errors import InvalidStateError, copy_to_raise
 from feedline.options import Options
 from feedline.runtime import closer
 from feedline.runtime.context import IterContext, WorkerMemory
@@ -46,6 +47,7 @@ class DatasetIterator:
         self._op = op
         self._options = options
         self._root: StageIterator = EmptyIterator()
+        self._pulls = _pulls(self._root)
         self._closed = True  # nothing open yet for _start to close
         self._tuner: Tuner | None = None
         self._start(state)
@@ -72,6 +74,7 @@ class DatasetIterator:
             raise
         self.close()
         self._ctx, self._root = ctx, root
+        self._pulls = _pulls(root)
         self._counters = RootCounters()
         self._started = time.perf_counter()
         self._tuner_checked = False
@@ -155,7 +158,12 @@ class DatasetIterator:
         counters = self._counters
         started = counters.waiting_since = time.perf_counter()
         try:
-            element = next(self._root)
+            try:
+                element = next(self._pulls)
+            except ValueError:  # "generator already executing": another thread pulls too
+                element = next(_pulls(self._root))
+            if type(element) is _Raised:
+                raise copy_to_raise(element.error)
         except KeyboardInterrupt:
             # Ctrl-C while waiting for data: stop every worker now rather than whenever the
             # traceback (which keeps this iterator alive) is dropped.
@@ -262,3 +270,29 @@ class DatasetIterator:
         # must never raise, e.g. during interpreter teardown.
         with contextlib.suppress(Exception):
             closer.from_finalizer(self.close)
+
+
+class _Raised:
+    """What the root's ``next`` raised, handed out of ``_pulls`` to be raised by the caller."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _pulls(root: StageIterator) -> Iterator[Any]:
+    """The root's elements, each pulled from this generator's frame.
+
+    A suspended generator's frame has no caller, so the stages' frames lead back no further
+    than here. An error made on the consumer's thread and kept in a stage until its turn (a
+    map run inline over a chunk) keeps the frames it was made in, and every frame its
+    callers': without this, the consumer's, and in them the iterator, kept alive by every
+    thread that keeps the stage (its workers, the tuner): a dropped iterator never collected.
+    """
+    while True:
+        try:
+            element = next(root)
+        except BaseException as error:  # the caller raises a copy: see copy_to_raise
+            element = _Raised(error)
+        yield element

@@ -438,19 +438,48 @@ def test_stopping_early_leaves_no_thread(how: str) -> None:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("parallelism", [None, 2])
-def test_dropping_an_iterator_after_an_error_leaves_no_thread(parallelism: Any) -> None:
+@pytest.mark.parametrize("parallelism", [None, 2, fl.AUTOTUNE])
+@pytest.mark.parametrize("fails_every", [0, 10])
+@pytest.mark.parametrize("prefetched", [True, False])
+def test_dropping_an_iterator_after_an_error_leaves_no_thread(
+    parallelism: Any, fails_every: int, prefetched: bool
+) -> None:
     """A raised error's traceback leads back to the consumer's frames; the stage must not keep
-    it, or its worker threads would keep the dropped iterator (and themselves) alive."""
+    it, or its worker (and tuner) threads would keep the dropped iterator (and themselves)
+    alive. With errors in most elements, an error still waiting in a chunk shares that chunk
+    with one already raised: nothing it keeps may lead to the raised one (a Python int
+    result makes the map convert its chunk into a new list, and the first stays behind)."""
 
     def fn(x: Any) -> Any:
-        if int(x) == 3:
+        if (int(x) % fails_every != 0) if fails_every else int(x) == 3:
             raise ValueError("bad")
-        return x
+        return int(x)
 
-    ds = D.range(1000).map(fn, num_parallel_calls=parallelism).ignore_errors().prefetch(2)
-    for i, _ in enumerate(ds):
-        if i == 10:
+    ds = D.range(1000).map(fn, num_parallel_calls=parallelism).ignore_errors()
+    for i, _ in enumerate(ds.prefetch(2) if prefetched else ds):
+        if i == 3:
+            break
+    deadline = time.monotonic() + 1.0
+    while feedline_threads() and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.01)
+    assert not feedline_threads()
+
+
+@pytest.mark.timeout(30)
+def test_dropping_an_iterator_while_an_inline_map_holds_errors_leaves_no_thread() -> None:
+    """A map run inline on the consumer's thread keeps the rest of its chunk, errors included,
+    and an error keeps the frames it was made in, and their callers'. The stage is kept by
+    the threads of the stage before it; those frames must not lead back to the iterator."""
+
+    def fails_most(x: Any) -> Any:
+        if int(x) % 10 != 0:
+            raise ValueError("bad")
+        return int(x)
+
+    ds = D.range(100_000).map(lambda x: x, num_parallel_calls=2).map(fails_most)
+    for i, _ in enumerate(ds.ignore_errors().batch(4)):
+        if i == 3:
             break
     deadline = time.monotonic() + 1.0
     while feedline_threads() and time.monotonic() < deadline:

@@ -8,10 +8,10 @@ such calls measure the work to choose the parallelism the stage starts with
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any
 
+from feedline.errors import copy_to_raise
 from feedline.runtime.chunks import RowList
 from feedline.runtime.stage.core import Chunk
 from feedline.runtime.stage.positions import StateSide
@@ -44,12 +44,7 @@ class ConsumerSide(WorkerSide, StateSide):
                         if self._crash_raised:
                             return None  # the pass ended with the crash
                         self._crash_raised = True
-                        # A copy: raised, it holds the consumer's frames, and the stage
-                        # (which its threads keep alive) must not, or a dropped iterator
-                        # could never be collected.
-                        raised = copy.copy(self._crash)
-                        raised.__cause__ = self._crash.__cause__
-                        raise raised
+                        raise copy_to_raise(self._crash)
                     if self._end_seq is not None and not self._open:
                         if self.executor is not None:
                             # Nothing more to run: let go of the worker processes now.
@@ -216,14 +211,11 @@ class ConsumerSide(WorkerSide, StateSide):
                 if self._journals:
                     self._journal(chunk.positions[start : start + 1])
                 error = outputs[start].error
-                # Once raised, the error's traceback reaches the consumer's frames: if this
-                # stage (which its worker threads keep alive) held on to it, a dropped iterator
-                # could never be collected and its workers would wait forever.
-                outputs[start] = None
+                outputs[start] = None  # delivered: its frames go now, not with the chunk
                 with self.metrics.lock:
                     self.metrics.errors += 1
                 self._retire_if_done(chunk)
-                raise error
+                raise copy_to_raise(error)
             stop = min(stop, failure)
         taken = outputs if start == 0 and stop == len(outputs) else outputs[start:stop]
         chunk.delivered = stop

@@ -232,7 +232,7 @@ def run_child(scenario: Scenario, setting: tuple[int, str, int] | None) -> dict[
         "made": made,
         "waits": waits,
         "history": stats["autotune"]["history"] if setting is None else [],
-        "threads_peak": stats.get("autotune", {}).get("threads_peak"),
+        "threads": stats["threads"],  # the pass's budget and the most alive at once
     }
 
 
@@ -254,6 +254,9 @@ class Outcome:
     best_fixed: PhaseFigures
     best_setting: str
     settings: dict[str, float] = field(default_factory=dict)
+    # Worker threads alive at once in any AUTOTUNE run of the scenario, and the pass's budget.
+    threads_peak: int = 0
+    thread_budget: int = 0
 
     @property
     def ratio(self) -> float:
@@ -324,6 +327,8 @@ def compare(scenario: Scenario, runs: int, say: Callable[[str], None]) -> list[O
     for k in range(runs):
         tuned.append(spawn(scenario, None))
         say(f"  {scenario.name}: AUTOTUNE run {k + 1} done")
+    threads_peak = max(r["threads"]["peak"] for r in tuned)
+    thread_budget = min(r["threads"]["budget"] for r in tuned)
     outcomes = []
     for p, (begin, end) in zip(scenario.phases, phase_bounds(scenario.phases)):
         by_setting = {name: steady(r, begin, end) for name, r in fixed.items()}
@@ -348,6 +353,8 @@ def compare(scenario: Scenario, runs: int, say: Callable[[str], None]) -> list[O
                 best,
                 best_name,
                 {n: f.rate for n, f in by_setting.items()},
+                threads_peak,
+                thread_budget,
             )
         )
     return outcomes
@@ -357,18 +364,19 @@ def table(outcomes: list[Outcome], runs: int) -> str:
     lines = [
         f"AUTOTUNE (worst of {runs} runs) / the best fixed setting in each phase, batches of "
         f"{BATCH}; rate and stall from {STEADY_AFTER:.0f} s after each change; recovered: "
-        f"first {RECOVERY_WINDOW:.0f} s at {RECOVERED:.0%} of the best fixed rate.",
+        f"first {RECOVERY_WINDOW:.0f} s at {RECOVERED:.0%} of the best fixed rate; threads: "
+        "the most worker threads alive at once in any AUTOTUNE run / the pass's budget.",
         "",
         "| scenario | phase | AUTOTUNE batches/s | best fixed | ratio | recovered in | "
-        "stall AUTOTUNE | stall best fixed |",
-        "|---|---|---|---|---|---|---|---|",
+        "stall AUTOTUNE | stall best fixed | threads |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for o in outcomes:
         recovered = "never" if o.autotune.recovered is None else f"{o.autotune.recovered:.2f} s"
         lines.append(
             f"| {o.scenario} | {o.phase} | {o.autotune.rate:.1f} | {o.best_fixed.rate:.1f} "
             f"({o.best_setting}) | {o.ratio:.2f} | {recovered} | {o.autotune.stall:.1%} | "
-            f"{o.best_fixed.stall:.1%} |"
+            f"{o.best_fixed.stall:.1%} | {o.threads_peak} / {o.thread_budget} |"
         )
     return "\n".join(lines)
 

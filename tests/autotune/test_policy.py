@@ -10,6 +10,8 @@ import pytest
 
 from feedline.autotune import policy, shrinking
 from feedline.autotune.budget import Budget
+from feedline.autotune.constants import HICCUP_MEMORY, HICCUP_MEMORY_MAX
+from feedline.autotune.experiments import Shrink
 from feedline.autotune.policy import Move, Proposal, Situation, Window
 from feedline.autotune.windows import StageWindow
 from feedline.runtime.tunable import PROCESSES, Knob
@@ -338,6 +340,33 @@ def test_shed_excess_stops_at_a_floor_found_before() -> None:
 def test_shed_spare(consumer_wait: float, expected: tuple[str, int, int] | None) -> None:
     w = window(stage(8), consumer_wait=consumer_wait, idle=0.4)
     assert moved(shrinking.shed_spare([w], situation())) == expected
+
+
+@pytest.mark.parametrize(
+    ("stall", "ages", "undone"),
+    [
+        (0.06, [4.5, 1.1, 0.2], [0.2, 1.1, 4.5]),  # a stall: every recent shrink, newest first
+        (0.06, [6.0, 0.5], [0.5]),  # one kept long before is not to blame
+        (0.005, [0.5], []),  # the consumer is served: nothing to take back
+        (0.06, [], []),
+    ],
+)
+def test_shrinks_to_undo(stall: float, ages: list[float], undone: list[float]) -> None:
+    now = 100.0
+    s = stage(16)
+    shrinks = [Shrink(now - age, s, s.knobs["parallelism"], 16, 8) for age in ages]
+    got = shrinking.shrinks_to_undo(shrinks, stall, now)
+    assert [round(now - shrink.at, 3) for shrink in got] == undone
+
+
+def test_hiccup_memory_doubles_up_to_its_ceiling() -> None:
+    memory = HICCUP_MEMORY
+    seen = []
+    for _ in range(8):
+        memory = shrinking.longer_hiccup_memory(memory)
+        seen.append(memory)
+    assert seen[:3] == [2 * HICCUP_MEMORY, 4 * HICCUP_MEMORY, 8 * HICCUP_MEMORY]
+    assert max(seen) == seen[-1] == HICCUP_MEMORY_MAX
 
 
 @pytest.mark.parametrize(

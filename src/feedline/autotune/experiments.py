@@ -21,6 +21,7 @@ from feedline.autotune.constants import (
     ALWAYS_WAITING,
     COST_CHANGE,
     GAIN,
+    HICCUP_MEMORY,
     INLINE_RETRY_SECONDS,
     KNEE_MARGIN,
     KNEE_SHARE,
@@ -132,6 +133,17 @@ class Mark:
     retry_at: float
 
 
+@dataclass(frozen=True)
+class Shrink:
+    """A decrease the tuner kept: taken back should the consumer stall soon after."""
+
+    at: float
+    stage: Tunable
+    knob: Knob
+    old: int
+    new: int
+
+
 @dataclass
 class TunerState:
     history: list[Decision] = field(default_factory=list)
@@ -145,6 +157,10 @@ class TunerState:
     retry_waits: dict[tuple[object, str], float] = field(default_factory=dict)
     # stage key -> (when processes may be tried again, how long the wait after the next failure)
     process_retry: dict[object, tuple[float, float]] = field(default_factory=dict)
+    # Decreases kept lately, and how long a stage its consumer waited on keeps what it has
+    # (see shrinking.shrinks_to_undo).
+    shrinks: list[Shrink] = field(default_factory=list)
+    hiccup_memory: float = HICCUP_MEMORY
 
     @property
     def saturated(self) -> dict[tuple[object, str], int]:

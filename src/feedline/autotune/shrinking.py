@@ -13,10 +13,14 @@ from feedline.autotune.constants import (
     BUSY,
     CHEAP_WORK,
     FEWER_SLACK,
+    HICCUP_MEMORY_MAX,
     IDLE,
     NO_STALL,
+    SHRINK_BLAME_SECONDS,
+    STALL,
     WORKERS_MARGIN,
 )
+from feedline.autotune.experiments import Shrink
 from feedline.autotune.policy import (
     Move,
     Situation,
@@ -135,3 +139,24 @@ def fewer_after_more_failed(windows: Sequence[Window], s: Situation) -> Move | N
         and fewer_may_keep(w)
     ]
     return scale_down(worth_fewer, s, served=False, reason="more workers did not help")
+
+
+def shrinks_to_undo(shrinks: Sequence[Shrink], stall: float, now: float) -> list[Shrink]:
+    """The shrinks to take back, newest first, when the consumer stalls: those kept within
+    SHRINK_BLAME_SECONDS. What covers hiccups (a slow read now and then) looks idle in the
+    quiet between them, and the stall they cause once uncovered comes a hiccup later, after
+    the shrink's own window was judged."""
+    if stall <= STALL:
+        return []
+    return sorted(recent(shrinks, now), key=lambda s: s.at, reverse=True)
+
+
+def recent(shrinks: Sequence[Shrink], now: float) -> list[Shrink]:
+    """The shrinks a stall now would still be blamed on."""
+    return [s for s in shrinks if now - s.at < SHRINK_BLAME_SECONDS]
+
+
+def longer_hiccup_memory(memory: float) -> float:
+    """How long a stage its consumer waited on keeps what it has, after a shrink that the
+    consumer's stalls took back: twice as long (hiccups that come back are covered longer)."""
+    return min(2 * memory, HICCUP_MEMORY_MAX)

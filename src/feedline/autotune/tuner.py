@@ -39,7 +39,6 @@ from feedline.autotune.budget import Budget
 from feedline.autotune.constants import (
     COST_CHANGE,
     FIRST_INTERVAL,
-    HICCUP_MEMORY,
     MAX_INTERVAL,
     MAX_WINDOW,
     MIN_WINDOW,
@@ -47,7 +46,14 @@ from feedline.autotune.constants import (
     SETTLE_ELEMENTS,
     STALL,
 )
-from feedline.autotune.experiments import Decision, Experiment, Judge, Judged, TunerState
+from feedline.autotune.experiments import (
+    Decision,
+    Experiment,
+    Judge,
+    Judged,
+    Shrink,
+    TunerState,
+)
 from feedline.autotune.limits import ram_floor_warning, thread_budget_words
 from feedline.autotune.policy import (
     Move,
@@ -231,6 +237,11 @@ class Tuner:
             kept, self._experiment = self._judge.judge(
                 experiment, measured, stall, baseline, now, noise, stage_wait, windows
             )
+            if kept and experiment.direction < 0 and experiment.baseline_stall <= STALL:
+                # (Made while the consumer was served: a stall that follows is new.)
+                self.state.shrinks.append(
+                    Shrink(now, experiment.stage, experiment.knob, experiment.old, experiment.new)
+                )
             if kept:
                 # The rate moved because of the change, not the consumer: the next window
                 # is the new reference for noticing a shift in the consumer's speed.
@@ -242,7 +253,12 @@ class Tuner:
         else:
             self._notice_shift(rate, stall)
             self._reading = False
-            self._decide(windows, rate, stall, now)
+            undo = shrinking.shrinks_to_undo(self.state.shrinks, stall, now)
+            self.state.shrinks = shrinking.recent(self.state.shrinks, now)
+            if undo:
+                self._undo_shrinks(undo, stall, now)
+            else:
+                self._decide(windows, rate, stall, now)
         self._last_rate, self._last_stall = rate, stall
         # A reading in progress (see _try_processes) is a decision pending: no slower pace.
         changed = self._experiment is not None or self._reading
@@ -367,7 +383,9 @@ class Tuner:
             rss_per_worker=self._rss_per_worker,
             saturated=self.state.saturated,
             floor_reached=self.state.floor_reached,
-            waited_recently={k for k, t in self._waited_at.items() if now - t < HICCUP_MEMORY},
+            waited_recently={
+                k for k, t in self._waited_at.items() if now - t < self.state.hiccup_memory
+            },
             process_retry=self.state.process_retry,
         )
 
@@ -507,6 +525,22 @@ class Tuner:
                 baseline_judged=dict(self._judged),
             )
         return applied != old
+
+    def _undo_shrinks(self, undo: list[Shrink], stall: float, now: float) -> None:
+        """Take back the shrinks the consumer's stall follows, and keep what covers hiccups
+        longer from now on (see shrinking.shrinks_to_undo)."""
+        self.state.hiccup_memory = shrinking.longer_hiccup_memory(self.state.hiccup_memory)
+        for shrink in undo:
+            if shrink.knob.value >= shrink.old:
+                continue  # grown back since
+            self._set(
+                shrink.stage,
+                shrink.knob,
+                shrink.old,
+                f"the consumer stalls ({stall:.0%}) {now - shrink.at:.1f} s after {shrink.new}: "
+                f"back (what covers hiccups now stays {self.state.hiccup_memory:.0f} s)",
+            )
+        self.state.shrinks = []
 
     def _set(self, stage: Tunable, knob: Knob, value: int, reason: str) -> int:
         old = knob.value

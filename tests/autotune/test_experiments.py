@@ -9,6 +9,7 @@ import pytest
 
 from feedline.autotune import policy
 from feedline.autotune import tuner as tuner_module
+from feedline.autotune.constants import HICCUP_MEMORY
 from feedline.runtime.context import WorkerMemory
 from feedline.runtime.tunable import PROCESSES, THREADS, Knob, StartChoice
 from tests.autotune.helpers import (
@@ -451,3 +452,45 @@ def test_a_waiting_stage_taken_back_inline_is_tried_again_soon(
     assert knob.value == 0
     mark = state.saturated_marks[(stage.key, "parallelism")]
     assert mark.retry_at == pytest.approx(10.0 + retry_within)
+
+
+def test_a_shrink_the_consumer_stalls_after_is_taken_back_and_the_cover_kept_longer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Sixteen workers that waiting work keeps a quarter busy, the consumer never waiting:
+    # idle, they are shed. Then the consumer stalls (a hiccup the fewer no longer cover):
+    # the shed is taken back, and nothing is shed again until the longer memory has passed.
+    monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)
+    synthetic, root, tuner, now = threads_tuner(16)
+    m = synthetic.metrics
+    started = now
+
+    def tick(stall: float) -> None:
+        nonlocal now
+        now += 0.25
+        workers = max(1, synthetic.knobs["parallelism"].value)
+        root.delivered += 250
+        root.wait += 0.25 * stall
+        m.elements += 250
+        m.worked += 250
+        m.work_wall += 0.25 * workers * 0.25
+        m.work_cpu += 0.25 * workers * 0.01
+        m.worker_idle += 0.25 * workers * 0.75
+        m.consumer_wait += 0.25 * stall
+        tuner.step(now)
+
+    while synthetic.knobs["parallelism"].value == 16 and now - started < 10:
+        tick(0.0)
+    assert synthetic.knobs["parallelism"].value < 16, tuner.history
+    for _ in range(4):  # the shed is judged (and kept: the consumer is still served)
+        tick(0.0)
+    assert synthetic.knobs["parallelism"].value < 16, tuner.history
+    for _ in range(4):
+        tick(0.2)
+    back = [d for d in tuner.history if d.reason.startswith("the consumer stalls")]
+    assert back and synthetic.knobs["parallelism"].value == 16, tuner.history
+    assert tuner.state.hiccup_memory == 2 * HICCUP_MEMORY
+    quiet_from = now
+    while synthetic.knobs["parallelism"].value == 16 and now - quiet_from < 30:
+        tick(0.0)
+    assert now - quiet_from >= tuner.state.hiccup_memory, tuner.history

@@ -429,3 +429,24 @@ def test_scale_up_grows_the_input_a_stage_waits_on_rather_than_the_stage() -> No
     proposal = policy.scale_up(windows, situation(cores_in_use=0.1))
     assert proposal.move is not None and proposal.move.stage is first
     assert policy.input_bound(windows[0]) and not policy.input_bound(windows[1])
+
+
+@pytest.mark.parametrize(
+    ("target", "wanted", "second_input_bound", "expected"),
+    [
+        # The budget holds the first at 1 of 16: the second, waiting on it, hands 15 over.
+        (1, 16, True, ("parallelism", 33, -1)),
+        (10, 16, True, None),  # held at more than half of what it wants: no hand-over
+        (1, 16, False, None),  # the other stage's workers are busy with their own work
+    ],
+)
+def test_give_way(
+    target: int, wanted: int, second_input_bound: bool, expected: tuple[str, int, int] | None
+) -> None:
+    first, second = stage(0), stage(48)
+    waiting = {"cpu_share": 0.02, "cores": 0.05, "cpu_per_element": 4e-5}
+    took = {"work_wall": 0.1, "input_wall": 3.5} if second_input_bound else {}
+    windows = [window(second, **took, **waiting), window(first, **waiting)]
+    move = policy.give_way(windows[1], windows, target, wanted)
+    assert moved(move) == expected
+    assert move is None or (move.stage is second and move.hands_over)

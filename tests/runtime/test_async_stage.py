@@ -15,6 +15,7 @@ import pytest
 
 import feedline as fl
 from feedline.runtime.parallel import default_parallelism
+from feedline.runtime.stage import workers
 from feedline.runtime.stage.sizing import MAX_CHUNK
 from tests.conftest import feedline_threads
 from tests.helpers import assert_elements_equal, assert_state_roundtrip, take
@@ -293,6 +294,31 @@ def test_workers_let_go_are_parked_not_idle() -> None:
         idle = mapper.metrics.snapshot()["worker_idle"] - before
         elapsed = time.perf_counter() - started
     assert elapsed < idle < 3 * elapsed  # two workers idle (of the eight started)
+
+
+@pytest.mark.timeout(60)
+def test_parked_workers_end_when_released(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Parked, they would wait a minute to be taken back; released (another stage needs their
+    # share of the thread budget), they end now, and the two the stage keeps go on working.
+    monkeypatch.setattr(workers, "PARKED_SECONDS", 60.0)
+    ds = untuned(D.range(10**6).map(lambda x: x, num_parallel_calls=8))
+    with ds.iterator() as it:
+        next(it)
+        (mapper,) = stages(it).values()
+        mapper.knobs["parallelism"].set(2)
+
+        def alive() -> int:
+            return sum(1 for t in feedline_threads() if t.name.startswith("feedline-map"))
+
+        deadline = time.monotonic() + 10
+        while alive() != 8 and time.monotonic() < deadline:
+            time.sleep(0.01)  # every one started is alive: the six let go are parked
+        assert alive() == 8
+        mapper.release_parked()
+        while alive() > 2 and time.monotonic() < deadline + 10:
+            time.sleep(0.01)
+        assert alive() == 2
+        assert len(take(it, 1000)) == 1000
 
 
 @pytest.mark.timeout(60)

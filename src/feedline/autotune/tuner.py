@@ -40,9 +40,11 @@ from feedline.autotune.constants import (
     COST_CHANGE,
     FIRST_INTERVAL,
     MAX_INTERVAL,
+    MAX_RETRY_SECONDS,
     MAX_WINDOW,
     MIN_WINDOW,
     NO_STALL,
+    PARKED_RELEASE_SECONDS,
     SETTLE_ELEMENTS,
     STALL,
 )
@@ -436,10 +438,15 @@ class Tuner:
         if proposal is None:
             return False
         for note in proposal.notes:
+            # The stage the budget stopped tries again once the parked threads have ended.
+            released = note.wanted is not None and self._release_parked_for(note.knob)
             if note.saturated:
                 key = note.stage.key
                 judged = self._judged_now(key)
-                self.state.mark_saturated(key, note.knob.name, note.knob.value, judged, now)
+                longest = PARKED_RELEASE_SECONDS if released else MAX_RETRY_SECONDS
+                self.state.mark_saturated(
+                    key, note.knob.name, note.knob.value, judged, now, longest
+                )
             if note.wanted is not None:
                 self._note_thread_budget(note.stage, note.knob, note.wanted)
         if proposal.hold:
@@ -451,6 +458,21 @@ class Tuner:
         if move is None:
             return False
         knob = move.stage.knobs[move.knob]
+        if move.hands_over:
+            # Its workers end now, not after PARKED_SECONDS: the next tick's scale-up of the
+            # stage they are for finds their share of the budget free.
+            self._set(move.stage, knob, move.value, move.reason)
+            move.stage.release_parked()
+            return True
+        if (
+            knob.budget is not None
+            and move.direction > 0
+            and move.value >= knob.most()
+            and self._release_parked_for(knob)
+        ):
+            # A raise the budget cut short while other stages' parked threads held part of
+            # it: tried at the next tick, once they have ended, rather than judged now short.
+            return True
         changed = self._try(
             move.stage, knob, move.value, move.direction, rate, stall, now, move.reason
         )
@@ -478,6 +500,16 @@ class Tuner:
         if self.process_workers:
             return self.workers_rss // self.process_workers
         return rss_of()
+
+    def _release_parked_for(self, knob: Knob) -> bool:
+        """End the workers other stages let go and keep at hand (a scale-up taken back, a
+        shed): while parked they hold their share of the thread budget, which goes where it
+        is wanted now. True if there were any. (After a switch of bottleneck, a waiting map
+        had 26 threads of the 129 it asked for, behind 84 parked.)"""
+        holders = knob.budget.parked_elsewhere(knob) if knob.budget is not None else []
+        for holder in holders:
+            holder.release_parked()
+        return bool(holders)
 
     def _note_thread_budget(self, stage: Tunable, knob: Knob, wanted: int) -> None:
         """Record, once at each value, that the thread budget stopped a scale-up of ``knob``."""

@@ -92,6 +92,8 @@ class AsyncStage(ConsumerSide):
         # Workers above the parallelism wait here, apart: room in the buffer wakes one worker
         # on ``_space_free`` at a time, and that one must be able to use it.
         self._parked = threading.Condition(self._lock)
+        self._end_parked = False
+        self._parallelism_seen = 0  # as of the last change of knobs
         # Reentrant: a garbage collection inside a worker's pull can close the pipeline this
         # stage belongs to, from that very thread.
         self._input_lock = threading.RLock()
@@ -135,6 +137,7 @@ class AsyncStage(ConsumerSide):
         remembered = ctx.remembered(self.key)
         for knob_name, value in remembered.items():
             self.knobs[knob_name]._value = value
+        self._parallelism_seen = self.parallelism
         start = config.start_parallelism
         self._start_parallelism = None if "parallelism" in remembered else start
         choose = config.choose_read_ahead and "parallelism" not in remembered
@@ -192,6 +195,9 @@ class AsyncStage(ConsumerSide):
         if self._switch is not None:
             self._switch.resize(self.parallelism)
         with self._lock:
+            if self.parallelism < self._parallelism_seen:
+                self._end_parked = False  # the workers let go now wait to be taken back
+            self._parallelism_seen = self.parallelism
             self._wake_all()
         self._ensure_workers()
 

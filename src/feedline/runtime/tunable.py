@@ -145,6 +145,17 @@ class ThreadBudget:
             choosing = sum(1 for s in self._stages() if _choosing(s)) or 1
             return self._room(stage.knobs["parallelism"]) // (choosing + 1)
 
+    def parked_elsewhere(self, knob: Knob) -> list[Tunable]:
+        """The other stages holding more threads than their parallelism: workers let go and
+        kept at hand for a while, which the stage of ``knob`` could use."""
+        with self._lock:
+            return [
+                stage
+                for stage, n in self._held().items()
+                if stage.knobs.get("parallelism") not in (None, knob)
+                and n > stage.knobs["parallelism"].value
+            ]
+
     def raise_to(self, knob: Knob, value: int) -> int:
         """Raise ``knob`` towards ``value`` as far as the budget allows; what was applied."""
         with self._lock:
@@ -324,6 +335,10 @@ class Tunable:
     # in order) go into the history.
     tuned_by_itself: bool = False
     events: Sequence[StartChoice] = ()
+
+    def release_parked(self) -> None:
+        """End at once the workers it let go and keeps at hand (see ThreadBudget); by default
+        it keeps none."""
 
     def workers_detail(self) -> list[dict[str, Any]]:
         """Rows the report shows under the stage, one per worker that has a life of its own

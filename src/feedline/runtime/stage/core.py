@@ -94,6 +94,8 @@ class StageCore(StageIterator, Tunable):
     _results_ready: threading.Condition
     _space_free: threading.Condition
     _parked: threading.Condition
+    _end_parked: bool  # workers beyond the parallelism end at once (see release_parked)
+    _parallelism_seen: int
     _input_lock: threading.RLock
     _input: StageIterator
     _next_position: int

@@ -53,6 +53,14 @@ class WorkerSide(StageCore):
                     thread.start()
                     self.ctx.threads.track(self, thread)
 
+    def release_parked(self) -> None:
+        """End the workers parked now (let go by a lower parallelism) without waiting for
+        PARKED_SECONDS: another stage needs their share of the pass's thread budget."""
+        with self._lock:
+            self._end_parked = True  # until the parallelism is lowered again
+            self._parked.notify_all()
+            self._space_free.notify_all()  # those not yet parked
+
     def _has_room(self, size: int) -> bool:
         if self._reserved == 0:
             return True  # always let one chunk through, whatever the limits
@@ -77,9 +85,8 @@ class WorkerSide(StageCore):
                             if idle:
                                 idle = False
                                 self.metrics.end_idle(index)
-                            if not self._parked.wait(PARKED_SECONDS) and (
-                                index >= self.parallelism
-                            ):
+                            woken = not self._end_parked and self._parked.wait(PARKED_SECONDS)
+                            if index >= self.parallelism and (not woken or self._end_parked):
                                 # Out of the list now: a raise from here on starts a new
                                 # worker at this index rather than count on this one.
                                 me = threading.current_thread()

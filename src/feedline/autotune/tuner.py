@@ -56,21 +56,19 @@ from feedline.autotune.experiments import (
     Shrink,
     TunerState,
 )
-from feedline.autotune.limits import ram_floor_warning, thread_budget_words
 from feedline.autotune.policy import (
     Move,
     Proposal,
     Situation,
     Window,
 )
+from feedline.autotune.record import DecisionLog
 from feedline.autotune.windows import Snapshots, TunerReadings
 from feedline.runtime.context import WorkerMemory
 from feedline.runtime.machine import idle_cpu_seconds, rss_of
-from feedline.runtime.tunable import Knob, StartChoice, Tunable
+from feedline.runtime.tunable import Knob, Tunable
 
 logger = logging.getLogger("feedline.autotune")
-# What users must see even with the tuner's own log quiet: a budget that cannot be kept.
-warnings_logger = logging.getLogger("feedline")
 
 
 @dataclass
@@ -108,15 +106,10 @@ class Tuner:
         self.state = TunerState()
         # What each stage's knobs would be judged on now (by stage key), as of the last window.
         self._judged: dict[object, Judged] = {}
+        self._log = DecisionLog(self.state, started)
+        self._set = self._log.set
+        self._record = self._log.record
         self._judge = Judge(self.state, self._set, self._situation, self._judged_now)
-        self._start_choices_recorded: set[object] = set()
-        self._events_recorded: dict[object, int] = {}  # stage key -> its events recorded
-        # (stage key, parallelism) at which the thread budget stopped a scale-up, said once.
-        self._budget_noted: set[tuple[object, int]] = set()
-        # Budgets that cannot be kept, said once per stage: in stats() and on the log.
-        self.warnings: list[str] = []
-        self._warned: set[object] = set()
-        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._experiment: Experiment | None = None
         self._readings = TunerReadings()
@@ -158,8 +151,12 @@ class Tuner:
 
     @property
     def history(self) -> list[Decision]:
-        with self._lock:
-            return list(self.state.history)
+        return self._log.history()
+
+    @property
+    def warnings(self) -> list[str]:
+        """Budgets the tuner cannot keep, said once per stage (also on the log)."""
+        return self._log.warnings
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -181,8 +178,9 @@ class Tuner:
         dt = now - since
         snapshots = {stage.key: (stage, stage.metrics.snapshot()) for stage in self._stages()}
         self._follow_remade_stages(snapshots)
-        self._record_start_choices(snapshots)
-        self._check_ram_floor(snapshots)
+        self._log.record_start_choices(snapshots)
+        worker_rss = self.workers_rss / self.process_workers if self.process_workers else 0
+        self._log.check_ram_floor(snapshots, worker_rss, self.budget)
         experiment = self._experiment
         shortest = MIN_WINDOW if experiment is None else experiment.min_window
         longest = MAX_WINDOW if experiment is None else max(MAX_WINDOW, experiment.min_window)
@@ -284,46 +282,6 @@ class Tuner:
                         name = experiment.companion[0].name
                         experiment.companion = (stage.knobs[name], experiment.companion[1])
                 experiment = experiment.chained_from
-
-    def _record_start_choices(self, snapshots: Snapshots) -> None:
-        """What stages chose from their first calls, into the history with the rest."""
-        for key, (stage, _) in snapshots.items():
-            choice = stage.start_choice
-            if choice is not None and key not in self._start_choices_recorded:
-                self._start_choices_recorded.add(key)
-                if choice not in stage.events:
-                    self._record_choice(stage, choice)
-            events = stage.events
-            for event in events[self._events_recorded.get(key, 0) : len(events)]:
-                self._record_choice(stage, event)
-            self._events_recorded[key] = len(events)
-
-    def _record_choice(self, stage: Tunable, choice: StartChoice) -> None:
-        self._record(
-            Decision(
-                choice.at - self._started,
-                stage.name,
-                choice.knob,
-                choice.old,
-                choice.new,
-                choice.reason,
-            )
-        )
-
-    def _check_ram_floor(self, snapshots: Snapshots) -> None:
-        """Say once, for each stage running on workers, if even one worker holds more than
-        the RAM budget: the tuner cannot keep to it, and the user would not know."""
-        worker_rss = self.workers_rss / self.process_workers if self.process_workers else 0
-        for key, (stage, now) in snapshots.items():
-            if key in self._warned:
-                continue
-            warning = ram_floor_warning(stage, now["bytes_per_element"], worker_rss, self.budget)
-            if warning is None:
-                continue
-            self._warned.add(key)
-            with self._lock:
-                self.warnings.append(warning)
-            warnings_logger.warning("%s", warning)
 
     def _refused(self, e: Experiment, now: float) -> bool:
         """The stage set ``e``'s knob back itself (a move it cannot make): say so in the
@@ -448,7 +406,7 @@ class Tuner:
                     key, note.knob.name, note.knob.value, judged, now, longest
                 )
             if note.wanted is not None:
-                self._note_thread_budget(note.stage, note.knob, note.wanted)
+                self._log.note_thread_budget(note.stage, note.knob, note.wanted)
         if proposal.hold:
             self._reading = True
             if proposal.ready is not None:
@@ -511,23 +469,6 @@ class Tuner:
             holder.release_parked()
         return bool(holders)
 
-    def _note_thread_budget(self, stage: Tunable, knob: Knob, wanted: int) -> None:
-        """Record, once at each value, that the thread budget stopped a scale-up of ``knob``."""
-        noted = (stage.key, knob.value)
-        if noted not in self._budget_noted:
-            self._budget_noted.add(noted)
-            reason = f"no more workers: {thread_budget_words(knob, wanted)}"
-            self._record(
-                Decision(
-                    time.perf_counter() - self._started,
-                    stage.name,
-                    knob.name,
-                    knob.value,
-                    knob.value,
-                    reason,
-                )
-            )
-
     def _try(
         self,
         stage: Tunable,
@@ -573,19 +514,3 @@ class Tuner:
                 f"back (what covers hiccups now stays {self.state.hiccup_memory:.0f} s)",
             )
         self.state.shrinks = []
-
-    def _set(self, stage: Tunable, knob: Knob, value: int, reason: str) -> int:
-        old = knob.value
-        applied = knob.set(value)
-        if applied != old:
-            self._record(
-                Decision(
-                    time.perf_counter() - self._started, stage.name, knob.name, old, applied, reason
-                )
-            )
-        return applied
-
-    def _record(self, decision: Decision) -> None:
-        with self._lock:
-            self.state.history.append(decision)
-        logger.debug("%s", decision)

@@ -33,9 +33,9 @@ def wrap_user_error(stage: str, position: int | None, error: BaseException) -> S
 
 
 def copy_to_raise(error: BaseException) -> BaseException:
-    """A copy of ``error`` to raise to the consumer (the original if it cannot be copied).
+    """A copy of ``error`` to raise to the user (the original if it cannot be copied).
 
-    Raised, an error holds the consumer's frames, and through them the iterator. The original
+    Raised, an error holds the user's frames, and through them the iterator. The original
     may still be held from within the pipeline, which its worker and tuner threads keep
     alive: by the list a map's chunk was copied from, by another error's traceback through
     the frames it was made in. Were it the one raised, a dropped iterator could never be

@@ -116,10 +116,10 @@ HICCUP_MEMORY = 5.0
 # well that the consumer never waited make what covers them look idle (a 60 ms read every
 # 500 elements, 4 -> 1 batches of prefetch and 16 -> 8 threads: 9-17% stall for 3 s).
 SHRINK_BLAME_SECONDS = 5.0
+HICCUP_MEMORY_MAX = 80.0
 # A stage the thread budget stopped while other stages' parked workers held part of it, told
 # to end, tries again this soon (they end at once; the mark otherwise holds for seconds).
 PARKED_RELEASE_SECONDS = 0.5
-HICCUP_MEMORY_MAX = 80.0
 # A stage whose workers spend this many times their own work's time taking elements from its
 # input waits on that input: the stage it reads from sets the pace, not it (two maps whose
 # bottleneck alternates: the second one's 52 threads sat waiting on the first).

@@ -253,8 +253,8 @@ class Tuner:
         else:
             self._notice_shift(rate, stall)
             self._reading = False
-            undo = shrinking.shrinks_to_undo(self.state.shrinks, stall, now)
             self.state.shrinks = shrinking.recent(self.state.shrinks, now)
+            undo = shrinking.shrinks_to_undo(self.state.shrinks, stall, now)
             if undo:
                 self._undo_shrinks(undo, stall, now)
             else:

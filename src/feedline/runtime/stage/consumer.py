@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from feedline.errors import copy_to_raise
 from feedline.runtime.chunks import RowList
 from feedline.runtime.stage.core import Chunk
 from feedline.runtime.stage.positions import StateSide
@@ -44,7 +43,7 @@ class ConsumerSide(WorkerSide, StateSide):
                         if self._crash_raised:
                             return None  # the pass ended with the crash
                         self._crash_raised = True
-                        raise copy_to_raise(self._crash)
+                        raise self._crash  # the pass raises a copy: see pipeline._pulls
                     if self._end_seq is not None and not self._open:
                         if self.executor is not None:
                             # Nothing more to run: let go of the worker processes now.
@@ -215,7 +214,7 @@ class ConsumerSide(WorkerSide, StateSide):
                 with self.metrics.lock:
                     self.metrics.errors += 1
                 self._retire_if_done(chunk)
-                raise copy_to_raise(error)
+                raise error
             stop = min(stop, failure)
         taken = outputs if start == 0 and stop == len(outputs) else outputs[start:stop]
         chunk.delivered = stop

@@ -445,13 +445,50 @@ def test_a_waiting_stage_taken_back_inline_is_tried_again_soon(
         return k.set(v)
 
     judge = Judge(state, set_knob, lambda now: None, lambda key: judged)  # type: ignore[arg-type,return-value]
+    # The smallest step up from inline a waiting stage takes (its cores' worth).
     e = Experiment(
-        stage, knob, 0, 16, +1, 100.0, 0.99, 0.0, {}, {}, baseline_judged={stage.key: judged}
+        stage, knob, 0, 2, +1, 100.0, 0.99, 0.0, {}, {}, baseline_judged={stage.key: judged}
     )
     assert judge.judge(e, 50.0, 0.99, 100.0, 10.0, windows=[]) == (False, None)  # no gain: back
     assert knob.value == 0
     mark = state.saturated_marks[(stage.key, "parallelism")]
     assert mark.retry_at == pytest.approx(10.0 + retry_within)
+
+
+def test_a_big_step_that_did_not_pay_is_narrowed_before_a_verdict() -> None:
+    # Past some count of threads the rate falls off a cliff (GIL hand-offs): 135 -> 256
+    # lost, where 192 would have gained half again. The failed step leaves no verdict on
+    # the knob, only a ceiling halfway to which the next step goes; a failed step under
+    # NARROWED_STEP is a verdict as before.
+    from feedline.autotune.constants import NARROWED_STEP
+    from feedline.autotune.experiments import Experiment, Judge, Judged, TunerState
+
+    stage = SyntheticStage()
+    knob = stage.knobs["parallelism"]
+    state = TunerState()
+    judged = Judged(20e-3, True, 100.0, 0.9)
+
+    def set_knob(s: object, k: Knob, v: int, reason: str) -> int:
+        return k.set(v)
+
+    judge = Judge(state, set_knob, lambda now: None, lambda key: judged)  # type: ignore[arg-type,return-value]
+
+    def fails(old: int, new: int) -> None:
+        knob.set(new)
+        e = Experiment(
+            stage, knob, old, new, +1, 100.0, 0.9, 0.0, {}, {}, baseline_judged={stage.key: judged}
+        )
+        assert judge.judge(e, 95.0, 0.9, 100.0, 10.0, windows=[]) == (False, None)
+        assert knob.value == old
+
+    fails(20, 48)
+    assert state.ceilings == {(stage.key, "parallelism"): 48}
+    assert state.saturated == {}
+    fails(20, 20 + NARROWED_STEP - 1)
+    assert state.saturated == {(stage.key, "parallelism"): 20}
+    # The ceiling goes with the situation it was found in, as the marks do.
+    state.drop_stale(11.0, lambda key: Judged(2e-3, True, 100.0, 0.9))
+    assert state.ceilings == {}
 
 
 def test_a_shrink_the_consumer_stalls_after_is_taken_back_and_the_cover_kept_longer(

@@ -208,6 +208,26 @@ def test_scale_up_stops_where_more_was_saturated() -> None:
     assert moved(policy.scale_up([window(s)], situation(saturated=saturated))) is None
 
 
+@pytest.mark.parametrize(
+    ("workers", "ceiling", "expected"),
+    [
+        # 2 -> 16 did not pay: half the step next, then half of what is left.
+        (2, 16, 9),
+        (9, 16, 12),
+        (15, 16, 16),
+        # Grown past it by other means: no longer a ceiling (x8, to the knob's maximum).
+        (16, 16, 64),
+    ],
+)
+def test_scale_up_stops_halfway_to_a_step_that_did_not_pay(
+    workers: int, ceiling: int, expected: int
+) -> None:
+    s = stage(workers)
+    measured = window(s, cpu_share=0.01, cores=0.02)
+    proposal = policy.scale_up([measured], situation(ceilings={(s.key, "parallelism"): ceiling}))
+    assert moved(proposal) == ("parallelism", expected, +1)
+
+
 def test_scale_up_grows_a_buffer_its_consumer_finds_empty() -> None:
     s = stage(2)
     s.knobs["buffer_size"] = Knob("buffer_size", 4, 1, 64, True)

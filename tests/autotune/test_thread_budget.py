@@ -320,9 +320,9 @@ def test_the_default_budget_comes_from_a_measured_gil_hand_off(
     assert 0 < handoff < 0.01
     low, high = machine.THREAD_BUDGET_BOUNDS
     assert low <= machine.default_thread_budget() <= high
-    monkeypatch.setattr(machine, "gil_handoff_seconds", lambda: 20e-6)  # 5 ms / 20 us
+    monkeypatch.setattr(machine, "gil_handoff_seconds", lambda: 40e-6)  # 2 x 5 ms / 40 us
     assert machine.default_thread_budget() == 250
-    monkeypatch.setattr(machine, "gil_handoff_seconds", lambda: 1e-3)  # a very slow machine
+    monkeypatch.setattr(machine, "gil_handoff_seconds", lambda: 2e-3)  # a very slow machine
     assert machine.default_thread_budget() == low
 
 

@@ -280,6 +280,22 @@ def test_state_round_trip_mid_file(tmp_path: Path, compression: str) -> None:
     assert_state_roundtrip(ds, cut_points=(0, 1, 7, 24, 25, 26, 60))
 
 
+def test_records_handed_out_from_the_readers_block_are_counted_and_end_at_close(
+    tmp_path: Path,
+) -> None:
+    # The pass takes a reader's checked records from its block without calling it: each is
+    # still counted, a state still resumes after it, and a closed pass gives none left.
+    recs = records(3, 60, max_size=200)
+    path = write(tmp_path / "f", recs)
+    it = TFRecordDataset(path).iterator()
+    assert [next(it) for _ in range(21)] == recs[:21]
+    assert it.stats()["consumer"]["elements"] == 21
+    with TFRecordDataset(path).iterator(it.get_state()) as resumed:
+        assert list(resumed) == recs[21:]
+    it.close()
+    assert list(it) == []
+
+
 @pytest.mark.parametrize("reads", [2, fl.AUTOTUNE])
 def test_state_round_trip_parallel_reads(tmp_path: Path, reads: int) -> None:
     files = [write(tmp_path / f"{i}", records(20 + i, 9 + i), "GZIP") for i in range(4)]

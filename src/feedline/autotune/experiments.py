@@ -29,6 +29,7 @@ from feedline.autotune.constants import (
     LOSS,
     MAX_RETRY_SECONDS,
     MIN_WINDOW,
+    NARROWED_STEP,
     NO_STALL,
     PROCESS_RETRY_SECONDS,
     RETRY_SECONDS,
@@ -151,6 +152,8 @@ class TunerState:
     saturated_marks: dict[tuple[object, str], Mark] = field(default_factory=dict)
     # stage key -> fewer workers than the mark's value cost rate
     floor_marks: dict[object, Mark] = field(default_factory=dict)
+    # (stage key, knob name) -> a step up to the mark's value did not pay: steps stop short
+    step_ceilings: dict[tuple[object, str], Mark] = field(default_factory=dict)
     # How long the next mark of a (stage key, knob or "floor") holds: doubled each time one
     # is made (a probe that fails again and again is made less and less often), and reset
     # when a mark falls because what it was judged on changed.
@@ -169,6 +172,10 @@ class TunerState:
     @property
     def floor_reached(self) -> set[object]:
         return set(self.floor_marks)
+
+    @property
+    def ceilings(self) -> dict[tuple[object, str], int]:
+        return {k: m.value for k, m in self.step_ceilings.items()}
 
     def mark_saturated(
         self,
@@ -207,6 +214,10 @@ class TunerState:
         for key, mark in list(self.floor_marks.items()):
             if self._stale(mark, (key, "floor"), judged_now(key), now):
                 del self.floor_marks[key]
+        for (key, knob), mark in list(self.step_ceilings.items()):
+            current = judged_now(key)
+            if now >= mark.retry_at or (current is not None and not mark.judged.still(current)):
+                del self.step_ceilings[(key, knob)]
 
     def _stale(
         self, mark: Mark, retry_key: tuple[object, str], current: Judged | None, now: float
@@ -322,6 +333,11 @@ class Judge:
         if e.companion is not None:
             self._set(e.stage, e.companion[0], e.companion[1], "back with it")
         before = self._before(e)
+        if e.knob.name == "parallelism" and e.new - e.old >= NARROWED_STEP:
+            # Half the step, tried next (see NARROWED_STEP): no verdict on the knob yet.
+            ceiling = Mark(e.new, before, now + MAX_RETRY_SECONDS)
+            self.state.step_ceilings[(e.stage.key, e.knob.name)] = ceiling
+            return
         # A stage that waits, inline, with its consumer waiting on it is tried again soon: a
         # trial judged against a window from before a change of load failed for that alone
         # (a map turned I/O-bound stayed inline at 16 batches/s for 4 s).

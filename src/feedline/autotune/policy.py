@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from feedline.autotune.budget import Budget
 from feedline.autotune.constants import (
@@ -109,6 +109,8 @@ class Situation:
     process_retry: Mapping[object, tuple[float, float]]  # stage key -> (when, next wait)
     # Stages their consumer waited on in a window of the last HICCUP_MEMORY seconds.
     waited_recently: AbstractSet[object] = frozenset()
+    # (stage key, knob) -> a step up to this did not pay: the next stops halfway to it
+    ceilings: Mapping[tuple[object, str], int] = field(default_factory=dict)
 
 
 # -- signs -------------------------------------------------------------------------------
@@ -205,6 +207,9 @@ def scaled_parallelism(w: Window, windows: Sequence[Window], s: Situation) -> tu
         if cores_taken or current + 1 > s.budget.cpu:
             return current, current
         target = current + 1
+    ceiling = s.ceilings.get((w.stage.key, knob.name))
+    if ceiling is not None and current < ceiling:
+        target = min(target, current + max(1, (ceiling - current) // 2))
     while target > current and not ram_allows(windows, w, s, parallelism=target):
         target = current + (target - current) // 2
     wanted = min(target, knob.maximum)

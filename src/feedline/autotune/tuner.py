@@ -347,6 +347,7 @@ class Tuner:
                 k for k, t in self._waited_at.items() if now - t < self.state.hiccup_memory
             },
             process_retry=self.state.process_retry,
+            ceilings=self.state.ceilings,
         )
 
     def _decide(self, windows: list[Window], rate: float, stall: float, now: float) -> None:

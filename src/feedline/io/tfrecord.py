@@ -133,6 +133,9 @@ class TFRecordIterator(StageIterator):
                 raise StopIteration from None
             return self.ready.pop()
 
+    def ready_list(self) -> list[Any]:
+        return self.ready
+
     def next_chunk(self, max_n: int) -> list[Any]:
         if not self.ready and not self._refill():
             return []

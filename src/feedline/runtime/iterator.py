@@ -55,6 +55,13 @@ class StageIterator:
         takes elements. Asking also tells the iterator that blocks of ``n`` are wanted."""
         return None
 
+    def ready_list(self) -> list[Any] | None:
+        """The next elements this iterator already holds, made and checked, last first, in
+        a list the consumer may ``pop()`` from instead of calling ``next`` (``get_state``
+        counts what is still in it), until it is empty; the iterator then makes a new one
+        on its next call. None when it holds none so: the consumer calls ``next``."""
+        return None
+
     def get_state(self) -> State:
         raise NotImplementedError
 

@@ -313,3 +313,32 @@ def test_idle_cpu_time_is_read_and_grows() -> None:
     second = idle_cpu_seconds()
     assert first is not None and second is not None
     assert second >= first
+
+
+def test_cpu_the_runs_own_processes_use_counts_as_free() -> None:
+    from feedline.autotune.windows import FreeCpu
+
+    free = FreeCpu()
+    assert free.read(None, 0.0) is None  # the machine's idle time unknown
+    assert free.read(10.0, 0.0) == pytest.approx(10.0)
+    # The forkserver starting up took 0.4 s of the 0.5 s the machine was not idle for.
+    assert free.read(10.1, 0.4) == pytest.approx(10.5)
+    # A worker that ended takes its seconds out of the sum: nothing is taken back.
+    assert free.read(10.2, 0.1) == pytest.approx(10.6)
+    assert free.read(10.2, 0.3) == pytest.approx(10.8)
+
+
+@pytest.mark.timeout(60)
+def test_cpu_seconds_of_running_processes() -> None:
+    from feedline.runtime.machine import cpu_seconds_of
+
+    code = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
+    busy = subprocess.Popen([sys.executable, "-c", code + "input()"], stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while cpu_seconds_of([busy.pid]) < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cpu_seconds_of([busy.pid]) >= 0.3
+    finally:
+        busy.communicate(b"\n", timeout=30)
+    assert cpu_seconds_of([busy.pid]) == 0.0  # ended: counts nothing

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from feedline.options import Options, ResolvedOptions
+from feedline.runtime.machine import cpu_seconds_of
 from feedline.runtime.tunable import ThreadBudget
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ class WorkerMemory:
     stage: str  # the stage whose work the processes run
     processes: int
     rss_bytes: int  # their resident memory, sampled at most every half second
+    cpu_seconds: float = 0.0  # CPU time they have used (those running now)
 
 
 class IterContext:
@@ -94,7 +96,12 @@ class IterContext:
         ``stats()``."""
         with self._lock:
             pools = [p for p in self._worker_pools if not p.closed]
-        return [WorkerMemory(p.name, len(p.pids()), p.rss_bytes()) for p in pools]
+        memory = []
+        for pool in pools:
+            pids = pool.pids()
+            cpu = cpu_seconds_of(pids)
+            memory.append(WorkerMemory(pool.name, len(pids), pool.rss_bytes(), cpu))
+        return memory
 
     def note(self, line: str) -> None:
         """A line for the run's report: something an op fixed when the dataset was built

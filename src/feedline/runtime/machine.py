@@ -10,6 +10,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterable
 
 
 def usable_cores() -> float:
@@ -74,6 +75,20 @@ def available_memory() -> int:
     except OSError:
         pass
     return 4 * 2**30  # unknown platform: assume a small machine
+
+
+def cpu_seconds_of(pids: Iterable[int]) -> float:
+    """User and system CPU seconds used by those of processes ``pids`` still running."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:  # ended, or not ours to read
+            continue
+        total += times.user + times.system
+    return total
 
 
 def rss_of(pid: int | None = None) -> int:

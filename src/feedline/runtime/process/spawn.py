@@ -78,6 +78,16 @@ def start_forkserver_soon() -> None:
         _forkserver_starting.start()
 
 
+def forkserver_pid() -> int | None:
+    """The process workers fork from, once started (its start takes a core for a while)."""
+    if _forkserver_starting is None:
+        return None
+    from multiprocessing import forkserver
+
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    return pid if isinstance(pid, int) else None
+
+
 def _start_forkserver() -> None:
     from multiprocessing import forkserver
 

@@ -382,6 +382,22 @@ def test_a_tuned_map_starts_with_workers_for_what_its_first_call_did(
             assert min(most, 20 * cores) <= stage.parallelism <= most
 
 
+@pytest.mark.timeout(60)
+def test_a_tuned_map_whose_first_call_paid_a_set_up_starts_inline_when_the_rest_is_cheap() -> None:
+    def fn(x: Any) -> Any:
+        if x == 0:
+            spin(0.0003)  # first-call costs: a spec traced, a table built
+        return x
+
+    ds = D.range(1000).map(fn, num_parallel_calls=fl.AUTOTUNE)
+    with ds.iterator() as it:
+        (stage,) = stages(it).values()
+        assert [next(it) for _ in range(4)] == [0, 1, 2, 3]
+        assert stage.parallelism == 0
+        assert stage.start_choice is not None
+        assert "cheaper inline than a hand-off" in stage.start_choice.reason
+
+
 class CountingCondition(threading.Condition):
     """A condition that counts the waits it ends (notified or not)."""
 

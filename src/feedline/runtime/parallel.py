@@ -161,7 +161,7 @@ class AsyncStage(ConsumerSide):
         self._reserved = 0
         self._ready_bytes = 0
         self.solo_cpu_share = None
-        self._waiting_confirmed = False
+        self._first_cost = None
         self._current = None
         self._workers = []
         self._closing = False

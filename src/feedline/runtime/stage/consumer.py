@@ -14,7 +14,12 @@ from typing import Any
 from feedline.runtime.chunks import RowList
 from feedline.runtime.stage.core import Chunk
 from feedline.runtime.stage.positions import StateSide
-from feedline.runtime.stage.start import choose_read_ahead, choose_start, waits
+from feedline.runtime.stage.start import (
+    CLEARLY_COSTLY_SECONDS,
+    choose_read_ahead,
+    choose_start,
+    waits,
+)
 from feedline.runtime.stage.workers import WorkerSide
 from feedline.runtime.tunable import StartChoice
 
@@ -113,18 +118,25 @@ class ConsumerSide(WorkerSide, StateSide):
     def _choose_start(self) -> None:
         """Set the parallelism to start with from the calls made inline so far."""
         share = 1.0 if self.solo_cpu_share is None else self.solo_cpu_share
-        if waits(share) and not self._waiting_confirmed:
-            # Many workers are started only for work that waits twice in a row: a first
-            # call that waited on a lazy set-up would put a crowd of threads on work that
-            # then computes.
-            self._waiting_confirmed = True
-            return
+        cost = self._sizer.last_seconds_per_element
+        if self._first_cost is None:
+            # The choice waits for a second chunk, what the first does once only set apart:
+            # a first call that waited on a lazy set-up would put a crowd of threads on work
+            # that then computes (many are started only for work that waits twice in a
+            # row), and one that paid the function's first-call costs would put a worker
+            # per core on work cheaper than a hand-off (x + 1: 29-70 us for the first
+            # element, 2-5 us for each of the next two; on 2 threads it ran at half its
+            # inline rate until the tuner took it back).
+            self._first_cost = cost
+            if waits(share) or cost < CLEARLY_COSTLY_SECONDS:
+                return
+        cost = min(cost, self._first_cost)
         cores, self._start_parallelism = self._start_parallelism, None
         assert cores is not None
         knob = self.knobs["parallelism"]
         start, reason = choose_start(
             cores,
-            self._sizer.seconds_per_element,
+            cost,
             share,
             lambda: min(knob.maximum, self.ctx.threads.start_share(self)),
             self.projected_bytes,

@@ -104,7 +104,7 @@ class StageCore(StageIterator, Tunable):
     _sizer: ChunkSizer
     # The parallelism the first calls' measurement sets (see ``start.py``); None once chosen.
     _start_parallelism: int | None
-    _waiting_confirmed: bool
+    _first_cost: float | None  # seconds per element of the first inline chunk, once run
     # A read-ahead stage's watch of its consumer's first calls (see ``start.py``); None
     # once chosen, or when the stage does not choose.
     _first_calls: FirstCalls | None

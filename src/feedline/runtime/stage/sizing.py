@@ -33,13 +33,15 @@ class ChunkSizer:
         "block_size",
         "bytes_per_element",
         "chunk_size",
+        "last_seconds_per_element",
         "seconds_per_element",
     )
 
     def __init__(self, auto_buffer: bool) -> None:
         self.auto_buffer = auto_buffer
         self.chunk_size = 1
-        self.seconds_per_element = 0.0
+        self.seconds_per_element = 0.0  # an average over the chunks so far
+        self.last_seconds_per_element = 0.0  # the last chunk's
         self.bytes_per_element = 0.0
         # Wanted by the consumer (a batch) as stacked blocks of this many: chunks run on worker
         # processes then end at multiples of it, so that their results, stacked there, hold
@@ -93,7 +95,7 @@ class ChunkSizer:
         (None: the stage's own threads, ``TARGET_CHUNK_SECONDS``)."""
         if elements <= 0:
             return
-        per = seconds / elements
+        per = self.last_seconds_per_element = seconds / elements
         self.seconds_per_element = (
             per if self.seconds_per_element == 0 else 0.8 * self.seconds_per_element + 0.2 * per
         )

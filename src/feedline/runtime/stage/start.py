@@ -22,6 +22,10 @@ from feedline.runtime.tunable import (
 # starts the input, is not one of them): a few of a 10 ms training step are 40 ms, where the
 # tuner's first verdict needs two windows (~0.4 s) of a consumer waiting on inline pulls.
 READ_AHEAD_CALLS = 4
+# A first chunk this costly per element, of computing work, is chosen for at once: no
+# function's first-call costs (tens of microseconds) make it, and a second costly chunk
+# inline would only hold the workers back.
+CLEARLY_COSTLY_SECONDS = 10 * CHEAP_WORK_SECONDS
 
 
 def waits(share: float) -> bool:

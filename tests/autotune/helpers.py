@@ -12,6 +12,7 @@ import pytest
 
 import feedline as fl
 from feedline.autotune import tuner as tuner_module
+from feedline.autotune import windows as windows_module
 from feedline.autotune.budget import Budget
 from feedline.autotune.tuner import RootCounters
 from feedline.runtime.context import WorkerMemory
@@ -160,7 +161,7 @@ def read_ahead_history(
     an element, and waits the other half for its input pulled inline. On a thread, the two
     overlap: the rate rises by ``speedup`` (the consumer then waits less). ``others``: more
     stages of the pass, which share a thread budget of 1 with it."""
-    monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)
+    monkeypatch.setattr(windows_module, "idle_cpu_seconds", lambda: None)
     prefetch = SyntheticStage()
     prefetch.name = "prefetch"
     prefetch.has_own_work = False

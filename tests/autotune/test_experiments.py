@@ -9,6 +9,7 @@ import pytest
 
 from feedline.autotune import policy
 from feedline.autotune import tuner as tuner_module
+from feedline.autotune import windows as windows_module
 from feedline.autotune.constants import HICCUP_MEMORY
 from feedline.runtime.context import WorkerMemory
 from feedline.runtime.tunable import PROCESSES, THREADS, Knob, StartChoice
@@ -27,7 +28,7 @@ def test_cpu_budget_caps_computing_stages(
     # Synthetic measurements: a live run reads computing threads starved of CPU by other
     # processes as threads that wait. Each worker computes (95% of its time on the CPU) and
     # adds as much rate again, its consumer always waiting: only the budget stops it.
-    monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)
+    monkeypatch.setattr(windows_module, "idle_cpu_seconds", lambda: None)
     process_cpu = [0.0]
     monkeypatch.setattr(tuner_module.time, "process_time", lambda: process_cpu[0])
     synthetic, root, tuner, now = threads_tuner(1, cpu=cpu_budget)
@@ -61,7 +62,7 @@ def test_reading_ahead_is_kept_when_it_overlaps_the_consumer_and_taken_back_when
 def test_an_inline_stage_buffer_does_not_grow(monkeypatch: pytest.MonkeyPatch) -> None:
     # Just sent inline, a stage's window still holds the idle time of the thread it let go
     # and its consumer's waits: neither calls for a buffer nobody fills.
-    monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)
+    monkeypatch.setattr(windows_module, "idle_cpu_seconds", lambda: None)
     synthetic = SyntheticStage()
     synthetic.knobs["parallelism"] = Knob("parallelism", 0, 0, 64, False)
     synthetic.knobs["buffer_size"] = Knob("buffer_size", 2, 1, 64, True)
@@ -88,7 +89,7 @@ def test_idle_workers_their_consumer_never_waits_on_are_shed(
     # consumer's waits (the GIL at each wake-up, a core on a loaded machine) are not on this
     # stage. Its buffer starts full, so the first windows deliver with no work done at all:
     # that must not read as work too cheap for a thread.
-    monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)
+    monkeypatch.setattr(windows_module, "idle_cpu_seconds", lambda: None)
     synthetic, root, tuner, now = threads_tuner(64)
     m = synthetic.metrics
     m.worked, m.work_wall, m.work_cpu = 64, 64 * 0.005, 64 * 0.00005  # the buffer's fill
@@ -115,7 +116,7 @@ def test_two_stages_at_the_same_rate_grow_together(monkeypatch: pytest.MonkeyPat
     # their common rate, 400 elements/s. More workers for either alone gain nothing, so each
     # tried alone would be taken back; the second's reader waiting on the first says to try
     # the first with it.
-    monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)
+    monkeypatch.setattr(windows_module, "idle_cpu_seconds", lambda: None)
     first, second = SyntheticStage(), SyntheticStage()
     first.name, second.name = "map(read)", "map(fetch)"
     for stage_ in (first, second):
@@ -151,7 +152,7 @@ def test_a_served_consumer_keeps_a_decrease_whatever_a_stage_rate_did(
     # A slow consumer takes a few large batches per window, too few to measure its rate, so
     # a decrease is judged on the stage's own rate, which falls as the buffers after it
     # fill up: that fall is not the decrease's doing while the consumer never waits.
-    monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)
+    monkeypatch.setattr(windows_module, "idle_cpu_seconds", lambda: None)
     synthetic, root, tuner, now = threads_tuner(64)
     m = synthetic.metrics
     for step in range(24):
@@ -193,7 +194,7 @@ def gil_bound_decisions(
     (as when the consumer keeps changing speed); ``slow_moments``: the cores the process uses
     at some steps (of 0.25 s), if not ``process_cores``; ``processes_speedup``: how much faster
     it delivers on processes. Returns the decisions on ``knob`` over ``seconds``."""
-    monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)  # cores count as free
+    monkeypatch.setattr(windows_module, "idle_cpu_seconds", lambda: None)  # cores count as free
     process_cpu = [0.0]
     if process_cores is not None:
         monkeypatch.setattr(tuner_module.time, "process_time", lambda: process_cpu[0])
@@ -364,7 +365,7 @@ def waiting_stage_decisions(
     change gains nothing."""
     idle_clock = [0.0]
     process_cpu = [0.0]
-    monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: idle_clock[0])
+    monkeypatch.setattr(windows_module, "idle_cpu_seconds", lambda: idle_clock[0])
     monkeypatch.setattr(tuner_module.time, "process_time", lambda: process_cpu[0])
     synthetic, root, tuner, now = threads_tuner(16)
     synthetic.solo_cpu_share = solo_cpu_share
@@ -497,7 +498,7 @@ def test_a_shrink_the_consumer_stalls_after_is_taken_back_and_the_cover_kept_lon
     # Sixteen workers that waiting work keeps a quarter busy, the consumer never waiting:
     # idle, they are shed. Then the consumer stalls (a hiccup the fewer no longer cover):
     # the shed is taken back, and nothing is shed again until the longer memory has passed.
-    monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)
+    monkeypatch.setattr(windows_module, "idle_cpu_seconds", lambda: None)
     synthetic, root, tuner, now = threads_tuner(16)
     m = synthetic.metrics
     started = now

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from feedline.autotune import tuner as tuner_module
+from feedline.autotune import windows as windows_module
 from feedline.autotune.experiments import Judged, TunerState
 from feedline.runtime.tunable import PROCESSES, THREADS, Knob
 from tests.autotune.helpers import SyntheticStage, synthetic_tuner
@@ -29,7 +30,7 @@ def run(
     element, the work's CPU share, the share of the time the consumer waits). Workers are
     busy with the work they have and idle for the rest. Returns (time, old, new, reason) of
     the decisions on ``knob``."""
-    monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)
+    monkeypatch.setattr(windows_module, "idle_cpu_seconds", lambda: None)
     # A worker process is expected to hold as much as this process: a fixed size here (this
     # test process's own depends on what earlier tests imported).
     monkeypatch.setattr(tuner_module, "rss_of", lambda: 100 * 2**20)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import feedline as fl
-from feedline.autotune import tuner as tuner_module
+from feedline.autotune import windows as windows_module
 from feedline.runtime.machine import default_thread_budget
 from feedline.runtime.tunable import Knob, ThreadBudget, Tunable
 from tests.autotune.helpers import (
@@ -164,7 +164,7 @@ def test_the_tuner_takes_a_waiting_stage_to_the_thread_budget_and_says_it_stops_
 ) -> None:
     # Synthetic measurements: a waiting stage (1% CPU) its consumer always waits on, with 4
     # workers, where the pass may run 10 threads and another stage holds 2 of them.
-    monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)
+    monkeypatch.setattr(windows_module, "idle_cpu_seconds", lambda: None)
     synthetic, fixed = SyntheticStage(), SyntheticStage()
     synthetic.knobs["parallelism"].set(4)
     synthetic.knobs["executor"].tunable = False

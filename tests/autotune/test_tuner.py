@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import feedline as fl
-from feedline.autotune import tuner as tuner_module
+from feedline.autotune import windows as windows_module
 from feedline.autotune.constants import LONG_WINDOW
 from feedline.runtime.machine import idle_cpu_seconds, usable_cores
 from feedline.runtime.tunable import PROCESSES, THREADS, StageMetrics
@@ -249,7 +249,7 @@ def test_a_gil_bound_map_moves_to_processes_on_its_own(monkeypatch: pytest.Monke
     # Other processes (other tests, on a shared machine) may keep the cores busy, which
     # rightly stops the move: here the machine's cores count as free. Whether the move is kept
     # depends on what it gains on the machine: synthetic tests judge that.
-    monkeypatch.setattr(tuner_module, "idle_cpu_seconds", lambda: None)
+    monkeypatch.setattr(windows_module, "idle_cpu_seconds", lambda: None)
     ds = D.range(10**6).map(python_work, num_parallel_calls=fl.AUTOTUNE).batch(16)
     with ds.prefetch(fl.AUTOTUNE).iterator() as it:
         moved = consume_until(it, lambda: (THREADS, PROCESSES) in decisions(it, "map", "executor"))

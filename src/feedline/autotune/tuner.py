@@ -63,10 +63,9 @@ from feedline.autotune.policy import (
     Window,
 )
 from feedline.autotune.record import DecisionLog
-from feedline.autotune.windows import FreeCpu, Snapshots, TunerReadings
+from feedline.autotune.windows import CpuReadings, Snapshots, TunerReadings
 from feedline.runtime.context import WorkerMemory
-from feedline.runtime.machine import cpu_seconds_of, idle_cpu_seconds, rss_of
-from feedline.runtime.process.spawn import forkserver_pid
+from feedline.runtime.machine import rss_of
 from feedline.runtime.tunable import Knob, Tunable
 
 logger = logging.getLogger("feedline.autotune")
@@ -115,18 +114,9 @@ class Tuner:
         self._experiment: Experiment | None = None
         self._readings = TunerReadings()
         self._previous_root = (0, 0.0, time.perf_counter())
-        self._previous_process_cpu = time.process_time()
-        self._previous_idle = idle_cpu_seconds()
-        self._free_cpu = FreeCpu()
-        self._previous_free = self._free_cpu.read(self._previous_idle, 0.0)
-        # When the knobs last changed (tuner clock, process CPU seconds and free CPU seconds
-        # then), and how many decisions the history held at that moment.
-        self._knobs_set_at = (started, self._previous_process_cpu, self._previous_free)
-        self._decisions_seen = 0
+        self.cpu = CpuReadings(started)
+        self._decisions_seen = 0  # how many decisions the history held at the last window
         self._reading = False  # the knobs hold still while a move to processes is read
-        self.cores_in_use = 0.0  # the whole process's CPU use over the last window
-        self.idle_cores: float | None = None  # cores left idle over the last window, if known
-        self.free_cores: float | None = None  # ... or used by the run's worker processes
         self._last_rate = 0.0
         self._last_stall = 0.0
         self.interval = FIRST_INTERVAL
@@ -196,23 +186,12 @@ class Tuner:
         self._last_stage_rates = {w.stage.key: w.rate for w in windows}
         self._last_stage_waits = {w.stage.key: w.consumer_wait for w in windows}
         self._waited_at.update((w.stage.key, now) for w in windows if w.consumer_wait > STALL)
-        process_cpu = time.process_time()
-        self.cores_in_use = (process_cpu - self._previous_process_cpu) / dt
-        self._previous_process_cpu = process_cpu
         pools = self._worker_memory()
         self.workers_rss = sum(p.rss_bytes for p in pools)
         self.process_workers = sum(p.processes for p in pools)
-        idle = idle_cpu_seconds()
-        helpers = cpu_seconds_of(pid for pid in [forkserver_pid()] if pid is not None)
-        free = self._free_cpu.read(idle, helpers + sum(p.cpu_seconds for p in pools))
-        if len(self.state.history) != self._decisions_seen:
-            self._decisions_seen = len(self.state.history)
-            self._knobs_set_at = (now, process_cpu, free)
-        if idle is not None and self._previous_idle is not None:
-            self.idle_cores = (idle - self._previous_idle) / dt
-        if free is not None and self._previous_free is not None:
-            self.free_cores = (free - self._previous_free) / dt
-        self._previous_idle, self._previous_free = idle, free
+        knobs_changed = len(self.state.history) != self._decisions_seen
+        self._decisions_seen = len(self.state.history)
+        self.cpu.read(now, dt, sum(p.cpu_seconds for p in pools), knobs_changed)
         experiment = self._experiment
         rate = (delivered - self._previous_root[0]) / dt
         stall = (wait - self._previous_root[1]) / dt
@@ -328,22 +307,12 @@ class Tuner:
     # -- decisions ---------------------------------------------------------------------------
 
     def _situation(self, now: float) -> Situation:
-        since, cpu_since, free_since = self._knobs_set_at
-        span = now - since
-        cores = self.cores_in_use
-        idle_held = self.free_cores
-        if span > 0:
-            cores = max(cores, (self._previous_process_cpu - cpu_since) / span)
-            if idle_held is not None and free_since is not None and self._previous_free is not None:
-                # Free over the whole span, not only in its last window: other processes
-                # that pause now and then free the cores for a window, and a map that
-                # releases the GIL but lost cores to them read as one the GIL holds.
-                idle_held = min(idle_held, (self._previous_free - free_since) / span)
+        span, cores, idle_held = self.cpu.held(now)
         return Situation(
             budget=self.budget,
             now=now,
-            cores_in_use=self.cores_in_use,
-            idle_cores=self.idle_cores,
+            cores_in_use=self.cpu.cores_in_use,
+            idle_cores=self.cpu.idle_cores,
             idle_held=idle_held,
             knobs_held_for=span,
             cores_held=cores,
@@ -458,7 +427,7 @@ class Tuner:
     def gil_free(self) -> bool:
         """Over the last window the process left the GIL free part of the time, on a machine
         with a core to spare: threads wanting it would have had it."""
-        return policy.gil_free(self.cores_in_use, self.idle_cores)
+        return policy.gil_free(self.cpu.cores_in_use, self.cpu.idle_cores)
 
     def _rss_per_worker(self) -> int:
         """What one more worker process is expected to hold: as much as those running, or,

@@ -8,11 +8,14 @@ window to the next, and says when a window is long enough to judge.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Generic, TypeVar
 
 from feedline.autotune.constants import LATENCIES_PER_WINDOW, SETTLE_ELEMENTS
+from feedline.runtime.machine import cpu_seconds_of, idle_cpu_seconds
+from feedline.runtime.process.spawn import forkserver_pid
 from feedline.runtime.tunable import Tunable
 
 S = TypeVar("S")
@@ -231,3 +234,50 @@ class FreeCpu:
         self._workers_added += max(0.0, workers_cpu - self._workers)
         self._workers = workers_cpu
         return None if idle is None else idle + self._workers_added
+
+
+class CpuReadings:
+    """The process's CPU use and the cores left to it, over the tuner's last window and
+    since its knobs last changed."""
+
+    def __init__(self, started: float) -> None:
+        self._free = FreeCpu()
+        self._process = time.process_time()
+        self._idle = idle_cpu_seconds()
+        self._free_seconds = self._free.read(self._idle, 0.0)
+        # When the knobs last changed: tuner clock, process CPU seconds, free CPU seconds.
+        self._knobs_set_at = (started, self._process, self._free_seconds)
+        self.cores_in_use = 0.0  # the whole process's CPU use over the last window
+        self.idle_cores: float | None = None  # cores left idle over it, if known
+        self.free_cores: float | None = None  # ... or used by the run's worker processes
+
+    def read(self, now: float, dt: float, workers_cpu: float, knobs_changed: bool) -> None:
+        """A window ``dt`` long ended at ``now``; ``workers_cpu``: CPU seconds of the run's
+        worker processes running now; ``knobs_changed``: a decision was made in it."""
+        process = time.process_time()
+        self.cores_in_use = (process - self._process) / dt
+        idle = idle_cpu_seconds()
+        helpers = cpu_seconds_of(pid for pid in [forkserver_pid()] if pid is not None)
+        free = self._free.read(idle, helpers + workers_cpu)
+        if knobs_changed:
+            self._knobs_set_at = (now, process, free)
+        if idle is not None and self._idle is not None:
+            self.idle_cores = (idle - self._idle) / dt
+        if free is not None and self._free_seconds is not None:
+            self.free_cores = (free - self._free_seconds) / dt
+        self._process, self._idle, self._free_seconds = process, idle, free
+
+    def held(self, now: float) -> tuple[float, float, float | None]:
+        """Since the knobs last changed: how long, the cores the process used (at least as
+        many as over the last window), and the cores free for it (at most as many)."""
+        since, cpu_since, free_since = self._knobs_set_at
+        span = now - since
+        cores, free = self.cores_in_use, self.free_cores
+        if span > 0:
+            cores = max(cores, (self._process - cpu_since) / span)
+            if free is not None and free_since is not None and self._free_seconds is not None:
+                # Free over the whole span, not only in its last window: other processes
+                # that pause now and then free the cores for a window, and a map that
+                # releases the GIL but lost cores to them read as one the GIL holds.
+                free = min(free, (self._free_seconds - free_since) / span)
+        return span, cores, free

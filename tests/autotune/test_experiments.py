@@ -4,6 +4,7 @@ so what a change gains), moves the tuner's clock on, and checks what it kept or 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
@@ -430,28 +431,37 @@ def test_workers_held_behind_the_oldest_element_get_more_calls_in_flight(
     assert bool(grew) == (consumer_waits > 0.5), moves
 
 
-@pytest.mark.parametrize(("waits", "retry_within"), [(True, 1.0), (False, 4.0)])
-def test_a_waiting_stage_taken_back_inline_is_tried_again_soon(
-    waits: bool, retry_within: float
+def judged_step_up(
+    stage: SyntheticStage, state: Any, judged: Any, old: int, new: int, rate: float, stall: float
 ) -> None:
-    from feedline.autotune.experiments import Experiment, Judge, Judged, TunerState
-
-    stage = SyntheticStage()
-    knob = stage.knobs["parallelism"]
-    knob.set(16)
-    state = TunerState()
-    judged = Judged(2e-3 if waits else 20e-6, waits, 100.0, 0.99)
+    """Judge a step up of ``stage``'s parallelism from ``old`` to ``new`` (from a rate of 100)
+    on a window with ``rate`` and ``stall``, every stage judged as ``judged``; it fails."""
+    from feedline.autotune.experiments import Experiment, Judge
 
     def set_knob(s: object, k: Knob, v: int, reason: str) -> int:
         return k.set(v)
 
     judge = Judge(state, set_knob, lambda now: None, lambda key: judged)  # type: ignore[arg-type,return-value]
-    # The smallest step up from inline a waiting stage takes (its cores' worth).
+    knob = stage.knobs["parallelism"]
+    knob.set(new)
     e = Experiment(
-        stage, knob, 0, 2, +1, 100.0, 0.99, 0.0, {}, {}, baseline_judged={stage.key: judged}
+        stage, knob, old, new, +1, 100.0, stall, 0.0, {}, {}, baseline_judged={stage.key: judged}
     )
-    assert judge.judge(e, 50.0, 0.99, 100.0, 10.0, windows=[]) == (False, None)  # no gain: back
-    assert knob.value == 0
+    assert judge.judge(e, rate, stall, 100.0, 10.0, windows=[]) == (False, None)  # no gain
+    assert knob.value == old  # back
+
+
+@pytest.mark.parametrize(("waits", "retry_within"), [(True, 1.0), (False, 4.0)])
+def test_a_waiting_stage_taken_back_inline_is_tried_again_soon(
+    waits: bool, retry_within: float
+) -> None:
+    from feedline.autotune.experiments import Judged, TunerState
+
+    stage = SyntheticStage()
+    state = TunerState()
+    judged = Judged(2e-3 if waits else 20e-6, waits, 100.0, 0.99)
+    # The smallest step up from inline a waiting stage takes (its cores' worth).
+    judged_step_up(stage, state, judged, 0, 2, rate=50.0, stall=0.99)
     mark = state.saturated_marks[(stage.key, "parallelism")]
     assert mark.retry_at == pytest.approx(10.0 + retry_within)
 
@@ -462,30 +472,15 @@ def test_a_big_step_that_did_not_pay_is_narrowed_before_a_verdict() -> None:
     # the knob, only a ceiling halfway to which the next step goes; a failed step under
     # NARROWED_STEP is a verdict as before.
     from feedline.autotune.constants import NARROWED_STEP
-    from feedline.autotune.experiments import Experiment, Judge, Judged, TunerState
+    from feedline.autotune.experiments import Judged, TunerState
 
     stage = SyntheticStage()
-    knob = stage.knobs["parallelism"]
     state = TunerState()
     judged = Judged(20e-3, True, 100.0, 0.9)
-
-    def set_knob(s: object, k: Knob, v: int, reason: str) -> int:
-        return k.set(v)
-
-    judge = Judge(state, set_knob, lambda now: None, lambda key: judged)  # type: ignore[arg-type,return-value]
-
-    def fails(old: int, new: int) -> None:
-        knob.set(new)
-        e = Experiment(
-            stage, knob, old, new, +1, 100.0, 0.9, 0.0, {}, {}, baseline_judged={stage.key: judged}
-        )
-        assert judge.judge(e, 95.0, 0.9, 100.0, 10.0, windows=[]) == (False, None)
-        assert knob.value == old
-
-    fails(20, 48)
+    judged_step_up(stage, state, judged, 20, 48, rate=95.0, stall=0.9)
     assert state.ceilings == {(stage.key, "parallelism"): 48}
     assert state.saturated == {}
-    fails(20, 20 + NARROWED_STEP - 1)
+    judged_step_up(stage, state, judged, 20, 20 + NARROWED_STEP - 1, rate=95.0, stall=0.9)
     assert state.saturated == {(stage.key, "parallelism"): 20}
     # The ceiling goes with the situation it was found in, as the marks do.
     state.drop_stale(11.0, lambda key: Judged(2e-3, True, 100.0, 0.9))

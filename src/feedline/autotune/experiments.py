@@ -215,8 +215,7 @@ class TunerState:
             if self._stale(mark, (key, "floor"), judged_now(key), now):
                 del self.floor_marks[key]
         for (key, knob), mark in list(self.step_ceilings.items()):
-            current = judged_now(key)
-            if now >= mark.retry_at or (current is not None and not mark.judged.still(current)):
+            if self._stale(mark, (key, "ceiling"), judged_now(key), now):
                 del self.step_ceilings[(key, knob)]
 
     def _stale(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -46,22 +47,25 @@ def test_work_that_fails_does_not_stop_the_closer(caplog: pytest.LogCaptureFixtu
 
 
 @pytest.fixture
-def closed_on(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The names of the threads iterators are closed on, in turn."""
-    threads: list[str] = []
+def closed_on(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], list[str]]:
+    """The names of the threads the iterator of a given ``id`` was closed on, in turn. Kept
+    per iterator: a collection also finds the passes earlier tests left in cycles, and closes
+    them too. (An id stays unique while its iterator lives, and a close comes before that
+    ends.)"""
+    threads: list[tuple[int, str]] = []
     close = DatasetIterator.close
 
     def recording_close(self: DatasetIterator) -> None:
-        threads.append(threading.current_thread().name)
+        threads.append((id(self), threading.current_thread().name))
         close(self)
 
     monkeypatch.setattr(DatasetIterator, "close", recording_close)
-    return threads
+    return lambda iterator_id: [name for key, name in threads if key == iterator_id]
 
 
 @pytest.mark.parametrize("autotune", [True, False])
 def test_a_dropped_iterator_is_closed_on_the_closer_thread(
-    closed_on: list[str], autotune: bool
+    closed_on: Callable[[int], list[str]], autotune: bool
 ) -> None:
     calls: Any = fl.AUTOTUNE if autotune else 2
     ds = fl.Dataset.range(10**6).map(lambda x: x + 1, num_parallel_calls=calls).prefetch(calls)
@@ -69,7 +73,8 @@ def test_a_dropped_iterator_is_closed_on_the_closer_thread(
     cycle = [it]
     cycle.append(cycle)  # kept alive by a cycle: found by the collector, not by refcounts
     assert [int(next(it)) for _ in range(5)] == [1, 2, 3, 4, 5]
-    closed_on.clear()  # (opening a pass closes the one before, if any)
+    it_id = id(it)  # (not the iterator itself: holding it would keep it alive)
+    closes_before = len(closed_on(it_id))  # (opening a pass closes the one before, if any)
     del it, cycle
 
     def collect_elsewhere() -> None:
@@ -80,7 +85,7 @@ def test_a_dropped_iterator_is_closed_on_the_closer_thread(
     collector.start()
     collector.join(10.0)
     assert closer.drain(10.0)
-    assert closed_on == [closer.THREAD_NAME]
+    assert closed_on(it_id)[closes_before:] == [closer.THREAD_NAME]
     deadline = time.monotonic() + 5.0
     while time.monotonic() < deadline and any(
         t.name.startswith("feedline-map") for t in threading.enumerate()
@@ -89,19 +94,22 @@ def test_a_dropped_iterator_is_closed_on_the_closer_thread(
     assert not any(t.name.startswith("feedline-map") for t in threading.enumerate())
 
 
-def test_an_iterator_dropped_by_the_users_code_closes_at_once(closed_on: list[str]) -> None:
+def test_an_iterator_dropped_by_the_users_code_closes_at_once(
+    closed_on: Callable[[int], list[str]],
+) -> None:
     it = fl.Dataset.range(10).map(lambda x: x, num_parallel_calls=2).iterator()
     next(it)
-    closed_on.clear()  # (opening a pass closes the one before, if any)
+    it_id = id(it)  # (not the iterator itself: holding it would keep it alive)
+    closes_before = len(closed_on(it_id))  # (opening a pass closes the one before, if any)
     del it
-    assert closed_on == [threading.current_thread().name]
+    assert closed_on(it_id)[closes_before:] == [threading.current_thread().name]
 
 
 def test_an_iterator_closed_by_hand_closes_at_once_on_the_callers_thread(
-    closed_on: list[str],
+    closed_on: Callable[[int], list[str]],
 ) -> None:
     with fl.Dataset.range(10).map(lambda x: x, num_parallel_calls=2).iterator() as it:
         next(it)
-        closed_on.clear()  # (opening a pass closes the one before, if any)
-    assert closed_on == [threading.current_thread().name]
+        closes_before = len(closed_on(id(it)))  # (opening a pass closes the one before)
+    assert closed_on(id(it))[closes_before:] == [threading.current_thread().name]
     assert not any(t.name.startswith("feedline-map") for t in threading.enumerate())

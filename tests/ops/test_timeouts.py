@@ -14,6 +14,9 @@ from tests.runtime.test_process import nothing_left_behind  # noqa: F401 (an aut
 
 D = fl.Dataset
 
+# The limits are far above what the other elements' calls take (microseconds): a loaded
+# machine that pauses a worker for a while must not fail those too.
+
 
 def stuck_at_3(x: Any) -> Any:
     if int(x) == 3:
@@ -34,7 +37,7 @@ def deaf_at_2(x: Any) -> Any:
 
 @pytest.mark.timeout(60)
 def test_a_worker_process_stops_a_call_past_its_timeout_and_fails_only_its_element() -> None:
-    ds = D.range(8).map(stuck_at_3, num_parallel_calls=2, executor="process", timeout=0.3)
+    ds = D.range(8).map(stuck_at_3, num_parallel_calls=2, executor="process", timeout=1.5)
     out, errors = [], []
     with ds.iterator() as it:
         while True:
@@ -47,18 +50,18 @@ def test_a_worker_process_stops_a_call_past_its_timeout_and_fails_only_its_eleme
     assert out == [0, 1, 2, 4, 6, 7]
     assert [e.position for e in errors] == [3, 5]
     assert all(isinstance(e.__cause__, CallTimeout) for e in errors)
-    assert "timeout=0.3" in str(errors[0])
+    assert "timeout=1.5" in str(errors[0])
 
 
 @pytest.mark.timeout(60)
 def test_ignore_errors_skips_elements_that_timed_out() -> None:
-    ds = D.range(8).map(stuck_at_3, executor="process", timeout=0.3).ignore_errors()
+    ds = D.range(8).map(stuck_at_3, executor="process", timeout=1.5).ignore_errors()
     assert [int(x) for x in ds] == [0, 1, 2, 4, 6, 7]
 
 
 @pytest.mark.timeout(60)
 def test_a_worker_that_cannot_be_interrupted_is_killed() -> None:
-    ds = D.range(4).map(deaf_at_2, executor="process", timeout=0.2)
+    ds = D.range(4).map(deaf_at_2, executor="process", timeout=1.5)
     got = []
     with ds.iterator() as it, pytest.raises(fl.StageCrashedError, match=r"killed|signal"):
         for x in it:
@@ -74,10 +77,10 @@ def test_a_thread_fails_the_element_once_the_call_returns_and_warns(
 ) -> None:
     def slow_at_3(x: Any) -> Any:
         if int(x) == 3:
-            time.sleep(0.3)
+            time.sleep(2.0)
         return x
 
-    ds = D.range(6).map(slow_at_3, num_parallel_calls=2, timeout=0.1).ignore_errors()
+    ds = D.range(6).map(slow_at_3, num_parallel_calls=2, timeout=0.5).ignore_errors()
     with caplog.at_level("WARNING", logger="feedline"):
         assert [int(x) for x in ds] == [0, 1, 2, 4, 5]
     assert "cannot stop it" in caplog.text
@@ -87,10 +90,10 @@ def test_a_thread_fails_the_element_once_the_call_returns_and_warns(
 def test_random_map_takes_a_timeout_too() -> None:
     def draw(x: Any, rng: Any) -> Any:
         if int(x) == 1:
-            time.sleep(0.3)
+            time.sleep(2.0)
         return x
 
-    ds = D.range(3).random_map(draw, seed=1, timeout=0.1).ignore_errors()
+    ds = D.range(3).random_map(draw, seed=1, timeout=0.5).ignore_errors()
     assert [int(x) for x in ds] == [0, 2]
 
 

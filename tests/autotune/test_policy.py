@@ -133,6 +133,10 @@ def test_fewer_may_keep(workers: int, cores: float, may: bool) -> None:
         (0, {"consumer_wait": 0.5, "rate": 100.0}, True, False, None),  # only back inline
         (0, {"consumer_wait": 0.95, "rate": 100.0}, False, False, None),  # little to overlap
         (0, {"consumer_wait": 0.5, "rate": 10_000.0}, False, False, None),  # 50 us: too short
+        # A 10 ms step, each call waiting 35 us (0.35%) for inline batching: longer than a
+        # ready element's hand-off from a thread; 15 us (0.15%) is not.
+        (0, {"consumer_wait": 0.0035, "rate": 99.65}, False, False, ("parallelism", 1, +1)),
+        (0, {"consumer_wait": 0.0015, "rate": 99.85}, False, False, None),
         # Nothing of its own to overlap: back inline, unless shrinking was found to cost.
         (1, {"consumer_wait": 0.99}, True, False, ("parallelism", 0, -1)),
         (1, {"consumer_wait": 0.99}, False, True, None),

@@ -21,6 +21,7 @@ def calls(gap: float, pull: float, n: int = READ_AHEAD_CALLS) -> tuple[list[floa
     [
         (10e-3, 100e-6, True),  # a 10 ms training step waiting 1% on inline batching
         (2e-3, 0.5e-3, True),  # the step waits a fifth of its time
+        (10e-3, 35e-6, True),  # 0.35%, but each call waits longer than a hand-off
         (10e-3, 20e-6, False),  # served (0.2%): a thread's hand-offs would cost as much
         (5e-6, 50e-6, False),  # a loop that only counts: nothing of its own to overlap
         (0.6e-3, 20e-3, False),  # the consumer waits 97% of the time: too little to gain

@@ -125,6 +125,52 @@ def test_a_batch_is_shared_where_xla_can_use_its_memory_and_copied_elsewhere() -
         assert (pointer(got) == a.ctypes.data) == any(a is s for s in shared), a.dtype
 
 
+def test_int64_and_float64_are_narrowed_as_jax_narrows_them_into_memory_it_shares() -> None:
+    # x64 is off: JAX's rule makes them int32 and float32 (int64 wraps), a copy either way;
+    # narrowed here, at a 64-byte boundary, that copy is what the jax.Array uses.
+    leaves = [
+        np.array([2**40 + 5, -(2**35) - 1, 7, 2**31], np.int64),
+        np.linspace(-3, 3, 10).reshape(2, 5),
+        np.array([2**63 + 1, 3], np.uint64),
+    ]
+    for leaf, got in zip(leaves, fj.device_put(leaves, prefetch=0)):
+        want = jax.device_put(leaf)
+        assert got.dtype == want.dtype == jax.dtypes.canonicalize_dtype(leaf.dtype)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        assert pointer(got) % 64 == 0
+    frozen_int64 = frozen(np.arange(4, dtype=np.int64))
+    (got,) = fj.device_put([frozen_int64], prefetch=0)
+    assert got.dtype == np.int32 and np.asarray(got).tolist() == [0, 1, 2, 3]
+
+
+def test_writable_arrays_are_imported_through_dlpack_and_others_through_device_put(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DLPack's import keeps the GIL, where device_put lets it go and waits to get it back
+    behind the pipeline's threads; DLPack cannot export a read-only array."""
+    calls: list[str] = []
+
+    def spy(name: str, real: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(jax.dlpack, "from_dlpack", spy("dlpack", jax.dlpack.from_dlpack))
+    monkeypatch.setattr(jax, "device_put", spy("device_put", jax.device_put))
+    writable = aligned(IMAGES.astype(np.float32))
+    read_only = frozen(aligned(IMAGES.astype(np.float32)))
+    gapped = writable[:, ::2]
+    for a, got in zip(
+        [writable, read_only, gapped], fj.device_put([writable, read_only, gapped], prefetch=0)
+    ):
+        np.testing.assert_array_equal(np.asarray(got), a)
+        assert got.devices() == {jax.devices()[0]}
+    assert pointer(got) != gapped.ctypes.data
+    assert calls == ["dlpack", "device_put", "device_put"]
+
+
 def test_batches_are_stacked_where_they_can_be_shared() -> None:
     ds = fl.Dataset.range(12).map(lambda i: np.full((8, 8, 3), i, np.float32)).batch(4)
     with ds.iterator() as it:
@@ -152,8 +198,11 @@ def test_a_shared_batch_lives_as_long_as_its_jax_array() -> None:
     assert freed
 
 
-def test_donating_a_shared_batch_does_not_write_into_it() -> None:
-    batch = frozen(aligned(np.ones((64, 1024), np.float32)))
+@pytest.mark.parametrize("writable", [True, False])  # imported through DLPack, or not
+def test_donating_a_shared_batch_does_not_write_into_it(writable: bool) -> None:
+    batch = aligned(np.ones((64, 1024), np.float32))
+    if not writable:
+        batch = frozen(batch)
     (got,) = fj.device_put([batch], prefetch=0)
     assert pointer(got) == batch.ctypes.data
     out = jax.jit(lambda x: x * 3 + 1, donate_argnums=0)(got)
@@ -213,6 +262,38 @@ def test_a_named_sharding_over_two_devices_from_the_local_batch() -> None:
         assert b["ids"] == list(range(4 * i, 4 * i + 4))
         # Rows split over the two devices: two each.
         assert sorted(s for _, s in b["shards"]) == [b["ids"][:2], b["ids"][2:]]
+
+
+PLACED = """
+import json
+import numpy as np
+import jax
+import feedline as fl, feedline.jax as fj
+
+ds = fl.Dataset.range(8).map(lambda i: np.full((4,), i, np.float32)).batch(2)
+out = {}
+for name, target in [("default", None), ("first", jax.devices()[0]), ("second", jax.devices()[1])]:
+    with fj.device_put(ds, sharding=target) as it:
+        batches = list(it)
+    out[name] = {
+        "devices": sorted({d.id for b in batches for d in b.devices()}),
+        "committed": sorted({b.committed for b in batches}),
+        "values": [np.asarray(b)[:, 0].tolist() for b in batches],
+    }
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(180)
+def test_with_several_devices_arrays_go_where_device_put_puts_them() -> None:
+    # Only the first CPU device takes DLPack's import; with several, the default is left to
+    # device_put (an uncommitted array, which jit may place anywhere).
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    (placed,) = run_script(PLACED, env=env)
+    values = [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0], [6.0, 7.0]]
+    assert placed["default"] == {"devices": [0], "committed": [False], "values": values}
+    assert placed["first"] == {"devices": [0], "committed": [True], "values": values}
+    assert placed["second"] == {"devices": [1], "committed": [True], "values": values}
 
 
 @pytest.mark.timeout(240)

@@ -9,6 +9,7 @@ from feedline.runtime.tunable import (
     CHEAP_WORK_SECONDS,
     PURE_WAITING_SHARE,
     READ_AHEAD_MIN_GAP_SECONDS,
+    READ_AHEAD_PULL_SECONDS,
     READ_AHEAD_WORTH_SHARE,
     SERVED_WAIT_SHARE,
 )
@@ -88,6 +89,9 @@ LONG_WINDOW = 1.0
 # and the consumer's own work between two elements must last at least OVERLAP_MIN_SECONDS.
 OVERLAP_WORTH = READ_AHEAD_WORTH_SHARE
 OVERLAP_MIN_SECONDS = READ_AHEAD_MIN_GAP_SECONDS
+# A consumer waiting less than NO_STALL of its time still gains from a thread when each of its
+# calls waits this long for an inline pull: more than a ready element's hand-off.
+LONG_PULL = READ_AHEAD_PULL_SECONDS
 # A verdict on a knob (more did not help; less cost rate) holds this long at first, doubled
 # each time the same probe fails again, up to MAX_RETRY_SECONDS: a probe of a stable stage
 # costs a window of lower rate (256 -> 192 threads on an I/O stage: 38-55% of the rate for

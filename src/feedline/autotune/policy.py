@@ -25,6 +25,7 @@ from feedline.autotune.constants import (
     GIL_FREE_CORES,
     HELD_IN_ORDER,
     INPUT_BOUND,
+    LONG_PULL,
     LONG_WINDOW,
     MANY_WAITING_CORES,
     MIN_WINDOW,
@@ -232,7 +233,7 @@ def read_ahead(windows: Sequence[Window], s: Situation, inline_only: bool = Fals
             and knob.value == 0
             and own >= OVERLAP_WORTH
             and own / max(w.rate, 1e-9) >= OVERLAP_MIN_SECONDS
-            and w.consumer_wait >= NO_STALL
+            and (w.consumer_wait >= NO_STALL or w.consumer_wait / max(w.rate, 1e-9) >= LONG_PULL)
             and (key, knob.name) not in s.saturated
         ):
             if knob.most() < 1:  # no thread left for it: other stages' turn

@@ -65,14 +65,18 @@ def stack_leaf(
 BATCH_ALIGNMENT = 64
 
 
-def _stack_aligned(values: list[Any], dtype: np.dtype) -> np.ndarray:
-    """``np.stack(values)`` starting at a ``BATCH_ALIGNMENT`` boundary (values of several
-    dtypes: numpy's promotion, in numpy's memory)."""
-    shape = (len(values), *values[0].shape)
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """``np.empty(shape, dtype)`` starting at a ``BATCH_ALIGNMENT`` boundary."""
     nbytes = int(np.prod(shape)) * dtype.itemsize
     raw = np.empty(nbytes + BATCH_ALIGNMENT, np.uint8)
     start = -raw.ctypes.data % BATCH_ALIGNMENT
-    out = raw[start : start + nbytes].view(dtype).reshape(shape)
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def _stack_aligned(values: list[Any], dtype: np.dtype) -> np.ndarray:
+    """``np.stack(values)`` starting at a ``BATCH_ALIGNMENT`` boundary (values of several
+    dtypes: numpy's promotion, in numpy's memory)."""
+    out = aligned_empty((len(values), *values[0].shape), dtype)
     try:
         return np.stack(values, out=out, casting="no")
     except TypeError:

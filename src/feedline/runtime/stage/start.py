@@ -14,6 +14,7 @@ from feedline.runtime.tunable import (
     CHEAP_WORK_SECONDS,
     PURE_WAITING_SHARE,
     READ_AHEAD_MIN_GAP_SECONDS,
+    READ_AHEAD_PULL_SECONDS,
     READ_AHEAD_WORTH_SHARE,
     SERVED_WAIT_SHARE,
 )
@@ -95,7 +96,7 @@ def choose_read_ahead(gaps: Sequence[float], pulls: Sequence[float]) -> tuple[in
     if (
         gap >= READ_AHEAD_MIN_GAP_SECONDS
         and gap >= READ_AHEAD_WORTH_SHARE * cycle
-        and pull >= SERVED_WAIT_SHARE * cycle
+        and (pull >= SERVED_WAIT_SHARE * cycle or pull >= READ_AHEAD_PULL_SECONDS)
     ):
         return 1, (
             f"its consumer's first calls came {gap * 1e3:.1f} ms apart and waited "

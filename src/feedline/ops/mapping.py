@@ -151,15 +151,21 @@ def map_transform(
     """The chunk transform of a map (``key`` None) or of one pass of a random_map; each call
     limited to ``timeout`` seconds if given, its outputs checked by ``check`` if given (in
     the transform, so wherever it runs: inline, on threads, in worker processes)."""
-    transform = _calls(fn, name, key, timeout)
-    if check is None:
-        return transform
+    calls = _calls(fn, name, key, timeout)
+    # Outputs all of this type fit the spec and need no conversion: one pass over their
+    # types, where converting and checking take one each (x + 1 ran 10% slower with both).
+    plain = check.plain_type if check is not None else None
 
-    def checked(raw: list[Any], positions: Sequence[int]) -> tuple[list[Any], list[int]]:
-        outputs, failures = transform(raw, positions)
+    def transform(raw: list[Any], positions: Sequence[int]) -> tuple[list[Any], list[int]]:
+        outputs, failures = calls(raw, positions)
+        if plain is not None and not failures and sole_type(outputs) is plain:
+            return outputs, failures
+        outputs, failures = _normalized(outputs, failures, positions, name)
+        if check is None:
+            return outputs, failures
         return check.mark(outputs, failures, positions)
 
-    return checked
+    return transform
 
 
 def _calls(
@@ -211,7 +217,7 @@ def map_chunk(
         except Exception as e:
             failures.append(len(out))
             append(Failed(wrap_user_error(name, positions[len(out)], e)))
-    return _normalized(out, failures, positions, name)
+    return out, failures
 
 
 def _normalized(
@@ -259,7 +265,7 @@ def map_chunk_with_positions(
         except Exception as e:
             failures.append(len(out))
             append(Failed(wrap_user_error(name, positions[len(out)], e)))
-    return _normalized(out, failures, positions, name)
+    return out, failures
 
 
 class PassStateIterator(StageIterator):

@@ -104,6 +104,25 @@ def test_an_output_that_contradicts_the_traced_spec_fails_its_element(
     assert len(kept) == (5 if change == "static-size" else 3)
 
 
+@pytest.mark.parametrize("calls", [None, 2])
+def test_a_chunk_not_all_of_the_specs_own_type_is_still_checked(calls: int | None) -> None:
+    # np.int64 outputs of an int64 spec pass as they are, unchecked; a chunk with anything
+    # else among them is checked element by element: a 0-d int64 array fits, an int32 not.
+    def mixed(x: Any) -> Any:
+        return np.array(x) if x % 7 == 0 else x
+
+    assert [int(v) for v in D.range(2000).map(mixed, calls)] == list(range(2000))
+
+    def int32_at_1001(x: Any) -> Any:
+        return np.int32(x) if x == 1001 else x
+
+    got: list[Any] = []
+    ds = D.range(2000).map(int32_at_1001, calls)
+    with ds.iterator() as it, pytest.raises(fl.StageError, match="does not fit") as info:
+        got.extend(it)
+    assert info.value.position == 1001 and len(got) == 1001
+
+
 def test_a_process_map_is_checked_once_its_spec_is_known() -> None:
     ds = D.range(6).map(float32_then_float64, executor="process")
     ds.element_spec  # noqa: B018 - traced here, by the user's asking

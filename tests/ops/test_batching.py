@@ -6,6 +6,9 @@ Expected values follow tf.data (checked against TensorFlow 2.21 where the docs a
 from __future__ import annotations
 
 import collections
+import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -380,3 +383,63 @@ def test_rebatch_state_counters_are_checked() -> None:
     state = saved_state(ds, 2)
     state["root"]["rows"]["row"] = 9
     assert_state_rejected(ds, state, "row")
+
+
+# -- stacking rows ------------------------------------------------------------------------------
+
+ROWS = {
+    "uint8 rows": [np.full(16384, i, np.uint8) for i in range(32)],
+    "float32 images": [np.full((8, 8, 3), i / 3, np.float32) for i in range(5)],
+    "0-d int64": [np.array(i, np.int64) for i in range(6)],
+    "bool": [np.array([i % 2 == 0, True]) for i in range(3)],
+    "complex": [np.full(2, 1j * i) for i in range(3)],
+    "datetimes": [np.array([f"2020-01-0{i + 1}"], "datetime64[D]") for i in range(3)],
+    "empty rows": [np.zeros((0, 3), np.float32)] * 4,
+    "strided": [np.arange(10)[::2] + i for i in range(3)],
+    "fortran order": [np.asfortranarray(np.arange(6).reshape(2, 3) + i) for i in range(2)],
+    "big-endian": [np.arange(3, dtype=">f4") + i for i in range(2)],
+}
+
+
+@pytest.mark.parametrize("name", list(ROWS))
+def test_a_batch_of_arrays_is_numpys_stack_at_a_64_byte_boundary(name: str) -> None:
+    rows = ROWS[name]
+    (batch,) = list(D.from_generator(lambda: iter(rows), output_types=rows[0].dtype).batch(32))
+    want = np.stack(rows)
+    assert batch.dtype == want.dtype and batch.shape == want.shape
+    np.testing.assert_array_equal(batch, want)
+    if batch.size and batch.dtype.isnative:  # (numpy's own stack otherwise)
+        assert batch.ctypes.data % 64 == 0
+
+
+def test_rows_are_copied_holding_the_gil() -> None:
+    """Letting the GIL go for the copy means waiting to get it back, up to a switch interval
+    behind busy threads. Another thread wanting the GIL the whole time never gets it: with
+    a 10 s switch interval nothing takes it away, unless the copy lets it go."""
+    from feedline.ops.batching import stack_leaf
+
+    rows = [np.full(1 << 20, i, np.uint8) for i in range(16)]
+    counter = [0]
+    go, stop = threading.Event(), threading.Event()
+
+    def wants_the_gil() -> None:
+        go.wait()
+        while not stop.is_set():
+            counter[0] += 1
+            time.sleep(0)  # lets the GIL go at once: the main thread is not kept waiting
+
+    other = threading.Thread(target=wants_the_gil, name="feedline-test-gil")
+    other.start()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(10.0)
+    try:
+        go.set()  # the other thread now waits for the GIL this thread holds
+        before = counter[0]
+        batch = stack_leaf(rows, "batch", 0)
+        after = counter[0]
+    finally:
+        sys.setswitchinterval(interval)
+        stop.set()
+        other.join(10.0)
+    assert after == before
+    np.testing.assert_array_equal(batch, np.stack(rows))

@@ -73,10 +73,31 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
+# Kinds of dtypes a memoryview takes (not datetimes, objects or records, which may hold them).
+_BUFFER_KINDS = frozenset("biufcSU")
+
+
 def _stack_aligned(values: list[Any], dtype: np.dtype) -> np.ndarray:
     """``np.stack(values)`` starting at a ``BATCH_ALIGNMENT`` boundary (values of several
-    dtypes: numpy's promotion, in numpy's memory)."""
+    dtypes: numpy's promotion, in numpy's memory).
+
+    Rows that are plain arrays of ``dtype`` are copied holding the GIL: numpy lets it go for
+    a copy and must then get it back, which behind busy worker threads takes up to a switch
+    interval (5 ms) where 32 rows of 16 KiB take 30 us. On 256 threads waiting on I/O the
+    consumer's batches then took 3.6 ms each and held the pass at 7.5k elements/s, the
+    workers idle for room half the time, against 12.6k/s with the copy made in place.
+    """
     out = aligned_empty((len(values), *values[0].shape), dtype)
+    if (
+        dtype.kind in _BUFFER_KINDS
+        and out.size
+        and all(type(v) is np.ndarray and v.dtype == dtype and v.flags.c_contiguous for v in values)
+    ):
+        rows = out.reshape(-1).view(np.uint8).data
+        size = values[0].nbytes
+        for i, v in enumerate(values):
+            rows[i * size : (i + 1) * size] = v.data.cast("B")  # a memcpy, GIL held
+        return out
     try:
         return np.stack(values, out=out, casting="no")
     except TypeError:

@@ -39,6 +39,7 @@ from feedline.structure import (
     is_namedtuple,
     map_structure,
     merge_specs,
+    sole_type,
     spec_of,
 )
 
@@ -207,6 +208,11 @@ class OutputCheck:
             if isinstance(spec, TensorSpec)
             else None
         )
+        # The (dtype, shape) of arrays found to fit, which is all that decides whether an
+        # array fits: outputs repeat a few, and a chunk of them is then checked by set
+        # lookups. (On 256 threads of one 20 ms call a chunk, the full check of each chunk
+        # held the GIL long enough to halve the rate, from 12.6k to 7k elements/s.)
+        self._arrays_seen: set[tuple[np.dtype, tuple[int, ...]]] = set()
 
     def mark(
         self, outputs: list[Any], failures: list[int], positions: Sequence[int]
@@ -215,7 +221,13 @@ class OutputCheck:
         ``Failed`` StageError at its position (``failures`` updated to match)."""
         failed = set(failures)
         values = [v for i, v in enumerate(outputs) if i not in failed] if failed else outputs
-        if not values or _column_fits(values, self.spec):
+        if not values or self._seen_arrays(values):
+            return outputs, failures
+        if _column_fits(values, self.spec):
+            if sole_type(values) is np.ndarray:
+                if len(self._arrays_seen) >= _ARRAY_KINDS_KEPT:
+                    self._arrays_seen.clear()
+                self._arrays_seen.update(zip(map(_DTYPE, values), map(_SHAPE, values)))
             return outputs, failures
         outputs = list(outputs)
         for i, value in enumerate(outputs):
@@ -223,6 +235,13 @@ class OutputCheck:
                 outputs[i] = Failed(self.error(value, positions[i]))
                 failed.add(i)
         return outputs, sorted(failed)
+
+    def _seen_arrays(self, values: list[Any]) -> bool:
+        """Whether every one of ``values`` is an array of a dtype and shape found to fit."""
+        seen = self._arrays_seen
+        if not seen or type(values[0]) is not np.ndarray:
+            return False
+        return all(type(v) is np.ndarray and (v.dtype, v.shape) in seen for v in values)
 
     def fits(self, value: Any) -> bool:
         """Whether one output fits the spec (for stages that deliver one at a time)."""
@@ -246,6 +265,8 @@ def _describe(value: Any) -> str:
         return f"{value!r:.80}"
 
 
+# Distinct (dtype, shape) pairs of fitting arrays kept (ragged outputs have many).
+_ARRAY_KINDS_KEPT = 1024
 _DTYPE = operator.attrgetter("dtype")
 _SHAPE = operator.attrgetter("shape")
 _NDIM = operator.attrgetter("ndim")

@@ -408,17 +408,21 @@ def test_a_batch_of_arrays_is_numpys_stack_at_a_64_byte_boundary(name: str) -> N
     want = np.stack(rows)
     assert batch.dtype == want.dtype and batch.shape == want.shape
     np.testing.assert_array_equal(batch, want)
-    if batch.size and batch.dtype.isnative:  # (numpy's own stack otherwise)
+    # (Scalars are stacked by np.fromiter, big-endian rows by np.stack, in numpy's memory.)
+    if batch.size and batch.dtype.isnative and rows[0].ndim:
         assert batch.ctypes.data % 64 == 0
 
 
-def test_rows_are_copied_holding_the_gil() -> None:
+@pytest.mark.parametrize("holds", [True, False])
+def test_a_small_batch_is_copied_holding_the_gil_and_a_large_one_lets_it_go(holds: bool) -> None:
     """Letting the GIL go for the copy means waiting to get it back, up to a switch interval
-    behind busy threads. Another thread wanting the GIL the whole time never gets it: with
-    a 10 s switch interval nothing takes it away, unless the copy lets it go."""
-    from feedline.ops.batching import stack_leaf
+    behind busy threads: not worth it for a copy of microseconds, worth it for one of
+    milliseconds (the workers' Python runs meanwhile). Another thread wanting the GIL the
+    whole time runs only if the copy lets it go: with a 10 s switch interval nothing else
+    takes it away."""
+    from feedline.ops.batching import HOLD_GIL_MAX_BYTES, stack_leaf
 
-    rows = [np.full(1 << 20, i, np.uint8) for i in range(16)]
+    rows = [np.full(HOLD_GIL_MAX_BYTES // 16 * (1 if holds else 4), i, np.uint8) for i in range(16)]
     counter = [0]
     go, stop = threading.Event(), threading.Event()
 
@@ -441,5 +445,5 @@ def test_rows_are_copied_holding_the_gil() -> None:
         sys.setswitchinterval(interval)
         stop.set()
         other.join(10.0)
-    assert after == before
+    assert (after == before) is holds
     np.testing.assert_array_equal(batch, np.stack(rows))

@@ -210,8 +210,7 @@ class OutputCheck:
         )
         # The (dtype, shape) of arrays found to fit, which is all that decides whether an
         # array fits: outputs repeat a few, and a chunk of them is then checked by set
-        # lookups. (On 256 threads of one 20 ms call a chunk, the full check of each chunk
-        # held the GIL long enough to halve the rate, from 12.6k to 7k elements/s.)
+        # lookups (a map to np.full(4, x) ran 5% faster inline, 14% on two threads).
         self._arrays_seen: set[tuple[np.dtype, tuple[int, ...]]] = set()
 
     def mark(

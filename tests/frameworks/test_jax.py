@@ -125,22 +125,38 @@ def test_a_batch_is_shared_where_xla_can_use_its_memory_and_copied_elsewhere() -
         assert (pointer(got) == a.ctypes.data) == any(a is s for s in shared), a.dtype
 
 
-def test_int64_and_float64_are_narrowed_as_jax_narrows_them_into_memory_it_shares() -> None:
-    # x64 is off: JAX's rule makes them int32 and float32 (int64 wraps), a copy either way;
-    # narrowed here, at a 64-byte boundary, that copy is what the jax.Array uses.
+@pytest.mark.parametrize("rows", [4, fj.NARROW_MIN_BYTES // 8])  # JAX's narrowing, or ours
+def test_int64_and_float64_are_narrowed_as_jax_narrows_them(
+    rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # x64 is off: JAX's rule makes them int32 and float32 (int64 wraps), a copy either way.
+    # A large one is narrowed here, at a 64-byte boundary: that copy is what JAX then uses.
+    imported: list[np.ndarray] = []
+    from_dlpack = jax.dlpack.from_dlpack
+
+    def keeping(array: np.ndarray) -> Any:
+        imported.append(array)
+        return from_dlpack(array)
+
+    monkeypatch.setattr(jax.dlpack, "from_dlpack", keeping)
     leaves = [
-        np.array([2**40 + 5, -(2**35) - 1, 7, 2**31], np.int64),
-        np.linspace(-3, 3, 10).reshape(2, 5),
-        np.array([2**63 + 1, 3], np.uint64),
+        np.resize(np.array([2**40 + 5, -(2**35) - 1, 7, 2**31], np.int64), rows),
+        np.linspace(-3, 3, rows * 2).reshape(rows, 2),
+        np.resize(np.array([2**63 + 1, 3], np.uint64), rows),
     ]
-    for leaf, got in zip(leaves, fj.device_put(leaves, prefetch=0)):
+    got = list(fj.device_put(leaves, prefetch=0))
+    for leaf, out in zip(leaves, got):
         want = jax.device_put(leaf)
-        assert got.dtype == want.dtype == jax.dtypes.canonicalize_dtype(leaf.dtype)
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-        assert pointer(got) % 64 == 0
+        assert out.dtype == want.dtype == jax.dtypes.canonicalize_dtype(leaf.dtype)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
+    if rows < fj.NARROW_MIN_BYTES // 8:
+        assert imported == []
+    else:
+        assert [a.dtype for a in imported] == [np.int32, np.float32, np.uint32]
+        assert [pointer(out) for out in got] == [a.ctypes.data for a in imported]
     frozen_int64 = frozen(np.arange(4, dtype=np.int64))
-    (got,) = fj.device_put([frozen_int64], prefetch=0)
-    assert got.dtype == np.int32 and np.asarray(got).tolist() == [0, 1, 2, 3]
+    (out,) = fj.device_put([frozen_int64], prefetch=0)
+    assert out.dtype == np.int32 and np.asarray(out).tolist() == [0, 1, 2, 3]
 
 
 def test_writable_arrays_are_imported_through_dlpack_and_others_through_device_put(

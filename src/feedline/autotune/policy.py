@@ -239,9 +239,11 @@ def read_ahead(windows: Sequence[Window], s: Situation, inline_only: bool = Fals
             if knob.most() < 1:  # no thread left for it: other stages' turn
                 notes.append(Note(w.stage, knob, wanted=1))
                 continue
+            per_call = w.consumer_wait / max(w.rate, 1e-9)
             reason = (
-                f"its consumer works {own:.0%} of the time and waits {w.consumer_wait:.0%} "
-                "for it: read ahead on a thread to overlap the two"
+                f"its consumer works {own:.0%} of the time and waits {w.consumer_wait:.1%} "
+                f"for it ({per_call * 1e6:.0f} us a call): read ahead on a thread to overlap "
+                "the two"
             )
             move = Move(w.stage, knob.name, 1, reason, min_window=LONG_WINDOW)
             return Proposal(move, notes=tuple(notes))

@@ -66,7 +66,7 @@ class JaxIterator(Feed):
         self._sharding = sharding
         # A sharding over processes' devices: each process holds its own rows of the batch.
         self._global = isinstance(sharding, self._jax.sharding.Sharding)
-        self._host_device = None if self._global else _host_device(self._jax, sharding)
+        self._to_first_cpu = not self._global and _first_cpu_device(self._jax, sharding)
         self._canonical: dict[np.dtype, np.dtype] = {}
         if prefetch == AUTOTUNE:
             super().__init__(iterable, self._put, _START_AHEAD, ready=self._all_ready)
@@ -97,7 +97,7 @@ class JaxIterator(Feed):
     def _imports(self, leaf: np.ndarray) -> bool:
         """Whether DLPack takes ``leaf`` to the target as it is."""
         return (
-            self._host_device is not None
+            self._to_first_cpu
             and leaf.flags.writeable
             and leaf.dtype.isnative
             and (leaf.flags.c_contiguous or leaf.flags.f_contiguous)
@@ -122,16 +122,18 @@ class JaxIterator(Feed):
         return all(leaf.is_ready() for leaf in leaves if hasattr(leaf, "is_ready"))
 
 
-def _host_device(jax: ModuleType, sharding: Any) -> Any:
-    """The CPU device a numpy array is imported to through DLPack (the first), if ``sharding``
-    names it (None: the default device, if it is the only one); else None."""
+def _first_cpu_device(jax: ModuleType, sharding: Any) -> bool:
+    """Whether ``sharding`` names the first CPU device, where DLPack puts a numpy array
+    (None: the default device, if it is the only one)."""
     if sharding is None:
         if jax.config.jax_default_device is not None or jax.device_count() != 1:
-            return None  # uncommitted arrays may go to another device: device_put decides
+            return False  # uncommitted arrays may go to another device: device_put decides
         sharding = jax.devices()[0]
-    if not isinstance(sharding, jax.Device) or sharding.platform != "cpu":
-        return None
-    return sharding if sharding == jax.devices("cpu")[0] else None
+    return (
+        isinstance(sharding, jax.Device)
+        and sharding.platform == "cpu"
+        and sharding == jax.devices("cpu")[0]
+    )
 
 
 def device_put(iterable: Iterable[Any], sharding: Any = None, prefetch: int = 2) -> JaxIterator:

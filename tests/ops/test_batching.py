@@ -413,6 +413,7 @@ def test_a_batch_of_arrays_is_numpys_stack_at_a_64_byte_boundary(name: str) -> N
         assert batch.ctypes.data % 64 == 0
 
 
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("holds", [True, False])
 def test_a_small_batch_is_copied_holding_the_gil_and_a_large_one_lets_it_go(holds: bool) -> None:
     """Letting the GIL go for the copy means waiting to get it back, up to a switch interval

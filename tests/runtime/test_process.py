@@ -690,3 +690,34 @@ def test_threads_go_on_while_worker_processes_start(
     assert [int(x) for x, _ in out] == list(range(n))
     from_workers = {int(pid) for _, pid in out[-1000:]} - {here}
     assert bool(from_workers) != back_to_threads, history
+
+
+def _sleep_a_minute() -> None:
+    time.sleep(60)
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_workers_status_survives_two_threads_reading_it() -> None:
+    """The forkserver hands a worker's exit status over once: without one reader at a time,
+    the second concurrent reader made multiprocessing report 255 (1 worker in 60 here)."""
+    from feedline.runtime.process.pool import WorkerProcess
+
+    context = multiprocessing.get_context("forkserver")
+    codes = []
+    for _ in range(100):
+        started = context.Process(target=_sleep_a_minute, name="feedline-test-status")
+        started.start()
+        worker = WorkerProcess(started, None)  # type: ignore[arg-type]
+        os.kill(started.pid, signal.SIGKILL)
+        both = threading.Barrier(2)
+
+        def join(worker: WorkerProcess = worker, both: threading.Barrier = both) -> None:
+            both.wait()
+            worker.join(10.0)
+
+        other = threading.Thread(target=join, name="feedline-test-join")
+        other.start()
+        join()
+        other.join(10.0)
+        codes.append(worker.exitcode())
+    assert codes == [-signal.SIGKILL] * 100

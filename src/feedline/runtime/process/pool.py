@@ -61,7 +61,7 @@ class WorkerProcess:
     time on the pipe; ``in_sync`` is False once a message was cut short (the pipe cannot be
     used again)."""
 
-    __slots__ = ("conn", "in_sync", "lock", "process", "replies")
+    __slots__ = ("conn", "in_sync", "lock", "process", "replies", "status_lock")
 
     def __init__(self, process: Any, conn: Connection) -> None:
         self.process = process
@@ -69,10 +69,28 @@ class WorkerProcess:
         self.lock = threading.Lock()
         self.in_sync = True
         self.replies = ReplySegments()
+        # One thread at a time reads the process's exit status. The forkserver hands it over
+        # once, through a pipe: a second thread reading at the same time finds the pipe
+        # closed, and multiprocessing then sets the status to 255, over the one the first
+        # read (a worker killed by SIGKILL was reported as "exited with code 255").
+        self.status_lock = threading.Lock()
+
+    def join(self, timeout: float | None = None) -> None:
+        with self.status_lock:
+            self.process.join(timeout)
+
+    def is_alive(self) -> bool:
+        with self.status_lock:
+            return bool(self.process.is_alive())
+
+    def exitcode(self) -> int | None:
+        with self.status_lock:
+            code: int | None = self.process.exitcode
+            return code
 
 
-def _how_it_ended(process: Any) -> str:
-    code = process.exitcode
+def _how_it_ended(worker: WorkerProcess) -> str:
+    code = worker.exitcode()
     if code is None:
         return "closed its pipe"
     if code >= 0:
@@ -295,7 +313,7 @@ class WorkerPool:
 
     def _lost(self, worker: WorkerProcess, positions: Sequence[int]) -> StageCrashedError:
         """The error for a worker that died while running ``positions``; breaks the pool."""
-        worker.process.join(STOP_SECONDS)
+        worker.join(STOP_SECONDS)
         with self._lock:
             stopped = self._stopped(positions)
             if stopped is not None:  # stopped on purpose, or after another worker died
@@ -303,7 +321,7 @@ class WorkerPool:
             self.broken = StageCrashedError(
                 self.name,
                 positions[0],
-                f"worker process {worker.process.pid} {_how_it_ended(worker.process)}; "
+                f"worker process {worker.process.pid} {_how_it_ended(worker)}; "
                 f"it was {self._work_of(worker, positions)}",
             )
             broken = self.broken
@@ -314,16 +332,15 @@ class WorkerPool:
 
     def _stop(self, worker: WorkerProcess, graceful: bool = True) -> None:
         """Stop one worker: an idle one exits when its pipe closes; a busy one is killed."""
-        process = worker.process
         if graceful:
             worker.conn.close()
-            process.join(STOP_SECONDS)
-        if process.is_alive():
-            process.terminate()
-            process.join(STOP_SECONDS)
-        if process.is_alive():
-            process.kill()
-            process.join()
+            worker.join(STOP_SECONDS)
+        if worker.is_alive():
+            worker.process.terminate()
+            worker.join(STOP_SECONDS)
+        if worker.is_alive():
+            worker.process.kill()
+            worker.join()
         worker.conn.close()
         worker.replies.close()
 
@@ -345,10 +362,10 @@ class WorkerPool:
         for worker in idle:
             self._stop(worker)
         for worker in busy:
-            worker.process.join(STOP_SECONDS)
-            if worker.process.is_alive():
+            worker.join(STOP_SECONDS)
+            if worker.is_alive():
                 worker.process.kill()
-                worker.process.join()
+                worker.join()
         _live_pools.discard(self)
 
     @property
